@@ -1,0 +1,19 @@
+# tailcalld: the two commands are `make run` and `make test` (both run `make setup` first).
+# All targets need root: BPF loading, bpffs, apt.
+VENV ?= .venv
+CONFIG ?= config/tailcalld.toml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/tailcalld --config $(CONFIG)
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

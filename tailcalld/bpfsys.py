@@ -1,0 +1,228 @@
+"""Thin ctypes layer over libbpf's low-level bpf() wrappers.
+
+The daemon never compiles BPF itself (that happens in a worker process, see
+``tailcalld.compiler``); what it needs is to create, pin, open and update maps and
+links by fd.  libbpf.so.1 is on every host that has bcc, and its syscall wrappers are
+stable ABI, so this module is all the daemon needs of the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from dataclasses import dataclass
+from functools import cache
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PROG_ARRAY = 3
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+BPF_LINK_TYPE_RAW_TRACEPOINT = 1
+
+BPF_ANY = 0
+
+PROG_TYPE_NAMES = {
+    1: "socket_filter", 2: "kprobe", 3: "sched_cls", 4: "sched_act", 5: "tracepoint",
+    6: "xdp", 7: "perf_event", 17: "raw_tracepoint", 26: "tracing", 28: "ext", 29: "lsm",
+}
+
+
+class BpfError(OSError):
+    """A bpf() operation failed; ``errno`` and the operation are kept for the message."""
+
+
+# Leading fields of the kernel's info structs (include/uapi/linux/bpf.h).  The kernel accepts
+# a shorter info_len and fills only what fits, so we declare just what we read.
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class _LinkInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+    ]
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    type: int
+    id: int
+    name: str
+    xlated_insns: int
+
+    @property
+    def type_name(self) -> str:
+        return PROG_TYPE_NAMES.get(self.type, f"type {self.type}")
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    lib = ctypes.CDLL(name, use_errno=True)
+    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32,
+                                   ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
+    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    lib.libbpf_num_possible_cpus.argtypes = []
+    return lib
+
+
+def _check(ret: int, what: str) -> int:
+    """libbpf 1.x returns -errno (and sets errno) on failure."""
+    if ret < 0:
+        err = ctypes.get_errno() or -ret
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+@cache
+def num_possible_cpus() -> int:
+    return _check(_lib().libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    return _check(_lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None),
+                  f"create map {name}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    return _check(_lib().bpf_obj_get(path.encode()), f"open pin {path}")
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:
+    """Attach a raw_tp program; the returned fd is a bpf_link (pin it to outlive us)."""
+    return _check(_lib().bpf_raw_tracepoint_open(tracepoint.encode(), prog_fd),
+                  f"attach raw_tracepoint/{tracepoint}")
+
+
+def _info(fd: int, struct: type[ctypes.Structure], what: str) -> ctypes.Structure:
+    info = struct()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), what)
+    return info
+
+
+def map_info(fd: int) -> MapInfo:
+    i = _info(fd, _MapInfo, "map info")
+    return MapInfo(i.type, i.id, i.key_size, i.value_size, i.max_entries, i.name.decode(errors="replace"))
+
+
+def prog_info(fd: int) -> ProgInfo:
+    i = _info(fd, _ProgInfo, "program info")
+    return ProgInfo(i.type, i.id, i.name.decode(errors="replace"), i.xlated_prog_len // 8)
+
+
+def link_info(fd: int) -> LinkInfo:
+    i = _info(fd, _LinkInfo, "link info")
+    return LinkInfo(i.type, i.id, i.prog_id)
+
+
+def prog_array_set(map_fd: int, slot: int, prog_fd: int) -> None:
+    """Put a program in a slot: one map update, atomic for the dispatcher, replacing any occupant."""
+    key = ctypes.c_uint32(slot)
+    value = ctypes.c_uint32(prog_fd)
+    _check(_lib().bpf_map_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY),
+           f"update slot {slot}")
+
+
+def prog_array_get(map_fd: int, slot: int) -> int | None:
+    """The id of the program in a slot (user space reads ids, not fds), or None if empty."""
+    key = ctypes.c_uint32(slot)
+    value = ctypes.c_uint32()
+    ret = _lib().bpf_map_lookup_elem(map_fd, ctypes.byref(key), ctypes.byref(value))
+    if ret < 0:
+        err = ctypes.get_errno() or -ret
+        if err == errno.ENOENT:
+            return None
+        _check(ret, f"read slot {slot}")
+    return value.value
+
+
+def map_delete(map_fd: int, slot: int) -> bool:
+    """Remove a key; False if it was not there."""
+    key = ctypes.c_uint32(slot)
+    ret = _lib().bpf_map_delete_elem(map_fd, ctypes.byref(key))
+    if ret < 0:
+        err = ctypes.get_errno() or -ret
+        if err == errno.ENOENT:
+            return False
+        _check(ret, f"delete slot {slot}")
+    return True
+
+
+def percpu_u64_sum(map_fd: int, key: int) -> int:
+    """One entry of a per-CPU u64 array, summed over the possible CPUs."""
+    values = (ctypes.c_uint64 * num_possible_cpus())()
+    k = ctypes.c_uint32(key)
+    _check(_lib().bpf_map_lookup_elem(map_fd, ctypes.byref(k), ctypes.byref(values)), f"read counter {key}")
+    return sum(values)
+
+
+def percpu_u64_sums(map_fd: int, max_entries: int) -> list[int]:
+    """Every entry of a per-CPU u64 array, summed over the possible CPUs.
+
+    One lookup per key: a 1024-entry map read every few seconds is a few ms of work, and
+    unlike batch lookups this works on every kernel that has per-CPU arrays.
+    """
+    return [percpu_u64_sum(map_fd, k) for k in range(max_entries)]

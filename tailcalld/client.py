@@ -1,0 +1,77 @@
+"""A small blocking client for the control socket, used by tailcallctl and the tests."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_SOCKET
+from .protocol import ErrorResponse, response_adapter
+
+SOCKET_ENV = "TAILCALLD_SOCKET"
+
+
+def default_socket() -> Path:
+    return Path(os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
+
+
+class RemoteError(Exception):
+    """The daemon answered with an error."""
+
+    def __init__(self, code: str, message: str, details: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class Client:
+    def __init__(self, path: Path | str | None = None, timeout: float | None = 120.0) -> None:
+        self.path = Path(path) if path is not None else default_socket()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(self.path))
+        except OSError:
+            self._sock.close()
+            raise
+        self._file = self._sock.makefile("rb")
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def send_raw(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def read_reply(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError("tailcalld closed the connection")
+        reply = json.loads(line)
+        response_adapter.validate_python(reply)  # the wire format is the models', checked both ways
+        return reply
+
+    def call(self, command: str, **fields: Any) -> dict[str, Any]:
+        """Send one request; return its result or raise RemoteError."""
+        rid = next(self._ids)
+        payload = {"id": rid, "command": command, **{k: v for k, v in fields.items() if v is not None}}
+        self.send_raw(json.dumps(payload).encode() + b"\n")
+        reply = self.read_reply()
+        if reply.get("id") != rid:
+            raise ConnectionError(f"reply for request {reply.get('id')!r}, expected {rid}")
+        if not reply["ok"]:
+            err = ErrorResponse.model_validate(reply).error
+            raise RemoteError(err.code, err.message, err.details)
+        return reply["result"]

@@ -1,0 +1,101 @@
+"""Compiling and loading BPF programs without blocking (or endangering) the daemon.
+
+Each load runs ``tailcalld.compile_worker`` in a child process: the event loop only
+waits on pipes, clang's diagnostics and the verifier log arrive on the child's stderr,
+a compile that spins is killed at ``timeout``, and LLVM's memory leaves with the child.
+The program fd comes back over a socketpair (SCM_RIGHTS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from . import bpfsys
+from .errors import WORKER_ERRORS, CompileTimeout, TailcalldError
+
+# Diagnostics can be huge (a template error repeated per instantiation); keep the head.
+MAX_DIAGNOSTICS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class LoadedProgram:
+    """A program loaded in the kernel; it lives as long as ``fd`` (or a map slot) holds it."""
+
+    fd: int
+    id: int
+    function: str
+    insns: int
+
+
+def bpf_include_dir() -> str:
+    return str(resources.files("tailcalld.bpf"))
+
+
+def bpf_source(name: str) -> str:
+    return resources.files("tailcalld.bpf").joinpath(name).read_text()
+
+
+class Compiler:
+    def __init__(self, timeout: float, max_parallel: int = 2) -> None:
+        self.timeout = timeout
+        # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
+        self._slots = asyncio.Semaphore(max_parallel)
+
+    async def load(self, source: str, function: str | None = None,
+                   cflags: Sequence[str] = ()) -> LoadedProgram:
+        """Compile ``source`` and load ``function`` (or its only raw_tp function) as a
+        raw_tracepoint program.  Raises CompileError, VerifierRejected, FunctionNotFound,
+        FunctionAmbiguous or CompileTimeout, each with the worker's output as details."""
+        request = {"source": source, "function": function,
+                   "cflags": [f"-I{bpf_include_dir()}", *cflags]}
+        async with self._slots:
+            result, fd, output = await self._run_worker(json.dumps(request).encode())
+        if not result.get("ok"):
+            error = WORKER_ERRORS.get(result.get("code", ""), TailcalldError)
+            details = {"log": output, "candidates": result.get("candidates", [])}
+            raise error(result.get("message", "the compile worker failed"), details)
+        if fd is None:
+            raise TailcalldError("the compile worker reported success but sent no program", output)
+        info = bpfsys.prog_info(fd)
+        return LoadedProgram(fd=fd, id=info.id, function=result["function"], insns=info.xlated_insns)
+
+    async def _run_worker(self, request: bytes) -> tuple[dict, int | None, str]:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with parent:
+            with child:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tailcalld.compile_worker", str(child.fileno()),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT, pass_fds=(child.fileno(),))
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(request), self.timeout)
+            except TimeoutError:
+                raise CompileTimeout(
+                    f"compiling and loading took longer than {self.timeout:g} s; the compile was killed",
+                    {"timeout": self.timeout}) from None
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            output = _tidy(out)
+            parent.setblocking(False)
+            try:
+                payload, fds, _flags, _addr = socket.recv_fds(parent, 1 << 16, 1)
+            except BlockingIOError:
+                raise TailcalldError(
+                    f"the compile worker exited with status {proc.returncode} without a result",
+                    {"log": output}) from None
+        return json.loads(payload), (fds[0] if fds else None), output
+
+
+def _tidy(raw: bytes) -> str:
+    text = raw.decode(errors="replace")
+    if len(text) > MAX_DIAGNOSTICS:
+        text = text[:MAX_DIAGNOSTICS] + f"\n[... {len(text) - MAX_DIAGNOSTICS} more characters cut]"
+    return text

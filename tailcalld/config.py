@@ -1,0 +1,53 @@
+"""Daemon settings: one pydantic model, read once from TOML at start (and on reload)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/tailcalld/tailcalld.toml")
+DEFAULT_SOCKET = Path("/run/tailcalld/tailcalld.sock")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket: Path = Field(DEFAULT_SOCKET, description="Unix socket the control protocol listens on")
+    pin_dir: Path = Field(Path("/sys/fs/bpf/tailcalld"), description="bpffs folder for the pinned dispatcher")
+    state_dir: Path = Field(Path("/var/lib/tailcalld"), description="persistent state")
+    miss_log_interval: float = Field(10.0, gt=0, le=86400, description="seconds between miss summaries")
+    watch_misses: Literal["all"] | list[int | str] = Field(
+        default_factory=list, description="slots whose misses are logged besides those that held a handler")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request line accepted")
+    compile_timeout: float = Field(60.0, gt=0, description="seconds a compile+load may take before it is killed")
+    log_level: LogLevel = "info"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        lines.append(f"{key}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config {path}: {format_validation_error(exc)}") from None

@@ -1,0 +1,177 @@
+"""tailcallctl: talk to tailcalld.  Tables for people, --json for scripts.
+
+Exit codes: 0 success, 1 failure (daemon error, daemon unreachable), 2 bad usage.
+Data goes to stdout, errors to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from . import __version__
+from .client import SOCKET_ENV, Client, RemoteError, default_socket
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _read_source(path: str) -> tuple[str, str]:
+    """(source text, file name as the daemon records it).  The daemon gets the text, not the
+    path: it may not see the client's files."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode(), ("<stdin>" if path == "-" else Path(path).name)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text; a handler is C source") from None
+
+
+def _since(value: str | None) -> str:
+    if not value:
+        return "-"
+    return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_attach(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    source, filename = _read_source(args.file)
+    return client.call("attach", slot=args.slot, source=source, filename=filename, function=args.function)
+
+
+def show_attach(r: dict[str, Any], args: argparse.Namespace) -> None:
+    where = f"{r['syscall']} ({r['slot']})"
+    if r["replaced_prog_id"] is not None:
+        print(f"replaced program {r['replaced_prog_id']} in {where} with {r['function']}: "
+              f"program {r['prog_id']}, {r['insns']} instructions")
+    else:
+        print(f"attached {r['function']} to {where}: program {r['prog_id']}, {r['insns']} instructions")
+
+
+def cmd_detach(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    return client.call("detach", slot=args.slot)
+
+
+def show_detach(r: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"detached program {r['prog_id']} from {r['syscall']} ({r['slot']})")
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    return client.call("list")
+
+
+def show_list(r: dict[str, Any], args: argparse.Namespace) -> None:
+    rows = [[s["slot"], s["syscall"], s["function"] or "?", s["prog_id"], s["filename"] or "-",
+             _since(s["attached_at"]), s["misses"]] for s in r["slots"]]
+    headers = ["SLOT", "SYSCALL", "FUNCTION", "PROG", "SOURCE", "SINCE", "MISSES"]
+    if rows:
+        print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
+                       disable_numparse=True))
+    if not args.no_legend:
+        print(f"\n{len(rows)} slot{'s' if len(rows) != 1 else ''} listed.")
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    return client.call("status")
+
+
+def show_status(r: dict[str, Any], args: argparse.Namespace) -> None:
+    rows = [
+        ("Version", r["version"]), ("PID", r["pid"]), ("Since", _since(r["started_at"])),
+        ("Dispatcher", f"program {r['dispatcher_prog_id']}, link {r['dispatcher_link_id']}"
+                       f" ({'adopted from pins' if r['adopted'] else 'loaded at start'})"),
+        ("Pins", r["pin_dir"]), ("Socket", r["socket"]),
+        ("Slots", f"{r['slots_used']} in use of {r['nr_slots']}"),
+        ("Misses", f"{r['misses_total']} since start, logged every {r['miss_log_interval']:g} s"),
+    ]
+    print(tabulate(rows, tablefmt="plain", disable_numparse=True))
+
+
+def cmd_ping(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    return client.call("ping")
+
+
+def show_ping(r: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"tailcalld {r['version']} (pid {r['pid']}) is up")
+
+
+Verb = tuple[Callable[[Client, argparse.Namespace], dict[str, Any]],
+             Callable[[dict[str, Any], argparse.Namespace], None]]
+VERBS: dict[str, Verb] = {
+    "attach": (cmd_attach, show_attach),
+    "detach": (cmd_detach, show_detach),
+    "list": (cmd_list, show_list),
+    "status": (cmd_status, show_status),
+    "ping": (cmd_ping, show_ping),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    p = argparse.ArgumentParser(prog="tailcallctl", description="Control tailcalld, the eBPF tail-call dispatcher.")
+    p.add_argument("--socket", type=Path, default=None,
+                   help=f"control socket (default: ${SOCKET_ENV}, else {default_socket()})")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply (default: 120)")
+    p.add_argument("--version", action="version", version=f"tailcallctl {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
+    a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
+    a.add_argument("file", metavar="FILE", help="handler C source ('-' reads stdin)")
+    a.add_argument("--function", metavar="NAME", help="function to load (default: the only raw_tp function)")
+    d = sub.add_parser("detach", parents=[common], help="empty SLOT")
+    d.add_argument("slot", metavar="SLOT")
+    ls = sub.add_parser("list", parents=[common], help="show the filled slots")
+    ls.add_argument("--no-legend", action="store_true", help="no header and footer")
+    sub.add_parser("status", parents=[common], help="show the daemon's state")
+    sub.add_parser("ping", parents=[common], help="check that the daemon answers")
+    return p
+
+
+def _print_error(err: RemoteError) -> None:
+    print(f"tailcallctl: {err.message} [{err.code}]", file=sys.stderr)
+    log = err.details.get("log") if isinstance(err.details, dict) else None
+    if log:
+        print(log.rstrip("\n"), file=sys.stderr)
+    candidates = err.details.get("candidates") if isinstance(err.details, dict) else None
+    if candidates:
+        print(f"candidates: {', '.join(candidates)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run, show = VERBS[args.verb]
+    path = args.socket or default_socket()
+    try:
+        with Client(path, timeout=args.timeout) as client:
+            result = run(client, args)
+    except UsageError as err:
+        print(f"tailcallctl: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except RemoteError as err:
+        _print_error(err)
+        return EXIT_FAILURE
+    except (OSError, ConnectionError) as err:
+        print(f"tailcallctl: cannot talk to tailcalld at {path}: {err} (is tailcalld running?)", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        show(result, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

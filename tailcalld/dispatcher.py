@@ -1,0 +1,220 @@
+"""The pinned dispatcher: its prog array, its miss counters and its sys_enter link.
+
+Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops):
+
+    prog_array   BPF_MAP_TYPE_PROG_ARRAY, NR_SLOTS entries: the handler slots
+    misses       per-CPU u64 array, NR_SLOTS entries: tail-call misses per slot
+    link         the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
+
+The maps are created and pinned here before the dispatcher is compiled, so the
+dispatcher's BPF_TABLE_PINNED only opens them.  A pinned link already present is adopted,
+never duplicated: a second dispatcher would count every syscall twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bpfsys
+from .compiler import Compiler, bpf_source
+from .errors import AlreadyRunning, KernelError, PinConflict, TailcalldError
+
+NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
+DISPATCH_FUNCTION = "tailcalld_dispatch"
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+@dataclass(frozen=True)
+class _MapSpec:
+    pin: str
+    type: int
+    value_size: int
+
+
+PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
+MISSES = _MapSpec("misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
+LINK_PIN = "link"
+
+
+def _fs_type(path: Path) -> int:
+    # os.statvfs has no f_type; struct statfs starts with it (a long) on Linux.
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = ctypes.create_string_buffer(256)
+    if libc.statfs(str(path).encode(), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _ensure_pin_dir(pin_dir: Path) -> None:
+    parent = pin_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    if _fs_type(parent) != BPF_FS_MAGIC:
+        raise TailcalldError(
+            f"{parent} is not on a BPF filesystem, so {pin_dir} cannot hold pins; "
+            "mount it first: mount -t bpf bpf /sys/fs/bpf")
+    pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+class PinDirLock:
+    """One daemon per pin_dir: an exclusive flock on the folder itself (bpffs supports it)."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self._fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise AlreadyRunning(f"another tailcalld already owns {pin_dir}") from None
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
+    path = pin_dir / spec.pin
+    if not path.exists():
+        fd = bpfsys.map_create(spec.type, f"tailcalld_{spec.pin}"[:15], 4, spec.value_size, NR_SLOTS)
+        try:
+            bpfsys.obj_pin(fd, str(path))
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    try:
+        fd = bpfsys.obj_get(str(path))
+        info = bpfsys.map_info(fd)
+    except OSError as exc:
+        raise PinConflict(f"{path} exists but is not a BPF map tailcalld can open ({exc}); "
+                          "remove it or choose another pin_dir", {"path": str(path)}) from None
+    want = (spec.type, 4, spec.value_size, NR_SLOTS)
+    have = (info.type, info.key_size, info.value_size, info.max_entries)
+    if have != want:
+        os.close(fd)
+        raise PinConflict(
+            f"{path} is not tailcalld's {spec.pin}: map type/key/value/entries are {have}, expected {want}; "
+            "it was not created by this tailcalld, so it is left alone",
+            {"path": str(path), "found": have, "expected": want})
+    return fd
+
+
+class Dispatcher:
+    """Handles on the pinned objects; the kernel side keeps running when this is closed."""
+
+    def __init__(self, pin_dir: Path, lock: PinDirLock, prog_array_fd: int, misses_fd: int,
+                 link_fd: int, adopted: bool) -> None:
+        self.pin_dir = pin_dir
+        self.nr_slots = NR_SLOTS
+        self.adopted = adopted
+        self._lock = lock
+        self._prog_array_fd = prog_array_fd
+        self._misses_fd = misses_fd
+        self._link_fd = link_fd
+        self.link = bpfsys.link_info(link_fd)
+
+    @classmethod
+    async def open_or_load(cls, pin_dir: Path, compiler: Compiler) -> Dispatcher:
+        _ensure_pin_dir(pin_dir)
+        lock = PinDirLock(pin_dir)
+        fds: list[int] = []
+        try:
+            fds.append(_open_or_create_map(pin_dir, PROG_ARRAY))
+            fds.append(_open_or_create_map(pin_dir, MISSES))
+            link_pin = pin_dir / LINK_PIN
+            adopted = link_pin.exists()
+            link_fd = _adopt_link(link_pin) if adopted else await _load_and_attach(pin_dir, compiler)
+            return cls(pin_dir, lock, fds[0], fds[1], link_fd, adopted)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            lock.release()
+            raise
+
+    @property
+    def prog_id(self) -> int:
+        return self.link.prog_id
+
+    def set_slot(self, slot: int, prog_fd: int) -> None:
+        try:
+            bpfsys.prog_array_set(self._prog_array_fd, slot, prog_fd)
+        except OSError as exc:
+            raise KernelError(f"could not put the program in slot {slot}: {exc.strerror}") from None
+
+    def clear_slot(self, slot: int) -> bool:
+        try:
+            return bpfsys.map_delete(self._prog_array_fd, slot)
+        except OSError as exc:
+            raise KernelError(f"could not empty slot {slot}: {exc.strerror}") from None
+
+    def slot_prog_id(self, slot: int) -> int | None:
+        return bpfsys.prog_array_get(self._prog_array_fd, slot)
+
+    def occupied(self) -> dict[int, int]:
+        """slot -> program id, read from the kernel."""
+        ids = {}
+        for slot in range(self.nr_slots):
+            prog_id = self.slot_prog_id(slot)
+            if prog_id is not None:
+                ids[slot] = prog_id
+        return ids
+
+    def miss_totals(self) -> list[int]:
+        """Misses per slot since the counters were created (they survive daemon restarts)."""
+        return bpfsys.percpu_u64_sums(self._misses_fd, self.nr_slots)
+
+    def miss_total(self, slot: int) -> int:
+        return bpfsys.percpu_u64_sum(self._misses_fd, slot)
+
+    def close(self) -> None:
+        """Drop our handles; the pins keep the dispatcher attached and the slots filled."""
+        for fd in (self._prog_array_fd, self._misses_fd, self._link_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._lock.release()
+
+
+def _adopt_link(path: Path) -> int:
+    try:
+        fd = bpfsys.obj_get(str(path))
+        link = bpfsys.link_info(fd)
+        prog_fd = bpfsys.prog_get_fd_by_id(link.prog_id)
+    except OSError as exc:
+        raise PinConflict(f"{path} exists but is not a BPF link ({exc}); remove it or choose another pin_dir",
+                          {"path": str(path)}) from None
+    try:
+        prog = bpfsys.prog_info(prog_fd)
+    finally:
+        os.close(prog_fd)
+    # Kernel program names are cut to 15 characters.
+    if link.type != bpfsys.BPF_LINK_TYPE_RAW_TRACEPOINT or prog.name != DISPATCH_FUNCTION[:15]:
+        os.close(fd)
+        raise PinConflict(f"{path} is a link to program {prog.name!r}, not tailcalld's dispatcher; "
+                          "it is left alone", {"path": str(path)})
+    return fd
+
+
+async def _load_and_attach(pin_dir: Path, compiler: Compiler) -> int:
+    cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
+              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"',
+              f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"']
+    prog = await compiler.load(bpf_source("dispatcher.bpf.c"), DISPATCH_FUNCTION, cflags)
+    try:
+        link_fd = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
+    finally:
+        os.close(prog.fd)  # the link holds the program from here on
+    try:
+        bpfsys.obj_pin(link_fd, str(pin_dir / LINK_PIN))
+    except OSError as exc:
+        os.close(link_fd)  # detaches: nothing half-made stays behind
+        if exc.errno == errno.EEXIST:
+            raise PinConflict(f"{pin_dir / LINK_PIN} appeared while loading", {"path": str(pin_dir / LINK_PIN)}) from None
+        raise
+    return link_fd

@@ -1,0 +1,90 @@
+"""Errors inside tailcalld, each with the stable code it carries on the wire.
+
+Inside the daemon these are exceptions; at the protocol edge they become
+``{"code": ..., "message": ..., "details": ...}``.  Anything that is not a
+``TailcalldError`` is a bug and goes out as ``internal``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TailcalldError(Exception):
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class BadRequest(TailcalldError):
+    code = "bad_request"
+
+
+class RequestTooLarge(TailcalldError):
+    code = "request_too_large"
+
+
+class UnknownCommand(TailcalldError):
+    code = "unknown_command"
+
+
+class SlotOutOfRange(TailcalldError):
+    code = "slot_out_of_range"
+
+
+class UnknownSyscall(TailcalldError):
+    code = "unknown_syscall"
+
+
+class SlotEmpty(TailcalldError):
+    code = "slot_empty"
+
+
+class CompileError(TailcalldError):
+    """clang refused the source; details carry its diagnostics."""
+    code = "compile_error"
+
+
+class VerifierRejected(TailcalldError):
+    """The kernel refused the program; details carry the verifier log."""
+    code = "verifier_rejected"
+
+
+class FunctionNotFound(TailcalldError):
+    code = "function_not_found"
+
+
+class FunctionAmbiguous(TailcalldError):
+    code = "function_ambiguous"
+
+
+class CompileTimeout(TailcalldError):
+    code = "compile_timeout"
+
+
+class KernelError(TailcalldError):
+    """A bpf() call failed where it should not have (map update, pin, attach)."""
+    code = "kernel_error"
+
+
+class PinConflict(TailcalldError):
+    """Something at a pin path is not what tailcalld would have put there."""
+    code = "pin_conflict"
+
+
+class AlreadyRunning(TailcalldError):
+    code = "already_running"
+
+
+class ConfigError(TailcalldError):
+    code = "config_error"
+
+
+# Codes a compile worker reports, mapped back to their exception.
+WORKER_ERRORS: dict[str, type[TailcalldError]] = {
+    cls.code: cls
+    for cls in (CompileError, VerifierRejected, FunctionNotFound, FunctionAmbiguous)
+}

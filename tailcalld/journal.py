@@ -1,0 +1,57 @@
+"""Logging to the journal (structured fields) or, with no journald around, to stderr."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .misses import MissReport
+
+IDENTIFIER = "tailcalld"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# journalctl -x explains entries carrying this id (see contrib/tailcalld.catalog).
+MISS_MESSAGE_ID = "5b1d1c4a6f0e4f1c9d2f3a8e7b6c5d40"
+
+logger = logging.getLogger(IDENTIFIER)
+
+
+def _journal_handler() -> logging.Handler | None:
+    if not os.path.exists(JOURNAL_SOCKET):
+        return None
+    try:
+        from systemd.journal import JournalHandler  # noqa: PLC0415 - optional at run time
+    except ImportError:
+        return None
+    return JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER)
+
+
+def setup_logging(level: str = "info", *, force_stderr: bool = False) -> list[str]:
+    """Route the ``tailcalld`` logger to the journal when journald runs, and to stderr when
+    there is no journal or a person watches the terminal (``make run``).  Returns the targets."""
+    handlers: dict[str, logging.Handler] = {}
+    journal = None if force_stderr else _journal_handler()
+    if journal is not None:
+        handlers["journal"] = journal
+    if journal is None or sys.stderr.isatty():
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(logging.Formatter("%(asctime)s tailcalld[%(process)d] %(levelname)s: %(message)s"))
+        handlers["stderr"] = stderr
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    for handler in handlers.values():
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    return list(handlers)
+
+
+def log_misses(reports: list[MissReport]) -> None:
+    for r in reports:
+        logger.info(r.message, extra={
+            "MESSAGE_ID": MISS_MESSAGE_ID,
+            "SYSCALL_NR": r.nr,
+            "SYSCALL_NAME": r.syscall,
+            "MISSES": r.misses,
+            "INTERVAL_SEC": f"{r.seconds:.1f}",
+        })

@@ -1,0 +1,62 @@
+"""Turning the dispatcher's cumulative miss counters into bounded per-interval reports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MissReport:
+    nr: int
+    syscall: str
+    misses: int
+    seconds: float
+
+    @property
+    def message(self) -> str:
+        return f"{self.syscall} ({self.nr}): {self.misses} tail-call misses in the last {self.seconds:.0f} s"
+
+
+class MissMonitor:
+    """Remembers the counters at the previous poll; each poll yields at most one report per
+    watched slot, however many syscalls happened, so the journal volume stays bounded.
+
+    Watched: every slot that held a handler since start, plus ``extra`` (or all slots).
+    """
+
+    def __init__(self, read_totals: Callable[[], list[int]], label: Callable[[int], str],
+                 watch_all: bool = False, extra: Iterable[int] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._read_totals = read_totals
+        self._label = label
+        self._clock = clock
+        self._held: set[int] = set()
+        self.configure(watch_all, extra)
+        self.baseline = read_totals()
+        self._last = list(self.baseline)
+        self._last_time = clock()
+
+    def configure(self, watch_all: bool, extra: Iterable[int]) -> None:
+        self._watch_all = watch_all
+        self._extra = set(extra)
+
+    def held_handler(self, nr: int) -> None:
+        self._held.add(nr)
+
+    def watched(self, nr: int) -> bool:
+        return self._watch_all or nr in self._held or nr in self._extra
+
+    def poll(self) -> list[MissReport]:
+        totals = self._read_totals()
+        now = self._clock()
+        seconds = now - self._last_time
+        reports = [MissReport(nr, self._label(nr), total - last, seconds)
+                   for nr, (total, last) in enumerate(zip(totals, self._last, strict=True))
+                   if total > last and self.watched(nr)]
+        self._last, self._last_time = totals, now
+        return reports
+
+    def since_start(self, nr: int, total: int) -> int:
+        return total - self.baseline[nr]

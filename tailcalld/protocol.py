@@ -1,0 +1,183 @@
+"""The control protocol: newline-delimited JSON over a Unix stream socket.
+
+These pydantic models are the only definition of the wire format; the server, the
+client and the tests all go through them.
+
+    request:  {"id": 1, "command": "attach", "slot": "fchmodat", "source": "...", ...}
+    reply:    {"id": 1, "ok": true, "result": {...}}
+          or  {"id": 1, "ok": false, "error": {"code": "...", "message": "...", "details": ...}}
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+
+from .errors import BadRequest, TailcalldError, UnknownCommand
+
+RequestId = StrictInt | StrictStr | None
+Slot = Annotated[StrictInt | StrictStr, Field(description="syscall number or name, e.g. 268 or 'fchmodat'")]
+MAX_SOURCE_CHARS = 1 << 20
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: RequestId = None
+
+
+class PingRequest(_Request):
+    command: Literal["ping"]
+
+
+class AttachRequest(_Request):
+    command: Literal["attach"]
+    slot: Slot
+    source: Annotated[StrictStr, Field(min_length=1, max_length=MAX_SOURCE_CHARS)]
+    filename: Annotated[StrictStr, Field(max_length=4096)] = "<source>"
+    function: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] | None = None
+
+
+class DetachRequest(_Request):
+    command: Literal["detach"]
+    slot: Slot
+
+
+class ListRequest(_Request):
+    command: Literal["list"]
+
+
+class StatusRequest(_Request):
+    command: Literal["status"]
+
+
+Request = Annotated[PingRequest | AttachRequest | DetachRequest | ListRequest | StatusRequest,
+                    Field(discriminator="command")]
+COMMANDS = ("ping", "attach", "detach", "list", "status")
+_request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
+
+
+# Results ---------------------------------------------------------------------------------
+
+class PingResult(BaseModel):
+    version: str
+    pid: int
+
+
+class SlotInfo(BaseModel):
+    slot: int
+    syscall: str
+    function: str | None = Field(description="handler function; None when adopted from pins unknown to us")
+    prog_id: int
+    filename: str | None
+    source_sha256: str | None
+    attached_at: datetime | None
+    misses: int = Field(description="tail-call misses of this slot since the daemon started")
+
+
+class AttachResult(BaseModel):
+    slot: int
+    syscall: str
+    function: str
+    prog_id: int
+    insns: int
+    replaced_prog_id: int | None
+
+
+class DetachResult(BaseModel):
+    slot: int
+    syscall: str
+    prog_id: int
+
+
+class ListResult(BaseModel):
+    slots: list[SlotInfo]
+
+
+class StatusResult(BaseModel):
+    version: str
+    pid: int
+    started_at: datetime
+    pin_dir: str
+    socket: str
+    dispatcher_prog_id: int
+    dispatcher_link_id: int
+    adopted: bool = Field(description="the dispatcher was already pinned and was adopted, not loaded")
+    slots_used: int
+    nr_slots: int
+    misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
+    miss_log_interval: float
+
+
+Result = PingResult | AttachResult | DetachResult | ListResult | StatusResult
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class OkResponse(BaseModel):
+    id: RequestId
+    ok: Literal[True] = True
+    result: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    id: RequestId
+    ok: Literal[False] = False
+    error: ErrorBody
+
+
+Response = Annotated[OkResponse | ErrorResponse, Field(discriminator="ok")]
+response_adapter: TypeAdapter[Response] = TypeAdapter(Response)
+
+
+# Framing ---------------------------------------------------------------------------------
+
+def _request_id(data: Any) -> RequestId:
+    """The id to echo in an error reply, when the request had a usable one."""
+    if isinstance(data, dict):
+        rid = data.get("id")
+        if isinstance(rid, (int, str)) and not isinstance(rid, bool):
+            return rid
+    return None
+
+
+def parse_request(line: bytes) -> tuple[RequestId, Request]:
+    """Decode one request line.  Raises TailcalldError carrying the id to echo (``.request_id``)."""
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _with_id(BadRequest(f"malformed JSON: {exc}"), None) from None
+    rid = _request_id(data)
+    if not isinstance(data, dict):
+        raise _with_id(BadRequest("a request must be a JSON object"), rid)
+    command = data.get("command")
+    if command not in COMMANDS:
+        raise _with_id(UnknownCommand(f"unknown command {command!r}; known: {', '.join(COMMANDS)}",
+                                      {"known": list(COMMANDS)}), rid)
+    try:
+        return rid, _request_adapter.validate_python(data)
+    except ValidationError as exc:
+        problems = [{"field": ".".join(str(p) for p in e["loc"][1:]) or "(request)", "message": e["msg"]}
+                    for e in exc.errors(include_url=False, include_input=False)]
+        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise _with_id(BadRequest(f"invalid {command} request: {text}", problems), rid) from None
+
+
+def _with_id(err: TailcalldError, rid: RequestId) -> TailcalldError:
+    err.request_id = rid  # type: ignore[attr-defined]
+    return err
+
+
+def encode_ok(rid: RequestId, result: BaseModel) -> bytes:
+    return OkResponse(id=rid, result=result.model_dump(mode="json")).model_dump_json().encode() + b"\n"
+
+
+def encode_error(rid: RequestId, err: TailcalldError) -> bytes:
+    body = ErrorBody(code=err.code, message=err.message, details=err.details)
+    return ErrorResponse(id=rid, error=body).model_dump_json().encode() + b"\n"
