@@ -1,0 +1,187 @@
+"""Shared fixtures: real kernel, real pins, real journal.
+
+Every test that touches BPF pins under its own /sys/fs/bpf/tailcalld-test-<random> and
+removes it in teardown, failures included; the session also sweeps leftovers of earlier
+runs with that prefix (a pinned link would keep a program on every syscall).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tailcalld.client import Client
+
+BPFFS = Path("/sys/fs/bpf")
+TEST_PREFIX = "tailcalld-test-"
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+DIRFD_MAGIC = 7771  # fchmodat(7771, ...) is never made by anything but these tests
+NR_FCHMODAT = 268
+VENV_BIN = Path(sys.executable).parent
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def remove_pins(folder: Path) -> None:
+    """Unpin everything under ``folder``; links first, so no program stays attached."""
+    if not folder.exists():
+        return
+    for link in sorted(folder.rglob("link")):
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine() -> Iterator[None]:
+    if os.geteuid() != 0:
+        pytest.exit("the tests load BPF programs: run them as root (make test)", returncode=2)
+    if not os.path.ismount(BPFFS):
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+    for leftover in BPFFS.glob(TEST_PREFIX + "*"):
+        remove_pins(leftover)
+    yield
+    for leftover in BPFFS.glob(TEST_PREFIX + "*"):
+        remove_pins(leftover)
+
+
+@pytest.fixture(scope="session")
+def journald() -> Iterator[None]:
+    """The tests read the real journal; start a journald when none runs (PID 1 is not systemd here)."""
+    proc = None
+    if not JOURNAL_SOCKET.exists():
+        proc = subprocess.Popen(["/lib/systemd/systemd-journald"])
+        for _ in range(100):
+            if JOURNAL_SOCKET.exists():
+                break
+            time.sleep(0.05)
+        assert JOURNAL_SOCKET.exists(), "systemd-journald did not come up"
+    yield
+    if proc is not None:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def pin_root() -> Iterator[Path]:
+    root = BPFFS / f"{TEST_PREFIX}{secrets.token_hex(4)}"
+    root.mkdir()
+    (root / "maps").mkdir()
+    try:
+        yield root
+    finally:
+        remove_pins(root)
+
+
+def fchmodat(n: int, dirfd: int = DIRFD_MAGIC) -> None:
+    """n raw fchmodat(2) calls that fail with EBADF but pass through sys_enter."""
+    path = b"/nonexistent-tailcalld-test"
+    for _ in range(n):
+        _libc.syscall(NR_FCHMODAT, dirfd, path, 0o644)
+
+
+def counting_handler(counter_pin: Path, function: str = "count_calls", dirfd: int = DIRFD_MAGIC,
+                     step: int = 1) -> str:
+    """bcc C for a handler that counts fchmodat(dirfd, ...) calls into a pinned u64."""
+    return f"""
+#include <uapi/linux/ptrace.h>
+BPF_TABLE_PINNED("array", u32, u64, counter, 1, "{counter_pin}");
+
+int {function}(struct bpf_raw_tracepoint_args *ctx)
+{{
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long dirfd = 0;
+    u32 zero = 0;
+    bpf_probe_read_kernel(&dirfd, sizeof(dirfd), &PT_REGS_PARM1(regs));
+    if ((int)dirfd != {dirfd})
+        return 0;
+    u64 *n = counter.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, {step});
+    return 0;
+}}
+"""
+
+
+def read_counter(pin: Path) -> int:
+    """Read a pinned u64 array entry 0 with bpftool, independently of tailcalld's own code."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin)],
+                         capture_output=True, text=True, check=True).stdout
+    entry = json.loads(out)[0]
+    return int.from_bytes(bytes(int(b, 16) for b in entry["value"]), "little")
+
+
+def write_config(path: Path, **settings: object) -> Path:
+    lines = []
+    for key, value in settings.items():
+        lines.append(f"{key} = {json.dumps(value if not isinstance(value, Path) else str(value))}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[str]
+    socket: Path
+    pin_dir: Path
+    config: Path
+    log: Path
+
+    def client(self, timeout: float = 120.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def ctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "tailcallctl"), "--socket", str(self.socket), *args],
+                              capture_output=True, text=True, input=input, timeout=120)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start_daemon(tmp: Path, pin_dir: Path, **settings: object) -> DaemonProcess:
+    sock = tmp / "tailcalld.sock"
+    config = write_config(tmp / "tailcalld.toml", socket=sock, pin_dir=pin_dir,
+                          state_dir=tmp / "state", **settings)
+    log = tmp / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "tailcalld"), "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    d = DaemonProcess(proc, sock, pin_dir, config, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"tailcalld exited with {proc.returncode}:\n{d.output()}")
+        with contextlib.suppress(OSError):
+            with d.client(timeout=5) as c:
+                c.call("ping")
+                return d
+        time.sleep(0.05)
+    d.stop()
+    raise AssertionError(f"tailcalld did not answer within 60 s:\n{d.output()}")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, pin_root: Path) -> Iterator[DaemonProcess]:
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        yield d
+    finally:
+        d.stop()

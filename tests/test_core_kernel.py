@@ -1,0 +1,208 @@
+"""The core (SlotManager over a real pinned dispatcher) driven in-process, without a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, read_counter
+from tailcalld import bpfsys
+from tailcalld.compiler import Compiler
+from tailcalld.dispatcher import NR_SLOTS, Dispatcher
+from tailcalld.errors import (AlreadyRunning, CompileError, FunctionAmbiguous, FunctionNotFound, PinConflict,
+                              SlotEmpty, SlotOutOfRange, UnknownSyscall, VerifierRejected)
+from tailcalld.misses import MissMonitor
+from tailcalld.protocol import AttachRequest
+from tailcalld.slots import SlotManager
+from tailcalld.syscalls import SyscallTable
+
+
+@asynccontextmanager
+async def core(pin_dir: Path) -> AsyncIterator[SlotManager]:
+    compiler = Compiler(timeout=60)
+    dispatcher = await Dispatcher.open_or_load(pin_dir, compiler)
+    syscalls = SyscallTable.for_this_machine(NR_SLOTS)
+    manager = SlotManager(dispatcher, compiler, syscalls, MissMonitor(dispatcher.miss_totals, syscalls.label),
+                          "unused.sock", 10)
+    try:
+        yield manager
+    finally:
+        manager.close()
+        dispatcher.close()
+
+
+def run(pin_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with core(pin_dir) as manager:
+            await scenario(manager)
+    asyncio.run(main())
+
+
+def attach(slot: int | str, source: str, function: str | None = None) -> AttachRequest:
+    return AttachRequest(command="attach", slot=slot, source=source, filename="test.c", function=function)
+
+
+def bpftool_slots(pin: Path) -> dict[int, int]:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin)],
+                         capture_output=True, text=True, check=True).stdout
+    return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little"):
+            int.from_bytes(bytes(int(b, 16) for b in e["value"]), "little") for e in json.loads(out)}
+
+
+@pytest.mark.parametrize("slot", [NR_FCHMODAT, "fchmodat"], ids=["by-number", "by-name"])
+def test_attach_counts_every_call(pin_root: Path, slot: int | str) -> None:
+    counter = pin_root / "maps" / "count"
+
+    async def scenario(m: SlotManager) -> None:
+        result = await m.attach(attach(slot, counting_handler(counter)))
+        assert (result.slot, result.syscall, result.function) == (NR_FCHMODAT, "fchmodat", "count_calls")
+        assert result.replaced_prog_id is None
+        fchmodat(1000)
+        fchmodat(50, dirfd=DIRFD_MAGIC + 1)  # filtered out by the handler
+        assert read_counter(counter) == 1000
+        # The pinned prog array holds our program at 268, as bpftool sees it.
+        assert bpftool_slots(pin_root / "daemon" / "prog_array") == {NR_FCHMODAT: result.prog_id}
+
+    run(pin_root / "daemon", scenario)
+
+
+def test_detach_stops_the_handler(pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+
+    async def scenario(m: SlotManager) -> None:
+        attached = await m.attach(attach("fchmodat", counting_handler(counter)))
+        fchmodat(10)
+        detached = await m.detach(NR_FCHMODAT)
+        assert detached.prog_id == attached.prog_id
+        before_misses = m.dispatcher.miss_total(NR_FCHMODAT)
+        fchmodat(10)
+        assert read_counter(counter) == 10
+        assert m.dispatcher.miss_total(NR_FCHMODAT) - before_misses >= 10  # now a miss
+        assert bpftool_slots(pin_root / "daemon" / "prog_array") == {}
+        assert m.list().slots == []
+        with pytest.raises(SlotEmpty):
+            await m.detach(NR_FCHMODAT)
+
+    run(pin_root / "daemon", scenario)
+
+
+def test_replace_is_one_update_and_frees_the_old_program(pin_root: Path) -> None:
+    c1, c2 = pin_root / "maps" / "c1", pin_root / "maps" / "c2"
+
+    async def scenario(m: SlotManager) -> None:
+        first = await m.attach(attach(NR_FCHMODAT, counting_handler(c1, "v1")))
+        fchmodat(5)
+        second = await m.attach(attach(NR_FCHMODAT, counting_handler(c2, "v2")))
+        assert second.replaced_prog_id == first.prog_id
+        fchmodat(7)
+        assert (read_counter(c1), read_counter(c2)) == (5, 7)
+        [info] = m.list().slots
+        assert (info.function, info.prog_id) == ("v2", second.prog_id)
+        # Nothing holds v1 any more: the kernel freed it (freeing is deferred, so wait for it).
+        for _ in range(200):
+            try:
+                os.close(bpfsys.prog_get_fd_by_id(first.prog_id))
+            except OSError:
+                return
+            await asyncio.sleep(0.05)
+        pytest.fail(f"program {first.prog_id} is still loaded after being replaced")
+
+    run(pin_root / "daemon", scenario)
+
+
+def test_bad_handlers_change_nothing(pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+
+    async def scenario(m: SlotManager) -> None:
+        good = await m.attach(attach(NR_FCHMODAT, counting_handler(counter)))
+
+        with pytest.raises(CompileError) as compile_err:
+            await m.attach(attach(NR_FCHMODAT, "int broken(struct bpf_raw_tracepoint_args *ctx) { return nope; }"))
+        assert "use of undeclared identifier 'nope'" in compile_err.value.details["log"]
+
+        rejected = ("int reject(struct bpf_raw_tracepoint_args *ctx)"
+                    " { u64 *p = (u64 *)ctx; return p[100]; }")
+        with pytest.raises(VerifierRejected) as verifier_err:
+            await m.attach(attach(NR_FCHMODAT, rejected))
+        assert "invalid bpf_context access" in verifier_err.value.details["log"]
+
+        two = ("int a(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n"
+               "int b(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n")
+        with pytest.raises(FunctionAmbiguous) as ambiguous:
+            await m.attach(attach(NR_FCHMODAT, two))
+        assert ambiguous.value.details["candidates"] == ["a", "b"]
+        with pytest.raises(FunctionNotFound):
+            await m.attach(attach(NR_FCHMODAT, two, function="c"))
+        with pytest.raises(SlotOutOfRange):
+            await m.attach(attach(NR_SLOTS, two, function="a"))
+        with pytest.raises(UnknownSyscall):
+            await m.attach(attach("fchmodatt", two, function="a"))
+
+        assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == good.prog_id
+        fchmodat(3)
+        assert read_counter(counter) == 3
+        # Picking one of several functions explicitly works.
+        chosen = await m.attach(attach(NR_FCHMODAT, two, function="b"))
+        assert chosen.function == "b"
+
+    run(pin_root / "daemon", scenario)
+
+
+def test_concurrent_attaches_to_one_slot_are_serialised(pin_root: Path) -> None:
+    async def scenario(m: SlotManager) -> None:
+        sources = [counting_handler(pin_root / "maps" / f"c{i}", f"h{i}") for i in range(3)]
+        results = await asyncio.gather(*(m.attach(attach(NR_FCHMODAT, s)) for s in sources))
+        # The slot lock is FIFO: each attach replaced exactly the one before it.
+        assert [r.replaced_prog_id for r in results] == [None, results[0].prog_id, results[1].prog_id]
+        assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == results[2].prog_id
+        assert len(m.list().slots) == 1
+
+    run(pin_root / "daemon", scenario)
+
+
+def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    pin_dir = pin_root / "daemon"
+    ids: dict[str, int] = {}
+
+    async def first(m: SlotManager) -> None:
+        ids["dispatcher"] = m.dispatcher.prog_id
+        ids["handler"] = (await m.attach(attach(NR_FCHMODAT, counting_handler(counter)))).prog_id
+
+    async def second(m: SlotManager) -> None:
+        assert m.dispatcher.adopted
+        assert m.dispatcher.prog_id == ids["dispatcher"]
+        [info] = m.list().slots
+        assert (info.slot, info.prog_id, info.function) == (NR_FCHMODAT, ids["handler"], "count_calls")
+
+    run(pin_dir, first)
+    fchmodat(25)  # no daemon holds anything now: the pins keep the handler running
+    assert read_counter(counter) == 25
+    run(pin_dir, second)
+
+
+def test_one_owner_per_pin_dir_and_foreign_pins_are_refused(pin_root: Path) -> None:
+    async def scenario(m: SlotManager) -> None:
+        with pytest.raises(AlreadyRunning):
+            await Dispatcher.open_or_load(m.dispatcher.pin_dir, m.compiler)
+
+    run(pin_root / "daemon", scenario)
+
+    foreign = pin_root / "foreign"
+    foreign.mkdir()
+    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, "notours", 4, 4, 16)
+    try:
+        bpfsys.obj_pin(fd, str(foreign / "prog_array"))
+    finally:
+        os.close(fd)
+    with pytest.raises(PinConflict) as conflict:
+        run(foreign, lambda m: asyncio.sleep(0))
+    assert str(foreign / "prog_array") in conflict.value.message
+    assert not (foreign / "link").exists()  # nothing attached
