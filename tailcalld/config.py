@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from .errors import ConfigError
 
@@ -22,11 +22,12 @@ class Settings(BaseModel):
     socket: Path = Field(DEFAULT_SOCKET, description="Unix socket the control protocol listens on")
     pin_dir: Path = Field(Path("/sys/fs/bpf/tailcalld"), description="bpffs folder for the pinned dispatcher")
     state_dir: Path = Field(Path("/var/lib/tailcalld"), description="persistent state")
-    miss_log_interval: float = Field(10.0, gt=0, le=86400, description="seconds between miss summaries")
-    watch_misses: Literal["all"] | list[int | str] = Field(
+    # Strict numbers: TOML's `true` must not turn into an interval of 1 s or into slot 1.
+    miss_log_interval: float = Field(10.0, gt=0, le=86400, strict=True, description="seconds between miss summaries")
+    watch_misses: Literal["all"] | list[StrictInt | StrictStr] = Field(
         default_factory=list, description="slots whose misses are logged besides those that held a handler")
-    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request line accepted")
-    compile_timeout: float = Field(60.0, gt=0, description="seconds a compile+load may take before it is killed")
+    max_request_bytes: int = Field(1 << 20, ge=1024, strict=True, description="largest request line accepted")
+    compile_timeout: float = Field(60.0, gt=0, strict=True, description="seconds a compile+load may take before it is killed")
     log_level: LogLevel = "info"
 
 
@@ -45,8 +46,8 @@ def load_settings(path: Path) -> Settings:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {str(exc)[:200]}") from None
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

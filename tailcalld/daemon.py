@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
     except ConfigError as err:
         print(f"tailcalld: {err.message}", file=sys.stderr)
         return EX_CONFIG
-    setup_logging(settings.log_level, force_stderr=args.log_stderr)
+    targets = setup_logging(settings.log_level, force_stderr=args.log_stderr)
     if loop_factory is None:
         import uvloop  # noqa: PLC0415 - production loop; tests may inject plain asyncio
 
@@ -144,15 +144,20 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(_main_async(settings))
     except ConfigError as err:
-        logger.error("%s", err.message)
-        return EX_CONFIG
+        return _startup_failure(err.message, EX_CONFIG, targets)
     except TailcalldError as err:
-        logger.error("cannot start: %s", err.message)
-        return 1
+        return _startup_failure(f"cannot start: {err.message}", 1, targets)
     except OSError as err:
-        logger.error("cannot start: %s", err)
-        return 1
+        return _startup_failure(f"cannot start: {err}", 1, targets)
     return 0
+
+
+def _startup_failure(message: str, status: int, log_targets: list[str]) -> int:
+    """Whoever started us reads stderr (a terminal, systemctl status, a test): say it there too."""
+    logger.error("%s", message)
+    if "stderr" not in log_targets:
+        print(f"tailcalld: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import socket
 import sys
 
 from .misses import MissReport
@@ -16,8 +16,18 @@ MISS_MESSAGE_ID = "5b1d1c4a6f0e4f1c9d2f3a8e7b6c5d40"
 logger = logging.getLogger(IDENTIFIER)
 
 
+def journald_listening(path: str = JOURNAL_SOCKET) -> bool:
+    """A socket file alone proves nothing: a journald that died leaves it behind."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def _journal_handler() -> logging.Handler | None:
-    if not os.path.exists(JOURNAL_SOCKET):
+    if not journald_listening():
         return None
     try:
         from systemd.journal import JournalHandler  # noqa: PLC0415 - optional at run time

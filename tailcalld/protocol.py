@@ -151,12 +151,14 @@ def parse_request(line: bytes) -> tuple[RequestId, Request]:
     """Decode one request line.  Raises TailcalldError carrying the id to echo (``.request_id``)."""
     try:
         data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _with_id(BadRequest(f"malformed JSON: {exc}"), None) from None
+    except (ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 and 5000-digit numbers
+        raise _with_id(BadRequest(f"malformed JSON: {str(exc)[:200]}"), None) from None
     rid = _request_id(data)
     if not isinstance(data, dict):
         raise _with_id(BadRequest("a request must be a JSON object"), rid)
     command = data.get("command")
+    if command is None:
+        raise _with_id(BadRequest(f'the request has no "command"; known: {", ".join(COMMANDS)}'), rid)
     if command not in COMMANDS:
         raise _with_id(UnknownCommand(f"unknown command {command!r}; known: {', '.join(COMMANDS)}",
                                       {"known": list(COMMANDS)}), rid)

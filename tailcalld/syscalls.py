@@ -58,10 +58,12 @@ class SyscallTable:
     def resolve(self, slot: int | str) -> int:
         if isinstance(slot, str):
             text = slot.strip()
-            if re.fullmatch(r"[+-]?\d+", text):
-                slot = int(text)
-            else:
+            if not re.fullmatch(r"[+-]?[0-9]+", text, re.ASCII):
                 return self._by_name(text)
+            if len(text) > 100:  # int() refuses 4300+ digits, and anything this long is out of range
+                raise SlotOutOfRange(f"slot {text[:20]}{'...' if len(text) > 20 else ''} is out of range: "
+                                     f"slots are 0..{self.nr_slots - 1}", {"max": self.nr_slots - 1})
+            slot = int(text)
         if not 0 <= slot < self.nr_slots:
             raise SlotOutOfRange(f"slot {slot} is out of range: slots are 0..{self.nr_slots - 1}",
                                  {"slot": slot, "max": self.nr_slots - 1})

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from tailcalld.client import Client
+from tailcalld.journal import journald_listening
 
 BPFFS = Path("/sys/fs/bpf")
 TEST_PREFIX = "tailcalld-test-"
-JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 DIRFD_MAGIC = 7771  # fchmodat(7771, ...) is never made by anything but these tests
 NR_FCHMODAT = 268
 VENV_BIN = Path(sys.executable).parent
@@ -62,13 +62,13 @@ def machine() -> Iterator[None]:
 def journald() -> Iterator[None]:
     """The tests read the real journal; start a journald when none runs (PID 1 is not systemd here)."""
     proc = None
-    if not JOURNAL_SOCKET.exists():
+    if not journald_listening():
         proc = subprocess.Popen(["/lib/systemd/systemd-journald"])
         for _ in range(100):
-            if JOURNAL_SOCKET.exists():
+            if journald_listening():
                 break
             time.sleep(0.05)
-        assert JOURNAL_SOCKET.exists(), "systemd-journald did not come up"
+        assert journald_listening(), "systemd-journald did not come up"
     yield
     if proc is not None:
         proc.terminate()

@@ -1,0 +1,76 @@
+"""Tail-call misses reach the real journal: fields, message, one entry per slot per interval."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import NR_FCHMODAT, counting_handler, fchmodat, start_daemon
+from tailcalld.journal import MISS_MESSAGE_ID
+
+INTERVAL = 1.0
+NR_GETPPID = 110
+
+
+def journal_entries(pid: int, **match: str) -> list[dict]:
+    args = ["journalctl", "--no-pager", "-o", "json", "SYSLOG_IDENTIFIER=tailcalld", f"_PID={pid}"]
+    if "SYSCALL_NAME" in match:  # miss entries only, not the audit lines of attach/detach
+        match = {**match, "MESSAGE_ID": MISS_MESSAGE_ID}
+    args += [f"{k}={v}" for k, v in match.items()]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wait_for_entries(pid: int, minimum: int, timeout: float = 30, **match: str) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = journal_entries(pid, **match)
+        if len(entries) >= minimum or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.2)
+
+
+@pytest.mark.usefixtures("journald")
+def test_misses_are_logged_per_slot_per_interval(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon", miss_log_interval=INTERVAL, watch_misses=["getppid"])
+    try:
+        pid = d.proc.pid
+        with d.client() as c:
+            # A slot that held a handler is watched from then on: after the detach, misses.
+            c.call("attach", slot=NR_FCHMODAT, source=counting_handler(pin_root / "maps" / "count"))
+            c.call("detach", slot=NR_FCHMODAT)
+        started = time.monotonic()
+        for _ in range(4):  # spread the calls over several intervals
+            fchmodat(5000)
+            for _ in range(100):
+                os.getppid()
+            time.sleep(INTERVAL / 2)
+        entries = wait_for_entries(pid, 2, SYSCALL_NAME="fchmodat")
+        elapsed = time.monotonic() - started
+        assert entries, "no miss entry for fchmodat in the journal"
+        for e in entries:
+            assert e["SYSCALL_NR"] == str(NR_FCHMODAT)
+            assert e["MESSAGE_ID"] == MISS_MESSAGE_ID
+            assert re.fullmatch(r"fchmodat \(268\): \d+ tail-call misses in the last \d+ s", e["MESSAGE"])
+            assert int(e["MISSES"]) > 0
+        # Every call we made was a miss, and is counted once: 20000 calls were made, and
+        # 20000 calls of fchmodat within a few seconds can only be ours plus a few others.
+        assert sum(int(e["MISSES"]) for e in wait_for_entries(pid, 99, timeout=INTERVAL * 2,
+                                                               SYSCALL_NAME="fchmodat")) >= 20_000
+        # Bounded: 20000 misses produced at most one entry per interval, never one per call.
+        assert len(entries) <= elapsed / INTERVAL + 2
+        stamps = sorted(int(e["__REALTIME_TIMESTAMP"]) for e in entries)
+        assert all(b - a >= INTERVAL * 0.5e6 for a, b in zip(stamps, stamps[1:]))
+        # Configured watch: getppid; never watched: read(2), which misses all the time.
+        assert wait_for_entries(pid, 1, SYSCALL_NAME="getppid")[0]["SYSCALL_NR"] == str(NR_GETPPID)
+        assert journal_entries(pid, SYSCALL_NAME="read") == []
+    finally:
+        assert d.stop() == 0
+    stop = journal_entries(pid, PRIORITY="6")
+    assert any("stopping" in e["MESSAGE"] for e in stop)

@@ -1,0 +1,188 @@
+"""Unit tests for load_settings / Settings.  Only files under tmp_path and the repo's sample config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tailcalld.config import DEFAULT_SOCKET, Settings, load_settings
+from tailcalld.errors import ConfigError
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tailcalld.toml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine() -> Iterator[None]:
+    """Overrides conftest's root-only ``machine`` fixture (bpffs mount + pin sweep): pure logic here."""
+    yield
+
+
+def write(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "tailcalld.toml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def config_error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert info.value.code == "config_error"
+    return info.value
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, ""))
+    assert s == Settings()
+    assert s.socket == DEFAULT_SOCKET == Path("/run/tailcalld/tailcalld.sock")
+    assert s.pin_dir == Path("/sys/fs/bpf/tailcalld")
+    assert s.state_dir == Path("/var/lib/tailcalld")
+    assert s.miss_log_interval == 10.0
+    assert s.watch_misses == []
+    assert s.max_request_bytes == 1 << 20
+    assert s.compile_timeout == 60.0
+    assert s.log_level == "info"
+
+
+def test_comments_only_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "# nothing set\n\n")) == Settings()
+
+
+def test_repo_sample_config_loads_and_equals_defaults() -> None:
+    assert REPO_CONFIG.is_file()
+    s = load_settings(REPO_CONFIG)
+    assert s == Settings()
+    assert isinstance(s.miss_log_interval, float)  # written as the integer 10
+    assert isinstance(s.socket, Path)
+
+
+def test_every_key_can_be_set(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, """
+socket = "/tmp/x.sock"
+pin_dir = "/sys/fs/bpf/other"
+state_dir = "/tmp/state"
+miss_log_interval = 2.5
+watch_misses = ["fchmodat", 110, "268"]
+max_request_bytes = 4096
+compile_timeout = 5
+log_level = "debug"
+"""))
+    assert s.socket == Path("/tmp/x.sock")
+    assert s.pin_dir == Path("/sys/fs/bpf/other")
+    assert s.state_dir == Path("/tmp/state")
+    assert s.miss_log_interval == 2.5
+    assert s.watch_misses == ["fchmodat", 110, "268"]
+    assert [type(v) for v in s.watch_misses] == [str, int, str]  # type: ignore[union-attr]
+    assert s.max_request_bytes == 4096
+    assert s.compile_timeout == 5.0
+    assert s.log_level == "debug"
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(ValueError):
+        s.log_level = "debug"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text,key", [
+    ("sockets = '/x'\n", "sockets"),
+    ("miss_interval = 5\n", "miss_interval"),
+    ("[daemon]\nsocket = '/x'\n", "daemon"),
+])
+def test_unknown_key_is_named(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert f"{key}: Extra inputs are not permitted" in err.message
+    assert str(path) in err.message
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"x"', "86401", "[]", "nan"])
+def test_bad_miss_log_interval_is_named(tmp_path: Path, value: str) -> None:
+    err = config_error(write(tmp_path, f"miss_log_interval = {value}\n"))
+    assert err.message.startswith("invalid config ")
+    assert "miss_log_interval:" in err.message
+    assert "watch_misses" not in err.message
+
+
+def test_miss_log_interval_bounds_are_inclusive_at_the_top(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "miss_log_interval = 86400\n")).miss_log_interval == 86400
+    assert load_settings(write(tmp_path, "miss_log_interval = 0.001\n")).miss_log_interval == 0.001
+
+
+@pytest.mark.parametrize("text,key", [
+    ("max_request_bytes = 1023\n", "max_request_bytes"),
+    ("compile_timeout = 0\n", "compile_timeout"),
+    ('log_level = "verbose"\n', "log_level"),
+    ("socket = 5\n", "socket"),
+])
+def test_other_bad_values_are_named(tmp_path: Path, text: str, key: str) -> None:
+    err = config_error(write(tmp_path, text))
+    assert f"{key}:" in err.message
+
+
+def test_several_bad_keys_are_all_named(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "miss_log_interval = 0\nbogus = 1\nlog_level = 'loud'\n"))
+    for key in ("miss_log_interval", "bogus", "log_level"):
+        assert f"{key}:" in err.message
+
+
+@pytest.mark.parametrize("text", ["socket = \n", "[unclosed\n", "a = 'x' b = 1\n", "x = 1\nx = 2\n",
+                                  "log_level = \"a\x00b\"\n"])
+def test_invalid_toml(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    err = config_error(path)
+    assert err.message.startswith(f"{path} is not valid TOML")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    err = config_error(path)
+    assert err.message == f"config file {path} does not exist"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    err = config_error(tmp_path)
+    assert err.message.startswith(f"cannot read config file {tmp_path}")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('watch_misses = "all"\n', "all"),
+    ("watch_misses = []\n", []),
+    ("watch_misses = [268, 110]\n", [268, 110]),
+    ('watch_misses = ["fchmodat", "getppid"]\n', ["fchmodat", "getppid"]),
+    ('watch_misses = ["fchmodat", 110]\n', ["fchmodat", 110]),
+])
+def test_watch_misses_accepted(tmp_path: Path, text: str, expected: object) -> None:
+    assert load_settings(write(tmp_path, text)).watch_misses == expected
+
+
+@pytest.mark.parametrize("text", ['watch_misses = "ALL"\n', 'watch_misses = "fchmodat"\n',
+                                  "watch_misses = 268\n", "watch_misses = [[1]]\n",
+                                  "watch_misses = [{a = 1}]\n"])
+def test_watch_misses_rejected(tmp_path: Path, text: str) -> None:
+    err = config_error(write(tmp_path, text))
+    assert "watch_misses" in err.message
+
+
+def test_invalid_utf8_is_a_config_error(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, b'log_level = "\xff"\n'))
+    assert "not valid TOML" in err.message or "UTF-8" in err.message
+
+
+def test_huge_integer_is_a_config_error(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "max_request_bytes = " + "9" * 5000 + "\n"))
+    assert "max_request_bytes" in err.message or "TOML" in err.message
+
+
+def test_boolean_miss_log_interval_is_rejected(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "miss_log_interval = true\n"))
+    assert "miss_log_interval" in err.message
+
+
+def test_boolean_in_watch_misses_is_rejected(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "watch_misses = [true]\n"))
+    assert "watch_misses" in err.message

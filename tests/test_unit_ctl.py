@@ -1,0 +1,206 @@
+"""Unit tests for tailcallctl: argument parsing, table output, exit codes without a daemon."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tailcalld import ctl
+from tailcalld.client import SOCKET_ENV, RemoteError
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine() -> Iterator[None]:
+    """Overrides conftest's root-only ``machine`` fixture (bpffs mount + pin sweep): pure logic here."""
+    yield
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return ctl.build_parser().parse_args(list(argv))
+
+
+# Parsing -----------------------------------------------------------------------------------
+
+def test_parse_attach() -> None:
+    args = parse("attach", "268", "f.c", "--function", "x")
+    assert args.verb == "attach"
+    assert args.slot == "268"  # the daemon resolves it; the client passes it as typed
+    assert args.file == "f.c"
+    assert args.function == "x"
+    assert args.json is False
+    assert args.socket is None
+    assert args.timeout == 120.0
+
+
+def test_parse_attach_without_function() -> None:
+    args = parse("attach", "fchmodat", "-")
+    assert (args.slot, args.file, args.function) == ("fchmodat", "-", None)
+
+
+def test_parse_socket_and_json() -> None:
+    args = parse("--socket", "/x", "list", "--json")
+    assert args.verb == "list"
+    assert args.socket == Path("/x")
+    assert args.json is True
+    assert args.no_legend is False
+
+
+def test_parse_no_legend() -> None:
+    args = parse("list", "--no-legend")
+    assert args.verb == "list"
+    assert args.no_legend is True
+    assert args.json is False
+
+
+def test_parse_detach_and_timeout() -> None:
+    args = parse("--timeout", "2.5", "detach", "fchmodat")
+    assert (args.verb, args.slot, args.timeout) == ("detach", "fchmodat", 2.5)
+
+
+@pytest.mark.parametrize("argv", [[], ["--socket", "/x"], ["frobnicate"], ["attach", "268"],
+                                  ["detach"], ["list", "--bogus"], ["status", "extra"]])
+def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        ctl.build_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert "usage: tailcallctl" in capsys.readouterr().err
+
+
+def test_main_without_verb_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        ctl.main([])
+    assert info.value.code == 2
+    assert "VERB" in capsys.readouterr().err
+
+
+def test_every_verb_has_a_runner_and_a_printer() -> None:
+    assert set(ctl.VERBS) == {"attach", "detach", "list", "status", "ping"}
+    for verb in ctl.VERBS:
+        assert parse(*([verb, "1", "f.c"] if verb == "attach" else [verb, "1"] if verb == "detach" else [verb])
+                     ).verb == verb
+
+
+# Output ------------------------------------------------------------------------------------
+
+SLOTS = {"slots": [
+    {"slot": 110, "syscall": "getppid", "function": None, "prog_id": 7, "filename": None,
+     "source_sha256": None, "attached_at": None, "misses": 0},
+    {"slot": 268, "syscall": "fchmodat", "function": "count_calls", "prog_id": 12345,
+     "filename": "handler.c", "source_sha256": "ab" * 32,
+     "attached_at": "2024-05-01T12:30:00+00:00", "misses": 57},
+]}
+
+
+def test_show_list_table(capsys: pytest.CaptureFixture[str]) -> None:
+    ctl.show_list(SLOTS, parse("list"))
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header, row1, row2 = lines[0], lines[1], lines[2]
+    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "PROG", "SOURCE", "SINCE", "MISSES"]
+    assert header.startswith("SLOT")
+    # every column starts at the same offset in the header and in both rows
+    for title, v1, v2 in [("SYSCALL", "getppid", "fchmodat"), ("FUNCTION", "?", "count_calls"),
+                          ("PROG", "7", "12345"), ("SOURCE", "-", "handler.c"), ("MISSES", "0", "57")]:
+        col = header.index(title)
+        assert row1[col:].startswith(v1), (title, row1)
+        assert row2[col:].startswith(v2), (title, row2)
+    since = header.index("SINCE")
+    assert row1[since:].startswith("-")
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row2[since:])
+    assert row1.startswith("110") and row2.startswith("268")
+    assert lines[3] == ""
+    assert lines[4] == "2 slots listed."
+    assert len(lines) == 5
+
+
+def test_show_list_no_legend(capsys: pytest.CaptureFixture[str]) -> None:
+    ctl.show_list(SLOTS, parse("list", "--no-legend"))
+    out = capsys.readouterr().out
+    assert "SLOT" not in out and "listed" not in out
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].split()[:3] == ["110", "getppid", "?"]
+    assert lines[1].split()[:3] == ["268", "fchmodat", "count_calls"]
+
+
+def test_show_list_singular_and_empty(capsys: pytest.CaptureFixture[str]) -> None:
+    ctl.show_list({"slots": SLOTS["slots"][:1]}, parse("list"))
+    assert capsys.readouterr().out.splitlines()[-1] == "1 slot listed."
+    ctl.show_list({"slots": []}, parse("list"))
+    assert capsys.readouterr().out == "\n0 slots listed.\n"
+    ctl.show_list({"slots": []}, parse("list", "--no-legend"))
+    assert capsys.readouterr().out == ""
+
+
+def test_show_attach(capsys: pytest.CaptureFixture[str]) -> None:
+    r = {"slot": 268, "syscall": "fchmodat", "function": "f", "prog_id": 9, "insns": 12, "replaced_prog_id": None}
+    ctl.show_attach(r, parse("attach", "268", "f.c"))
+    assert capsys.readouterr().out == "attached f to fchmodat (268): program 9, 12 instructions\n"
+    ctl.show_attach({**r, "replaced_prog_id": 4}, parse("attach", "268", "f.c"))
+    assert capsys.readouterr().out == "replaced program 4 in fchmodat (268) with f: program 9, 12 instructions\n"
+
+
+def test_print_error_shows_log_and_candidates(capsys: pytest.CaptureFixture[str]) -> None:
+    ctl._print_error(RemoteError("verifier_rejected", "the kernel refused f", {"log": "R1 invalid\n"}))
+    ctl._print_error(RemoteError("function_ambiguous", "which one?", {"candidates": ["a", "b"]}))
+    ctl._print_error(RemoteError("slot_empty", "nothing there", ["not", "a", "dict"]))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "tailcallctl: the kernel refused f [verifier_rejected]", "R1 invalid",
+        "tailcallctl: which one? [function_ambiguous]", "candidates: a, b",
+        "tailcallctl: nothing there [slot_empty]",
+    ]
+
+
+# main() without a daemon -------------------------------------------------------------------
+
+def test_main_unreachable_socket_returns_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "absent.sock"
+    assert ctl.main(["--socket", str(path), "list"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "cannot talk to tailcalld" in captured.err
+    assert str(path) in captured.err
+
+
+def test_main_uses_socket_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "env.sock"
+    monkeypatch.setenv(SOCKET_ENV, str(path))
+    assert ctl.main(["ping"]) == 1
+    assert f"cannot talk to tailcalld at {path}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def listening(tmp_path: Path) -> Iterator[Path]:
+    """A bound, listening AF_UNIX socket nobody serves: connect succeeds, nothing answers."""
+    path = tmp_path / "l.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(4)
+        yield path
+    finally:
+        sock.close()
+
+
+def test_attach_missing_file_returns_2(listening: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.c"
+    assert ctl.main(["--socket", str(listening), "--timeout", "1", "attach", "268", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"tailcallctl: cannot read {missing}")
+    assert "No such file or directory" in captured.err
+
+
+def test_attach_non_utf8_file_returns_2(listening: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "h.o"
+    binary.write_bytes(b"\x7fELF\xff\xfe")
+    assert ctl.main(["--socket", str(listening), "--timeout", "1", "attach", "268", str(binary)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
