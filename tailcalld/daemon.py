@@ -19,12 +19,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from . import __version__, notify
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, Settings, load_settings
 from .dispatcher import NR_SLOTS, Dispatcher
 from .errors import ConfigError, TailcalldError
-from .journal import log_misses, setup_logging
+from .journal import log_misses, set_log_level, setup_logging
 from .misses import MissMonitor
 from .server import ControlServer, bind_unix_socket
 from .slots import SlotManager
@@ -33,15 +33,6 @@ from .syscalls import SyscallTable
 logger = logging.getLogger("tailcalld")
 
 EX_CONFIG = 78  # sysexits.h; systemd shows it as status=78/CONFIG
-
-
-def _notify(state: str) -> None:
-    """sd_notify when started by systemd (NOTIFY_SOCKET set); a no-op otherwise."""
-    try:
-        from systemd import daemon  # noqa: PLC0415 - optional outside systemd hosts
-    except ImportError:
-        return
-    daemon.notify(state)
 
 
 def resolve_watch(settings: Settings, syscalls: SyscallTable) -> tuple[bool, set[int]]:
@@ -53,21 +44,31 @@ def resolve_watch(settings: Settings, syscalls: SyscallTable) -> tuple[bool, set
         raise ConfigError(f"watch_misses: {err.message}") from None
 
 
+# What a reload (SIGHUP) can change in a running daemon; the rest needs a restart.
+LIVE_SETTINGS = frozenset({"miss_log_interval", "watch_misses", "log_level", "compile_timeout"})
+
+
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_path: Path) -> None:
         self.settings = settings
+        self.config_path = config_path
         self.stop = asyncio.Event()
+        self.syscalls = SyscallTable.for_this_machine(NR_SLOTS)
+        self._manager: SlotManager | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self._misses_per_min = 0.0
 
     async def run(self) -> None:
         s = self.settings
-        syscalls = SyscallTable.for_this_machine(NR_SLOTS)
-        watch_all, watch = resolve_watch(s, syscalls)
+        watch_all, watch = resolve_watch(s, self.syscalls)
         s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         compiler = Compiler(timeout=s.compile_timeout)
         dispatcher = await Dispatcher.open_or_load(s.pin_dir, compiler)
         try:
-            misses = MissMonitor(dispatcher.miss_totals, syscalls.label, watch_all, watch)
-            manager = SlotManager(dispatcher, compiler, syscalls, misses, str(s.socket), s.miss_log_interval)
+            misses = MissMonitor(dispatcher.miss_totals, self.syscalls.label, watch_all, watch)
+            manager = SlotManager(dispatcher, compiler, self.syscalls, misses, str(s.socket),
+                                  s.miss_log_interval, on_change=self._publish_status)
+            self._manager = manager
             try:
                 await self._serve(manager)
             finally:
@@ -77,45 +78,123 @@ class Daemon:
 
     async def _serve(self, manager: SlotManager) -> None:
         s = self.settings
-        sock = bind_unix_socket(s.socket)
+        sock = notify.passed_socket()
+        activated = sock is not None
+        if sock is None:
+            sock = bind_unix_socket(s.socket)
         server = ControlServer(manager, s.max_request_bytes)
+        watchdog = _start_watchdog()
         try:
             await server.start(sock)
             d = manager.dispatcher
-            logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s",
+            logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s",
                         __version__, d.prog_id, "adopted from pins" if d.adopted else "loaded and pinned",
-                        len(manager.list().slots), s.socket)
-            _notify("READY=1")
-            reporter = asyncio.create_task(self._report_misses(manager))
+                        manager.slots_in_use, s.socket, " (socket activation)" if activated else "")
+            notify.notify("READY=1", self._status_line())
+            self._reporter = asyncio.create_task(self._report_misses(manager))
             await self.stop.wait()
-            _notify("STOPPING=1")
+            notify.notify("STOPPING=1")
             logger.info("stopping; the dispatcher and handlers stay pinned under %s", s.pin_dir)
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
+            await _cancel(self._reporter)
             await server.close()
         finally:
+            await _cancel(watchdog)
             sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                s.socket.unlink()
+            if not activated:  # systemd owns an activated socket's file; it outlives us
+                with contextlib.suppress(FileNotFoundError):
+                    s.socket.unlink()
 
     async def _report_misses(self, manager: SlotManager) -> None:
         while True:
             await asyncio.sleep(self.settings.miss_log_interval)
             try:
-                log_misses(manager.misses.poll())
+                reports = manager.misses.poll()
             except OSError:
                 logger.exception("could not read the miss counters")
+                continue
+            log_misses(reports)
+            if reports:
+                seconds = reports[0].seconds
+                self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0
+            else:
+                self._misses_per_min = 0.0
+            self._publish_status()
+
+    def _status_line(self) -> str:
+        used = self._manager.slots_in_use if self._manager else 0
+        return f"STATUS={used} slot{'s' if used != 1 else ''} in use, {self._misses_per_min:.0f} misses/min"
+
+    def _publish_status(self) -> None:
+        notify.notify(self._status_line())
+
+    async def reload(self) -> None:
+        """SIGHUP: apply what can change live; a bad new config changes nothing."""
+        notify.reloading()
+        try:
+            new = load_settings(self.config_path)
+            watch_all, watch = resolve_watch(new, self.syscalls)
+        except ConfigError as err:
+            logger.error("reload refused, the running configuration stays in force: %s", err.message)
+        else:
+            self._apply(new, watch_all, watch)
+        notify.notify("READY=1", self._status_line())
+
+    def _apply(self, new: Settings, watch_all: bool, watch: set[int]) -> None:
+        old = self.settings
+        changed = [k for k in Settings.model_fields if getattr(new, k) != getattr(old, k)]
+        for key in changed:
+            if key not in LIVE_SETTINGS:
+                logger.warning("reload: %s changed in %s; it takes effect at the next restart",
+                               key, self.config_path)
+        self.settings = new.model_copy(update={k: getattr(old, k) for k in changed if k not in LIVE_SETTINGS})
+        set_log_level(self.settings.log_level)
+        if self._manager is not None:
+            self._manager.misses.configure(watch_all, watch)
+            self._manager.compiler.timeout = self.settings.compile_timeout
+            self._manager.miss_log_interval = self.settings.miss_log_interval
+            if "miss_log_interval" in changed and self._reporter is not None:
+                self._reporter.cancel()  # the next summary comes one new interval from now
+                self._reporter = asyncio.create_task(self._report_misses(self._manager))
+        live = [k for k in changed if k in LIVE_SETTINGS]
+        logger.info("reloaded %s: %s", self.config_path,
+                    ", ".join(f"{k}={getattr(self.settings, k)!r}" for k in live) if live else "no live change")
 
 
-def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
+def _start_watchdog() -> asyncio.Task[None] | None:
+    interval = notify.watchdog_interval()
+    if interval is None:
+        return None
+
+    async def ping() -> None:
+        # Pinged from the event loop itself: if the loop is stuck, the pings stop.
+        while True:
+            notify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    return asyncio.create_task(ping())
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _main_async(settings: Settings, config_path: Path) -> None:
+    daemon = Daemon(settings, config_path)
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, daemon.stop.set)
+    reloads: set[asyncio.Task[None]] = set()
 
+    def on_sighup() -> None:
+        task = loop.create_task(daemon.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
-async def _main_async(settings: Settings) -> None:
-    daemon = Daemon(settings)
-    _install_signal_handlers(asyncio.get_running_loop(), daemon.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await daemon.run()
 
 
@@ -142,7 +221,7 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
         loop_factory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_main_async(settings))
+            runner.run(_main_async(settings, args.config))
     except ConfigError as err:
         return _startup_failure(err.message, EX_CONFIG, targets)
     except TailcalldError as err:

@@ -51,9 +51,13 @@ def setup_logging(level: str = "info", *, force_stderr: bool = False) -> list[st
         logger.removeHandler(old)
     for handler in handlers.values():
         logger.addHandler(handler)
-    logger.setLevel(level.upper())
+    set_log_level(level)
     logger.propagate = False
     return list(handlers)
+
+
+def set_log_level(level: str) -> None:
+    logger.setLevel(level.upper())
 
 
 def log_misses(reports: list[MissReport]) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -42,13 +43,15 @@ class Handler:
 
 class SlotManager:
     def __init__(self, dispatcher: Dispatcher, compiler: Compiler, syscalls: SyscallTable,
-                 misses: MissMonitor, socket_path: str, miss_log_interval: float) -> None:
+                 misses: MissMonitor, socket_path: str, miss_log_interval: float,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.dispatcher = dispatcher
         self.compiler = compiler
         self.syscalls = syscalls
         self.misses = misses
         self.socket_path = socket_path
         self.miss_log_interval = miss_log_interval
+        self._on_change = on_change  # e.g. to refresh systemd's STATUS=
         self.started_at = datetime.now(UTC)
         self._handlers: dict[int, Handler] = {}
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -82,6 +85,7 @@ class SlotManager:
             self.misses.held_handler(slot)
             if old is not None and old.prog is not None:
                 os.close(old.prog.fd)
+        self._on_change()
         verb = "replaced" if replaced is not None else "attached"
         logger.info("%s %s in slot %s (program %d%s)", verb, prog.function, self._label(slot), prog.id,
                     f", was {replaced}" if replaced is not None else "",
@@ -98,6 +102,7 @@ class SlotManager:
                 self._forget(slot)
                 raise SlotEmpty(f"slot {self._label(slot)} holds no handler", {"slot": slot})
             self._forget(slot)
+        self._on_change()
         logger.info("detached program %d from slot %s", prog_id, self._label(slot),
                     extra={"SLOT": slot, "SYSCALL_NAME": self.syscalls.label(slot), "PROG_ID": prog_id})
         return DetachResult(slot=slot, syscall=self.syscalls.label(slot), prog_id=prog_id)
@@ -106,6 +111,10 @@ class SlotManager:
         old = self._handlers.pop(slot, None)
         if old is not None and old.prog is not None:
             os.close(old.prog.fd)
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self._handlers)
 
     def list(self) -> ListResult:
         return ListResult(slots=[self._slot_info(h) for _, h in sorted(self._handlers.items())])
@@ -122,7 +131,7 @@ class SlotManager:
             version=__version__, pid=os.getpid(), started_at=self.started_at,
             pin_dir=str(self.dispatcher.pin_dir), socket=self.socket_path,
             dispatcher_prog_id=self.dispatcher.prog_id, dispatcher_link_id=self.dispatcher.link.id,
-            adopted=self.dispatcher.adopted, slots_used=len(self._handlers),
+            adopted=self.dispatcher.adopted, slots_used=self.slots_in_use,
             nr_slots=self.dispatcher.nr_slots,
             misses_total=sum(totals) - sum(self.misses.baseline),
             miss_log_interval=self.miss_log_interval)
