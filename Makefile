@@ -17,3 +17,10 @@ test: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+.PHONY: install uninstall
+install:
+	@bash scripts/install.sh install
+
+uninstall:
+	@bash scripts/install.sh uninstall

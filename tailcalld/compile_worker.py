@@ -51,7 +51,7 @@ def compile_and_load(request: dict[str, Any]) -> tuple[dict[str, Any], int | Non
     try:
         b = _NoAutoAttach(text=source, cflags=list(request.get("cflags", [])))
     except Exception as exc:  # bcc raises bare Exception for a failed compile
-        return _fail("compile_error", f"the handler does not compile ({exc})"), None
+        return _fail("compile_error", f"the source does not compile ({exc})"), None
 
     functions = [lib.bpf_function_name(b.module, i).decode()
                  for i in range(lib.bpf_num_functions(b.module))]

@@ -24,7 +24,7 @@ from .compiler import Compiler
 from .config import DEFAULT_CONFIG, Settings, load_settings
 from .dispatcher import NR_SLOTS, Dispatcher
 from .errors import ConfigError, TailcalldError
-from .journal import log_misses, set_log_level, setup_logging
+from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
 from .misses import MissMonitor
 from .server import ControlServer, bind_unix_socket
 from .slots import SlotManager
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
     except ConfigError as err:
         return _startup_failure(err.message, EX_CONFIG, targets)
     except TailcalldError as err:
-        return _startup_failure(f"cannot start: {err.message}", 1, targets)
+        log = err.details.get("log") if isinstance(err.details, dict) else None
+        return _startup_failure(f"cannot start: {err.message}" + (f"\n{log.rstrip()}" if log else ""), 1, targets)
     except OSError as err:
         return _startup_failure(f"cannot start: {err}", 1, targets)
     return 0
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
 def _startup_failure(message: str, status: int, log_targets: list[str]) -> int:
     """Whoever started us reads stderr (a terminal, systemctl status, a test): say it there too."""
     logger.error("%s", message)
-    if "stderr" not in log_targets:
+    if "stderr" not in log_targets and not stderr_is_journal():
         print(f"tailcalld: {message}", file=sys.stderr)
     return status
 

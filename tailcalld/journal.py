@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 
@@ -24,6 +25,16 @@ def journald_listening(path: str = JOURNAL_SOCKET) -> bool:
         except OSError:
             return False
     return True
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=dev:ino when a unit's stderr is connected to the journal."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
 
 
 def _journal_handler() -> logging.Handler | None:

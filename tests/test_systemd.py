@@ -1,0 +1,193 @@
+"""tailcalld as a service under a real systemd (../shared/systemd/ci-systemd.sh boots one as
+PID 1 of private namespaces): make install, Type=notify start, reload, journal, socket
+activation, watchdog, and the hardened unit running the whole attach/detach cycle.
+
+The host shares /etc, /opt, /tmp and /sys/fs/bpf with that systemd, so `make install` runs
+here and the counting handler's map is read from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import BPFFS, NR_FCHMODAT, TEST_PREFIX, counting_handler, fchmodat, read_counter, remove_pins
+from tailcalld.journal import MISS_MESSAGE_ID
+
+REPO = Path(__file__).resolve().parent.parent
+CANDIDATES = [os.environ.get("TAILCALLD_CI_SYSTEMD", ""), str(REPO.parent / "shared/systemd/ci-systemd.sh"),
+              "/work/shared/systemd/ci-systemd.sh"]
+CI_SYSTEMD = next((Path(p) for p in CANDIDATES if p and Path(p).is_file()), None)
+CONFIG = Path("/etc/tailcalld/tailcalld.toml")
+DROP_IN = Path("/etc/systemd/system/tailcalld.service.d/50-test.conf")
+
+pytestmark = pytest.mark.skipif(CI_SYSTEMD is None, reason="ci-systemd.sh (../shared/systemd) not found")
+
+
+@dataclass
+class Systemd:
+    env: dict[str, str]
+    pin_dir: Path
+    maps: Path
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["bash", str(CI_SYSTEMD), "exec", *cmd], capture_output=True, text=True,
+                           env=self.env, timeout=timeout, cwd=REPO)
+        if check and r.returncode != 0:
+            log = subprocess.run(["bash", str(CI_SYSTEMD), "exec", "journalctl", "--no-pager", "-n", "30",
+                                  "-u", "tailcalld"], capture_output=True, text=True, env=self.env).stdout
+            raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}\n"
+                                 f"journal:\n{log}")
+        return r
+
+    def show(self, prop: str) -> str:
+        return self.run("systemctl", "show", "-P", prop, "tailcalld.service").stdout.strip()
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("tailcallctl", *args, check=check)
+
+    def journal(self, *match: str) -> list[dict]:
+        out = self.run("journalctl", "--no-pager", "-o", "json", "-u", "tailcalld", *match).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def wait_journal(self, predicate, timeout: float = 30, *match: str) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = [e for e in self.journal(*match) if predicate(e)]
+            if entries or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.3)
+
+
+def write_config(pin_dir: Path, interval: float) -> None:
+    CONFIG.write_text(f'pin_dir = "{pin_dir}"\nmiss_log_interval = {interval}\n')
+
+
+def make(target: str) -> None:
+    r = subprocess.run(["make", "-C", str(REPO), target], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"make {target}:\n{r.stdout}\n{r.stderr}"
+
+
+@pytest.fixture(scope="module")
+def systemd() -> Iterator[Systemd]:
+    env = {**os.environ, "CI_SYSTEMD_DIR": f"/tmp/ci-systemd-tailcalld-{secrets.token_hex(3)}"}
+    pin_root = BPFFS / f"{TEST_PREFIX}{secrets.token_hex(4)}"
+    (pin_root / "maps").mkdir(parents=True)
+    had_config = CONFIG.exists()
+    up = subprocess.run(["bash", str(CI_SYSTEMD), "up"], capture_output=True, text=True, env=env, timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr
+        make("install")
+        write_config(pin_root / "daemon", 1)
+        # Quick watchdog for the test: the shipped 10 s works the same, only slower.
+        DROP_IN.parent.mkdir(parents=True, exist_ok=True)
+        DROP_IN.write_text("[Service]\nWatchdogSec=2s\nTimeoutAbortSec=2s\n")
+        sd = Systemd(env, pin_root / "daemon", pin_root / "maps")
+        sd.run("systemctl", "daemon-reload")
+        yield sd
+    finally:
+        subprocess.run(["bash", str(CI_SYSTEMD), "exec", "systemctl", "stop", "tailcalld.socket", "tailcalld.service"],
+                       env=env, capture_output=True, timeout=120)
+        DROP_IN.unlink(missing_ok=True)
+        if DROP_IN.parent.exists() and not any(DROP_IN.parent.iterdir()):
+            DROP_IN.parent.rmdir()
+        if not had_config:  # ours, rewritten by the tests: uninstall would keep it as "edited"
+            CONFIG.unlink(missing_ok=True)
+        subprocess.run(["make", "-C", str(REPO), "uninstall"], capture_output=True, timeout=300)
+        subprocess.run(["bash", str(CI_SYSTEMD), "down"], env=env, capture_output=True, timeout=120)
+        remove_pins(pin_root)
+
+
+def test_start_reload_journal_stop(systemd: Systemd) -> None:
+    sd = systemd
+    sd.run("systemctl", "start", "tailcalld.service")
+    # Type=notify: start returned, so READY=1 came, so the socket already accepts.
+    assert sd.run("systemctl", "is-active", "tailcalld.service").stdout.strip() == "active"
+    assert "tailcalld" in sd.ctl("ping").stdout
+    assert sd.show("StatusText").startswith("0 slots in use")
+
+    # The hardened unit compiles, loads and swaps handlers.
+    counter = sd.maps / "count"
+    handler = Path(f"/tmp/tailcalld-test-handler-{secrets.token_hex(3)}.c")
+    handler.write_text(counting_handler(counter))
+    try:
+        attach = sd.ctl("attach", str(NR_FCHMODAT), str(handler))
+    finally:
+        handler.unlink()
+    assert "attached count_calls to fchmodat (268)" in attach.stdout
+    fchmodat(100)
+    assert read_counter(counter) == 100
+
+    # Reload with a new interval: the handler keeps counting through it.
+    write_config(sd.pin_dir, 2)
+    fchmodat(50)
+    sd.run("systemctl", "reload", "tailcalld.service")
+    fchmodat(50)
+    assert read_counter(counter) == 200
+    status = json.loads(sd.ctl("status", "--json").stdout)
+    assert status["miss_log_interval"] == 2 and status["slots_used"] == 1
+
+    # A broken config on reload: refused, logged, the old one stays in force.
+    CONFIG.write_text('pin_dir = "/sys/fs/bpf/elsewhere"\nmiss_log_interval = -5\n')
+    sd.run("systemctl", "reload", "tailcalld.service")
+    assert sd.run("systemctl", "is-active", "tailcalld.service").stdout.strip() == "active"
+    assert json.loads(sd.ctl("status", "--json").stdout)["miss_log_interval"] == 2
+    refused = sd.wait_journal(lambda e: "reload refused" in e.get("MESSAGE", ""))
+    assert refused and refused[0]["PRIORITY"] == "3" and "miss_log_interval" in refused[0]["MESSAGE"]
+    write_config(sd.pin_dir, 1)
+    sd.run("systemctl", "reload", "tailcalld.service")
+
+    # Misses after a detach reach the journal with their fields and MESSAGE_ID.
+    sd.ctl("detach", "fchmodat")
+    fchmodat(300)
+    misses = sd.wait_journal(lambda e: e.get("SYSCALL_NAME") == "fchmodat", 30, f"MESSAGE_ID={MISS_MESSAGE_ID}")
+    assert misses, "no miss entry in the unit's journal"
+    assert misses[0]["SYSCALL_NR"] == "268" and int(misses[0]["MISSES"]) >= 1
+    assert misses[0]["SYSLOG_IDENTIFIER"] == "tailcalld"
+    explained = sd.run("journalctl", "--no-pager", "-x", "-u", "tailcalld", f"MESSAGE_ID={MISS_MESSAGE_ID}").stdout
+    assert "Tail-call misses on fchmodat (268)" in explained  # the catalog entry
+
+    sd.run("systemctl", "stop", "tailcalld.service")
+    assert sd.show("Result") == "success" and sd.show("ExecMainStatus") == "0"
+    messages = [e["MESSAGE"] for e in sd.journal()]
+    for expected in ("ready: dispatcher program", "reloaded /etc/tailcalld/tailcalld.toml", "stopping;"):
+        assert any(expected in m for m in messages), (expected, messages)
+    # Stopped, yet the pins keep the dispatcher running: tracing does not depend on the daemon.
+    assert (sd.pin_dir / "link").exists()
+
+
+def test_socket_activation_starts_the_service(systemd: Systemd) -> None:
+    sd = systemd
+    sd.run("systemctl", "stop", "tailcalld.service")
+    sd.run("systemctl", "start", "tailcalld.socket")
+    assert sd.run("systemctl", "is-active", "tailcalld.service", check=False).stdout.strip() != "active"
+    listed = sd.ctl("list")
+    assert listed.returncode == 0 and "slots listed." in listed.stdout
+    assert sd.run("systemctl", "is-active", "tailcalld.service").stdout.strip() == "active"
+    # Adopted the pins the first test left, rather than loading a second dispatcher.
+    assert json.loads(sd.ctl("status", "--json").stdout)["adopted"] is True
+
+
+def test_watchdog_restarts_a_stuck_daemon(systemd: Systemd) -> None:
+    sd = systemd
+    sd.run("systemctl", "start", "tailcalld.service")
+    pid = sd.show("MainPID")
+    restarts = int(sd.show("NRestarts"))
+    sd.run("kill", "-STOP", pid)  # the event loop stops; so do its WATCHDOG=1 pings
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if int(sd.show("NRestarts")) > restarts and sd.show("ActiveState") == "active":
+            break
+        time.sleep(0.5)
+    assert int(sd.show("NRestarts")) > restarts, "systemd did not restart the stuck daemon"
+    assert sd.show("MainPID") != pid
+    assert "tailcalld" in sd.ctl("ping").stdout
+    assert any("watchdog timeout" in e.get("MESSAGE", "").lower() for e in sd.journal())
