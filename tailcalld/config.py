@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -27,8 +28,27 @@ class Settings(BaseModel):
     watch_misses: Literal["all"] | list[StrictInt | StrictStr] = Field(
         default_factory=list, description="slots whose misses are logged besides those that held a handler")
     max_request_bytes: int = Field(1 << 20, ge=1024, strict=True, description="largest request line accepted")
+    max_source_bytes: int = Field(512 * 1024, ge=1, strict=True, description="largest handler source accepted")
+    max_connections: int = Field(64, ge=1, strict=True, description="control connections served at once")
+    idle_timeout: float = Field(300.0, gt=0, strict=True,
+                                description="seconds a connection may stay silent (or not read replies) before it is closed")
     compile_timeout: float = Field(60.0, gt=0, strict=True, description="seconds a compile+load may take before it is killed")
+    allowed_group: str | None = Field(None, description="group whose members may use the socket (0660); root-equivalent")
     log_level: LogLevel = "info"
+
+    @field_validator("allowed_group")
+    @classmethod
+    def _group_exists(cls, name: str | None) -> str | None:
+        if name is not None:
+            try:
+                grp.getgrnam(name)
+            except KeyError:
+                raise ValueError(f"no group named {name!r} on this system") from None
+        return name
+
+    @property
+    def allowed_gid(self) -> int | None:
+        return grp.getgrnam(self.allowed_group).gr_gid if self.allowed_group else None
 
 
 def format_validation_error(exc: ValidationError) -> str:

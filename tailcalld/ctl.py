@@ -96,7 +96,22 @@ def show_status(r: dict[str, Any], args: argparse.Namespace) -> None:
         ("Slots", f"{r['slots_used']} in use of {r['nr_slots']}"),
         ("Misses", f"{r['misses_total']} since start, logged every {r['miss_log_interval']:g} s"),
     ]
+    if r.get("upgraded_from"):
+        rows.append(("Upgraded", f"from dispatcher program {r['upgraded_from']} at this start"))
     print(tabulate(rows, tablefmt="plain", disable_numparse=True))
+    if r.get("corrections"):
+        print("\nCorrections made at start (kernel and saved state disagreed):")
+        for line in r["corrections"]:
+            print(f"  {line}")
+
+
+def cmd_unload_all(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    return client.call("unload-all")
+
+
+def show_unload_all(r: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"emptied {len(r['slots_emptied'])} slot{'s' if len(r['slots_emptied']) != 1 else ''}, "
+          f"removed {len(r['pins_removed'])} pins; tailcalld has stopped and left nothing in the kernel")
 
 
 def cmd_ping(client: Client, args: argparse.Namespace) -> dict[str, Any]:
@@ -115,6 +130,7 @@ VERBS: dict[str, Verb] = {
     "list": (cmd_list, show_list),
     "status": (cmd_status, show_status),
     "ping": (cmd_ping, show_ping),
+    "unload-all": (cmd_unload_all, show_unload_all),
 }
 
 
@@ -137,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--no-legend", action="store_true", help="no header and footer")
     sub.add_parser("status", parents=[common], help="show the daemon's state")
     sub.add_parser("ping", parents=[common], help="check that the daemon answers")
+    sub.add_parser("unload-all", parents=[common],
+                   help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")
     return p
 
 

@@ -20,14 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, notify
+from .commands import CommandContext
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, Settings, load_settings
-from .dispatcher import NR_SLOTS, Dispatcher
+from .dispatcher import NR_SLOTS, Dispatcher, PinDirLock, remove_pins
 from .errors import ConfigError, TailcalldError
 from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
 from .misses import MissMonitor
-from .server import ControlServer, bind_unix_socket
+from .server import AccessPolicy, ControlServer, bind_unix_socket, set_socket_access
 from .slots import SlotManager
+from .state import StateFile, StateStore
 from .syscalls import SyscallTable
 
 logger = logging.getLogger("tailcalld")
@@ -45,7 +47,8 @@ def resolve_watch(settings: Settings, syscalls: SyscallTable) -> tuple[bool, set
 
 
 # What a reload (SIGHUP) can change in a running daemon; the rest needs a restart.
-LIVE_SETTINGS = frozenset({"miss_log_interval", "watch_misses", "log_level", "compile_timeout"})
+LIVE_SETTINGS = frozenset({"miss_log_interval", "watch_misses", "log_level", "compile_timeout", "allowed_group",
+                           "max_source_bytes", "max_connections", "idle_timeout"})
 
 
 class Daemon:
@@ -55,21 +58,24 @@ class Daemon:
         self.stop = asyncio.Event()
         self.syscalls = SyscallTable.for_this_machine(NR_SLOTS)
         self._manager: SlotManager | None = None
+        self._ctx: CommandContext | None = None
+        self._policy: AccessPolicy | None = None
+        self._socket_path: Path | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._misses_per_min = 0.0
 
     async def run(self) -> None:
         s = self.settings
         watch_all, watch = resolve_watch(s, self.syscalls)
-        s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         compiler = Compiler(timeout=s.compile_timeout)
         dispatcher = await Dispatcher.open_or_load(s.pin_dir, compiler)
         try:
             misses = MissMonitor(dispatcher.miss_totals, self.syscalls.label, watch_all, watch)
-            manager = SlotManager(dispatcher, compiler, self.syscalls, misses, str(s.socket),
-                                  s.miss_log_interval, on_change=self._publish_status)
+            manager = SlotManager(dispatcher, compiler, self.syscalls, misses, StateStore(s.state_dir),
+                                  str(s.socket), s.miss_log_interval, on_change=self._publish_status)
             self._manager = manager
             try:
+                await manager.restore()
                 await self._serve(manager)
             finally:
                 manager.close()
@@ -81,20 +87,30 @@ class Daemon:
         sock = notify.passed_socket()
         activated = sock is not None
         if sock is None:
-            sock = bind_unix_socket(s.socket)
-        server = ControlServer(manager, s.max_request_bytes)
+            sock = bind_unix_socket(s.socket, s.allowed_gid)
+        else:
+            set_socket_access(Path(sock.getsockname()), s.allowed_gid)
+        self._ctx = CommandContext(manager, s.max_source_bytes, request_stop=self.stop.set)
+        self._policy = AccessPolicy(s.allowed_gid, s.max_connections, s.idle_timeout)
+        self._socket_path = Path(sock.getsockname())
+        server = ControlServer(self._ctx, s.max_request_bytes, self._policy)
         watchdog = _start_watchdog()
         try:
             await server.start(sock)
             d = manager.dispatcher
+            state = ("upgraded from program %d" % d.upgraded_from if d.upgraded_from
+                     else "adopted from pins" if d.adopted else "loaded and pinned")
             logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s",
-                        __version__, d.prog_id, "adopted from pins" if d.adopted else "loaded and pinned",
-                        manager.slots_in_use, s.socket, " (socket activation)" if activated else "")
+                        __version__, d.prog_id, state, manager.slots_in_use, self._socket_path,
+                        " (socket activation)" if activated else "")
             notify.notify("READY=1", self._status_line())
             self._reporter = asyncio.create_task(self._report_misses(manager))
             await self.stop.wait()
             notify.notify("STOPPING=1")
-            logger.info("stopping; the dispatcher and handlers stay pinned under %s", s.pin_dir)
+            if (s.pin_dir / "link").exists():
+                logger.info("stopping; the dispatcher and handlers stay pinned under %s", s.pin_dir)
+            else:
+                logger.info("stopping after unload-all; nothing of tailcalld is left in the kernel")
             await _cancel(self._reporter)
             await server.close()
         finally:
@@ -148,6 +164,13 @@ class Daemon:
                                key, self.config_path)
         self.settings = new.model_copy(update={k: getattr(old, k) for k in changed if k not in LIVE_SETTINGS})
         set_log_level(self.settings.log_level)
+        if self._ctx is not None and self._policy is not None and self._socket_path is not None:
+            self._ctx.max_source_bytes = self.settings.max_source_bytes
+            self._policy.max_connections = self.settings.max_connections
+            self._policy.idle_timeout = self.settings.idle_timeout
+            if self._policy.allowed_gid != self.settings.allowed_gid:
+                self._policy.allowed_gid = self.settings.allowed_gid
+                set_socket_access(self._socket_path, self.settings.allowed_gid)
         if self._manager is not None:
             self._manager.misses.configure(watch_all, watch)
             self._manager.compiler.timeout = self.settings.compile_timeout
@@ -203,6 +226,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help=f"TOML configuration file (default: {DEFAULT_CONFIG})")
     p.add_argument("--log-stderr", action="store_true", help="log to stderr even when journald is running")
+    p.add_argument("--purge", action="store_true",
+                   help="remove the pinned dispatcher, every handler and the saved state, then exit "
+                        "(refused while a daemon runs: use `tailcallctl unload-all` then)")
     p.add_argument("--version", action="version", version=f"tailcalld {__version__}")
     return p.parse_args(argv)
 
@@ -215,6 +241,11 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
         print(f"tailcalld: {err.message}", file=sys.stderr)
         return EX_CONFIG
     targets = setup_logging(settings.log_level, force_stderr=args.log_stderr)
+    if args.purge:
+        try:
+            return purge(settings)
+        except TailcalldError as err:
+            return _startup_failure(f"cannot purge: {err.message}", 1, targets)
     if loop_factory is None:
         import uvloop  # noqa: PLC0415 - production loop; tests may inject plain asyncio
 
@@ -229,6 +260,24 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
         return _startup_failure(f"cannot start: {err.message}" + (f"\n{log.rstrip()}" if log else ""), 1, targets)
     except OSError as err:
         return _startup_failure(f"cannot start: {err}", 1, targets)
+    return 0
+
+
+def purge(settings: Settings) -> int:
+    """Offline teardown: everything ``unload-all`` does, for when no daemon runs."""
+    if settings.pin_dir.exists():
+        lock = PinDirLock(settings.pin_dir)  # AlreadyRunning if a daemon owns it
+        try:
+            removed = remove_pins(settings.pin_dir)
+        finally:
+            lock.release()
+    else:
+        removed = []
+    store = StateStore(settings.state_dir)
+    if store.path.exists():
+        store.save(StateFile())
+    logger.info("purged: removed %s; the saved state is empty", ", ".join(removed) or "no pins",
+                extra={"TAILCALLD_ACTION": "purge"})
     return 0
 
 

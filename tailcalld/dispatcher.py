@@ -18,6 +18,8 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,15 @@ from .compiler import Compiler, bpf_source
 from .errors import AlreadyRunning, KernelError, PinConflict, TailcalldError
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
-DISPATCH_FUNCTION = "tailcalld_dispatch"
+DISPATCH_PREFIX = "tcd_"
 BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def dispatcher_function() -> str:
+    """``tcd_`` + 11 hex digits of a hash of the dispatcher's code and layout: the kernel keeps
+    15 characters of a program's name, which is how a restart recognises an older dispatcher."""
+    code = bpf_source("dispatcher.bpf.c") + bpf_source("tailcalld.h") + f"slots={NR_SLOTS}"
+    return DISPATCH_PREFIX + hashlib.sha256(code.encode()).hexdigest()[:11]
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,9 @@ class _MapSpec:
 PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
 MISSES = _MapSpec("misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
 LINK_PIN = "link"
+NEW_LINK_PIN = "link_new"  # bpffs refuses names with dots
+
+logger = logging.getLogger("tailcalld")
 
 
 def _fs_type(path: Path) -> int:
@@ -110,10 +122,11 @@ class Dispatcher:
     """Handles on the pinned objects; the kernel side keeps running when this is closed."""
 
     def __init__(self, pin_dir: Path, lock: PinDirLock, prog_array_fd: int, misses_fd: int,
-                 link_fd: int, adopted: bool) -> None:
+                 link_fd: int, adopted: bool, upgraded_from: int | None = None) -> None:
         self.pin_dir = pin_dir
         self.nr_slots = NR_SLOTS
         self.adopted = adopted
+        self.upgraded_from = upgraded_from
         self._lock = lock
         self._prog_array_fd = prog_array_fd
         self._misses_fd = misses_fd
@@ -122,16 +135,28 @@ class Dispatcher:
 
     @classmethod
     async def open_or_load(cls, pin_dir: Path, compiler: Compiler) -> Dispatcher:
+        """Adopt the pinned dispatcher if it is this version's, upgrade it if it is an older
+        one, load and pin a new one if there is none."""
         _ensure_pin_dir(pin_dir)
         lock = PinDirLock(pin_dir)
         fds: list[int] = []
         try:
             fds.append(_open_or_create_map(pin_dir, PROG_ARRAY))
             fds.append(_open_or_create_map(pin_dir, MISSES))
+            if (pin_dir / NEW_LINK_PIN).exists():
+                (pin_dir / NEW_LINK_PIN).unlink()  # left by an upgrade that died before its rename
             link_pin = pin_dir / LINK_PIN
-            adopted = link_pin.exists()
-            link_fd = _adopt_link(link_pin) if adopted else await _load_and_attach(pin_dir, compiler)
-            return cls(pin_dir, lock, fds[0], fds[1], link_fd, adopted)
+            if not link_pin.exists():
+                link_fd = await _load_and_attach(pin_dir, compiler, LINK_PIN)
+                return cls(pin_dir, lock, fds[0], fds[1], link_fd, adopted=False)
+            old_fd, old_prog = _adopt_link(link_pin)
+            if old_prog.name == dispatcher_function():
+                return cls(pin_dir, lock, fds[0], fds[1], old_fd, adopted=True)
+            try:
+                link_fd = await _upgrade(pin_dir, compiler, old_prog)
+            finally:
+                os.close(old_fd)  # with the pin replaced, this was the old link's last reference
+            return cls(pin_dir, lock, fds[0], fds[1], link_fd, adopted=True, upgraded_from=old_prog.id)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -181,7 +206,7 @@ class Dispatcher:
         self._lock.release()
 
 
-def _adopt_link(path: Path) -> int:
+def _adopt_link(path: Path) -> tuple[int, bpfsys.ProgInfo]:
     try:
         fd = bpfsys.obj_get(str(path))
         link = bpfsys.link_info(fd)
@@ -193,28 +218,56 @@ def _adopt_link(path: Path) -> int:
         prog = bpfsys.prog_info(prog_fd)
     finally:
         os.close(prog_fd)
-    # Kernel program names are cut to 15 characters.
-    if link.type != bpfsys.BPF_LINK_TYPE_RAW_TRACEPOINT or prog.name != DISPATCH_FUNCTION[:15]:
+    if link.type != bpfsys.BPF_LINK_TYPE_RAW_TRACEPOINT or not prog.name.startswith(DISPATCH_PREFIX):
         os.close(fd)
         raise PinConflict(f"{path} is a link to program {prog.name!r}, not tailcalld's dispatcher; "
                           "it is left alone", {"path": str(path)})
-    return fd
+    return fd, prog
 
 
-async def _load_and_attach(pin_dir: Path, compiler: Compiler) -> int:
+async def _upgrade(pin_dir: Path, compiler: Compiler, old: bpfsys.ProgInfo) -> int:
+    """Replace an older dispatcher without a gap: attach the new one first (same prog array,
+    so the slots need no moving), then swap the pin.  Until the kernel drops the old link,
+    both run: a syscall in that window is dispatched twice (handlers run twice, a miss counts
+    twice).  raw_tp links cannot be updated in place, so a window of either a gap or a double
+    is unavoidable; a double loses nothing."""
+    logger.warning("upgrading the dispatcher: program %d (%s) -> %s; handlers keep their slots",
+                   old.id, old.name, dispatcher_function())
+    link_fd = await _load_and_attach(pin_dir, compiler, NEW_LINK_PIN)
+    os.rename(pin_dir / NEW_LINK_PIN, pin_dir / LINK_PIN)  # atomic: the old pin is gone with it
+    return link_fd
+
+
+async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str) -> int:
+    function = dispatcher_function()
     cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
+              f"-DTAILCALLD_DISPATCH={function}",
               f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"',
               f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"']
-    prog = await compiler.load(bpf_source("dispatcher.bpf.c"), DISPATCH_FUNCTION, cflags)
+    prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, cflags)
     try:
         link_fd = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
     finally:
         os.close(prog.fd)  # the link holds the program from here on
     try:
-        bpfsys.obj_pin(link_fd, str(pin_dir / LINK_PIN))
+        bpfsys.obj_pin(link_fd, str(pin_dir / pin_name))
     except OSError as exc:
         os.close(link_fd)  # detaches: nothing half-made stays behind
         if exc.errno == errno.EEXIST:
-            raise PinConflict(f"{pin_dir / LINK_PIN} appeared while loading", {"path": str(pin_dir / LINK_PIN)}) from None
+            raise PinConflict(f"{pin_dir / pin_name} appeared while loading", {"path": str(pin_dir / pin_name)}) from None
         raise
     return link_fd
+
+
+def remove_pins(pin_dir: Path) -> list[str]:
+    """Unpin everything tailcalld made under ``pin_dir``, the link first (that detaches the
+    dispatcher once no fd holds it), then the maps, then the folder if it is empty."""
+    removed = []
+    for name in (LINK_PIN, NEW_LINK_PIN, PROG_ARRAY.pin, MISSES.pin):
+        path = pin_dir / name
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    with contextlib.suppress(OSError):
+        pin_dir.rmdir()
+    return removed

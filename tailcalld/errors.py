@@ -27,6 +27,10 @@ class RequestTooLarge(TailcalldError):
     code = "request_too_large"
 
 
+class SourceTooLarge(TailcalldError):
+    code = "source_too_large"
+
+
 class UnknownCommand(TailcalldError):
     code = "unknown_command"
 
@@ -77,6 +81,18 @@ class PinConflict(TailcalldError):
 
 class AlreadyRunning(TailcalldError):
     code = "already_running"
+
+
+class PermissionDenied(TailcalldError):
+    code = "permission_denied"
+
+
+class TooManyConnections(TailcalldError):
+    code = "too_many_connections"
+
+
+class Unloading(TailcalldError):
+    code = "unloading"
 
 
 class ConfigError(TailcalldError):

@@ -53,9 +53,14 @@ class StatusRequest(_Request):
     command: Literal["status"]
 
 
-Request = Annotated[PingRequest | AttachRequest | DetachRequest | ListRequest | StatusRequest,
+class UnloadAllRequest(_Request):
+    """Empty every slot, remove the dispatcher and every pin, forget the state, then exit."""
+    command: Literal["unload-all"]
+
+
+Request = Annotated[PingRequest | AttachRequest | DetachRequest | ListRequest | StatusRequest | UnloadAllRequest,
                     Field(discriminator="command")]
-COMMANDS = ("ping", "attach", "detach", "list", "status")
+COMMANDS = ("ping", "attach", "detach", "list", "status", "unload-all")
 _request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
 
 
@@ -74,6 +79,7 @@ class SlotInfo(BaseModel):
     filename: str | None
     source_sha256: str | None
     attached_at: datetime | None
+    attached_by_uid: int | None = None
     misses: int = Field(description="tail-call misses of this slot since the daemon started")
 
 
@@ -105,13 +111,21 @@ class StatusResult(BaseModel):
     dispatcher_prog_id: int
     dispatcher_link_id: int
     adopted: bool = Field(description="the dispatcher was already pinned and was adopted, not loaded")
+    upgraded_from: int | None = Field(None, description="program id of the older dispatcher this start replaced")
     slots_used: int
     nr_slots: int
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
     miss_log_interval: float
+    corrections: list[str] = Field(default_factory=list,
+                                   description="what the start-up reconcile changed to make kernel and state agree")
 
 
-Result = PingResult | AttachResult | DetachResult | ListResult | StatusResult
+class UnloadResult(BaseModel):
+    slots_emptied: list[int]
+    pins_removed: list[str]
+
+
+Result = PingResult | AttachResult | DetachResult | ListResult | StatusResult | UnloadResult
 
 
 class ErrorBody(BaseModel):

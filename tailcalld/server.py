@@ -2,7 +2,9 @@
 
 One connection carries any number of requests, answered in order.  A bad line gets an
 error reply and the connection stays usable; a client that goes away mid-command does
-not cancel the command (it finishes, the reply is dropped).
+not cancel the command (it finishes, the reply is dropped).  Every connection's peer is
+checked with SO_PEERCRED; a silent connection, or one that does not read its replies, is
+closed after ``idle_timeout``.
 """
 
 from __future__ import annotations
@@ -12,17 +14,38 @@ import contextlib
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import protocol
-from .commands import execute
-from .errors import AlreadyRunning, RequestTooLarge, TailcalldError
-from .slots import SlotManager
+from .commands import CommandContext, execute
+from .errors import AlreadyRunning, PermissionDenied, RequestTooLarge, TailcalldError, TooManyConnections
+from .peers import Peer, may_control
 
 logger = logging.getLogger("tailcalld")
 
 
-def bind_unix_socket(path: Path, mode: int = 0o600) -> socket.socket:
+@dataclass
+class AccessPolicy:
+    """What a reload may change about who gets served and for how long."""
+
+    allowed_gid: int | None
+    max_connections: int
+    idle_timeout: float
+
+
+def socket_mode(allowed_gid: int | None) -> tuple[int, int]:
+    """(mode, group) for the socket file: root only, or root plus one group."""
+    return (0o660, allowed_gid) if allowed_gid is not None else (0o600, 0)
+
+
+def set_socket_access(path: Path, allowed_gid: int | None) -> None:
+    mode, gid = socket_mode(allowed_gid)
+    os.chown(path, 0, gid)
+    os.chmod(path, mode)
+
+
+def bind_unix_socket(path: Path, allowed_gid: int | None) -> socket.socket:
     """Bind ``path``, replacing a stale socket file but never a live daemon's."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
@@ -35,8 +58,12 @@ def bind_unix_socket(path: Path, mode: int = 0o600) -> socket.socket:
                 raise AlreadyRunning(f"another process is serving {path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
-        os.chmod(path, mode)
+        old_umask = os.umask(0o177)  # never world-accessible, not even between bind and chmod
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        set_socket_access(path, allowed_gid)
         sock.listen(128)
     except BaseException:
         sock.close()
@@ -45,9 +72,10 @@ def bind_unix_socket(path: Path, mode: int = 0o600) -> socket.socket:
 
 
 class ControlServer:
-    def __init__(self, manager: SlotManager, max_request_bytes: int) -> None:
-        self.manager = manager
+    def __init__(self, ctx: CommandContext, max_request_bytes: int, policy: AccessPolicy) -> None:
+        self.ctx = ctx
         self.max_request_bytes = max_request_bytes
+        self.policy = policy
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -60,8 +88,10 @@ class ControlServer:
         """Stop accepting, give running commands ``grace`` seconds, then cancel them."""
         if self._server is not None:
             self._server.close()
-        if self._clients:
-            _done, pending = await asyncio.wait(self._clients, timeout=grace)
+        current = asyncio.current_task()
+        others = {t for t in self._clients if t is not current}
+        if others:
+            _done, pending = await asyncio.wait(others, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -73,29 +103,62 @@ class ControlServer:
         assert task is not None
         self._clients.add(task)
         try:
-            await self._converse(reader, writer)
-        except (ConnectionError, BrokenPipeError):
-            pass  # the client went away; its last command (if any) has already run
+            peer = Peer.of_socket(writer.get_extra_info("socket"))
+            refusal = self._refusal(peer)
+            if refusal is not None:
+                await self._refuse(reader, writer, refusal)
+            else:
+                await self._converse(reader, writer, peer)
+        except (ConnectionError, BrokenPipeError, TimeoutError):
+            pass  # the client went away or went quiet; its last command (if any) has already run
         finally:
             self._clients.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, BrokenPipeError):
                 await writer.wait_closed()
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _refusal(self, peer: Peer) -> TailcalldError | None:
+        if not may_control(peer, self.policy.allowed_gid):
+            logger.warning("refused a connection from uid %d (pid %d, %s): not root%s", peer.uid, peer.pid, peer.comm,
+                           "" if self.policy.allowed_gid is None else " nor in the allowed group",
+                           extra={**peer.journal_fields(), "TAILCALLD_ACTION": "refused"})
+            return PermissionDenied(f"uid {peer.uid} may not control tailcalld (root"
+                                    + (" or the allowed group" if self.policy.allowed_gid is not None else "")
+                                    + " only)")
+        if len(self._clients) > self.policy.max_connections:
+            logger.warning("refused a connection from pid %d: %d connections already", peer.pid,
+                           self.policy.max_connections, extra=peer.journal_fields())
+            return TooManyConnections(f"tailcalld serves {self.policy.max_connections} connections at once; "
+                                      "try again later", {"limit": self.policy.max_connections})
+        return None
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      err: TailcalldError) -> None:
+        """Answer the first request with the refusal (so the client can read why), then close."""
+        rid: protocol.RequestId = None
+        with contextlib.suppress(TailcalldError, TimeoutError):
+            line = await asyncio.wait_for(self._read_line(reader), min(self.policy.idle_timeout, 5.0))
+            with contextlib.suppress(TailcalldError):
+                rid, _ = protocol.parse_request(line or b"")
+        await self._send(writer, protocol.encode_error(rid, err))
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
         while True:
             try:
-                line = await self._read_line(reader)
+                line = await asyncio.wait_for(self._read_line(reader), self.policy.idle_timeout)
             except RequestTooLarge as err:
-                writer.write(protocol.encode_error(None, err))
-                await writer.drain()
+                await self._send(writer, protocol.encode_error(None, err))
                 continue
             if line is None:
                 return
             if not line.strip():
                 continue
-            writer.write(await self._answer(line))
-            await writer.drain()
+            await self._send(writer, await self._answer(line, peer))
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        writer.write(reply)
+        # A client that never reads fills the socket buffer; do not wait on it forever.
+        await asyncio.wait_for(writer.drain(), self.policy.idle_timeout)
 
     async def _read_line(self, reader: asyncio.StreamReader) -> bytes | None:
         try:
@@ -107,11 +170,11 @@ class ControlServer:
             raise RequestTooLarge(f"request larger than {self.max_request_bytes} bytes; it was discarded",
                                   {"limit": self.max_request_bytes}) from None
 
-    async def _answer(self, line: bytes) -> bytes:
+    async def _answer(self, line: bytes, peer: Peer) -> bytes:
         rid: protocol.RequestId = None
         try:
             rid, request = protocol.parse_request(line)
-            result = await execute(self.manager, request)
+            result = await execute(self.ctx, request, peer)
             return protocol.encode_ok(rid, result)
         except TailcalldError as err:
             return protocol.encode_error(getattr(err, "request_id", rid), err)

@@ -3,15 +3,18 @@
 No sockets here and no bcc: the server and tests call these methods directly.  Every
 change to a slot holds that slot's lock, so two attaches to one slot are serialised
 while attaches to different slots compile in parallel.
+
+Persistence: the desired state is written (atomically) *before* the kernel is changed.
+A crash in between leaves a state that says what was asked for; the next start's
+reconcile makes the kernel match it (see ``restore``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,111 +22,238 @@ from datetime import UTC, datetime
 from . import __version__, bpfsys
 from .compiler import Compiler, LoadedProgram
 from .dispatcher import Dispatcher
-from .errors import SlotEmpty
+from .errors import SlotEmpty, TailcalldError, Unloading
 from .misses import MissMonitor
+from .peers import Peer
 from .protocol import AttachRequest, AttachResult, DetachResult, ListResult, SlotInfo, StatusResult
+from .state import SlotRecord, StateFile, StateStore
 from .syscalls import SyscallTable
 
 logger = logging.getLogger("tailcalld")
+MAX_CORRECTIONS = 100
 
 
 @dataclass
 class Handler:
-    """A program in a slot.  ``prog`` is None for a program found in the pinned map at start
-    (put there by an earlier daemon): the map keeps it alive, we only know its id."""
+    """A program in a slot.  ``prog`` is None for a program we did not load in this process
+    (adopted from the pinned prog array): the map keeps it alive, we only know its id."""
 
-    slot: int
-    prog_id: int
-    function: str | None
+    record: SlotRecord
     prog: LoadedProgram | None = None
-    filename: str | None = None
-    source_sha256: str | None = None
-    attached_at: datetime | None = None
+
+    def close(self) -> None:
+        if self.prog is not None:
+            os.close(self.prog.fd)
+            self.prog = None
 
 
 class SlotManager:
     def __init__(self, dispatcher: Dispatcher, compiler: Compiler, syscalls: SyscallTable,
-                 misses: MissMonitor, socket_path: str, miss_log_interval: float,
+                 misses: MissMonitor, store: StateStore, socket_path: str, miss_log_interval: float,
                  on_change: Callable[[], None] = lambda: None) -> None:
         self.dispatcher = dispatcher
         self.compiler = compiler
         self.syscalls = syscalls
         self.misses = misses
+        self.store = store
         self.socket_path = socket_path
         self.miss_log_interval = miss_log_interval
-        self._on_change = on_change  # e.g. to refresh systemd's STATUS=
         self.started_at = datetime.now(UTC)
+        self.corrections: deque[str] = deque(maxlen=MAX_CORRECTIONS)
+        self._on_change = on_change  # e.g. to refresh systemd's STATUS=
         self._handlers: dict[int, Handler] = {}
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._adopt_from_kernel()
+        self._unloading = False
 
-    def _adopt_from_kernel(self) -> None:
-        for slot, prog_id in self.dispatcher.occupied().items():
-            self._handlers[slot] = Handler(slot, prog_id, function=_prog_name(prog_id))
+    # -- start: make the kernel and the desired state agree -----------------------------------
+
+    async def restore(self) -> None:
+        """Rebuild the slot table at start.  The rule, per slot:
+
+        * state file readable: it is the desired state. A slot whose kernel program is the
+          recorded one is adopted as is; a recorded slot that is empty or holds another program
+          (reboot, crash mid-change, bpftool) is recompiled from the recorded source and
+          swapped in; a filled slot with no record is emptied.
+        * no state file, or an unreadable one (moved aside): the kernel wins; what runs is
+          adopted and recorded with its source unknown.
+
+        Every correction is logged and kept for ``tailcallctl status``.
+        """
+        self.store.prepare()
+        loaded = self.store.load()
+        if loaded.problem:
+            self._correct(loaded.problem, error=True)
+        kernel = self.dispatcher.occupied()
+        if not loaded.found:
+            for slot, prog_id in sorted(kernel.items()):
+                self._handlers[slot] = Handler(self._unknown_record(slot, prog_id))
+                if loaded.problem:
+                    self._correct(f"slot {self._label(slot)}: kept program {prog_id} found in the kernel "
+                                  "(source unknown: it cannot be rebuilt after a reboot)")
+        else:
+            for slot in sorted(set(kernel) | set(loaded.state.slots)):
+                await self._reconcile(slot, kernel.get(slot), loaded.state.slots.get(slot))
+        for slot in self._handlers:
             self.misses.held_handler(slot)
-            logger.info("slot %s already holds program %d (kept from the pinned prog array)",
-                        self._label(slot), prog_id, extra={"SLOT": slot, "PROG_ID": prog_id})
+        self._save()
+
+    async def _reconcile(self, slot: int, running: int | None, record: SlotRecord | None) -> None:
+        if record is None:
+            assert running is not None
+            self.dispatcher.clear_slot(slot)
+            self._correct(f"slot {self._label(slot)}: removed program {running}, which is not in the desired state")
+            return
+        if running == record.prog_id:
+            self._handlers[slot] = Handler(record)
+            return
+        if record.source_sha256 is None:
+            if running is None:
+                self._correct(f"slot {self._label(slot)}: program {record.prog_id} is gone and its source "
+                              "is unknown; the slot stays empty", error=True)
+            else:
+                self._handlers[slot] = Handler(self._unknown_record(slot, running))
+                self._correct(f"slot {self._label(slot)}: kept program {running} found in the kernel")
+            return
+        try:
+            prog = await self.compiler.load(self.store.source(record.source_sha256), record.function)
+        except (TailcalldError, OSError, ValueError) as err:
+            self._correct(f"slot {self._label(slot)}: could not rebuild {record.function} from "
+                          f"{record.filename} ({err}); the slot stays as the kernel has it", error=True)
+            if running is not None:
+                self._handlers[slot] = Handler(self._unknown_record(slot, running))
+            return
+        self.dispatcher.set_slot(slot, prog.fd)
+        self._handlers[slot] = Handler(record.model_copy(update={"prog_id": prog.id}), prog)
+        what = "was empty" if running is None else f"held program {running}, not the recorded {record.prog_id}"
+        self._correct(f"slot {self._label(slot)} {what}: rebuilt {record.function} from {record.filename} "
+                      f"as program {prog.id}")
+
+    def _unknown_record(self, slot: int, prog_id: int) -> SlotRecord:
+        return SlotRecord(slot=slot, function=_prog_name(prog_id), prog_id=prog_id, source_sha256=None,
+                          filename=None, attached_by_uid=None, attached_at=None)
+
+    def _correct(self, message: str, error: bool = False) -> None:
+        self.corrections.append(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {message}")
+        logger.log(logging.ERROR if error else logging.WARNING, "reconcile: %s", message,
+                   extra={"TAILCALLD_RECONCILE": 1})
+
+    # -- changes --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._unloading:
+            raise Unloading("tailcalld is unloading everything; no more changes")
 
     def _label(self, slot: int) -> str:
         return f"{self.syscalls.label(slot)} ({slot})"
 
-    async def attach(self, req: AttachRequest) -> AttachResult:
+    def _save(self) -> None:
+        self.store.save(StateFile(slots={s: h.record for s, h in self._handlers.items()}))
+
+    async def attach(self, req: AttachRequest, peer: Peer) -> AttachResult:
         slot = self.syscalls.resolve(req.slot)
         async with self._locks[slot]:
+            self._check_open()
             prog = await self.compiler.load(req.source, req.function)
+            # From here to the map update nothing awaits: no other change interleaves.
             try:
                 replaced = self.dispatcher.slot_prog_id(slot)
-                # One map update: the dispatcher sees either the old handler or the new one.
-                self.dispatcher.set_slot(slot, prog.fd)
+                old = self._handlers.get(slot)
+                record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id,
+                                    source_sha256=self.store.put_source(req.source), filename=req.filename,
+                                    attached_by_uid=peer.uid, attached_at=datetime.now(UTC))
+                self._handlers[slot] = Handler(record, prog)
+                try:
+                    self._save()  # desired state first: a crash after this is repaired at start
+                    # One map update: the dispatcher sees either the old handler or the new one.
+                    self.dispatcher.set_slot(slot, prog.fd)
+                except BaseException:
+                    self._restore_entry(slot, old)
+                    raise
             except BaseException:
                 os.close(prog.fd)
                 raise
-            old = self._handlers.get(slot)
-            sha = hashlib.sha256(req.source.encode()).hexdigest()
-            self._handlers[slot] = Handler(slot, prog.id, prog.function, prog, req.filename, sha,
-                                           datetime.now(UTC))
+            if old is not None:
+                old.close()
             self.misses.held_handler(slot)
-            if old is not None and old.prog is not None:
-                os.close(old.prog.fd)
         self._on_change()
-        verb = "replaced" if replaced is not None else "attached"
-        logger.info("%s %s in slot %s (program %d%s)", verb, prog.function, self._label(slot), prog.id,
-                    f", was {replaced}" if replaced is not None else "",
-                    extra={"SLOT": slot, "SYSCALL_NAME": self.syscalls.label(slot), "PROG_ID": prog.id,
-                           "SOURCE_SHA256": sha})
+        self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
+                    f"{prog.function} in slot {self._label(slot)}: program {prog.id}"
+                    + (f", was {replaced}" if replaced is not None else ""))
         return AttachResult(slot=slot, syscall=self.syscalls.label(slot), function=prog.function,
                             prog_id=prog.id, insns=prog.insns, replaced_prog_id=replaced)
 
-    async def detach(self, slot_spec: int | str) -> DetachResult:
+    def _restore_entry(self, slot: int, old: Handler | None) -> None:
+        """Undo an in-memory change whose persisting or applying failed (best effort on disk)."""
+        if old is None:
+            self._handlers.pop(slot, None)
+        else:
+            self._handlers[slot] = old
+        try:
+            self._save()
+        except OSError:
+            logger.exception("could not roll the state file back")
+
+    async def detach(self, slot_spec: int | str, peer: Peer) -> DetachResult:
         slot = self.syscalls.resolve(slot_spec)
         async with self._locks[slot]:
+            self._check_open()
             prog_id = self.dispatcher.slot_prog_id(slot)
-            if prog_id is None or not self.dispatcher.clear_slot(slot):
-                self._forget(slot)
+            old = self._handlers.pop(slot, None)
+            if prog_id is None:
+                if old is not None:
+                    self._restore_entry(slot, None)
+                    old.close()
                 raise SlotEmpty(f"slot {self._label(slot)} holds no handler", {"slot": slot})
-            self._forget(slot)
+            try:
+                self._save()
+                self.dispatcher.clear_slot(slot)
+            except BaseException:
+                self._restore_entry(slot, old)
+                raise
+            sha = old.record.source_sha256 if old else None
+            if old is not None:
+                old.close()
         self._on_change()
-        logger.info("detached program %d from slot %s", prog_id, self._label(slot),
-                    extra={"SLOT": slot, "SYSCALL_NAME": self.syscalls.label(slot), "PROG_ID": prog_id})
+        self._audit("detach", peer, slot, prog_id, sha, f"program {prog_id} from slot {self._label(slot)}")
         return DetachResult(slot=slot, syscall=self.syscalls.label(slot), prog_id=prog_id)
 
-    def _forget(self, slot: int) -> None:
-        old = self._handlers.pop(slot, None)
-        if old is not None and old.prog is not None:
-            os.close(old.prog.fd)
+    async def unload_all(self, peer: Peer) -> list[int]:
+        """Empty every slot and forget the desired state; the caller then removes the pins."""
+        self._unloading = True  # refuse new changes; wait for those under way
+        for lock in list(self._locks.values()):
+            await lock.acquire()  # never released: the daemon exits after an unload
+        slots = sorted(self._handlers)
+        self.store.save(StateFile())
+        for slot in slots:
+            self.dispatcher.clear_slot(slot)
+            self._handlers.pop(slot).close()
+        self._on_change()
+        self._audit("unload", peer, None, self.dispatcher.prog_id, None,
+                    f"everything: {len(slots)} slots emptied, dispatcher and pins removed")
+        return slots
+
+    def _audit(self, action: str, peer: Peer, slot: int | None, prog_id: int, sha: str | None, what: str) -> None:
+        fields: dict[str, object] = {"TAILCALLD_ACTION": action, "PROG_ID": prog_id, **peer.journal_fields()}
+        if slot is not None:
+            fields |= {"SLOT": slot, "SYSCALL_NAME": self.syscalls.label(slot)}
+        if sha is not None:
+            fields["SOURCE_SHA256"] = sha
+        logger.info("%s %s (by uid %d, pid %d, %s)", action, what, peer.uid, peer.pid, peer.comm, extra=fields)
+
+    # -- views ----------------------------------------------------------------------------------
 
     @property
     def slots_in_use(self) -> int:
         return len(self._handlers)
 
     def list(self) -> ListResult:
-        return ListResult(slots=[self._slot_info(h) for _, h in sorted(self._handlers.items())])
+        return ListResult(slots=[self._slot_info(h.record) for _, h in sorted(self._handlers.items())])
 
-    def _slot_info(self, h: Handler) -> SlotInfo:
-        misses = self.misses.since_start(h.slot, self.dispatcher.miss_total(h.slot))
-        return SlotInfo(slot=h.slot, syscall=self.syscalls.label(h.slot), function=h.function,
-                        prog_id=h.prog_id, filename=h.filename, source_sha256=h.source_sha256,
-                        attached_at=h.attached_at, misses=misses)
+    def _slot_info(self, r: SlotRecord) -> SlotInfo:
+        misses = self.misses.since_start(r.slot, self.dispatcher.miss_total(r.slot))
+        return SlotInfo(slot=r.slot, syscall=self.syscalls.label(r.slot), function=r.function,
+                        prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256,
+                        attached_at=r.attached_at, attached_by_uid=r.attached_by_uid, misses=misses)
 
     def status(self) -> StatusResult:
         totals = self.dispatcher.miss_totals()
@@ -131,16 +261,15 @@ class SlotManager:
             version=__version__, pid=os.getpid(), started_at=self.started_at,
             pin_dir=str(self.dispatcher.pin_dir), socket=self.socket_path,
             dispatcher_prog_id=self.dispatcher.prog_id, dispatcher_link_id=self.dispatcher.link.id,
-            adopted=self.dispatcher.adopted, slots_used=self.slots_in_use,
-            nr_slots=self.dispatcher.nr_slots,
+            adopted=self.dispatcher.adopted, upgraded_from=self.dispatcher.upgraded_from,
+            slots_used=self.slots_in_use, nr_slots=self.dispatcher.nr_slots,
             misses_total=sum(totals) - sum(self.misses.baseline),
-            miss_log_interval=self.miss_log_interval)
+            miss_log_interval=self.miss_log_interval, corrections=list(self.corrections))
 
     def close(self) -> None:
         """Drop our program fds; the pinned prog array keeps every handler running."""
         for h in self._handlers.values():
-            if h.prog is not None:
-                os.close(h.prog.fd)
+            h.close()
         self._handlers.clear()
 
 

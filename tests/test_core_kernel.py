@@ -20,27 +20,34 @@ from tailcalld.errors import (AlreadyRunning, CompileError, FunctionAmbiguous, F
                               SlotEmpty, SlotOutOfRange, UnknownSyscall, VerifierRejected)
 from tailcalld.misses import MissMonitor
 from tailcalld.protocol import AttachRequest
+from tailcalld.peers import Peer
 from tailcalld.slots import SlotManager
+from tailcalld.state import StateStore
 from tailcalld.syscalls import SyscallTable
 
 
+ME = Peer.this_process()
+
+
 @asynccontextmanager
-async def core(pin_dir: Path) -> AsyncIterator[SlotManager]:
+async def core(pin_dir: Path, state_dir: Path) -> AsyncIterator[SlotManager]:
     compiler = Compiler(timeout=60)
     dispatcher = await Dispatcher.open_or_load(pin_dir, compiler)
     syscalls = SyscallTable.for_this_machine(NR_SLOTS)
+    store = StateStore(state_dir)
     manager = SlotManager(dispatcher, compiler, syscalls, MissMonitor(dispatcher.miss_totals, syscalls.label),
-                          "unused.sock", 10)
+                          store, "unused.sock", 10)
     try:
+        await manager.restore()
         yield manager
     finally:
         manager.close()
         dispatcher.close()
 
 
-def run(pin_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:
+def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:
     async def main() -> None:
-        async with core(pin_dir) as manager:
+        async with core(pin_dir, state_dir) as manager:
             await scenario(manager)
     asyncio.run(main())
 
@@ -57,11 +64,11 @@ def bpftool_slots(pin: Path) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("slot", [NR_FCHMODAT, "fchmodat"], ids=["by-number", "by-name"])
-def test_attach_counts_every_call(pin_root: Path, slot: int | str) -> None:
+def test_attach_counts_every_call(pin_root: Path, tmp_path: Path, slot: int | str) -> None:
     counter = pin_root / "maps" / "count"
 
     async def scenario(m: SlotManager) -> None:
-        result = await m.attach(attach(slot, counting_handler(counter)))
+        result = await m.attach(attach(slot, counting_handler(counter)), ME)
         assert (result.slot, result.syscall, result.function) == (NR_FCHMODAT, "fchmodat", "count_calls")
         assert result.replaced_prog_id is None
         fchmodat(1000)
@@ -70,16 +77,16 @@ def test_attach_counts_every_call(pin_root: Path, slot: int | str) -> None:
         # The pinned prog array holds our program at 268, as bpftool sees it.
         assert bpftool_slots(pin_root / "daemon" / "prog_array") == {NR_FCHMODAT: result.prog_id}
 
-    run(pin_root / "daemon", scenario)
+    run(pin_root / "daemon", tmp_path / "state", scenario)
 
 
-def test_detach_stops_the_handler(pin_root: Path) -> None:
+def test_detach_stops_the_handler(pin_root: Path, tmp_path: Path) -> None:
     counter = pin_root / "maps" / "count"
 
     async def scenario(m: SlotManager) -> None:
-        attached = await m.attach(attach("fchmodat", counting_handler(counter)))
+        attached = await m.attach(attach("fchmodat", counting_handler(counter)), ME)
         fchmodat(10)
-        detached = await m.detach(NR_FCHMODAT)
+        detached = await m.detach(NR_FCHMODAT, ME)
         assert detached.prog_id == attached.prog_id
         before_misses = m.dispatcher.miss_total(NR_FCHMODAT)
         fchmodat(10)
@@ -88,18 +95,18 @@ def test_detach_stops_the_handler(pin_root: Path) -> None:
         assert bpftool_slots(pin_root / "daemon" / "prog_array") == {}
         assert m.list().slots == []
         with pytest.raises(SlotEmpty):
-            await m.detach(NR_FCHMODAT)
+            await m.detach(NR_FCHMODAT, ME)
 
-    run(pin_root / "daemon", scenario)
+    run(pin_root / "daemon", tmp_path / "state", scenario)
 
 
-def test_replace_is_one_update_and_frees_the_old_program(pin_root: Path) -> None:
+def test_replace_is_one_update_and_frees_the_old_program(pin_root: Path, tmp_path: Path) -> None:
     c1, c2 = pin_root / "maps" / "c1", pin_root / "maps" / "c2"
 
     async def scenario(m: SlotManager) -> None:
-        first = await m.attach(attach(NR_FCHMODAT, counting_handler(c1, "v1")))
+        first = await m.attach(attach(NR_FCHMODAT, counting_handler(c1, "v1")), ME)
         fchmodat(5)
-        second = await m.attach(attach(NR_FCHMODAT, counting_handler(c2, "v2")))
+        second = await m.attach(attach(NR_FCHMODAT, counting_handler(c2, "v2")), ME)
         assert second.replaced_prog_id == first.prog_id
         fchmodat(7)
         assert (read_counter(c1), read_counter(c2)) == (5, 7)
@@ -114,67 +121,67 @@ def test_replace_is_one_update_and_frees_the_old_program(pin_root: Path) -> None
             await asyncio.sleep(0.05)
         pytest.fail(f"program {first.prog_id} is still loaded after being replaced")
 
-    run(pin_root / "daemon", scenario)
+    run(pin_root / "daemon", tmp_path / "state", scenario)
 
 
-def test_bad_handlers_change_nothing(pin_root: Path) -> None:
+def test_bad_handlers_change_nothing(pin_root: Path, tmp_path: Path) -> None:
     counter = pin_root / "maps" / "count"
 
     async def scenario(m: SlotManager) -> None:
-        good = await m.attach(attach(NR_FCHMODAT, counting_handler(counter)))
+        good = await m.attach(attach(NR_FCHMODAT, counting_handler(counter)), ME)
 
         with pytest.raises(CompileError) as compile_err:
-            await m.attach(attach(NR_FCHMODAT, "int broken(struct bpf_raw_tracepoint_args *ctx) { return nope; }"))
+            await m.attach(attach(NR_FCHMODAT, "int broken(struct bpf_raw_tracepoint_args *ctx) { return nope; }"), ME)
         assert "use of undeclared identifier 'nope'" in compile_err.value.details["log"]
 
         rejected = ("int reject(struct bpf_raw_tracepoint_args *ctx)"
                     " { u64 *p = (u64 *)ctx; return p[100]; }")
         with pytest.raises(VerifierRejected) as verifier_err:
-            await m.attach(attach(NR_FCHMODAT, rejected))
+            await m.attach(attach(NR_FCHMODAT, rejected), ME)
         assert "invalid bpf_context access" in verifier_err.value.details["log"]
 
         two = ("int a(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n"
                "int b(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n")
         with pytest.raises(FunctionAmbiguous) as ambiguous:
-            await m.attach(attach(NR_FCHMODAT, two))
+            await m.attach(attach(NR_FCHMODAT, two), ME)
         assert ambiguous.value.details["candidates"] == ["a", "b"]
         with pytest.raises(FunctionNotFound):
-            await m.attach(attach(NR_FCHMODAT, two, function="c"))
+            await m.attach(attach(NR_FCHMODAT, two, function="c"), ME)
         with pytest.raises(SlotOutOfRange):
-            await m.attach(attach(NR_SLOTS, two, function="a"))
+            await m.attach(attach(NR_SLOTS, two, function="a"), ME)
         with pytest.raises(UnknownSyscall):
-            await m.attach(attach("fchmodatt", two, function="a"))
+            await m.attach(attach("fchmodatt", two, function="a"), ME)
 
         assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == good.prog_id
         fchmodat(3)
         assert read_counter(counter) == 3
         # Picking one of several functions explicitly works.
-        chosen = await m.attach(attach(NR_FCHMODAT, two, function="b"))
+        chosen = await m.attach(attach(NR_FCHMODAT, two, function="b"), ME)
         assert chosen.function == "b"
 
-    run(pin_root / "daemon", scenario)
+    run(pin_root / "daemon", tmp_path / "state", scenario)
 
 
-def test_concurrent_attaches_to_one_slot_are_serialised(pin_root: Path) -> None:
+def test_concurrent_attaches_to_one_slot_are_serialised(pin_root: Path, tmp_path: Path) -> None:
     async def scenario(m: SlotManager) -> None:
         sources = [counting_handler(pin_root / "maps" / f"c{i}", f"h{i}") for i in range(3)]
-        results = await asyncio.gather(*(m.attach(attach(NR_FCHMODAT, s)) for s in sources))
+        results = await asyncio.gather(*(m.attach(attach(NR_FCHMODAT, s), ME) for s in sources))
         # The slot lock is FIFO: each attach replaced exactly the one before it.
         assert [r.replaced_prog_id for r in results] == [None, results[0].prog_id, results[1].prog_id]
         assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == results[2].prog_id
         assert len(m.list().slots) == 1
 
-    run(pin_root / "daemon", scenario)
+    run(pin_root / "daemon", tmp_path / "state", scenario)
 
 
-def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path) -> None:
+def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path, tmp_path: Path) -> None:
     counter = pin_root / "maps" / "count"
     pin_dir = pin_root / "daemon"
     ids: dict[str, int] = {}
 
     async def first(m: SlotManager) -> None:
         ids["dispatcher"] = m.dispatcher.prog_id
-        ids["handler"] = (await m.attach(attach(NR_FCHMODAT, counting_handler(counter)))).prog_id
+        ids["handler"] = (await m.attach(attach(NR_FCHMODAT, counting_handler(counter)), ME)).prog_id
 
     async def second(m: SlotManager) -> None:
         assert m.dispatcher.adopted
@@ -182,18 +189,18 @@ def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path) -> None:
         [info] = m.list().slots
         assert (info.slot, info.prog_id, info.function) == (NR_FCHMODAT, ids["handler"], "count_calls")
 
-    run(pin_dir, first)
+    run(pin_dir, tmp_path / "state", first)
     fchmodat(25)  # no daemon holds anything now: the pins keep the handler running
     assert read_counter(counter) == 25
-    run(pin_dir, second)
+    run(pin_dir, tmp_path / "state", second)
 
 
-def test_one_owner_per_pin_dir_and_foreign_pins_are_refused(pin_root: Path) -> None:
+def test_one_owner_per_pin_dir_and_foreign_pins_are_refused(pin_root: Path, tmp_path: Path) -> None:
     async def scenario(m: SlotManager) -> None:
         with pytest.raises(AlreadyRunning):
             await Dispatcher.open_or_load(m.dispatcher.pin_dir, m.compiler)
 
-    run(pin_root / "daemon", scenario)
+    run(pin_root / "daemon", tmp_path / "state", scenario)
 
     foreign = pin_root / "foreign"
     foreign.mkdir()
@@ -203,6 +210,6 @@ def test_one_owner_per_pin_dir_and_foreign_pins_are_refused(pin_root: Path) -> N
     finally:
         os.close(fd)
     with pytest.raises(PinConflict) as conflict:
-        run(foreign, lambda m: asyncio.sleep(0))
+        run(foreign, tmp_path / "state", lambda m: asyncio.sleep(0))
     assert str(foreign / "prog_array") in conflict.value.message
     assert not (foreign / "link").exists()  # nothing attached

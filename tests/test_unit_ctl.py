@@ -79,7 +79,7 @@ def test_main_without_verb_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_every_verb_has_a_runner_and_a_printer() -> None:
-    assert set(ctl.VERBS) == {"attach", "detach", "list", "status", "ping"}
+    assert set(ctl.VERBS) == {"attach", "detach", "list", "status", "ping", "unload-all"}
     for verb in ctl.VERBS:
         assert parse(*([verb, "1", "f.c"] if verb == "attach" else [verb, "1"] if verb == "detach" else [verb])
                      ).verb == verb

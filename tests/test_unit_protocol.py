@@ -127,7 +127,7 @@ def test_unknown_command() -> None:
     err = parse_error(line({"id": 5, "command": "reboot"}))
     assert err.code == "unknown_command"
     assert "'reboot'" in err.message
-    assert err.details == {"known": ["ping", "attach", "detach", "list", "status"]}
+    assert err.details == {"known": ["ping", "attach", "detach", "list", "status", "unload-all"]}
     assert err.request_id == 5  # type: ignore[attr-defined]
 
 

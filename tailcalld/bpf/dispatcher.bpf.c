@@ -7,13 +7,14 @@
 //
 // Compiled by BCC with -DTAILCALLD_SLOTS=<n> -DTAILCALLD_PROG_ARRAY="<pin>"
 // -DTAILCALLD_MISSES="<pin>": both maps are created and pinned by the daemon before this
-// is compiled, so BPF_TABLE_PINNED only opens them.
+// is compiled, so BPF_TABLE_PINNED only opens them. -DTAILCALLD_DISPATCH=tcd_<hash> names
+// the program after a hash of this code, so a restart can tell an older dispatcher.
 #include "tailcalld.h"
 
 BPF_TABLE_PINNED("prog", u32, u32, handlers, TAILCALLD_SLOTS, TAILCALLD_PROG_ARRAY);
 BPF_TABLE_PINNED("percpu_array", u32, u64, misses, TAILCALLD_SLOTS, TAILCALLD_MISSES);
 
-int tailcalld_dispatch(struct bpf_raw_tracepoint_args *ctx)
+int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
 {
     u32 nr = ctx->args[1];
 
