@@ -22,6 +22,7 @@ class CommandContext:
     manager: SlotManager
     max_source_bytes: int
     request_stop: Callable[[], None]  # unload-all ends the daemon: there is nothing left to serve
+    connections: Callable[[], int] = lambda: 0
 
 
 async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseModel:
@@ -40,7 +41,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
         case ListRequest():
             return m.list()
         case StatusRequest():
-            return m.status()
+            return m.status().model_copy(update={"connections": ctx.connections()})
         case UnloadAllRequest():
             slots = await m.unload_all(peer)
             pins = remove_pins(m.dispatcher.pin_dir)

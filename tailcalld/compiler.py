@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -17,10 +18,26 @@ from dataclasses import dataclass
 from importlib import resources
 
 from . import bpfsys
-from .errors import WORKER_ERRORS, CompileTimeout, TailcalldError
+from .errors import WORKER_ERRORS, CompileTimeout, ForbiddenInclude, TailcalldError
 
 # Diagnostics can be huge (a template error repeated per instantiation); keep the head.
 MAX_DIAGNOSTICS = 64 * 1024
+
+_INCLUDE = re.compile(r"^\s*#\s*(?:include|include_next|import)\b\s*(.*)$", re.MULTILINE)
+_INCLUDE_TARGET = re.compile(r'^[<"]([^>"]+)[>"]')
+
+
+def check_includes(source: str) -> None:
+    """Refuse #include of absolute paths, of '..', and computed includes: clang echoes the
+    lines it cannot parse, so `#include "/etc/shadow"` would send the file back to the client."""
+    for match in _INCLUDE.finditer(source):
+        target = _INCLUDE_TARGET.match(match.group(1).strip())
+        if target is None:
+            raise ForbiddenInclude(f"computed #include is not allowed: {match.group(0).strip()[:120]!r}")
+        path = target.group(1)
+        if path.startswith("/") or ".." in path.split("/"):
+            raise ForbiddenInclude(f"#include {path!r} is not allowed: only kernel and BPF headers "
+                                   "(relative paths without '..')", {"include": path})
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,7 @@ class Compiler:
         """Compile ``source`` and load ``function`` (or its only raw_tp function) as a
         raw_tracepoint program.  Raises CompileError, VerifierRejected, FunctionNotFound,
         FunctionAmbiguous or CompileTimeout, each with the worker's output as details."""
+        check_includes(source)
         request = {"source": source, "function": function,
                    "cflags": [f"-I{bpf_include_dir()}", *cflags]}
         async with self._slots:

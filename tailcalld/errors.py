@@ -47,6 +47,11 @@ class SlotEmpty(TailcalldError):
     code = "slot_empty"
 
 
+class ForbiddenInclude(TailcalldError):
+    """A source tried to #include a file outside the kernel/BPF headers."""
+    code = "forbidden_include"
+
+
 class CompileError(TailcalldError):
     """clang refused the source; details carry its diagnostics."""
     code = "compile_error"

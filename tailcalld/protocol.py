@@ -116,6 +116,7 @@ class StatusResult(BaseModel):
     nr_slots: int
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
     miss_log_interval: float
+    connections: int = Field(0, description="control connections open now, this one included")
     corrections: list[str] = Field(default_factory=list,
                                    description="what the start-up reconcile changed to make kernel and state agree")
 

@@ -23,6 +23,7 @@ from .errors import AlreadyRunning, PermissionDenied, RequestTooLarge, Tailcalld
 from .peers import Peer, may_control
 
 logger = logging.getLogger("tailcalld")
+ADMIT_WAIT = 1.0  # seconds a connection over the limit waits for a place before it is refused
 
 
 @dataclass
@@ -78,6 +79,9 @@ class ControlServer:
         self.policy = policy
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._admitted = 0
+        self._freed = asyncio.Condition()
+        ctx.connections = lambda: self._admitted
 
     async def start(self, sock: socket.socket) -> None:
         # The stream limit is what makes readuntil refuse an oversized line.
@@ -102,9 +106,15 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        admitted = False
         try:
             peer = Peer.of_socket(writer.get_extra_info("socket"))
             refusal = self._refusal(peer)
+            if refusal is None:
+                admitted = await self._admit(peer)
+                refusal = None if admitted else TooManyConnections(
+                    f"tailcalld serves {self.policy.max_connections} connections at once; try again later",
+                    {"limit": self.policy.max_connections})
             if refusal is not None:
                 await self._refuse(reader, writer, refusal)
             else:
@@ -112,25 +122,38 @@ class ControlServer:
         except (ConnectionError, BrokenPipeError, TimeoutError):
             pass  # the client went away or went quiet; its last command (if any) has already run
         finally:
+            if admitted:
+                async with self._freed:
+                    self._admitted -= 1
+                    self._freed.notify_all()
             self._clients.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, BrokenPipeError):
                 await writer.wait_closed()
 
+    async def _admit(self, peer: Peer) -> bool:
+        """Take one of max_connections places, waiting a moment for one to free up (a client
+        that just closed may not have been reaped yet) before refusing."""
+        async with self._freed:
+            try:
+                await asyncio.wait_for(
+                    self._freed.wait_for(lambda: self._admitted < self.policy.max_connections), ADMIT_WAIT)
+            except TimeoutError:
+                logger.warning("refused a connection from pid %d (%s): %d connections already", peer.pid,
+                               peer.comm, self._admitted, extra=peer.journal_fields())
+                return False
+            self._admitted += 1
+            return True
+
     def _refusal(self, peer: Peer) -> TailcalldError | None:
-        if not may_control(peer, self.policy.allowed_gid):
-            logger.warning("refused a connection from uid %d (pid %d, %s): not root%s", peer.uid, peer.pid, peer.comm,
-                           "" if self.policy.allowed_gid is None else " nor in the allowed group",
-                           extra={**peer.journal_fields(), "TAILCALLD_ACTION": "refused"})
-            return PermissionDenied(f"uid {peer.uid} may not control tailcalld (root"
-                                    + (" or the allowed group" if self.policy.allowed_gid is not None else "")
-                                    + " only)")
-        if len(self._clients) > self.policy.max_connections:
-            logger.warning("refused a connection from pid %d: %d connections already", peer.pid,
-                           self.policy.max_connections, extra=peer.journal_fields())
-            return TooManyConnections(f"tailcalld serves {self.policy.max_connections} connections at once; "
-                                      "try again later", {"limit": self.policy.max_connections})
-        return None
+        if may_control(peer, self.policy.allowed_gid):
+            return None
+        logger.warning("refused a connection from uid %d (pid %d, %s): not root%s", peer.uid, peer.pid, peer.comm,
+                       "" if self.policy.allowed_gid is None else " nor in the allowed group",
+                       extra={**peer.journal_fields(), "TAILCALLD_ACTION": "refused"})
+        return PermissionDenied(f"uid {peer.uid} may not control tailcalld (root"
+                                + (" or the allowed group" if self.policy.allowed_gid is not None else "")
+                                + " only)")
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       err: TailcalldError) -> None:

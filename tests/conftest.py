@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,6 +77,18 @@ def journald() -> Iterator[None]:
 
 
 @pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A folder every user can traverse (pytest's tmp_path is root-only), for sockets that
+    other uids must be able to reach."""
+    path = Path(tempfile.mkdtemp(prefix="tailcalld-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def pin_root() -> Iterator[Path]:
     root = BPFFS / f"{TEST_PREFIX}{secrets.token_hex(4)}"
     root.mkdir()
@@ -124,6 +137,20 @@ def read_counter(pin: Path) -> int:
     return int.from_bytes(bytes(int(b, 16) for b in entry["value"]), "little")
 
 
+def kernel_slots(prog_array: Path) -> dict[int, int]:
+    """slot -> program id of a pinned prog array, as bpftool sees it."""
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(prog_array)],
+                         capture_output=True, text=True, check=True).stdout
+    return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little"):
+            int.from_bytes(bytes(int(b, 16) for b in e["value"]), "little") for e in json.loads(out)}
+
+
+def saved_slots(state_dir: Path) -> dict[int, int]:
+    """slot -> program id recorded in tailcalld's state file."""
+    state = json.loads((state_dir / "state.json").read_text())
+    return {int(slot): record["prog_id"] for slot, record in state["slots"].items()}
+
+
 def write_config(path: Path, **settings: object) -> Path:
     lines = []
     for key, value in settings.items():
@@ -147,6 +174,11 @@ class DaemonProcess:
         return subprocess.run([str(VENV_BIN / "tailcallctl"), "--socket", str(self.socket), *args],
                               capture_output=True, text=True, input=input, timeout=120)
 
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as in a crash."""
+        self.proc.kill()
+        self.proc.wait(30)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -157,9 +189,9 @@ class DaemonProcess:
 
 
 def start_daemon(tmp: Path, pin_dir: Path, **settings: object) -> DaemonProcess:
-    sock = tmp / "tailcalld.sock"
-    config = write_config(tmp / "tailcalld.toml", socket=sock, pin_dir=pin_dir,
-                          state_dir=tmp / "state", **settings)
+    settings.setdefault("socket", tmp / "tailcalld.sock")
+    config = write_config(tmp / "tailcalld.toml", pin_dir=pin_dir, state_dir=tmp / "state", **settings)
+    sock = Path(str(settings["socket"]))
     log = tmp / "daemon.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(VENV_BIN / "tailcalld"), "--config", str(config)],

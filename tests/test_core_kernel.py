@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from conftest import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, read_counter
+from conftest import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots, read_counter
 from tailcalld import bpfsys
 from tailcalld.compiler import Compiler
 from tailcalld.dispatcher import NR_SLOTS, Dispatcher
@@ -56,13 +54,6 @@ def attach(slot: int | str, source: str, function: str | None = None) -> AttachR
     return AttachRequest(command="attach", slot=slot, source=source, filename="test.c", function=function)
 
 
-def bpftool_slots(pin: Path) -> dict[int, int]:
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin)],
-                         capture_output=True, text=True, check=True).stdout
-    return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little"):
-            int.from_bytes(bytes(int(b, 16) for b in e["value"]), "little") for e in json.loads(out)}
-
-
 @pytest.mark.parametrize("slot", [NR_FCHMODAT, "fchmodat"], ids=["by-number", "by-name"])
 def test_attach_counts_every_call(pin_root: Path, tmp_path: Path, slot: int | str) -> None:
     counter = pin_root / "maps" / "count"
@@ -75,7 +66,7 @@ def test_attach_counts_every_call(pin_root: Path, tmp_path: Path, slot: int | st
         fchmodat(50, dirfd=DIRFD_MAGIC + 1)  # filtered out by the handler
         assert read_counter(counter) == 1000
         # The pinned prog array holds our program at 268, as bpftool sees it.
-        assert bpftool_slots(pin_root / "daemon" / "prog_array") == {NR_FCHMODAT: result.prog_id}
+        assert kernel_slots(pin_root / "daemon" / "prog_array") == {NR_FCHMODAT: result.prog_id}
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
 
@@ -92,7 +83,7 @@ def test_detach_stops_the_handler(pin_root: Path, tmp_path: Path) -> None:
         fchmodat(10)
         assert read_counter(counter) == 10
         assert m.dispatcher.miss_total(NR_FCHMODAT) - before_misses >= 10  # now a miss
-        assert bpftool_slots(pin_root / "daemon" / "prog_array") == {}
+        assert kernel_slots(pin_root / "daemon" / "prog_array") == {}
         assert m.list().slots == []
         with pytest.raises(SlotEmpty):
             await m.detach(NR_FCHMODAT, ME)

@@ -1,0 +1,219 @@
+"""Who may talk to tailcalld, what is recorded of it, and the limits that keep one client
+from hurting the others.  Also full teardown (unload-all, --purge) and ownership."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (NR_FCHMODAT, VENV_BIN, counting_handler, fchmodat, read_counter, start_daemon,
+                      write_config)
+from tailcalld import bpfsys
+
+NOBODY = 65534
+PEER_SCRIPT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print(json.dumps({"connect_error": e.errno})); sys.exit(0)
+s.sendall(b'{"id": 7, "command": "list"}\\n')
+print(s.makefile().readline().strip())
+"""
+
+
+def as_user(sock: Path, uid: int, gid: int) -> dict:
+    r = subprocess.run(["/usr/bin/python3", "-c", PEER_SCRIPT, str(sock)], capture_output=True, text=True,
+                       user=uid, group=gid, extra_groups=[], timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def journal(**match: str) -> list[dict]:
+    out = subprocess.run(["journalctl", "--no-pager", "-o", "json", *[f"{k}={v}" for k, v in match.items()]],
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wait_journal(timeout: float = 10, **match: str) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while not (entries := journal(**match)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return entries
+
+
+@pytest.mark.usefixtures("journald")
+def test_non_root_peers_are_refused_and_audited(tmp_path: Path, pin_root: Path, public_dir: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon", socket=public_dir / "s.sock")
+    try:
+        mode = os.stat(d.socket).st_mode
+        assert stat.S_IMODE(mode) == 0o600 and os.stat(d.socket).st_uid == 0
+        assert as_user(d.socket, NOBODY, NOBODY) == {"connect_error": 13}  # EACCES: the file mode
+        os.chmod(d.socket, 0o666)  # an admin's mistake: SO_PEERCRED still stands in the way
+        reply = as_user(d.socket, NOBODY, NOBODY)
+        assert reply["id"] == 7 and reply["error"]["code"] == "permission_denied"
+        refused = wait_journal(_PID=str(d.proc.pid), TAILCALLD_ACTION="refused")
+        assert refused and refused[0]["PEER_UID"] == str(NOBODY) and refused[0]["PEER_COMM"] == "python3"
+        with d.client() as c:
+            assert c.call("list") == {"slots": []}  # root still served
+    finally:
+        d.stop()
+
+
+@pytest.mark.usefixtures("journald")
+def test_allowed_group_gets_access_and_changes_are_audited(tmp_path: Path, pin_root: Path,
+                                                           public_dir: Path) -> None:
+    group = grp.getgrgid(NOBODY).gr_name  # "nogroup" on Debian
+    d = start_daemon(tmp_path, pin_root / "daemon", allowed_group=group, socket=public_dir / "s.sock")
+    try:
+        st = os.stat(d.socket)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == NOBODY
+        assert as_user(d.socket, NOBODY, NOBODY)["result"] == {"slots": []}
+        os.chmod(d.socket, 0o666)
+        assert as_user(d.socket, NOBODY, 4242)["error"]["code"] == "permission_denied"  # not in the group
+
+        with d.client() as c:
+            attached = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(pin_root / "maps" / "c"))
+            c.call("detach", slot=NR_FCHMODAT)
+        audit = wait_journal(_PID=str(d.proc.pid), TAILCALLD_ACTION="attach")
+        assert audit, "no audit entry for the attach"
+        entry = audit[0]
+        assert entry["PEER_UID"] == "0" and entry["PEER_PID"] == str(os.getpid())
+        assert entry["SLOT"] == "268" and entry["SYSCALL_NAME"] == "fchmodat"
+        assert entry["PROG_ID"] == str(attached["prog_id"]) and len(entry["SOURCE_SHA256"]) == 64
+        assert entry["PEER_COMM"]
+        detach = wait_journal(_PID=str(d.proc.pid), TAILCALLD_ACTION="detach")
+        assert detach and detach[0]["PROG_ID"] == str(attached["prog_id"])
+    finally:
+        d.stop()
+
+
+def wait_for_connections(d, count: int) -> None:
+    for _ in range(100):
+        with d.client() as c:
+            if c.call("status")["connections"] == count:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the daemon never had just {count} connections")
+
+
+def test_connection_limit_and_idle_clients(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon", max_connections=3, idle_timeout=1.5)
+    held = [socket.socket(socket.AF_UNIX) for _ in range(3)]
+    try:
+        wait_for_connections(d, 1)  # only the asking one: start_daemon's probe is gone
+        for s in held:
+            s.connect(str(d.socket))
+        with d.client() as c:  # the 4th
+            c.send_raw(b'{"id": 1, "command": "ping"}\n')
+            assert c.read_reply()["error"]["code"] == "too_many_connections"
+        time.sleep(2.0)  # the silent ones are closed after idle_timeout
+        for s in held:
+            s.settimeout(5)
+            assert s.recv(4096) == b""
+        with d.client() as c:
+            assert c.call("ping")["version"]
+    finally:
+        for s in held:
+            s.close()
+        d.stop()
+
+
+def test_a_client_that_never_reads_does_not_block_others(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon", idle_timeout=2.0)
+    greedy = socket.socket(socket.AF_UNIX)
+    try:
+        greedy.connect(str(d.socket))
+        greedy.setblocking(False)
+        burst = b'{"command": "status"}\n' * 2000
+        sent = 0
+        deadline = time.monotonic() + 5
+        while sent < 200 * len(burst) and time.monotonic() < deadline:
+            try:
+                sent += greedy.send(burst)
+            except BlockingIOError:
+                time.sleep(0.01)
+        with d.client(timeout=5) as c:  # served while the greedy one's replies pile up
+            assert c.call("list") == {"slots": []}
+        time.sleep(3.0)
+        with d.client(timeout=5) as c:
+            assert c.call("ping")["version"]
+        assert d.proc.poll() is None
+    finally:
+        greedy.close()
+        d.stop()
+
+
+def test_unload_all_removes_everything_and_stops(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))
+    r = d.ctl("unload-all")
+    assert r.returncode == 0, r.stderr
+    assert "emptied 1 slot" in r.stdout
+    assert d.proc.wait(30) == 0
+    assert not (pin_root / "daemon").exists()
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["slots"] == {}
+    fchmodat(10)
+    assert read_counter(counter) == 0  # the handler is gone with the dispatcher
+    # A new start loads a fresh dispatcher, with nothing in it.
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        with d.client() as c:
+            assert c.call("list") == {"slots": []} and not c.call("status")["adopted"]
+    finally:
+        d.stop()
+
+
+def test_purge_offline_and_refused_while_running(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(pin_root / "maps" / "c"))
+    purge = [str(VENV_BIN / "tailcalld"), "--config", str(d.config), "--purge"]
+    r = subprocess.run(purge, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "another tailcalld already owns" in r.stderr
+    assert d.stop() == 0
+    assert (pin_root / "daemon" / "link").exists()  # a plain stop keeps everything
+    r = subprocess.run(purge, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not (pin_root / "daemon").exists()
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["slots"] == {}
+
+
+def test_second_daemon_and_foreign_pins_refuse_to_start(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        other = tmp_path / "other"
+        other.mkdir()
+        config = write_config(other / "c.toml", socket=other / "s.sock", pin_dir=pin_root / "daemon",
+                              state_dir=other / "state")
+        r = subprocess.run([str(VENV_BIN / "tailcalld"), "--config", str(config)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and f"another tailcalld already owns {pin_root / 'daemon'}" in r.stderr
+    finally:
+        d.stop()
+
+    foreign = pin_root / "foreign"
+    foreign.mkdir()
+    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, "notours", 4, 4, 1)
+    try:
+        bpfsys.obj_pin(fd, str(foreign / "link"))
+    finally:
+        os.close(fd)
+    config = write_config(tmp_path / "f.toml", socket=tmp_path / "f.sock", pin_dir=foreign,
+                          state_dir=tmp_path / "fstate")
+    r = subprocess.run([str(VENV_BIN / "tailcalld"), "--config", str(config)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and str(foreign / "link") in r.stderr
+    assert bpfsys.map_info(fd := bpfsys.obj_get(str(foreign / "link"))).name == "notours"  # untouched
+    os.close(fd)

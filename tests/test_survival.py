@@ -1,0 +1,251 @@
+"""Once a handler is in a slot it keeps running until someone takes it out: through
+restarts, crashes (kill -9), reboots (pins gone), upgrades of the dispatcher, and a corrupt
+state file.  Only unload-all / --purge take everything out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, kernel_slots, read_counter,
+                      remove_pins, saved_slots, start_daemon)
+from tailcalld import bpfsys
+from tailcalld.client import Client, RemoteError
+from tailcalld.compiler import Compiler, bpf_source
+from tailcalld.dispatcher import MISSES, NR_SLOTS, PROG_ARRAY, dispatcher_function
+
+CHURN_SLOTS = [300, 301, 302]  # fanotify_init.., rarely called: handlers there just return 0
+
+
+def trivial_handler(tag: int) -> str:
+    return f"int churn_{tag}(struct bpf_raw_tracepoint_args *ctx) {{ return {tag % 2}; }}\n"
+
+
+def listed(d: DaemonProcess) -> dict[int, int]:
+    with d.client() as c:
+        return {s["slot"]: s["prog_id"] for s in c.call("list")["slots"]}
+
+
+def assert_agree(d: DaemonProcess, state_dir: Path) -> None:
+    kernel = kernel_slots(d.pin_dir / "prog_array")
+    assert listed(d) == kernel == saved_slots(state_dir)
+
+
+class Workload:
+    """fchmodat(7771, ...) in a loop on a thread; ``made`` counts every call issued."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            fchmodat(100)
+            self.made += 100
+
+    def __enter__(self) -> Workload:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def test_kill_9_at_random_moments_loses_nothing(tmp_path: Path, pin_root: Path) -> None:
+    rng = random.Random(1234)
+    state = tmp_path / "state"
+    counter = pin_root / "maps" / "steady"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="steady.c")
+    calls = 0
+    try:
+        for round_ in range(20):
+            slot = rng.choice(CHURN_SLOTS)
+            request = ({"command": "detach", "slot": slot} if rng.random() < 0.3 else
+                       {"command": "attach", "slot": slot, "source": trivial_handler(round_)})
+            sender = threading.Thread(target=_send_and_forget, args=(d.socket, request))
+            sender.start()
+            time.sleep(rng.uniform(0, 0.8))  # mid-compile, mid-swap, or after
+            d.kill()
+            sender.join()
+            fchmodat(50)  # the daemon is dead: the pinned handler still counts
+            calls += 50
+            d = start_daemon(tmp_path, pin_root / "daemon")
+            assert_agree(d, state)
+            assert listed(d)[NR_FCHMODAT] == saved_slots(state)[NR_FCHMODAT]
+            assert read_counter(counter) == calls, f"round {round_}"
+    finally:
+        d.stop()
+
+
+def _send_and_forget(path: Path, request: dict) -> None:
+    try:
+        with Client(path, timeout=10) as c:
+            c.call(**request)
+    except (OSError, ConnectionError, RemoteError):
+        pass  # killed under our feet: that is the point
+
+
+def test_sigterm_and_restart_miss_no_call_under_load(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))
+    with Workload() as work:
+        time.sleep(0.2)
+        assert d.stop() == 0
+        time.sleep(0.3)  # no daemon at all
+        d = start_daemon(tmp_path, pin_root / "daemon")
+        time.sleep(0.2)
+    try:
+        assert work.made > 0 and read_counter(counter) == work.made
+        with d.client() as c:
+            status = c.call("status")
+        assert status["adopted"] and status["corrections"] == []
+    finally:
+        d.stop()
+
+
+def test_reboot_refills_every_slot_from_the_state(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="count.c")
+        c.call("attach", slot="getppid", source=trivial_handler(7), filename="churn.c")
+    assert d.stop() == 0
+    # A reboot: bpffs is empty again.
+    remove_pins(pin_root / "daemon")
+    remove_pins(pin_root / "maps")
+    (pin_root / "maps").mkdir()
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        assert_agree(d, tmp_path / "state")
+        with d.client() as c:
+            slots = {s["slot"]: s for s in c.call("list")["slots"]}
+            status = c.call("status")
+        assert set(slots) == {NR_FCHMODAT, 110}
+        assert (slots[NR_FCHMODAT]["function"], slots[NR_FCHMODAT]["filename"]) == ("count_calls", "count.c")
+        assert not status["adopted"] and len(status["corrections"]) == 2
+        assert all("rebuilt" in line for line in status["corrections"])
+        fchmodat(33)
+        assert read_counter(counter) == 33
+    finally:
+        d.stop()
+
+
+def test_corrupt_state_is_moved_aside_and_the_pins_are_kept(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        prog_id = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))["prog_id"]
+    assert d.stop() == 0
+    state_file = tmp_path / "state" / "state.json"
+    state_file.write_text('{"version": 1, "slots": {"268": {"slot": "oops"')
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        aside = list((tmp_path / "state").glob("state.json.corrupt-*"))
+        assert len(aside) == 1 and aside[0].read_text().startswith('{"version": 1, "slots": {"268"')
+        with d.client() as c:
+            [slot] = c.call("list")["slots"]
+            status = c.call("status")
+        assert (slot["slot"], slot["prog_id"], slot["source_sha256"]) == (NR_FCHMODAT, prog_id, None)
+        assert any("unreadable" in line for line in status["corrections"])
+        assert saved_slots(tmp_path / "state") == {NR_FCHMODAT: prog_id}
+        fchmodat(5)
+        assert read_counter(counter) == 5
+    finally:
+        d.stop()
+
+
+def test_hand_made_changes_are_corrected_at_start(tmp_path: Path, pin_root: Path) -> None:
+    """The state file is the desired state: what bpftool changed behind tailcalld's back is undone."""
+    counter = pin_root / "maps" / "count"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))
+        extra = c.call("attach", slot="getppid", source=trivial_handler(1))["prog_id"]
+        c.call("detach", slot="getppid")
+    assert d.stop() == 0
+    prog_array = str(pin_root / "daemon" / "prog_array")
+    subprocess.run(["bpftool", "map", "delete", "pinned", prog_array, "key", *_key(NR_FCHMODAT)], check=True)
+    assert kernel_slots(pin_root / "daemon" / "prog_array") == {}
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        assert_agree(d, tmp_path / "state")
+        with d.client() as c:
+            corrections = c.call("status")["corrections"]
+        assert len(corrections) == 1 and "was empty: rebuilt count_calls" in corrections[0]
+        fchmodat(4)
+        assert read_counter(counter) == 4
+        assert extra not in kernel_slots(pin_root / "daemon" / "prog_array").values()
+    finally:
+        d.stop()
+
+
+def _key(slot: int) -> list[str]:
+    return [str(b) for b in slot.to_bytes(4, "little")]
+
+
+def test_an_older_dispatcher_is_upgraded_without_losing_calls(tmp_path: Path, pin_root: Path) -> None:
+    pin_dir = pin_root / "daemon"
+    counter = pin_root / "maps" / "count"
+    d = start_daemon(tmp_path, pin_dir)
+    with d.client() as c:
+        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))
+    assert d.stop() == 0
+    (pin_dir / "link").unlink()  # as if an older tailcalld had left its dispatcher here
+    old_id = _pin_old_dispatcher(pin_dir)
+    with Workload() as work:
+        time.sleep(0.1)
+        d = start_daemon(tmp_path, pin_dir)
+        time.sleep(0.1)
+    try:
+        with d.client() as c:
+            status = c.call("status")
+        assert status["upgraded_from"] == old_id and status["dispatcher_prog_id"] != old_id
+        assert _link_prog_name(pin_dir) == dispatcher_function()
+        # Nothing lost; a few calls may be counted twice while both dispatchers ran.
+        counted = read_counter(counter)
+        assert work.made <= counted, (work.made, counted)
+        assert kernel_slots(pin_dir / "prog_array") == saved_slots(tmp_path / "state")
+    finally:
+        d.stop()
+
+
+def _pin_old_dispatcher(pin_dir: Path) -> int:
+    """tailcalld's dispatcher code under another version's name, pinned on the same maps."""
+    name = "tcd_00000000000"
+    cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}", f"-DTAILCALLD_DISPATCH={name}",
+              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"', f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"']
+    prog = asyncio.run(Compiler(60).load(bpf_source("dispatcher.bpf.c"), name, cflags))
+    try:
+        link = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
+    finally:
+        os.close(prog.fd)
+    try:
+        bpfsys.obj_pin(link, str(pin_dir / "link"))
+    finally:
+        os.close(link)
+    return prog.id
+
+
+def _link_prog_name(pin_dir: Path) -> str:
+    fd = bpfsys.obj_get(str(pin_dir / "link"))
+    try:
+        prog_fd = bpfsys.prog_get_fd_by_id(bpfsys.link_info(fd).prog_id)
+    finally:
+        os.close(fd)
+    try:
+        return bpfsys.prog_info(prog_fd).name
+    finally:
+        os.close(prog_fd)
