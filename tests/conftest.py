@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -46,17 +47,42 @@ def remove_pins(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def new_pin_root() -> Path:
+    """A fresh test pin folder, named after this test run's pid so that a concurrent run
+    (another developer's, a benchmark) never sweeps it away."""
+    root = BPFFS / f"{TEST_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    (root / "maps").mkdir(parents=True)
+    return root
+
+
+def _owner_alive(folder: Path) -> bool:
+    match = re.match(re.escape(TEST_PREFIX) + r"(\d+)-", folder.name)
+    if match is None or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftovers() -> None:
+    for leftover in BPFFS.glob(TEST_PREFIX + "*"):
+        if not _owner_alive(leftover):
+            remove_pins(leftover)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def machine() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.exit("the tests load BPF programs: run them as root (make test)", returncode=2)
     if not os.path.ismount(BPFFS):
         subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
-    for leftover in BPFFS.glob(TEST_PREFIX + "*"):
-        remove_pins(leftover)
+    sweep_leftovers()
     yield
-    for leftover in BPFFS.glob(TEST_PREFIX + "*"):
-        remove_pins(leftover)
+    sweep_leftovers()
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +116,7 @@ def public_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def pin_root() -> Iterator[Path]:
-    root = BPFFS / f"{TEST_PREFIX}{secrets.token_hex(4)}"
-    root.mkdir()
-    (root / "maps").mkdir()
+    root = new_pin_root()
     try:
         yield root
     finally:
@@ -139,8 +163,9 @@ def read_counter(pin: Path) -> int:
 
 def kernel_slots(prog_array: Path) -> dict[int, int]:
     """slot -> program id of a pinned prog array, as bpftool sees it."""
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(prog_array)],
-                         capture_output=True, text=True, check=True).stdout
+    r = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(prog_array)], capture_output=True, text=True)
+    assert r.returncode == 0, f"bpftool map dump {prog_array}: {r.stdout} {r.stderr}"
+    out = r.stdout
     return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little"):
             int.from_bytes(bytes(int(b, 16) for b in e["value"]), "little") for e in json.loads(out)}
 

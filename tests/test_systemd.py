@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BPFFS, NR_FCHMODAT, TEST_PREFIX, counting_handler, fchmodat, read_counter, remove_pins
+from conftest import NR_FCHMODAT, counting_handler, fchmodat, new_pin_root, read_counter, remove_pins
 from tailcalld.journal import MISS_MESSAGE_ID
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,8 +79,7 @@ def make(target: str) -> None:
 @pytest.fixture(scope="module")
 def systemd() -> Iterator[Systemd]:
     env = {**os.environ, "CI_SYSTEMD_DIR": f"/tmp/ci-systemd-tailcalld-{secrets.token_hex(3)}"}
-    pin_root = BPFFS / f"{TEST_PREFIX}{secrets.token_hex(4)}"
-    (pin_root / "maps").mkdir(parents=True)
+    pin_root = new_pin_root()
     had_config = CONFIG.exists()
     up = subprocess.run(["bash", str(CI_SYSTEMD), "up"], capture_output=True, text=True, env=env, timeout=120)
     try:
