@@ -4,7 +4,7 @@ VENV ?= .venv
 CONFIG ?= config/tailcalld.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean bench
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,9 @@ run: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,13 +13,18 @@ Result (one datagram):   {"ok": true, "function": str} + the fd, or
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
+import signal
 import socket
 import sys
 from typing import Any
 
 from bcc import BPF, lib  # only this process loads libbcc/LLVM
+
+PR_SET_PDEATHSIG = 1
 
 # A raw_tracepoint program takes `struct bpf_raw_tracepoint_args *`; bcc's
 # RAW_TRACEPOINT_PROBE(tp) macro declares `raw_tracepoint__<tp>` with that signature.
@@ -77,7 +82,16 @@ def compile_and_load(request: dict[str, Any]) -> tuple[dict[str, Any], int | Non
     return {"ok": True, "function": chosen}, fn.fd
 
 
+def _die_with_parent() -> None:
+    """A daemon killed with -9 must not leave compiles running behind it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main() -> int:
+    _die_with_parent()
     result_sock = socket.socket(fileno=int(sys.argv[1]))
     request = json.loads(sys.stdin.buffer.read())
     result, fd = compile_and_load(request)
