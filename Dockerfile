@@ -4,11 +4,13 @@
 FROM debian:bookworm-slim
 
 # Debian's python3-bpfcc is bcc's binding (not on PyPI); gcc + libsystemd-dev build
-# systemd-python, and gcc's preprocessor also gives tailcalld the syscall table.
+# systemd-python, and gcc's preprocessor also gives tailcalld the syscall table; clang,
+# libbpf-dev and bpftool compile libbpf-style handlers against the host's BTF.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       python3-bpfcc python3-venv python3-dev gcc libc6-dev pkg-config libsystemd-dev \
+      clang libbpf-dev bpftool \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src

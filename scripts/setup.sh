@@ -16,7 +16,8 @@ warn() { echo "setup: WARNING: $*" >&2; }
 # Packages the daemon and its tests need. python3-bpfcc is bcc's Python binding: it is not on PyPI
 # (PyPI's "bcc" is an unrelated project), so the venv sees it through --system-site-packages.
 # systemd, dbus and procps: the tests run a real systemd (ci-systemd.sh) and journald.
-PKGS=(python3-venv python3-dev python3-bpfcc gcc pkg-config libsystemd-dev bpftool systemd dbus procps)
+# clang + libbpf-dev: handlers written in libbpf C (SEC(), vmlinux.h) are compiled with clang.
+PKGS=(python3-venv python3-dev python3-bpfcc gcc pkg-config libsystemd-dev bpftool clang libbpf-dev systemd dbus procps)
 
 missing_pkgs() {
   local p

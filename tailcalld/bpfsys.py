@@ -116,6 +116,7 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.libbpf_num_possible_cpus.argtypes = []
     return lib
 
@@ -148,6 +149,18 @@ def obj_get(path: str) -> int:
 
 def prog_get_fd_by_id(prog_id: int) -> int:
     return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    return _check(_lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+
+
+def map_lookup_u64(map_fd: int, key: int) -> int:
+    """Entry ``key`` of a u32 -> u64 map (not per-CPU)."""
+    k = ctypes.c_uint32(key)
+    value = ctypes.c_uint64()
+    _check(_lib().bpf_map_lookup_elem(map_fd, ctypes.byref(k), ctypes.byref(value)), f"read key {key}")
+    return value.value
 
 
 def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,9 +12,10 @@ from pydantic import BaseModel
 
 from . import __version__
 from .dispatcher import remove_pins
-from .errors import SourceTooLarge
+from .dialects import Artifact, detect
+from .errors import BadRequest, SourceTooLarge
 from .peers import Peer
-from .protocol import (AttachRequest, DetachRequest, ListRequest, PingRequest, PingResult, Request,
+from .protocol import (AttachRequest, CheckRequest, DetachRequest, ListRequest, PingRequest, PingResult, Request,
                        StatusRequest, UnloadAllRequest, UnloadResult)
 from .slots import SlotManager
 
@@ -25,17 +28,33 @@ class CommandContext:
     connections: Callable[[], int] = lambda: 0
 
 
+def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
+    """The wire's source/object/dialect fields, as the core's Artifact."""
+    if spec.object is not None:
+        try:
+            artifact = Artifact("object", base64.b64decode(spec.object, validate=True))
+        except binascii.Error as exc:
+            raise BadRequest(f"object is not valid base64: {exc}") from None
+    else:
+        assert spec.source is not None
+        dialect = detect(spec.source) if spec.dialect == "auto" else spec.dialect
+        artifact = Artifact(dialect, spec.source.encode())
+    if len(artifact.data) > max_bytes:
+        raise SourceTooLarge(f"the {'object' if spec.object else 'source'} is {len(artifact.data)} bytes; "
+                             f"the limit is {max_bytes}", {"size": len(artifact.data), "limit": max_bytes})
+    return artifact
+
+
 async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseModel:
     m = ctx.manager
     match request:
         case PingRequest():
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
-            size = len(request.source.encode())
-            if size > ctx.max_source_bytes:
-                raise SourceTooLarge(f"the source is {size} bytes; the limit is {ctx.max_source_bytes}",
-                                     {"size": size, "limit": ctx.max_source_bytes})
-            return await m.attach(request, peer)
+            artifact = artifact_of(request, ctx.max_source_bytes)
+            return await m.attach(request.slot, artifact, request.function, request.filename, peer)
+        case CheckRequest():
+            return await m.check(artifact_of(request, ctx.max_source_bytes), request.function)
         case DetachRequest():
             return await m.detach(request.slot, peer)
         case ListRequest():

@@ -1,28 +1,37 @@
-"""Child process that compiles one BPF C source with BCC and loads one program.
+"""Child process that compiles one handler and loads one program from it.
 
-Why a process of its own: clang's diagnostics and the verifier log are printed on the
-process's fd 2, which here is a pipe the daemon reads, so nothing has to redirect the
-daemon's own stderr; a compile that spins can be killed; and LLVM's memory goes away with
-the process.  The loaded program's fd is sent back over the socket given as fd argv[1]
-(SCM_RIGHTS) with a JSON result; the program stays loaded as long as the daemon holds it.
+Why a process of its own: clang's diagnostics, libbpf's messages and the verifier log are
+printed on the process's fd 2, which here is a pipe the daemon reads, so nothing has to
+redirect the daemon's own stderr; a compile that spins can be killed; and LLVM's memory
+goes away with the process.  The loaded program's fd is sent back over the socket given as
+fd argv[1] (SCM_RIGHTS) with a JSON result; the program stays loaded while the daemon
+holds it.
 
-Request (JSON on stdin): {"source": str, "function": str | null, "cflags": [str]}
-Result (one datagram):   {"ok": true, "function": str} + the fd, or
-                         {"ok": false, "code": str, "message": str, "candidates": [str]}
+Request (JSON on stdin):
+    {"dialect": "bcc" | "libbpf" | "object", "source": str | null, "object_b64": str | null,
+     "function": str | null, "cflags": [str], "include_dirs": [str]}
+Result (one datagram):
+    {"ok": true, "function": str} + the fd, or
+    {"ok": false, "code": str, "message": str, "candidates": [str]}
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
 import re
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from bcc import BPF, lib  # only this process loads libbcc/LLVM
+from tailcalld.bpf_object import BpfObject, ObjectError
+from tailcalld.dialects import clang_command
 
 PR_SET_PDEATHSIG = 1
 
@@ -30,14 +39,6 @@ PR_SET_PDEATHSIG = 1
 # RAW_TRACEPOINT_PROBE(tp) macro declares `raw_tracepoint__<tp>` with that signature.
 _RAW_TP_SIGNATURE = re.compile(r"\b(\w+)\s*\(\s*struct\s+bpf_raw_tracepoint_args\s*\*")
 _RAW_TP_MACRO = re.compile(r"\bRAW_TRACEPOINT_PROBE\s*\(\s*(\w+)\s*\)")
-
-
-class _NoAutoAttach(BPF):
-    """bcc attaches kprobe__/raw_tracepoint__* functions as soon as BPF() is built; a handler
-    must only be loaded, never attached on its own, so that step is skipped."""
-
-    def _trace_autoload(self) -> None:
-        return None
 
 
 def raw_tp_candidates(source: str, functions: list[str]) -> list[str]:
@@ -50,20 +51,28 @@ def _fail(code: str, message: str, candidates: list[str] | None = None) -> dict[
     return {"ok": False, "code": code, "message": message, "candidates": candidates or []}
 
 
-def compile_and_load(request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+def load_with_bcc(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, object]:
+    from bcc import BPF, lib  # noqa: PLC0415 - libbcc/LLVM only in workers that need them
+
+    class NoAutoAttach(BPF):  # type: ignore[misc, valid-type]
+        """bcc attaches kprobe__/raw_tracepoint__* functions as soon as BPF() is built; a handler
+        must only be loaded, never attached on its own, so that step is skipped."""
+
+        def _trace_autoload(self) -> None:
+            return None
+
     source: str = request["source"]
     wanted: str | None = request.get("function")
     try:
-        b = _NoAutoAttach(text=source, cflags=list(request.get("cflags", [])))
+        b = NoAutoAttach(text=source, cflags=list(request.get("cflags", [])))
     except Exception as exc:  # bcc raises bare Exception for a failed compile
-        return _fail("compile_error", f"the source does not compile ({exc})"), None
+        return _fail("compile_error", f"the source does not compile ({exc})"), None, None
 
     functions = [lib.bpf_function_name(b.module, i).decode()
                  for i in range(lib.bpf_num_functions(b.module))]
     if wanted is not None:
         if wanted not in functions:
-            return _fail("function_not_found", f"no function {wanted!r} in the source",
-                         functions), None
+            return _fail("function_not_found", f"no function {wanted!r} in the source", functions), None, b
         chosen = wanted
     else:
         candidates = raw_tp_candidates(source, functions)
@@ -72,14 +81,46 @@ def compile_and_load(request: dict[str, Any]) -> tuple[dict[str, Any], int | Non
             return _fail("function_ambiguous" if candidates else "function_not_found",
                          f"{what} with the raw-tracepoint signature "
                          "`int NAME(struct bpf_raw_tracepoint_args *ctx)`; choose one with --function",
-                         candidates or functions), None
+                         candidates or functions), None, b
         chosen = candidates[0]
 
     try:
         fn = b.load_func(chosen, BPF.RAW_TRACEPOINT)
     except Exception as exc:  # bcc raises bare Exception when the verifier refuses
-        return _fail("verifier_rejected", f"the kernel refused {chosen!r} ({exc})"), None
-    return {"ok": True, "function": chosen}, fn.fd
+        return _fail("verifier_rejected", f"the kernel refused {chosen!r} ({exc})"), None, b
+    return {"ok": True, "function": chosen}, fn.fd, b
+
+
+def compile_with_clang(request: dict[str, Any]) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="tailcalld-clang-") as tmp:
+        out = Path(tmp) / "handler.bpf.o"
+        r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out)),
+                           input=request["source"].encode(), stderr=sys.stderr, stdout=sys.stderr)
+        if r.returncode != 0:
+            raise ObjectError("compile_error", f"clang could not compile the source (exit status {r.returncode})")
+        return out.read_bytes()
+
+
+def load_with_libbpf(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, object]:
+    try:
+        data = (base64.b64decode(request["object_b64"]) if request["dialect"] == "object"
+                else compile_with_clang(request))
+        obj = BpfObject(data)
+    except ObjectError as err:
+        return _fail(err.code, err.message, err.candidates), None, None
+    try:
+        chosen = obj.choose(request.get("function"))
+        fd = obj.load_only(chosen.name)
+    except ObjectError as err:
+        return _fail(err.code, err.message, err.candidates), None, obj
+    return {"ok": True, "function": chosen.name}, fd, obj
+
+
+def compile_and_load(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, object]:
+    """(result, program fd, what must stay open until the fd is sent)."""
+    if request.get("dialect", "bcc") == "bcc":
+        return load_with_bcc(request)
+    return load_with_libbpf(request)
 
 
 def _die_with_parent() -> None:
@@ -94,7 +135,7 @@ def main() -> int:
     _die_with_parent()
     result_sock = socket.socket(fileno=int(sys.argv[1]))
     request = json.loads(sys.stdin.buffer.read())
-    result, fd = compile_and_load(request)
+    result, fd, _keep = compile_and_load(request)
     sys.stdout.flush()
     sys.stderr.flush()
     payload = json.dumps(result).encode()

@@ -9,15 +9,19 @@ The program fd comes back over a socketpair (SCM_RIGHTS).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
-from . import bpfsys
+from . import bpfsys, dialects
+from .dialects import Artifact, Dialect
 from .errors import WORKER_ERRORS, CompileTimeout, ForbiddenInclude, TailcalldError
 
 # Diagnostics can be huge (a template error repeated per instantiation); keep the head.
@@ -48,6 +52,7 @@ class LoadedProgram:
     id: int
     function: str
     insns: int
+    log: str = ""  # what the compiler and loader said on the way (warnings)
 
 
 def bpf_include_dir() -> str:
@@ -59,19 +64,31 @@ def bpf_source(name: str) -> str:
 
 
 class Compiler:
-    def __init__(self, timeout: float, max_parallel: int = 2) -> None:
+    def __init__(self, timeout: float, max_parallel: int = 2, cache_dir: Path | None = None) -> None:
         self.timeout = timeout
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
         self._slots = asyncio.Semaphore(max_parallel)
+        self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
 
-    async def load(self, source: str, function: str | None = None,
-                   cflags: Sequence[str] = ()) -> LoadedProgram:
-        """Compile ``source`` and load ``function`` (or its only raw_tp function) as a
-        raw_tracepoint program.  Raises CompileError, VerifierRejected, FunctionNotFound,
-        FunctionAmbiguous or CompileTimeout, each with the worker's output as details."""
-        check_includes(source)
-        request = {"source": source, "function": function,
-                   "cflags": [f"-I{bpf_include_dir()}", *cflags]}
+    async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
+                   dialect: Dialect = "bcc", object_bytes: bytes | None = None) -> LoadedProgram:
+        """Compile ``source`` (bcc or libbpf C) or take ``object_bytes`` (a BPF ELF object), and
+        load ``function`` (or the only raw_tp program) as a raw_tracepoint program.  Raises
+        CompileError, VerifierRejected, FunctionNotFound, FunctionAmbiguous, WrongProgramType or
+        CompileTimeout, each with the worker's output (clang, libbpf, verifier) as details."""
+        request: dict[str, object] = {"dialect": dialect, "function": function}
+        if dialect == "object":
+            assert object_bytes is not None
+            request["object_b64"] = base64.b64encode(object_bytes).decode()
+        else:
+            assert source is not None
+            check_includes(source)
+            request["source"] = source
+        if dialect == "bcc":
+            request["cflags"] = [f"-I{bpf_include_dir()}", *cflags]
+        elif dialect == "libbpf":
+            vmlinux = await dialects.vmlinux_header(self._cache_dir)
+            request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
         async with self._slots:
             result, fd, output = await self._run_worker(json.dumps(request).encode())
         if not result.get("ok"):
@@ -81,7 +98,12 @@ class Compiler:
         if fd is None:
             raise TailcalldError("the compile worker reported success but sent no program", output)
         info = bpfsys.prog_info(fd)
-        return LoadedProgram(fd=fd, id=info.id, function=result["function"], insns=info.xlated_insns)
+        return LoadedProgram(fd=fd, id=info.id, function=result["function"], insns=info.xlated_insns, log=output)
+
+    async def load_artifact(self, artifact: Artifact, function: str | None) -> LoadedProgram:
+        if artifact.dialect == "object":
+            return await self.load(function=function, dialect="object", object_bytes=artifact.data)
+        return await self.load(artifact.source, function, dialect=artifact.dialect)
 
     async def _run_worker(self, request: bytes) -> tuple[dict, int | None, str]:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

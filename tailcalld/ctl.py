@@ -1,12 +1,14 @@
 """tailcallctl: talk to tailcalld.  Tables for people, --json for scripts.
 
-Exit codes: 0 success, 1 failure (daemon error, daemon unreachable), 2 bad usage.
+Exit codes: 0 success, 1 failure (daemon error, daemon unreachable), 2 bad usage;
+`check` also: 3 the handler does not compile, 4 the kernel (verifier, program type) refuses it.
 Data goes to stdout, errors to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from collections.abc import Callable
@@ -21,23 +23,35 @@ from .client import SOCKET_ENV, Client, RemoteError, default_socket
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# check: which way the handler failed
+EXIT_NO_COMPILE = 3
+EXIT_REFUSED = 4
+CHECK_EXIT = {"compile_error": EXIT_NO_COMPILE, "forbidden_include": EXIT_NO_COMPILE,
+              "verifier_rejected": EXIT_REFUSED, "wrong_program_type": EXIT_REFUSED,
+              "function_not_found": EXIT_REFUSED, "function_ambiguous": EXIT_REFUSED, "object_error": EXIT_REFUSED}
 
 
 class UsageError(Exception):
     pass
 
 
-def _read_source(path: str) -> tuple[str, str]:
-    """(source text, file name as the daemon records it).  The daemon gets the text, not the
-    path: it may not see the client's files."""
+ELF_MAGIC = b"\x7fELF"
+
+
+def _read_handler(path: str, dialect: str) -> dict[str, Any]:
+    """The request fields for a handler file: C source text, or an ELF object as base64.
+    The daemon gets the contents, not the path: it may not see the client's files."""
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    fields: dict[str, Any] = {"filename": "<stdin>" if path == "-" else Path(path).name}
+    if data.startswith(ELF_MAGIC):
+        return {**fields, "object": base64.b64encode(data).decode()}
     try:
-        return data.decode(), ("<stdin>" if path == "-" else Path(path).name)
+        return {**fields, "source": data.decode(), "dialect": dialect}
     except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text; a handler is C source") from None
+        raise UsageError(f"{path} is neither UTF-8 C source nor a BPF ELF object") from None
 
 
 def _since(value: str | None) -> str:
@@ -47,8 +61,17 @@ def _since(value: str | None) -> str:
 
 
 def cmd_attach(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    source, filename = _read_source(args.file)
-    return client.call("attach", slot=args.slot, source=source, filename=filename, function=args.function)
+    return client.call("attach", slot=args.slot, function=args.function, **_read_handler(args.file, args.dialect))
+
+
+def cmd_check(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    return client.call("check", function=args.function, **_read_handler(args.file, args.dialect))
+
+
+def show_check(r: dict[str, Any], args: argparse.Namespace) -> None:
+    if r["log"].strip() and not args.quiet:
+        print(r["log"].rstrip("\n"), file=sys.stderr)
+    print(f"{r['function']} ({r['dialect']}) verified: {r['prog_type']} program, {r['insns']} instructions")
 
 
 def show_attach(r: dict[str, Any], args: argparse.Namespace) -> None:
@@ -73,9 +96,9 @@ def cmd_list(client: Client, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show_list(r: dict[str, Any], args: argparse.Namespace) -> None:
-    rows = [[s["slot"], s["syscall"], s["function"] or "?", s["prog_id"], s["filename"] or "-",
-             _since(s["attached_at"]), s["misses"]] for s in r["slots"]]
-    headers = ["SLOT", "SYSCALL", "FUNCTION", "PROG", "SOURCE", "SINCE", "MISSES"]
+    rows = [[s["slot"], s["syscall"], s["function"] or "?", s.get("dialect") or "?", s["prog_id"],
+             s["filename"] or "-", _since(s["attached_at"]), s["misses"]] for s in r["slots"]]
+    headers = ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "MISSES"]
     if rows:
         print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
                        disable_numparse=True))
@@ -126,12 +149,20 @@ Verb = tuple[Callable[[Client, argparse.Namespace], dict[str, Any]],
              Callable[[dict[str, Any], argparse.Namespace], None]]
 VERBS: dict[str, Verb] = {
     "attach": (cmd_attach, show_attach),
+    "check": (cmd_check, show_check),
     "detach": (cmd_detach, show_detach),
     "list": (cmd_list, show_list),
     "status": (cmd_status, show_status),
     "ping": (cmd_ping, show_ping),
     "unload-all": (cmd_unload_all, show_unload_all),
 }
+
+
+def _add_handler_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="handler: bcc or libbpf C source, or a BPF .o ('-' reads stdin)")
+    p.add_argument("--function", metavar="NAME", help="program to load (default: the only raw_tp one)")
+    p.add_argument("--dialect", choices=["auto", "bcc", "libbpf"], default="auto",
+                   help="C dialect (default: auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
     a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
-    a.add_argument("file", metavar="FILE", help="handler C source ('-' reads stdin)")
-    a.add_argument("--function", metavar="NAME", help="function to load (default: the only raw_tp function)")
+    _add_handler_arguments(a)
+    c = sub.add_parser("check", parents=[common], help="compile and load FILE for the verifier only; attach nothing")
+    _add_handler_arguments(c)
+    c.add_argument("--quiet", action="store_true", help="no compiler warnings on success")
     d = sub.add_parser("detach", parents=[common], help="empty SLOT")
     d.add_argument("slot", metavar="SLOT")
     ls = sub.add_parser("list", parents=[common], help="show the filled slots")
@@ -180,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except RemoteError as err:
         _print_error(err)
-        return EXIT_FAILURE
+        return CHECK_EXIT.get(err.code, EXIT_FAILURE) if args.verb == "check" else EXIT_FAILURE
     except (OSError, ConnectionError) as err:
         print(f"tailcallctl: cannot talk to tailcalld at {path}: {err} (is tailcalld running?)", file=sys.stderr)
         return EXIT_FAILURE

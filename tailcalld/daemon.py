@@ -67,7 +67,7 @@ class Daemon:
     async def run(self) -> None:
         s = self.settings
         watch_all, watch = resolve_watch(s, self.syscalls)
-        compiler = Compiler(timeout=s.compile_timeout)
+        compiler = Compiler(timeout=s.compile_timeout, cache_dir=s.state_dir / "cache")
         dispatcher = await Dispatcher.open_or_load(s.pin_dir, compiler)
         try:
             misses = MissMonitor(dispatcher.miss_totals, self.syscalls.label, watch_all, watch)

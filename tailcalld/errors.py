@@ -70,6 +70,15 @@ class FunctionAmbiguous(TailcalldError):
     code = "function_ambiguous"
 
 
+class WrongProgramType(TailcalldError):
+    """The chosen program is of a type the raw_tp dispatcher cannot tail-call."""
+    code = "wrong_program_type"
+
+
+class ObjectError(TailcalldError):
+    code = "object_error"
+
+
 class CompileTimeout(TailcalldError):
     code = "compile_timeout"
 
@@ -107,5 +116,5 @@ class ConfigError(TailcalldError):
 # Codes a compile worker reports, mapped back to their exception.
 WORKER_ERRORS: dict[str, type[TailcalldError]] = {
     cls.code: cls
-    for cls in (CompileError, VerifierRejected, FunctionNotFound, FunctionAmbiguous)
+    for cls in (CompileError, VerifierRejected, FunctionNotFound, FunctionAmbiguous, WrongProgramType, ObjectError)
 }

@@ -14,7 +14,8 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError,
+                      model_validator)
 
 from .errors import BadRequest, TailcalldError, UnknownCommand
 
@@ -32,12 +33,32 @@ class PingRequest(_Request):
     command: Literal["ping"]
 
 
-class AttachRequest(_Request):
-    command: Literal["attach"]
-    slot: Slot
-    source: Annotated[StrictStr, Field(min_length=1, max_length=MAX_SOURCE_CHARS)]
+class _HandlerSpec(_Request):
+    """A handler as the client sends it: C source text, or a BPF ELF object in base64."""
+
+    source: Annotated[StrictStr, Field(min_length=1, max_length=MAX_SOURCE_CHARS)] | None = None
+    object: Annotated[StrictStr, Field(min_length=1, max_length=2 * MAX_SOURCE_CHARS,
+                                       description="a BPF ELF object (.o), base64")] | None = None
+    dialect: Literal["auto", "bcc", "libbpf"] = Field(
+        "auto", description="C dialect of `source`; auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf")
     filename: Annotated[StrictStr, Field(max_length=4096)] = "<source>"
     function: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_source_or_object(self) -> _HandlerSpec:
+        if (self.source is None) == (self.object is None):
+            raise ValueError("give exactly one of source (C text) or object (base64 ELF)")
+        return self
+
+
+class AttachRequest(_HandlerSpec):
+    command: Literal["attach"]
+    slot: Slot
+
+
+class CheckRequest(_HandlerSpec):
+    """Compile and load for verification only; nothing is attached."""
+    command: Literal["check"]
 
 
 class DetachRequest(_Request):
@@ -58,9 +79,9 @@ class UnloadAllRequest(_Request):
     command: Literal["unload-all"]
 
 
-Request = Annotated[PingRequest | AttachRequest | DetachRequest | ListRequest | StatusRequest | UnloadAllRequest,
-                    Field(discriminator="command")]
-COMMANDS = ("ping", "attach", "detach", "list", "status", "unload-all")
+Request = Annotated[PingRequest | AttachRequest | CheckRequest | DetachRequest | ListRequest | StatusRequest
+                    | UnloadAllRequest, Field(discriminator="command")]
+COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "unload-all")
 _request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
 
 
@@ -75,6 +96,7 @@ class SlotInfo(BaseModel):
     slot: int
     syscall: str
     function: str | None = Field(description="handler function; None when adopted from pins unknown to us")
+    dialect: Literal["bcc", "libbpf", "object"] | None = None
     prog_id: int
     filename: str | None
     source_sha256: str | None
@@ -90,6 +112,14 @@ class AttachResult(BaseModel):
     prog_id: int
     insns: int
     replaced_prog_id: int | None
+
+
+class CheckResult(BaseModel):
+    function: str
+    dialect: Literal["bcc", "libbpf", "object"]
+    prog_type: str
+    insns: int = Field(description="instructions of the verified program, as the kernel translated it")
+    log: str = Field("", description="compiler and loader warnings")
 
 
 class DetachResult(BaseModel):
@@ -126,7 +156,7 @@ class UnloadResult(BaseModel):
     pins_removed: list[str]
 
 
-Result = PingResult | AttachResult | DetachResult | ListResult | StatusResult | UnloadResult
+Result = PingResult | AttachResult | CheckResult | DetachResult | ListResult | StatusResult | UnloadResult
 
 
 class ErrorBody(BaseModel):

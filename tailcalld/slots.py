@@ -25,7 +25,8 @@ from .dispatcher import Dispatcher
 from .errors import SlotEmpty, TailcalldError, Unloading
 from .misses import MissMonitor
 from .peers import Peer
-from .protocol import AttachRequest, AttachResult, DetachResult, ListResult, SlotInfo, StatusResult
+from .dialects import Artifact
+from .protocol import AttachResult, CheckResult, DetachResult, ListResult, SlotInfo, StatusResult
 from .state import SlotRecord, StateFile, StateStore
 from .syscalls import SyscallTable
 
@@ -115,7 +116,8 @@ class SlotManager:
                 self._correct(f"slot {self._label(slot)}: kept program {running} found in the kernel")
             return
         try:
-            prog = await self.compiler.load(self.store.source(record.source_sha256), record.function)
+            prog = await self.compiler.load_artifact(self.store.artifact(record.source_sha256, record.dialect),
+                                                     record.function)
         except (TailcalldError, OSError, ValueError) as err:
             self._correct(f"slot {self._label(slot)}: could not rebuild {record.function} from "
                           f"{record.filename} ({err}); the slot stays as the kernel has it", error=True)
@@ -149,17 +151,18 @@ class SlotManager:
     def _save(self) -> None:
         self.store.save(StateFile(slots={s: h.record for s, h in self._handlers.items()}))
 
-    async def attach(self, req: AttachRequest, peer: Peer) -> AttachResult:
-        slot = self.syscalls.resolve(req.slot)
+    async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
+                     peer: Peer) -> AttachResult:
+        slot = self.syscalls.resolve(slot_spec)
         async with self._locks[slot]:
             self._check_open()
-            prog = await self.compiler.load(req.source, req.function)
+            prog = await self.compiler.load_artifact(artifact, function)
             # From here to the map update nothing awaits: no other change interleaves.
             try:
                 replaced = self.dispatcher.slot_prog_id(slot)
                 old = self._handlers.get(slot)
-                record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id,
-                                    source_sha256=self.store.put_source(req.source), filename=req.filename,
+                record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
+                                    source_sha256=self.store.put_artifact(artifact), filename=filename,
                                     attached_by_uid=peer.uid, attached_at=datetime.now(UTC))
                 self._handlers[slot] = Handler(record, prog)
                 try:
@@ -177,10 +180,17 @@ class SlotManager:
             self.misses.held_handler(slot)
         self._on_change()
         self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
-                    f"{prog.function} in slot {self._label(slot)}: program {prog.id}"
+                    f"{prog.function} ({artifact.dialect}) in slot {self._label(slot)}: program {prog.id}"
                     + (f", was {replaced}" if replaced is not None else ""))
         return AttachResult(slot=slot, syscall=self.syscalls.label(slot), function=prog.function,
                             prog_id=prog.id, insns=prog.insns, replaced_prog_id=replaced)
+
+    async def check(self, artifact: Artifact, function: str | None) -> CheckResult:
+        """Compile and load for the verifier's verdict only; the program is dropped at once."""
+        prog = await self.compiler.load_artifact(artifact, function)
+        os.close(prog.fd)
+        return CheckResult(function=prog.function, dialect=artifact.dialect, prog_type="raw_tracepoint",
+                           insns=prog.insns, log=prog.log)
 
     def _restore_entry(self, slot: int, old: Handler | None) -> None:
         """Undo an in-memory change whose persisting or applying failed (best effort on disk)."""
@@ -252,6 +262,7 @@ class SlotManager:
     def _slot_info(self, r: SlotRecord) -> SlotInfo:
         misses = self.misses.since_start(r.slot, self.dispatcher.miss_total(r.slot))
         return SlotInfo(slot=r.slot, syscall=self.syscalls.label(r.slot), function=r.function,
+                        dialect=r.dialect if r.source_sha256 else None,
                         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256,
                         attached_at=r.attached_at, attached_by_uid=r.attached_by_uid, misses=misses)
 

@@ -1,7 +1,7 @@
 """Persisted desired state: which handler should sit in which slot, and where it came from.
 
     state_dir/state.json            {"version": 1, "slots": {"268": SlotRecord, ...}}
-    state_dir/sources/<sha256>.c    each handler's source, content-addressed
+    state_dir/sources/<sha256>.c|.o each handler's source (or ELF object), content-addressed
 
 Every write is atomic (temp file, fsync, rename, fsync of the folder), and a source is
 written before the state that names it, so a crash at any point leaves a readable state.
@@ -11,13 +11,14 @@ A state file that cannot be read is moved aside (never deleted) and reported.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .dialects import Artifact, Dialect
 
 STATE_VERSION = 1
 
@@ -31,6 +32,7 @@ class SlotRecord(BaseModel):
     # None for a program found in the kernel with no record (adopted after the state was lost):
     # it keeps running, but cannot be rebuilt after a reboot.
     source_sha256: str | None
+    dialect: Dialect = "bcc"
     filename: str | None
     attached_by_uid: int | None
     attached_at: datetime | None
@@ -49,10 +51,6 @@ class LoadedState(BaseModel):
     state: StateFile
     found: bool  # False: no state file (first start) or unreadable
     problem: str | None = None  # why it was unreadable, and where it was moved
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -92,7 +90,7 @@ class StateStore:
         try:
             state = StateFile.model_validate_json(raw)
             missing = [r.source_sha256 for r in state.slots.values()
-                       if r.source_sha256 and not self._source_path(r.source_sha256).is_file()]
+                       if r.source_sha256 and not self._artifact_path(r.source_sha256, r.dialect).is_file()]
             if state.version != STATE_VERSION or missing:
                 raise ValueError(f"version {state.version}" if state.version != STATE_VERSION
                                  else f"missing sources {', '.join(m[:12] for m in missing)}")
@@ -108,26 +106,25 @@ class StateStore:
         _atomic_write(self.path, state.model_dump_json(indent=2).encode() + b"\n")
         self._collect_sources(state)
 
-    def put_source(self, text: str) -> str:
-        sha = sha256_text(text)
-        path = self._source_path(sha)
+    def put_artifact(self, artifact: Artifact) -> str:
+        path = self._artifact_path(artifact.sha256, artifact.dialect)
         if not path.exists():
-            _atomic_write(path, text.encode())
-        return sha
+            _atomic_write(path, artifact.data)
+        return artifact.sha256
 
-    def source(self, sha: str) -> str:
-        text = self._source_path(sha).read_text()
-        if sha256_text(text) != sha:
-            raise ValueError(f"source {sha[:12]} does not match its hash")
-        return text
+    def artifact(self, sha: str, dialect: Dialect) -> Artifact:
+        found = Artifact(dialect, self._artifact_path(sha, dialect).read_bytes())
+        if found.sha256 != sha:
+            raise ValueError(f"saved handler {sha[:12]} does not match its hash")
+        return found
 
-    def _source_path(self, sha: str) -> Path:
-        return self.sources / f"{sha}.c"
+    def _artifact_path(self, sha: str, dialect: Dialect) -> Path:
+        return self.sources / f"{sha}{'.o' if dialect == 'object' else '.c'}"
 
     def _collect_sources(self, state: StateFile) -> None:
         """Drop sources no slot refers to any more."""
         wanted = {r.source_sha256 for r in state.slots.values()}
-        for path in self.sources.glob("*.c"):
+        for path in self.sources.glob("*.[co]"):
             if path.stem not in wanted:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

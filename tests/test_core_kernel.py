@@ -13,11 +13,11 @@ import pytest
 from conftest import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots, read_counter
 from tailcalld import bpfsys
 from tailcalld.compiler import Compiler
+from tailcalld.dialects import Artifact
 from tailcalld.dispatcher import NR_SLOTS, Dispatcher
 from tailcalld.errors import (AlreadyRunning, CompileError, FunctionAmbiguous, FunctionNotFound, PinConflict,
                               SlotEmpty, SlotOutOfRange, UnknownSyscall, VerifierRejected)
 from tailcalld.misses import MissMonitor
-from tailcalld.protocol import AttachRequest
 from tailcalld.peers import Peer
 from tailcalld.slots import SlotManager
 from tailcalld.state import StateStore
@@ -50,8 +50,9 @@ def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaita
     asyncio.run(main())
 
 
-def attach(slot: int | str, source: str, function: str | None = None) -> AttachRequest:
-    return AttachRequest(command="attach", slot=slot, source=source, filename="test.c", function=function)
+def attach(slot: int | str, source: str, function: str | None = None) -> tuple[int | str, Artifact, str | None, str]:
+    """SlotManager.attach's arguments for bcc C ``source``."""
+    return slot, Artifact("bcc", source.encode()), function, "test.c"
 
 
 @pytest.mark.parametrize("slot", [NR_FCHMODAT, "fchmodat"], ids=["by-number", "by-name"])
@@ -59,7 +60,7 @@ def test_attach_counts_every_call(pin_root: Path, tmp_path: Path, slot: int | st
     counter = pin_root / "maps" / "count"
 
     async def scenario(m: SlotManager) -> None:
-        result = await m.attach(attach(slot, counting_handler(counter)), ME)
+        result = await m.attach(*attach(slot, counting_handler(counter)), ME)
         assert (result.slot, result.syscall, result.function) == (NR_FCHMODAT, "fchmodat", "count_calls")
         assert result.replaced_prog_id is None
         fchmodat(1000)
@@ -75,7 +76,7 @@ def test_detach_stops_the_handler(pin_root: Path, tmp_path: Path) -> None:
     counter = pin_root / "maps" / "count"
 
     async def scenario(m: SlotManager) -> None:
-        attached = await m.attach(attach("fchmodat", counting_handler(counter)), ME)
+        attached = await m.attach(*attach("fchmodat", counting_handler(counter)), ME)
         fchmodat(10)
         detached = await m.detach(NR_FCHMODAT, ME)
         assert detached.prog_id == attached.prog_id
@@ -95,9 +96,9 @@ def test_replace_is_one_update_and_frees_the_old_program(pin_root: Path, tmp_pat
     c1, c2 = pin_root / "maps" / "c1", pin_root / "maps" / "c2"
 
     async def scenario(m: SlotManager) -> None:
-        first = await m.attach(attach(NR_FCHMODAT, counting_handler(c1, "v1")), ME)
+        first = await m.attach(*attach(NR_FCHMODAT, counting_handler(c1, "v1")), ME)
         fchmodat(5)
-        second = await m.attach(attach(NR_FCHMODAT, counting_handler(c2, "v2")), ME)
+        second = await m.attach(*attach(NR_FCHMODAT, counting_handler(c2, "v2")), ME)
         assert second.replaced_prog_id == first.prog_id
         fchmodat(7)
         assert (read_counter(c1), read_counter(c2)) == (5, 7)
@@ -119,35 +120,35 @@ def test_bad_handlers_change_nothing(pin_root: Path, tmp_path: Path) -> None:
     counter = pin_root / "maps" / "count"
 
     async def scenario(m: SlotManager) -> None:
-        good = await m.attach(attach(NR_FCHMODAT, counting_handler(counter)), ME)
+        good = await m.attach(*attach(NR_FCHMODAT, counting_handler(counter)), ME)
 
         with pytest.raises(CompileError) as compile_err:
-            await m.attach(attach(NR_FCHMODAT, "int broken(struct bpf_raw_tracepoint_args *ctx) { return nope; }"), ME)
+            await m.attach(*attach(NR_FCHMODAT, "int broken(struct bpf_raw_tracepoint_args *ctx) { return nope; }"), ME)
         assert "use of undeclared identifier 'nope'" in compile_err.value.details["log"]
 
         rejected = ("int reject(struct bpf_raw_tracepoint_args *ctx)"
                     " { u64 *p = (u64 *)ctx; return p[100]; }")
         with pytest.raises(VerifierRejected) as verifier_err:
-            await m.attach(attach(NR_FCHMODAT, rejected), ME)
+            await m.attach(*attach(NR_FCHMODAT, rejected), ME)
         assert "invalid bpf_context access" in verifier_err.value.details["log"]
 
         two = ("int a(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n"
                "int b(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n")
         with pytest.raises(FunctionAmbiguous) as ambiguous:
-            await m.attach(attach(NR_FCHMODAT, two), ME)
+            await m.attach(*attach(NR_FCHMODAT, two), ME)
         assert ambiguous.value.details["candidates"] == ["a", "b"]
         with pytest.raises(FunctionNotFound):
-            await m.attach(attach(NR_FCHMODAT, two, function="c"), ME)
+            await m.attach(*attach(NR_FCHMODAT, two, function="c"), ME)
         with pytest.raises(SlotOutOfRange):
-            await m.attach(attach(NR_SLOTS, two, function="a"), ME)
+            await m.attach(*attach(NR_SLOTS, two, function="a"), ME)
         with pytest.raises(UnknownSyscall):
-            await m.attach(attach("fchmodatt", two, function="a"), ME)
+            await m.attach(*attach("fchmodatt", two, function="a"), ME)
 
         assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == good.prog_id
         fchmodat(3)
         assert read_counter(counter) == 3
         # Picking one of several functions explicitly works.
-        chosen = await m.attach(attach(NR_FCHMODAT, two, function="b"), ME)
+        chosen = await m.attach(*attach(NR_FCHMODAT, two, function="b"), ME)
         assert chosen.function == "b"
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
@@ -156,7 +157,7 @@ def test_bad_handlers_change_nothing(pin_root: Path, tmp_path: Path) -> None:
 def test_concurrent_attaches_to_one_slot_are_serialised(pin_root: Path, tmp_path: Path) -> None:
     async def scenario(m: SlotManager) -> None:
         sources = [counting_handler(pin_root / "maps" / f"c{i}", f"h{i}") for i in range(3)]
-        results = await asyncio.gather(*(m.attach(attach(NR_FCHMODAT, s), ME) for s in sources))
+        results = await asyncio.gather(*(m.attach(*attach(NR_FCHMODAT, s), ME) for s in sources))
         # The slot lock is FIFO: each attach replaced exactly the one before it.
         assert [r.replaced_prog_id for r in results] == [None, results[0].prog_id, results[1].prog_id]
         assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == results[2].prog_id
@@ -172,7 +173,7 @@ def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path, tmp_path
 
     async def first(m: SlotManager) -> None:
         ids["dispatcher"] = m.dispatcher.prog_id
-        ids["handler"] = (await m.attach(attach(NR_FCHMODAT, counting_handler(counter)), ME)).prog_id
+        ids["handler"] = (await m.attach(*attach(NR_FCHMODAT, counting_handler(counter)), ME)).prog_id
 
     async def second(m: SlotManager) -> None:
         assert m.dispatcher.adopted

@@ -79,10 +79,10 @@ def test_main_without_verb_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_every_verb_has_a_runner_and_a_printer() -> None:
-    assert set(ctl.VERBS) == {"attach", "detach", "list", "status", "ping", "unload-all"}
+    assert set(ctl.VERBS) == {"attach", "check", "detach", "list", "status", "ping", "unload-all"}
+    args = {"attach": ["1", "f.c"], "check": ["f.c"], "detach": ["1"]}
     for verb in ctl.VERBS:
-        assert parse(*([verb, "1", "f.c"] if verb == "attach" else [verb, "1"] if verb == "detach" else [verb])
-                     ).verb == verb
+        assert parse(verb, *args.get(verb, [])).verb == verb
 
 
 # Output ------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_every_verb_has_a_runner_and_a_printer() -> None:
 SLOTS = {"slots": [
     {"slot": 110, "syscall": "getppid", "function": None, "prog_id": 7, "filename": None,
      "source_sha256": None, "attached_at": None, "misses": 0},
-    {"slot": 268, "syscall": "fchmodat", "function": "count_calls", "prog_id": 12345,
+    {"slot": 268, "syscall": "fchmodat", "function": "count_calls", "dialect": "libbpf", "prog_id": 12345,
      "filename": "handler.c", "source_sha256": "ab" * 32,
      "attached_at": "2024-05-01T12:30:00+00:00", "misses": 57},
 ]}
@@ -101,10 +101,11 @@ def test_show_list_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     lines = out.splitlines()
     header, row1, row2 = lines[0], lines[1], lines[2]
-    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "PROG", "SOURCE", "SINCE", "MISSES"]
+    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "MISSES"]
     assert header.startswith("SLOT")
     # every column starts at the same offset in the header and in both rows
     for title, v1, v2 in [("SYSCALL", "getppid", "fchmodat"), ("FUNCTION", "?", "count_calls"),
+                          ("DIALECT", "?", "libbpf"),
                           ("PROG", "7", "12345"), ("SOURCE", "-", "handler.c"), ("MISSES", "0", "57")]:
         col = header.index(title)
         assert row1[col:].startswith(v1), (title, row1)
@@ -200,7 +201,7 @@ def test_attach_missing_file_returns_2(listening: Path, tmp_path: Path, capsys: 
 
 
 def test_attach_non_utf8_file_returns_2(listening: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    binary = tmp_path / "h.o"
-    binary.write_bytes(b"\x7fELF\xff\xfe")
+    binary = tmp_path / "h.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage")  # not C text, and no ELF magic either
     assert ctl.main(["--socket", str(listening), "--timeout", "1", "attach", "268", str(binary)]) == 2
-    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert "is neither UTF-8 C source nor a BPF ELF object" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 
 from tailcalld.errors import BadRequest, SlotOutOfRange, TailcalldError
 from tailcalld.protocol import (
+    COMMANDS,
     AttachRequest,
     AttachResult,
     DetachRequest,
@@ -127,7 +128,7 @@ def test_unknown_command() -> None:
     err = parse_error(line({"id": 5, "command": "reboot"}))
     assert err.code == "unknown_command"
     assert "'reboot'" in err.message
-    assert err.details == {"known": ["ping", "attach", "detach", "list", "status", "unload-all"]}
+    assert err.details == {"known": list(COMMANDS)}
     assert err.request_id == 5  # type: ignore[attr-defined]
 
 
@@ -172,7 +173,7 @@ def test_missing_slot(command: str) -> None:
     assert {"field": "slot", "message": "Field required"} in err.details
 
 
-@pytest.mark.parametrize("source", [42, 1.0, True, ["x"], {"text": "x"}, None])
+@pytest.mark.parametrize("source", [42, 1.0, True, ["x"], {"text": "x"}])
 def test_source_of_wrong_type(source: object) -> None:
     err = parse_error(line({"command": "attach", "slot": 268, "source": source}))
     assert err.code == "bad_request"
@@ -188,7 +189,14 @@ def test_empty_source() -> None:
 
 def test_missing_source() -> None:
     err = parse_error(line({"command": "attach", "slot": 268}))
-    assert err.details == [{"field": "source", "message": "Field required"}]
+    assert err.details == [{"field": "(request)", "message":
+                            "Value error, give exactly one of source (C text) or object (base64 ELF)"}]
+
+
+@pytest.mark.parametrize("extra", [{"source": None}, {"source": "int x;", "object": "AAAA"}])
+def test_source_and_object_are_exclusive(extra: dict[str, object]) -> None:
+    err = parse_error(line({"command": "attach", "slot": 268, **extra}))
+    assert err.code == "bad_request" and "exactly one of source" in err.message
 
 
 @pytest.mark.parametrize("function", ["1abc", "a-b", "a b", "", "x" * 129, "f\n", "f()", "é", 5])

@@ -1,0 +1,86 @@
+"""The two ways people write handlers, told apart, and what compiling the libbpf one needs.
+
+bcc C:     compiled by BCC at run time (tailcalld/compile_worker.py, bcc path).
+libbpf C:  SEC(...), vmlinux.h, <bpf/bpf_helpers.h>: compiled by clang to a BPF ELF object
+           against a vmlinux.h generated from the running kernel's BTF, then loaded with libbpf.
+object:    a prebuilt BPF ELF object, loaded with libbpf as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Dialect = Literal["bcc", "libbpf", "object"]
+BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
+
+_LIBBPF_MARKERS = re.compile(r'\bSEC\s*\(|#\s*include\s*[<"](?:vmlinux\.h|bpf/bpf_helpers\.h)[>"]')
+# uname -m -> the __TARGET_ARCH_* bpf_tracing.h expects
+_TARGET_ARCH = {"x86_64": "x86", "aarch64": "arm64", "armv7l": "arm", "s390x": "s390", "ppc64le": "powerpc",
+                "riscv64": "riscv", "loongarch64": "loongarch"}
+
+
+def detect(source: str) -> Dialect:
+    return "libbpf" if _LIBBPF_MARKERS.search(source) else "bcc"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a handler is made from: C source (bcc or libbpf dialect) or an ELF object."""
+
+    dialect: Dialect
+    data: bytes
+
+    @property
+    def source(self) -> str | None:
+        return None if self.dialect == "object" else self.data.decode()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def suffix(self) -> str:
+        return ".o" if self.dialect == "object" else ".c"
+
+
+def target_arch() -> str:
+    machine = platform.machine()
+    return _TARGET_ARCH.get(machine, machine)
+
+
+def clang_command(include_dirs: list[str], output: str) -> list[str]:
+    """clang, as libbpf-tools build their .bpf.o: the source comes on stdin."""
+    multiarch = f"/usr/include/{platform.machine()}-linux-gnu"
+    cmd = ["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{target_arch()}"]
+    cmd += [f"-I{d}" for d in include_dirs]
+    if os.path.isdir(multiarch):
+        cmd.append(f"-I{multiarch}")  # <asm/types.h> for <linux/bpf.h>
+    return [*cmd, "-x", "c", "-c", "-", "-o", output]
+
+
+async def vmlinux_header(cache_dir: Path) -> Path:
+    """A folder holding vmlinux.h for the running kernel, generated once per BTF (that is, per
+    kernel) with bpftool and kept under ``cache_dir``."""
+    btf = await asyncio.to_thread(BTF_VMLINUX.read_bytes)
+    folder = cache_dir / f"vmlinux-{hashlib.sha256(btf).hexdigest()[:16]}"
+    header = folder / "vmlinux.h"
+    if header.exists():
+        return folder
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        "bpftool", "btf", "dump", "file", str(BTF_VMLINUX), "format", "c",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise OSError(f"bpftool could not dump {BTF_VMLINUX}: {err.decode(errors='replace').strip()}")
+    tmp = folder / f".vmlinux.h.{os.getpid()}"
+    tmp.write_bytes(out)
+    os.replace(tmp, header)
+    return folder
