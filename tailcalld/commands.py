@@ -52,7 +52,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
             artifact = artifact_of(request, ctx.max_source_bytes)
-            return await m.attach(request.slot, artifact, request.function, request.filename, peer)
+            return await m.attach(request.slot, artifact, request.function, request.filename, peer, request.fresh)
         case CheckRequest():
             return await m.check(artifact_of(request, ctx.max_source_bytes), request.function)
         case DetachRequest():

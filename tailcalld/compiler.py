@@ -68,6 +68,7 @@ class Compiler:
         self.timeout = timeout
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
         self._slots = asyncio.Semaphore(max_parallel)
+        self.workers_started = 0  # compile workers run so far (tests and status read it)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
 
     async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
@@ -106,6 +107,7 @@ class Compiler:
         return await self.load(artifact.source, function, dialect=artifact.dialect)
 
     async def _run_worker(self, request: bytes) -> tuple[dict, int | None, str]:
+        self.workers_started += 1
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with parent:
             with child:

@@ -61,7 +61,8 @@ def _since(value: str | None) -> str:
 
 
 def cmd_attach(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    return client.call("attach", slot=args.slot, function=args.function, **_read_handler(args.file, args.dialect))
+    return client.call("attach", slot=args.slot, function=args.function, fresh=args.fresh or None,
+                       **_read_handler(args.file, args.dialect))
 
 
 def cmd_check(client: Client, args: argparse.Namespace) -> dict[str, Any]:
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
     a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
     _add_handler_arguments(a)
+    a.add_argument("--fresh", action="store_true",
+                   help="compile and load anew, with maps of its own (default: reuse the program of a slot "
+                        "that already runs the same handler)")
     c = sub.add_parser("check", parents=[common], help="compile and load FILE for the verifier only; attach nothing")
     _add_handler_arguments(c)
     c.add_argument("--quiet", action="store_true", help="no compiler warnings on success")

@@ -14,8 +14,8 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError, model_validator)
 
 from .errors import BadRequest, TailcalldError, UnknownCommand
 
@@ -54,6 +54,8 @@ class _HandlerSpec(_Request):
 class AttachRequest(_HandlerSpec):
     command: Literal["attach"]
     slot: Slot
+    fresh: StrictBool = Field(False, description="compile anew even if a slot already runs the same handler "
+                                                 "(by default that program is reused, maps included)")
 
 
 class CheckRequest(_HandlerSpec):

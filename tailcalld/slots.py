@@ -12,6 +12,7 @@ reconcile makes the kernel match it (see ``restore``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections import defaultdict, deque
@@ -41,6 +42,7 @@ class Handler:
 
     record: SlotRecord
     prog: LoadedProgram | None = None
+    requested_function: str | None = None  # as asked (None: the only raw_tp one), to match reuse exactly
 
     def close(self) -> None:
         if self.prog is not None:
@@ -125,7 +127,8 @@ class SlotManager:
                 self._handlers[slot] = Handler(self._unknown_record(slot, running))
             return
         self.dispatcher.set_slot(slot, prog.fd)
-        self._handlers[slot] = Handler(record.model_copy(update={"prog_id": prog.id}), prog)
+        self._handlers[slot] = Handler(record.model_copy(update={"prog_id": prog.id}), prog,
+                                       requested_function=record.function)
         what = "was empty" if running is None else f"held program {running}, not the recorded {record.prog_id}"
         self._correct(f"slot {self._label(slot)} {what}: rebuilt {record.function} from {record.filename} "
                       f"as program {prog.id}")
@@ -152,11 +155,14 @@ class SlotManager:
         self.store.save(StateFile(slots={s: h.record for s, h in self._handlers.items()}))
 
     async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
-                     peer: Peer) -> AttachResult:
+                     peer: Peer, fresh: bool = False) -> AttachResult:
+        """Put the handler in the slot.  Unless ``fresh``, a program already loaded from the same
+        artifact and function is reused (no compile): it then shares its maps with its other slots."""
         slot = self.syscalls.resolve(slot_spec)
         async with self._locks[slot]:
             self._check_open()
-            prog = await self.compiler.load_artifact(artifact, function)
+            prog = (None if fresh else self._already_loaded(artifact, function)) \
+                or await self.compiler.load_artifact(artifact, function)
             # From here to the map update nothing awaits: no other change interleaves.
             try:
                 replaced = self.dispatcher.slot_prog_id(slot)
@@ -164,7 +170,7 @@ class SlotManager:
                 record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
                                     source_sha256=self.store.put_artifact(artifact), filename=filename,
                                     attached_by_uid=peer.uid, attached_at=datetime.now(UTC))
-                self._handlers[slot] = Handler(record, prog)
+                self._handlers[slot] = Handler(record, prog, requested_function=function)
                 try:
                     self._save()  # desired state first: a crash after this is repaired at start
                     # One map update: the dispatcher sees either the old handler or the new one.
@@ -184,6 +190,16 @@ class SlotManager:
                     + (f", was {replaced}" if replaced is not None else ""))
         return AttachResult(slot=slot, syscall=self.syscalls.label(slot), function=prog.function,
                             prog_id=prog.id, insns=prog.insns, replaced_prog_id=replaced)
+
+    def _already_loaded(self, artifact: Artifact, function: str | None) -> LoadedProgram | None:
+        """The program another slot (or this one) already runs for the same handler, with an fd
+        of its own: a warm attach needs no compile and no load."""
+        for h in self._handlers.values():
+            r = h.record
+            if (h.prog is not None and r.source_sha256 == artifact.sha256 and r.dialect == artifact.dialect
+                    and h.requested_function == function):
+                return dataclasses.replace(h.prog, fd=os.dup(h.prog.fd))
+        return None
 
     async def check(self, artifact: Artifact, function: str | None) -> CheckResult:
         """Compile and load for the verifier's verdict only; the program is dropped at once."""

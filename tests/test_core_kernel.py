@@ -166,6 +166,26 @@ def test_concurrent_attaches_to_one_slot_are_serialised(pin_root: Path, tmp_path
     run(pin_root / "daemon", tmp_path / "state", scenario)
 
 
+def test_warm_attach_reuses_the_loaded_program(pin_root: Path, tmp_path: Path) -> None:
+    counter = pin_root / "maps" / "shared"
+    source = counting_handler(counter)
+
+    async def scenario(m: SlotManager) -> None:
+        first = await m.attach(*attach(NR_FCHMODAT, source), ME)
+        workers_before = m.compiler.workers_started
+        second = await m.attach(*attach("getppid", source), ME)  # same handler, another slot
+        again = await m.attach(*attach(NR_FCHMODAT, source), ME)  # same handler, same slot
+        assert m.compiler.workers_started == workers_before  # neither compiled nor loaded anything
+        assert first.prog_id == second.prog_id == again.prog_id
+        assert again.replaced_prog_id == first.prog_id
+        fresh = await m.attach(*attach("getppid", source), ME, fresh=True)
+        assert fresh.prog_id != first.prog_id and m.compiler.workers_started == workers_before + 1
+        await m.detach(NR_FCHMODAT, ME)  # the shared program's other user keeps it
+        assert {s.slot: s.prog_id for s in m.list().slots} == {110: fresh.prog_id}
+
+    run(pin_root / "daemon", tmp_path / "state", scenario)
+
+
 def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path, tmp_path: Path) -> None:
     counter = pin_root / "maps" / "count"
     pin_dir = pin_root / "daemon"

@@ -23,7 +23,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def libbpf_counter(function: str, map_name: str, dirfd: int | None = DIRFD_MAGIC) -> str:
     """libbpf C counting the calls whose first argument is ``dirfd`` (every call: None)."""
-    only = "" if dirfd is None else f"if ((int)PT_REGS_PARM1_CORE(regs) != {dirfd})\n        return 0;"
+    only = "" if dirfd is None else (f"if ((int)PT_REGS_PARM1_CORE(regs) != {dirfd} || "
+                                     f"(bpf_get_current_pid_tgid() >> 32) != {os.getpid()})\n        return 0;")
     return f"""#include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
