@@ -98,7 +98,7 @@ class Daemon:
         try:
             await server.start(sock)
             d = manager.dispatcher
-            state = ("upgraded from program %d" % d.upgraded_from if d.upgraded_from
+            state = (f"upgraded from program {d.upgraded_from}" if d.upgraded_from
                      else "adopted from pins" if d.adopted else "loaded and pinned")
             logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s",
                         __version__, d.prog_id, state, manager.slots_in_use, self._socket_path,

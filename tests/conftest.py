@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tailcalld import bpfsys
 from tailcalld.client import Client
 from tailcalld.journal import journald_listening
 
@@ -177,6 +178,21 @@ def saved_slots(state_dir: Path) -> dict[int, int]:
     return {int(slot): record["prog_id"] for slot, record in state["slots"].items()}
 
 
+def run_tailcalld(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """tailcalld run to completion (a start that must fail, --purge)."""
+    return subprocess.run([str(VENV_BIN / "tailcalld"), "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def pin_foreign_map(path: Path) -> None:
+    """Pin a map tailcalld did not make at ``path``: an object it must refuse to touch."""
+    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, "notours", 4, 4, 16)
+    try:
+        bpfsys.obj_pin(fd, str(path))
+    finally:
+        os.close(fd)
+
+
 def write_config(path: Path, **settings: object) -> Path:
     lines = []
     for key, value in settings.items():
@@ -227,10 +243,9 @@ def start_daemon(tmp: Path, pin_dir: Path, **settings: object) -> DaemonProcess:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"tailcalld exited with {proc.returncode}:\n{d.output()}")
-        with contextlib.suppress(OSError):
-            with d.client(timeout=5) as c:
-                c.call("ping")
-                return d
+        with contextlib.suppress(OSError), d.client(timeout=5) as c:
+            c.call("ping")
+            return d
         time.sleep(0.05)
     d.stop()
     raise AssertionError(f"tailcalld did not answer within 60 s:\n{d.output()}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (NR_FCHMODAT, VENV_BIN, counting_handler, fchmodat, read_counter, start_daemon,
-                      write_config)
+from conftest import (NR_FCHMODAT, counting_handler, fchmodat, pin_foreign_map, read_counter, run_tailcalld,
+                      start_daemon, write_config)
 from tailcalld import bpfsys
 
 NOBODY = 65534
@@ -179,12 +179,11 @@ def test_purge_offline_and_refused_while_running(tmp_path: Path, pin_root: Path)
     d = start_daemon(tmp_path, pin_root / "daemon")
     with d.client() as c:
         c.call("attach", slot=NR_FCHMODAT, source=counting_handler(pin_root / "maps" / "c"))
-    purge = [str(VENV_BIN / "tailcalld"), "--config", str(d.config), "--purge"]
-    r = subprocess.run(purge, capture_output=True, text=True, timeout=60)
+    r = run_tailcalld(d.config, "--purge")
     assert r.returncode == 1 and "another tailcalld already owns" in r.stderr
     assert d.stop() == 0
     assert (pin_root / "daemon" / "link").exists()  # a plain stop keeps everything
-    r = subprocess.run(purge, capture_output=True, text=True, timeout=60)
+    r = run_tailcalld(d.config, "--purge")
     assert r.returncode == 0, r.stderr
     assert not (pin_root / "daemon").exists()
     assert json.loads((tmp_path / "state" / "state.json").read_text())["slots"] == {}
@@ -197,23 +196,17 @@ def test_second_daemon_and_foreign_pins_refuse_to_start(tmp_path: Path, pin_root
         other.mkdir()
         config = write_config(other / "c.toml", socket=other / "s.sock", pin_dir=pin_root / "daemon",
                               state_dir=other / "state")
-        r = subprocess.run([str(VENV_BIN / "tailcalld"), "--config", str(config)], capture_output=True,
-                           text=True, timeout=60)
+        r = run_tailcalld(config)
         assert r.returncode == 1 and f"another tailcalld already owns {pin_root / 'daemon'}" in r.stderr
     finally:
         d.stop()
 
     foreign = pin_root / "foreign"
     foreign.mkdir()
-    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, "notours", 4, 4, 1)
-    try:
-        bpfsys.obj_pin(fd, str(foreign / "link"))
-    finally:
-        os.close(fd)
+    pin_foreign_map(foreign / "link")
     config = write_config(tmp_path / "f.toml", socket=tmp_path / "f.sock", pin_dir=foreign,
                           state_dir=tmp_path / "fstate")
-    r = subprocess.run([str(VENV_BIN / "tailcalld"), "--config", str(config)], capture_output=True, text=True,
-                       timeout=60)
+    r = run_tailcalld(config)
     assert r.returncode == 1 and str(foreign / "link") in r.stderr
     assert bpfsys.map_info(fd := bpfsys.obj_get(str(foreign / "link"))).name == "notours"  # untouched
     os.close(fd)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots, read_counter
+from conftest import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots, pin_foreign_map, read_counter
 from tailcalld import bpfsys
 from tailcalld.compiler import Compiler
 from tailcalld.dialects import Artifact
@@ -216,11 +216,7 @@ def test_one_owner_per_pin_dir_and_foreign_pins_are_refused(pin_root: Path, tmp_
 
     foreign = pin_root / "foreign"
     foreign.mkdir()
-    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, "notours", 4, 4, 16)
-    try:
-        bpfsys.obj_pin(fd, str(foreign / "prog_array"))
-    finally:
-        os.close(fd)
+    pin_foreign_map(foreign / "prog_array")
     with pytest.raises(PinConflict) as conflict:
         run(foreign, tmp_path / "state", lambda m: asyncio.sleep(0))
     assert str(foreign / "prog_array") in conflict.value.message

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (NR_FCHMODAT, VENV_BIN, DaemonProcess, counting_handler, fchmodat, read_counter,
-                      start_daemon, write_config)
+                      run_tailcalld, start_daemon, write_config)
 from tailcalld.client import Client, RemoteError
 from tailcalld.protocol import response_adapter
 
@@ -249,7 +249,6 @@ def test_sigterm_exits_0_removes_the_socket_and_keeps_the_pins(tmp_path: Path, p
 
 
 def test_config_errors_name_the_key(tmp_path: Path, pin_root: Path) -> None:
-    tailcalld = str(VENV_BIN / "tailcalld")
     cases = {
         "unknown": ({"pin_dir": str(pin_root / "d"), "miss_interval": 3}, "miss_interval"),
         "bad value": ({"pin_dir": str(pin_root / "d"), "miss_log_interval": -1}, "miss_log_interval"),
@@ -258,7 +257,7 @@ def test_config_errors_name_the_key(tmp_path: Path, pin_root: Path) -> None:
     }
     for name, (settings, key) in cases.items():
         config = write_config(tmp_path / f"{name}.toml", **settings)
-        r = subprocess.run([tailcalld, "--config", str(config)], capture_output=True, text=True, timeout=60)
+        r = run_tailcalld(config)
         assert r.returncode == 78, (name, r.stderr)
         assert key in r.stderr, (name, r.stderr)
     assert not (pin_root / "d" / "link").exists()

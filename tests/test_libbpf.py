@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import (DIRFD_MAGIC, NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, read_counter,
                       remove_pins, start_daemon)

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import (NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, kernel_slots, read_counter,
                       remove_pins, saved_slots, start_daemon)

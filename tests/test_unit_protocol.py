@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -277,7 +277,7 @@ def test_encode_ok_ping() -> None:
 
 
 def test_encode_ok_serialises_datetimes_and_nested_models() -> None:
-    when = datetime(2024, 5, 1, 12, 30, tzinfo=timezone.utc)
+    when = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
     result = ListResult(slots=[SlotInfo(slot=268, syscall="fchmodat", function="f", prog_id=9,
                                         filename="f.c\nwith newline", source_sha256="ab" * 32,
                                         attached_at=when, misses=0)])
