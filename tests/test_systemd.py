@@ -122,6 +122,9 @@ def test_start_reload_journal_stop(systemd: Systemd) -> None:
     finally:
         handler.unlink()
     assert "attached count_calls to fchmodat (268)" in attach.stdout
+    # libbpf C too: clang, bpftool's vmlinux.h and libbpf all work inside the sandbox.
+    check = sd.ctl("check", str(REPO / "examples/fchmodat_libbpf.bpf.c"), "--function", "enter_fchmodat")
+    assert "enter_fchmodat (libbpf) verified" in check.stdout
     fchmodat(100)
     assert read_counter(counter) == 100
 
