@@ -1,0 +1,65 @@
+"""The benchmark (bench/run.py) works end to end at its smallest size.
+
+Speed is never pass/fail: nothing here looks at how fast anything was, only that every
+configuration and operation was measured and printed, and that no pin was left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGURATIONS = {"floor", "raw_tp", "miss", "hit", "other", "bpftrace", "tracepoint"}
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _table_line(text: str, label: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith(f"| {label} ")]
+    assert len(lines) == 1, f"no single table row for {label!r} in:\n{text}"
+    return lines[0]
+
+
+def _run_quick(tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench.run failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> None:
+    table, data = _run_quick(tmp_path)
+
+    rows = {r["key"]: r for r in data["syscall_rows"]}
+    assert set(rows) == CONFIGURATIONS
+    for key, row in rows.items():
+        line = _table_line(table, row["label"])
+        if key == "bpftrace" and shutil.which("bpftrace") is None:
+            assert "skipped" in line
+            continue
+        assert row["skipped"] is None and row["per_round"], f"{key} was not measured"
+        assert all(math.isfinite(x) and x > 0 for x in row["per_round"])
+        assert len(NUMBER.findall(line)) >= 8, f"numbers missing in the {key} row: {line}"
+        assert not row["problems"], f"the miss counter contradicts {key}: {row['problems']}"
+
+    control = data["control"]
+    operations = " / ".join(x["operation"] for x in control["latencies"])
+    for wanted in ("cold attach", "warm attach", "detach", "swap", "list, 1 client", "list, 50 concurrent clients"):
+        assert wanted in operations
+    for x in control["latencies"]:
+        _table_line(table, x["operation"])
+        assert math.isfinite(x["p50"]), x
+    assert any("one connection" in what and rate > 0 for what, rate in control["throughput"])
+    memory = dict(control["memory"])
+    assert memory["daemon VmRSS, idle (no handlers)"].endswith("MiB")
+    assert any(k.startswith("daemon VmRSS,") and "handlers in" in k for k in memory)
+
+    assert data["pin_dirs"], "the benchmark made no pin folder"
+    assert data["pins_left"] == [] and not any(Path(p).exists() for p in data["pin_dirs"])
