@@ -159,7 +159,7 @@ def cold_attaches(d: RunningDaemon, n: int) -> tuple[list[float], list[float]]:
     with d.client() as c:
         for i in range(n):
             source = handler_source(f"cold {i} {secrets.token_hex(8)}")
-            attach.append(_ms(lambda: c.call("attach", slot=TIMED_SLOT, source=source, filename="cold.c")))
+            attach.append(_ms(lambda src=source: c.call("attach", slot=TIMED_SLOT, source=src, filename="cold.c")))
             detach.append(_ms(lambda: c.call("detach", slot=TIMED_SLOT)))
     return attach, detach
 

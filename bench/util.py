@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from tabulate import tabulate
+
 from tailcalld import bpfsys
 from tailcalld.dispatcher import LINK_PIN
 
@@ -47,12 +49,9 @@ def median(samples: Sequence[float]) -> float:
 # -- tables ----------------------------------------------------------------------------------
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A plain Markdown-compatible table: readable in a terminal and pasteable into BENCHMARKS.md."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    """A Markdown (GitHub) table: readable in a terminal and pasteable into BENCHMARKS.md."""
+    return tabulate([[_cell(v) for v in row] for row in rows], headers=list(headers), tablefmt="github",
+                    disable_numparse=True)
 
 
 def _cell(value: object) -> str:
