@@ -113,6 +113,8 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
     lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
@@ -233,9 +235,21 @@ def percpu_u64_sum(map_fd: int, key: int) -> int:
 
 
 def percpu_u64_sums(map_fd: int, max_entries: int) -> list[int]:
-    """Every entry of a per-CPU u64 array, summed over the possible CPUs.
-
-    One lookup per key: a 1024-entry map read every few seconds is a few ms of work, and
-    unlike batch lookups this works on every kernel that has per-CPU arrays.
-    """
-    return [percpu_u64_sum(map_fd, k) for k in range(max_entries)]
+    """Every entry of a per-CPU u64 array, summed over the possible CPUs: one batch lookup
+    (one syscall for the whole map, ~0.3 ms for 1024 entries instead of ~3 ms key by key)."""
+    ncpu = num_possible_cpus()
+    keys = (ctypes.c_uint32 * max_entries)()
+    values = (ctypes.c_uint64 * (max_entries * ncpu))()
+    count = ctypes.c_uint32(max_entries)
+    token = ctypes.c_uint32()
+    ret = _lib().bpf_map_lookup_batch(map_fd, None, ctypes.byref(token), keys, values, ctypes.byref(count), None)
+    if ret < 0:
+        err = ctypes.get_errno() or -ret
+        if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # kernels without batch ops
+            return [percpu_u64_sum(map_fd, k) for k in range(max_entries)]
+        if err != errno.ENOENT:  # ENOENT: "no more", with the whole map in this one batch
+            _check(ret, "read the miss counters")
+    sums = [0] * max_entries
+    for i in range(count.value):
+        sums[keys[i]] = sum(values[i * ncpu:(i + 1) * ncpu])
+    return sums

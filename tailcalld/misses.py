@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+SNAPSHOT_AGE = 0.1  # seconds a read of the counters serves list/status requests
+
 
 @dataclass(frozen=True)
 class MissReport:
@@ -37,6 +39,7 @@ class MissMonitor:
         self.baseline = read_totals()
         self._last = list(self.baseline)
         self._last_time = clock()
+        self._snapshot, self._snapshot_time = self.baseline, self._last_time
 
     def configure(self, watch_all: bool, extra: Iterable[int]) -> None:
         self._watch_all = watch_all
@@ -51,6 +54,7 @@ class MissMonitor:
     def poll(self) -> list[MissReport]:
         totals = self._read_totals()
         now = self._clock()
+        self._snapshot, self._snapshot_time = totals, now
         seconds = now - self._last_time
         reports = [MissReport(nr, self._label(nr), total - last, seconds)
                    for nr, (total, last) in enumerate(zip(totals, self._last, strict=True))
@@ -58,5 +62,13 @@ class MissMonitor:
         self._last, self._last_time = totals, now
         return reports
 
-    def since_start(self, nr: int, total: int) -> int:
-        return total - self.baseline[nr]
+    def recent_totals(self, max_age: float = SNAPSHOT_AGE) -> list[int]:
+        """The counters read at most ``max_age`` seconds ago: a burst of list/status requests
+        shares one read of the map instead of each paying for it."""
+        now = self._clock()
+        if now - self._snapshot_time > max_age:
+            self._snapshot, self._snapshot_time = self._read_totals(), now
+        return self._snapshot
+
+    def since_start(self, nr: int, totals: list[int]) -> int:
+        return totals[nr] - self.baseline[nr]

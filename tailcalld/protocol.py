@@ -224,7 +224,9 @@ def _with_id(err: TailcalldError, rid: RequestId) -> TailcalldError:
 
 
 def encode_ok(rid: RequestId, result: BaseModel) -> bytes:
-    return OkResponse(id=rid, result=result.model_dump(mode="json")).model_dump_json().encode() + b"\n"
+    """An OkResponse, serialised once: the result model straight to JSON, framed by hand
+    (building the OkResponse model would validate and dump the result a second time)."""
+    return b'{"id":%s,"ok":true,"result":%s}\n' % (json.dumps(rid).encode(), result.model_dump_json().encode())
 
 
 def encode_error(rid: RequestId, err: TailcalldError) -> bytes:

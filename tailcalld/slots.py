@@ -273,17 +273,21 @@ class SlotManager:
         return len(self._handlers)
 
     def list(self) -> ListResult:
-        return ListResult(slots=[self._slot_info(h.record) for _, h in sorted(self._handlers.items())])
+        totals = self.misses.recent_totals()
+        return ListResult.model_construct(slots=[self._slot_info(h.record, totals)
+                                                 for _, h in sorted(self._handlers.items())])
 
-    def _slot_info(self, r: SlotRecord) -> SlotInfo:
-        misses = self.misses.since_start(r.slot, self.dispatcher.miss_total(r.slot))
-        return SlotInfo(slot=r.slot, syscall=self.syscalls.label(r.slot), function=r.function,
-                        dialect=r.dialect if r.source_sha256 else None,
-                        prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256,
-                        attached_at=r.attached_at, attached_by_uid=r.attached_by_uid, misses=misses)
+    def _slot_info(self, r: SlotRecord, totals: list[int]) -> SlotInfo:
+        # model_construct: these values come from our own validated records; list is the
+        # hottest request and validation would double its cost.
+        return SlotInfo.model_construct(
+            slot=r.slot, syscall=self.syscalls.label(r.slot), function=r.function,
+            dialect=r.dialect if r.source_sha256 else None, prog_id=r.prog_id, filename=r.filename,
+            source_sha256=r.source_sha256, attached_at=r.attached_at, attached_by_uid=r.attached_by_uid,
+            misses=self.misses.since_start(r.slot, totals))
 
     def status(self) -> StatusResult:
-        totals = self.dispatcher.miss_totals()
+        totals = self.misses.recent_totals()
         return StatusResult(
             version=__version__, pid=os.getpid(), started_at=self.started_at,
             pin_dir=str(self.dispatcher.pin_dir), socket=self.socket_path,

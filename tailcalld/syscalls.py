@@ -45,9 +45,9 @@ class SyscallTable:
 
     @classmethod
     def for_this_machine(cls, nr_slots: int) -> SyscallTable:
-        names = _from_bcc()
-        names.update(_from_libc_headers())
-        return cls(nr_slots, names)
+        # bcc's table only when there is no compiler: importing bcc maps libbcc and LLVM into
+        # the daemon, ~60 MB of RSS it otherwise never needs (compiles run in workers).
+        return cls(nr_slots, _from_libc_headers() or _from_bcc())
 
     def name(self, nr: int) -> str | None:
         return self.by_nr.get(nr)

@@ -191,17 +191,25 @@ def test_decreasing_counter_is_not_reported(fake: Fake) -> None:
 def test_since_start(fake: Fake) -> None:
     fake.totals[268] = 40
     m = fake.monitor()
-    assert m.since_start(268, 40) == 0
-    assert m.since_start(268, 97) == 57
-    assert m.since_start(110, 5) == 5
+    assert m.since_start(268, m.recent_totals()) == 0
+    fake.totals[268] = 97
+    fake.totals[110] = 5
+    fake.now += 1
+    assert m.since_start(268, m.recent_totals()) == 57
+    assert m.since_start(110, m.recent_totals()) == 5
     fake.totals[268] = 500
     fake.now += 10
     m.poll()
-    assert m.since_start(268, 500) == 460  # polling does not move the baseline
+    assert m.since_start(268, m.recent_totals()) == 460  # polling does not move the baseline
 
 
-def test_counter_count_mismatch_is_an_error(fake: Fake) -> None:
-    m = fake.monitor(watch_all=True)
-    fake.totals.append(0)
-    with pytest.raises(ValueError):
-        m.poll()
+def test_recent_totals_share_one_read(fake: Fake) -> None:
+    m = fake.monitor()
+    fake.totals[268] = 7
+    fake.now += 0.05
+    assert m.recent_totals()[268] == 0  # younger than 0.1 s: the read made at start serves
+    fake.now += 0.1
+    assert m.recent_totals()[268] == 7
+    fake.totals[268] = 9
+    m.poll()  # a poll refreshes the snapshot too
+    assert m.recent_totals()[268] == 9
