@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,13 @@ from .peers import Peer, may_control
 
 logger = logging.getLogger("tailcalld")
 ADMIT_WAIT = 1.0  # seconds a connection over the limit waits for a place before it is refused
+
+
+@dataclass
+class _Activity:
+    writer: asyncio.StreamWriter
+    since: float  # monotonic time of the last read or write; inf while a command runs
+    expired: bool = False
 
 
 @dataclass
@@ -81,15 +90,31 @@ class ControlServer:
         self._clients: set[asyncio.Task[None]] = set()
         self._admitted = 0
         self._freed = asyncio.Condition()
+        self._activity: dict[asyncio.Task[None], _Activity] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         ctx.connections = lambda: self._admitted
 
     async def start(self, sock: socket.socket) -> None:
         # The stream limit is what makes readuntil refuse an oversized line.
         self._server = await asyncio.start_unix_server(self._serve, sock=sock,
                                                        limit=self.max_request_bytes + 1)
+        self._sweeper = asyncio.create_task(self._sweep_idle())
+
+    async def _sweep_idle(self) -> None:
+        """Close connections silent (or not reading their replies) for idle_timeout.  One sweep a
+        fraction of a second, instead of a timeout armed around every read: list is hot."""
+        while True:
+            await asyncio.sleep(min(1.0, self.policy.idle_timeout / 4))
+            now = time.monotonic()
+            for activity in list(self._activity.values()):
+                if now - activity.since > self.policy.idle_timeout:
+                    activity.expired = True
+                    activity.writer.transport.abort()
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, give running commands ``grace`` seconds, then cancel them."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         current = asyncio.current_task()
@@ -167,19 +192,28 @@ class ControlServer:
         await self._send(writer, protocol.encode_error(rid, err))
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
-        while True:
-            try:
-                # asyncio.timeout, not wait_for: no task per request on the hot path.
-                async with asyncio.timeout(self.policy.idle_timeout):
+        task = asyncio.current_task()
+        assert task is not None
+        activity = self._activity[task] = _Activity(writer, time.monotonic())
+        try:
+            while True:
+                try:
                     line = await self._read_line(reader)
-            except RequestTooLarge as err:
-                await self._send(writer, protocol.encode_error(None, err))
-                continue
-            if line is None:
-                return
-            if not line.strip():
-                continue
-            await self._send(writer, await self._answer(line, peer))
+                except RequestTooLarge as err:
+                    line, reply = b"", protocol.encode_error(None, err)
+                else:
+                    if line is None or activity.expired:
+                        return
+                    if not line.strip():
+                        continue
+                    activity.since = math.inf  # a running command (a compile) is not idleness
+                    reply = await self._answer(line, peer)
+                activity.since = time.monotonic()
+                writer.write(reply)
+                await writer.drain()  # blocks only past the high-water mark; the sweeper bounds it
+                activity.since = time.monotonic()
+        finally:
+            del self._activity[task]
 
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
         writer.write(reply)
