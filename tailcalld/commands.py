@@ -45,7 +45,8 @@ def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
     return artifact
 
 
-async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseModel:
+async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseModel | bytes:
+    """The command's result: a result model, or (for list, the hot one) its JSON."""
     m = ctx.manager
     match request:
         case PingRequest():
@@ -58,7 +59,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
         case DetachRequest():
             return await m.detach(request.slot, peer)
         case ListRequest():
-            return m.list()
+            return m.list_json()
         case StatusRequest():
             return m.status().model_copy(update={"connections": ctx.connections()})
         case UnloadAllRequest():

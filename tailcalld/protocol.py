@@ -104,6 +104,7 @@ class SlotInfo(BaseModel):
     source_sha256: str | None
     attached_at: datetime | None
     attached_by_uid: int | None = None
+    # Keep misses last: SlotManager.list_json serialises the rest once and appends it.
     misses: int = Field(description="tail-call misses of this slot since the daemon started")
 
 
@@ -223,10 +224,11 @@ def _with_id(err: TailcalldError, rid: RequestId) -> TailcalldError:
     return err
 
 
-def encode_ok(rid: RequestId, result: BaseModel) -> bytes:
-    """An OkResponse, serialised once: the result model straight to JSON, framed by hand
-    (building the OkResponse model would validate and dump the result a second time)."""
-    return b'{"id":%s,"ok":true,"result":%s}\n' % (json.dumps(rid).encode(), result.model_dump_json().encode())
+def encode_ok(rid: RequestId, result: BaseModel | bytes) -> bytes:
+    """An OkResponse, serialised once: the result model (or its JSON, already serialised from
+    the model) framed by hand; building the OkResponse model would dump the result twice."""
+    body = result if isinstance(result, bytes) else result.model_dump_json().encode()
+    return b'{"id":%s,"ok":true,"result":%s}\n' % (json.dumps(rid).encode(), body)
 
 
 def encode_error(rid: RequestId, err: TailcalldError) -> bytes:

@@ -43,6 +43,7 @@ class Handler:
     record: SlotRecord
     prog: LoadedProgram | None = None
     requested_function: str | None = None  # as asked (None: the only raw_tp one), to match reuse exactly
+    list_head: bytes | None = None  # this slot's list entry as JSON, up to its miss count (see list_json)
 
     def close(self) -> None:
         if self.prog is not None:
@@ -277,14 +278,31 @@ class SlotManager:
         return ListResult.model_construct(slots=[self._slot_info(h.record, totals)
                                                  for _, h in sorted(self._handlers.items())])
 
-    def _slot_info(self, r: SlotRecord, totals: list[int]) -> SlotInfo:
+    def list_json(self) -> bytes:
+        """``list()`` already serialised, for the socket: list is the hottest request, and a
+        slot's entry only changes when its handler does, so each entry is serialised once (by
+        the SlotInfo model) and only its miss count, the last field, is written per request."""
+        totals = self.misses.recent_totals()
+        entries = [self._list_head(h) + b"%d}" % self.misses.since_start(slot, totals)
+                   for slot, h in sorted(self._handlers.items())]
+        return b'{"slots":[' + b",".join(entries) + b"]}"
+
+    def _list_head(self, h: Handler) -> bytes:
+        if h.list_head is None:
+            text = self._slot_info(h.record, None).model_dump_json()
+            tail = ',"misses":0}'
+            assert text.endswith(tail), "misses must stay SlotInfo's last field"
+            h.list_head = text[:-2].encode()  # everything up to the count and the closing brace
+        return h.list_head
+
+    def _slot_info(self, r: SlotRecord, totals: list[int] | None) -> SlotInfo:
         # model_construct: these values come from our own validated records; list is the
         # hottest request and validation would double its cost.
         return SlotInfo.model_construct(
             slot=r.slot, syscall=self.syscalls.label(r.slot), function=r.function,
             dialect=r.dialect if r.source_sha256 else None, prog_id=r.prog_id, filename=r.filename,
             source_sha256=r.source_sha256, attached_at=r.attached_at, attached_by_uid=r.attached_by_uid,
-            misses=self.misses.since_start(r.slot, totals))
+            misses=0 if totals is None else self.misses.since_start(r.slot, totals))
 
     def status(self) -> StatusResult:
         totals = self.misses.recent_totals()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from tailcalld.errors import (AlreadyRunning, CompileError, FunctionAmbiguous, F
                               SlotEmpty, SlotOutOfRange, UnknownSyscall, VerifierRejected)
 from tailcalld.misses import MissMonitor
 from tailcalld.peers import Peer
+from tailcalld.protocol import ListResult
 from tailcalld.slots import SlotManager
 from tailcalld.state import StateStore
 from tailcalld.syscalls import SyscallTable
@@ -182,6 +184,21 @@ def test_warm_attach_reuses_the_loaded_program(pin_root: Path, tmp_path: Path) -
         assert fresh.prog_id != first.prog_id and m.compiler.workers_started == workers_before + 1
         await m.detach(NR_FCHMODAT, ME)  # the shared program's other user keeps it
         assert {s.slot: s.prog_id for s in m.list().slots} == {110: fresh.prog_id}
+
+    run(pin_root / "daemon", tmp_path / "state", scenario)
+
+
+def test_list_json_is_the_list_model_serialised(pin_root: Path, tmp_path: Path) -> None:
+    async def scenario(m: SlotManager) -> None:
+        assert json.loads(m.list_json()) == {"slots": []}
+        await m.attach(*attach(NR_FCHMODAT, counting_handler(pin_root / "maps" / "c")), ME)
+        for _ in range(50):
+            os.getppid()  # misses while the getppid slot is still empty
+        await m.attach(*attach("getppid", "int g(struct bpf_raw_tracepoint_args *c) { return 0; }"), ME)
+        await asyncio.sleep(0.2)  # past the counters' snapshot age, so both read the same values
+        fast = ListResult.model_validate_json(m.list_json())  # valid on the wire
+        assert json.loads(m.list_json()) == json.loads(m.list().model_dump_json())
+        assert [s.slot for s in fast.slots] == [110, NR_FCHMODAT] and fast.slots[0].misses >= 50
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
 
