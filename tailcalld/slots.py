@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 
 from . import __version__, bpfsys
 from .compiler import Compiler, LoadedProgram
+from .dialects import Artifact
 from .dispatcher import Dispatcher
 from .errors import SlotEmpty, TailcalldError, Unloading
 from .misses import MissMonitor
 from .peers import Peer
-from .dialects import Artifact
 from .protocol import AttachResult, CheckResult, DetachResult, ListResult, SlotInfo, StatusResult
 from .state import SlotRecord, StateFile, StateStore
 from .syscalls import SyscallTable
@@ -66,6 +66,10 @@ class SlotManager:
         self.corrections: deque[str] = deque(maxlen=MAX_CORRECTIONS)
         self._on_change = on_change  # e.g. to refresh systemd's STATUS=
         self._handlers: dict[int, Handler] = {}
+        # Recorded slots whose handler could not be rebuilt at start (a compile failing after a
+        # reboot, say): kept in the state file so the next start tries again, until an attach
+        # or detach on the slot says otherwise.
+        self._unrestored: dict[int, SlotRecord] = {}
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._unloading = False
 
@@ -122,10 +126,14 @@ class SlotManager:
             prog = await self.compiler.load_artifact(self.store.artifact(record.source_sha256, record.dialect),
                                                      record.function)
         except (TailcalldError, OSError, ValueError) as err:
-            self._correct(f"slot {self._label(slot)}: could not rebuild {record.function} from "
-                          f"{record.filename} ({err}); the slot stays as the kernel has it", error=True)
-            if running is not None:
+            if running is None:  # nothing runs there: keep the record, the next start tries again
+                self._unrestored[slot] = record
+                outcome = "the slot stays empty until a start can rebuild it"
+            else:  # something runs there: keep it rather than trace nothing
                 self._handlers[slot] = Handler(self._unknown_record(slot, running))
+                outcome = f"program {running}, found in the slot, is kept"
+            self._correct(f"slot {self._label(slot)}: could not rebuild {record.function} from "
+                          f"{record.filename} ({err}); {outcome}", error=True)
             return
         self.dispatcher.set_slot(slot, prog.fd)
         self._handlers[slot] = Handler(record.model_copy(update={"prog_id": prog.id}), prog,
@@ -153,7 +161,7 @@ class SlotManager:
         return f"{self.syscalls.label(slot)} ({slot})"
 
     def _save(self) -> None:
-        self.store.save(StateFile(slots={s: h.record for s, h in self._handlers.items()}))
+        self.store.save(StateFile(slots={**self._unrestored, **{s: h.record for s, h in self._handlers.items()}}))
 
     async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
                      peer: Peer, fresh: bool = False) -> AttachResult:
@@ -172,11 +180,14 @@ class SlotManager:
                                     source_sha256=self.store.put_artifact(artifact), filename=filename,
                                     attached_by_uid=peer.uid, attached_at=datetime.now(UTC))
                 self._handlers[slot] = Handler(record, prog, requested_function=function)
+                unrestored = self._unrestored.pop(slot, None)
                 try:
                     self._save()  # desired state first: a crash after this is repaired at start
                     # One map update: the dispatcher sees either the old handler or the new one.
                     self.dispatcher.set_slot(slot, prog.fd)
                 except BaseException:
+                    if unrestored is not None:
+                        self._unrestored[slot] = unrestored
                     self._restore_entry(slot, old)
                     raise
             except BaseException:
@@ -226,6 +237,8 @@ class SlotManager:
             self._check_open()
             prog_id = self.dispatcher.slot_prog_id(slot)
             old = self._handlers.pop(slot, None)
+            if self._unrestored.pop(slot, None) is not None:
+                self._save()  # detaching a handler that could not be rebuilt: forget it
             if prog_id is None:
                 if old is not None:
                     self._restore_entry(slot, None)
@@ -250,6 +263,7 @@ class SlotManager:
         for lock in list(self._locks.values()):
             await lock.acquire()  # never released: the daemon exits after an unload
         slots = sorted(self._handlers)
+        self._unrestored.clear()
         self.store.save(StateFile())
         for slot in slots:
             self.dispatcher.clear_slot(slot)

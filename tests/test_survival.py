@@ -248,3 +248,32 @@ def _link_prog_name(pin_dir: Path) -> str:
         return bpfsys.prog_info(prog_fd).name
     finally:
         os.close(prog_fd)
+
+
+def test_a_handler_that_cannot_be_rebuilt_is_retried_at_the_next_start(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="count.c")
+    assert d.stop() == 0
+    remove_pins(pin_root / "daemon")  # a reboot...
+    [source] = (tmp_path / "state" / "sources").glob("*.c")
+    good = source.read_bytes()
+    source.write_bytes(good + b"\n/* changed on disk */\n")  # ...after which the saved source is not the one recorded
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        with d.client() as c:
+            assert c.call("list")["slots"] == []
+            [correction] = c.call("status")["corrections"]
+        assert "could not rebuild count_calls from count.c" in correction
+        assert set(saved_slots(tmp_path / "state")) == {NR_FCHMODAT}  # still wanted
+    finally:
+        assert d.stop() == 0
+    source.write_bytes(good)
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        assert_agree(d, tmp_path / "state")
+        fchmodat(8)
+        assert read_counter(counter) == 8
+    finally:
+        d.stop()
