@@ -287,7 +287,7 @@ class SlotManager:
     def slots_in_use(self) -> int:
         return len(self._handlers)
 
-    def list(self) -> ListResult:
+    def list_slots(self) -> ListResult:
         totals = self.misses.recent_totals()
         return ListResult.model_construct(slots=[self._slot_info(h.record, totals)
                                                  for _, h in sorted(self._handlers.items())])

@@ -87,7 +87,7 @@ def test_detach_stops_the_handler(pin_root: Path, tmp_path: Path) -> None:
         assert read_counter(counter) == 10
         assert m.dispatcher.miss_total(NR_FCHMODAT) - before_misses >= 10  # now a miss
         assert kernel_slots(pin_root / "daemon" / "prog_array") == {}
-        assert m.list().slots == []
+        assert m.list_slots().slots == []
         with pytest.raises(SlotEmpty):
             await m.detach(NR_FCHMODAT, ME)
 
@@ -104,7 +104,7 @@ def test_replace_is_one_update_and_frees_the_old_program(pin_root: Path, tmp_pat
         assert second.replaced_prog_id == first.prog_id
         fchmodat(7)
         assert (read_counter(c1), read_counter(c2)) == (5, 7)
-        [info] = m.list().slots
+        [info] = m.list_slots().slots
         assert (info.function, info.prog_id) == ("v2", second.prog_id)
         # Nothing holds v1 any more: the kernel freed it (freeing is deferred, so wait for it).
         for _ in range(200):
@@ -163,7 +163,7 @@ def test_concurrent_attaches_to_one_slot_are_serialised(pin_root: Path, tmp_path
         # The slot lock is FIFO: each attach replaced exactly the one before it.
         assert [r.replaced_prog_id for r in results] == [None, results[0].prog_id, results[1].prog_id]
         assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == results[2].prog_id
-        assert len(m.list().slots) == 1
+        assert len(m.list_slots().slots) == 1
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
 
@@ -183,7 +183,7 @@ def test_warm_attach_reuses_the_loaded_program(pin_root: Path, tmp_path: Path) -
         fresh = await m.attach(*attach("getppid", source), ME, fresh=True)
         assert fresh.prog_id != first.prog_id and m.compiler.workers_started == workers_before + 1
         await m.detach(NR_FCHMODAT, ME)  # the shared program's other user keeps it
-        assert {s.slot: s.prog_id for s in m.list().slots} == {110: fresh.prog_id}
+        assert {s.slot: s.prog_id for s in m.list_slots().slots} == {110: fresh.prog_id}
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
 
@@ -197,7 +197,7 @@ def test_list_json_is_the_list_model_serialised(pin_root: Path, tmp_path: Path) 
         await m.attach(*attach("getppid", "int g(struct bpf_raw_tracepoint_args *c) { return 0; }"), ME)
         await asyncio.sleep(0.2)  # past the counters' snapshot age, so both read the same values
         fast = ListResult.model_validate_json(m.list_json())  # valid on the wire
-        assert json.loads(m.list_json()) == json.loads(m.list().model_dump_json())
+        assert json.loads(m.list_json()) == json.loads(m.list_slots().model_dump_json())
         assert [s.slot for s in fast.slots] == [110, NR_FCHMODAT] and fast.slots[0].misses >= 50
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
@@ -215,7 +215,7 @@ def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path, tmp_path
     async def second(m: SlotManager) -> None:
         assert m.dispatcher.adopted
         assert m.dispatcher.prog_id == ids["dispatcher"]
-        [info] = m.list().slots
+        [info] = m.list_slots().slots
         assert (info.slot, info.prog_id, info.function) == (NR_FCHMODAT, ids["handler"], "count_calls")
 
     run(pin_dir, tmp_path / "state", first)
