@@ -129,6 +129,10 @@ class Daemon:
                 logger.exception("could not read the miss counters")
                 continue
             log_misses(reports)
+            try:
+                manager.repair_drift()
+            except (OSError, TailcalldError):
+                logger.exception("could not check the slots against the kernel")
             if reports:
                 seconds = reports[0].seconds
                 self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0

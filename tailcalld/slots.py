@@ -142,6 +142,37 @@ class SlotManager:
         self._correct(f"slot {self._label(slot)} {what}: rebuilt {record.function} from {record.filename} "
                       f"as program {prog.id}")
 
+    def repair_drift(self) -> None:
+        """While running, apply the same rule as at start to changes made behind our back (bpftool):
+        a slot of ours that was emptied or refilled gets our program back (we hold its fd: no
+        compile), a slot filled by someone else is emptied.  Slots being changed right now are
+        left to their change."""
+        kernel = self.dispatcher.occupied()
+        for slot in sorted(set(kernel) | set(self._handlers)):
+            lock = self._locks.get(slot)
+            if (lock is not None and lock.locked()) or self._unloading:
+                continue
+            running, h = kernel.get(slot), self._handlers.get(slot)
+            if h is None:
+                self.dispatcher.clear_slot(slot)
+                self._correct(f"slot {self._label(slot)}: removed program {running}, put there outside tailcalld")
+            elif running != h.record.prog_id:
+                what = "was emptied" if running is None else f"held program {running}"
+                if h.prog is not None:
+                    self.dispatcher.set_slot(slot, h.prog.fd)
+                    self._correct(f"slot {self._label(slot)} {what} outside tailcalld: put program "
+                                  f"{h.prog.id} ({h.record.function}) back")
+                elif running is None:  # adopted, source unknown: nothing to put back
+                    self._handlers.pop(slot)
+                    self._save()
+                    self._correct(f"slot {self._label(slot)} {what} outside tailcalld; its program "
+                                  f"{h.record.prog_id} cannot be put back (source unknown)", error=True)
+                else:
+                    self._handlers[slot] = Handler(self._unknown_record(slot, running))
+                    self._save()
+                    self._correct(f"slot {self._label(slot)} {what} outside tailcalld; kept it (the "
+                                  f"program it replaced, {h.record.prog_id}, has an unknown source)")
+
     def _unknown_record(self, slot: int, prog_id: int) -> SlotRecord:
         return SlotRecord(slot=slot, function=_prog_name(prog_id), prog_id=prog_id, source_sha256=None,
                           filename=None, attached_by_uid=None, attached_at=None)

@@ -277,3 +277,31 @@ def test_a_handler_that_cannot_be_rebuilt_is_retried_at_the_next_start(tmp_path:
         assert read_counter(counter) == 8
     finally:
         d.stop()
+
+
+def test_hand_made_changes_are_repaired_while_running(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    prog_array = pin_root / "daemon" / "prog_array"
+    d = start_daemon(tmp_path, pin_root / "daemon", miss_log_interval=0.3)
+    try:
+        with d.client() as c:
+            ours = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))["prog_id"]
+            stray = c.call("attach", slot="getppid", source=trivial_handler(3))["prog_id"]
+        # By hand: empty our slot, and move the getppid program into a slot tailcalld never used.
+        subprocess.run(["bpftool", "map", "delete", "pinned", str(prog_array), "key", *_key(NR_FCHMODAT)],
+                       check=True)
+        subprocess.run(["bpftool", "map", "update", "pinned", str(prog_array), "key", *_key(301),
+                        "value", "id", str(stray)], check=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and kernel_slots(prog_array) != {NR_FCHMODAT: ours, 110: stray}:
+            time.sleep(0.1)
+        assert kernel_slots(prog_array) == {NR_FCHMODAT: ours, 110: stray}
+        with d.client() as c:
+            corrections = c.call("status")["corrections"]
+        assert any("was emptied outside tailcalld: put program" in line for line in corrections)
+        assert any("removed program" in line and "(301)" in line for line in corrections)
+        assert_agree(d, tmp_path / "state")
+        fchmodat(6)
+        assert read_counter(counter) == 6
+    finally:
+        d.stop()
