@@ -31,7 +31,7 @@ from tailcalld.compiler import Compiler
 from tailcalld.dispatcher import NR_SLOTS
 from tailcalld.syscalls import SyscallTable
 
-from .util import PinDirs, children_of, percentile, pinned_link_prog, remove_pin_dir, status_kib, wait_progs_gone
+from .util import PinDirs, children_of, percentile, pinned_link_prog, remove_pin_tree, status_kib, wait_progs_gone
 
 VENV_BIN = Path(sys.executable).parent
 TIMED_SLOT = "getppid"  # cold/warm attaches go here; an empty handler on getppid bothers nobody
@@ -140,7 +140,7 @@ def running_daemon(pins: PinDirs, workdir: Path) -> Iterator[RunningDaemon]:
     finally:
         _stop(proc)  # a stop leaves the pins by design: they are ours to remove
         dispatcher = pinned_link_prog(pin_dir)
-        remove_pin_dir(pin_dir)
+        remove_pin_tree(pin_dir)
         wait_progs_gone(dispatcher)
 
 

@@ -29,7 +29,7 @@ from tailcalld.dispatcher import NR_SLOTS, Dispatcher
 from tailcalld.syscalls import SyscallTable
 
 from .util import (LinkWatch, PinDirs, median, perf_progs_of, perf_tracepoint_programs, pinned_link_prog,
-                   prog_id_of_fd, raw_tp_link_progs, remove_pin_dir, wait_progs_gone)
+                   prog_id_of_fd, raw_tp_link_progs, remove_pin_tree, wait_progs_gone)
 
 LOOP_SOURCE = Path(__file__).with_name("getppid_loop.c")
 OTHER_SYSCALL = "fchmodat"  # where configuration 5 puts its handler: any syscall but getppid
@@ -173,7 +173,7 @@ def tailcalld_dispatcher(fill: Callable[[Env], list[int]]) -> Attacher:
             yield Attached(ids, getppid_misses=lambda: dispatcher.miss_total(env.getppid_nr))
         finally:
             ids = ids or pinned_link_prog(pin_dir)
-            remove_pin_dir(pin_dir)  # the link pin first: that detaches the dispatcher
+            remove_pin_tree(pin_dir)  # the link pin first: that detaches the dispatcher
             if dispatcher is not None:
                 dispatcher.close()  # our fds were the last references
             wait_progs_gone(ids)

@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
 import threading
@@ -23,6 +22,7 @@ from tabulate import tabulate
 
 from tailcalld import bpfsys
 from tailcalld.dispatcher import LINK_PIN
+from tailcalld.dispatcher import remove_pin_tree
 
 BPFFS = Path("/sys/fs/bpf")
 # The test suite sweeps /sys/fs/bpf/tailcalld-test-* leftovers; a folder named
@@ -77,18 +77,8 @@ class PinDirs:
         """Remove what is left; returns the folders that still had something in them."""
         left = [str(p) for p in self.made if p.exists()]
         for path in self.made:
-            remove_pin_dir(path)
+            remove_pin_tree(path)
         return left
-
-
-def remove_pin_dir(path: Path) -> None:
-    """Links first: unpinning a link is what detaches a program from sys_enter."""
-    if not path.exists():
-        return
-    for link in sorted(path.rglob("link*")):
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- kernel object lifetimes -----------------------------------------------------------------

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,6 +258,17 @@ async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str) -> 
             raise PinConflict(f"{pin_dir / pin_name} appeared while loading", {"path": str(pin_dir / pin_name)}) from None
         raise
     return link_fd
+
+
+def remove_pin_tree(folder: Path) -> None:
+    """Remove a whole folder of pins (tests, benchmarks), links first: unpinning a link is what
+    detaches its program, and nothing must stay on sys_enter once the folder is gone."""
+    if not folder.exists():
+        return
+    for link in sorted(folder.rglob("link*")):
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_pins(pin_dir: Path) -> list[str]:

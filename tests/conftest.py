@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import pytest
 
 from tailcalld import bpfsys
 from tailcalld.client import Client
+from tailcalld.dispatcher import remove_pin_tree
 from tailcalld.journal import journald_listening
 
 BPFFS = Path("/sys/fs/bpf")
@@ -36,16 +38,6 @@ NR_FCHMODAT = 268
 VENV_BIN = Path(sys.executable).parent
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def remove_pins(folder: Path) -> None:
-    """Unpin everything under ``folder``; links first, so no program stays attached."""
-    if not folder.exists():
-        return
-    for link in sorted(folder.rglob("link")):
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def new_pin_root() -> Path:
@@ -72,7 +64,7 @@ def _owner_alive(folder: Path) -> bool:
 def sweep_leftovers() -> None:
     for leftover in BPFFS.glob(TEST_PREFIX + "*"):
         if not _owner_alive(leftover):
-            remove_pins(leftover)
+            remove_pin_tree(leftover)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -121,7 +113,7 @@ def pin_root() -> Iterator[Path]:
     try:
         yield root
     finally:
-        remove_pins(root)
+        remove_pin_tree(root)
 
 
 def fchmodat(n: int, dirfd: int = DIRFD_MAGIC) -> None:
@@ -129,6 +121,28 @@ def fchmodat(n: int, dirfd: int = DIRFD_MAGIC) -> None:
     path = b"/nonexistent-tailcalld-test"
     for _ in range(n):
         _libc.syscall(NR_FCHMODAT, dirfd, path, 0o644)
+
+
+class Workload:
+    """fchmodat(7771, ...) in a loop on a thread; ``made`` counts every call issued."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            fchmodat(100)
+            self.made += 100
+
+    def __enter__(self) -> Workload:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def counting_handler(counter_pin: Path, function: str = "count_calls", dirfd: int = DIRFD_MAGIC,

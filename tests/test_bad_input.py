@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import (NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, kernel_slots,
-                      new_pin_root, read_counter, remove_pins, start_daemon)
+                      new_pin_root, read_counter, remove_pin_tree, start_daemon)
 from tailcalld.client import Client
 from tailcalld.protocol import COMMANDS, response_adapter
 
@@ -36,7 +36,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
         yield d
     finally:
         d.stop()
-        remove_pins(pin_root)
+        remove_pin_tree(pin_root)
 
 
 def line(obj: object) -> bytes:

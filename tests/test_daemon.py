@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (NR_FCHMODAT, VENV_BIN, DaemonProcess, counting_handler, fchmodat, read_counter,
+from conftest import (NR_FCHMODAT, VENV_BIN, DaemonProcess, Workload, counting_handler, fchmodat, read_counter,
                       run_tailcalld, start_daemon, write_config)
 from tailcalld.client import Client, RemoteError
 from tailcalld.protocol import response_adapter
@@ -104,31 +104,18 @@ def test_ctl_without_daemon_fails_cleanly(tmp_path: Path) -> None:
 
 def test_hot_swap_under_load_loses_and_doubles_nothing(daemon: DaemonProcess, pin_root: Path) -> None:
     c1, c2 = pin_root / "maps" / "v1", pin_root / "maps" / "v2"
-    done = threading.Event()
-    made = [0]
-
-    def workload() -> None:
-        while not done.is_set():
-            fchmodat(200)
-            made[0] += 200
-
     with daemon.client() as c:
         c.call("attach", slot=NR_FCHMODAT, source=counting_handler(c1, "v1"), filename="v1.c")
-        worker = threading.Thread(target=workload)
-        worker.start()
-        try:
+        with Workload() as work:
             while read_counter(c1) < 20_000:
                 time.sleep(0.01)
             swap = c.call("attach", slot="fchmodat", source=counting_handler(c2, "v2"), filename="v2.c")
             while read_counter(c2) < 20_000:
                 time.sleep(0.01)
-        finally:
-            done.set()
-            worker.join()
     assert swap["replaced_prog_id"] is not None
     v1, v2 = read_counter(c1), read_counter(c2)
     assert v1 > 0 and v2 > 0
-    assert v1 + v2 == made[0]
+    assert v1 + v2 == work.made
 
 
 @pytest.mark.parametrize("payload, code", [

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 
-from conftest import (DIRFD_MAGIC, NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, read_counter,
-                      remove_pins, start_daemon)
+from conftest import (DIRFD_MAGIC, NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, read_counter,
+                      remove_pin_tree, start_daemon)
 from tailcalld import bpfsys
 from tailcalld.dialects import clang_command
 
@@ -110,19 +109,9 @@ def test_the_articles_file_attaches_unmodified(daemon: DaemonProcess, tmp_path: 
 
 def test_hot_swap_bcc_libbpf_bcc_under_load(daemon: DaemonProcess, pin_root: Path) -> None:
     c1, c3 = pin_root / "maps" / "c1", pin_root / "maps" / "c3"
-    done = threading.Event()
-    made = [0]
-
-    def workload() -> None:
-        while not done.is_set():
-            fchmodat(100)
-            made[0] += 100
-
     with daemon.client() as c:
         c.call("attach", slot=NR_FCHMODAT, source=counting_handler(c1, "first_bcc"))
-        worker = threading.Thread(target=workload)
-        worker.start()
-        try:
+        with Workload() as work:
             while read_counter(c1) < 5000:
                 time.sleep(0.01)
             second = c.call("attach", slot=NR_FCHMODAT, source=libbpf_counter("second_libbpf", "second_hits"))
@@ -132,14 +121,11 @@ def test_hot_swap_bcc_libbpf_bcc_under_load(daemon: DaemonProcess, pin_root: Pat
             c.call("attach", slot=NR_FCHMODAT, source=counting_handler(c3, "third_bcc"))
             while read_counter(c3) < 5000:
                 time.sleep(0.01)
-        finally:
-            done.set()
-            worker.join()
     try:
         counts = read_counter(c1), middle.value(), read_counter(c3)
     finally:
         middle.close()
-    assert sum(counts) == made[0], (counts, made[0])
+    assert sum(counts) == work.made, (counts, work.made)
 
 
 def build_object(source: str, tmp: Path, daemon: DaemonProcess) -> Path:
@@ -233,7 +219,7 @@ def test_libbpf_source_and_object_survive_restart_and_reboot(tmp_path: Path, pin
         assert d.stop() == 0
     for reboot in (False, True):
         if reboot:
-            remove_pins(pin_root / "daemon")
+            remove_pin_tree(pin_root / "daemon")
         d = start_daemon(tmp_path, pin_root / "daemon")
         try:
             slots = {s["slot"]: s for s in json.loads(d.ctl("list", "--json").stdout)["slots"]}

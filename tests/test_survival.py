@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 
-from conftest import (NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, kernel_slots, read_counter,
-                      remove_pins, saved_slots, start_daemon)
+from conftest import (NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, kernel_slots,
+                      read_counter, remove_pin_tree, saved_slots, start_daemon)
 from tailcalld import bpfsys
 from tailcalld.client import Client, RemoteError
 from tailcalld.compiler import Compiler, bpf_source
@@ -35,28 +35,6 @@ def listed(d: DaemonProcess) -> dict[int, int]:
 def assert_agree(d: DaemonProcess, state_dir: Path) -> None:
     kernel = kernel_slots(d.pin_dir / "prog_array")
     assert listed(d) == kernel == saved_slots(state_dir)
-
-
-class Workload:
-    """fchmodat(7771, ...) in a loop on a thread; ``made`` counts every call issued."""
-
-    def __init__(self) -> None:
-        self.made = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        while not self._done.is_set():
-            fchmodat(100)
-            self.made += 100
-
-    def __enter__(self) -> Workload:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 def test_kill_9_at_random_moments_loses_nothing(tmp_path: Path, pin_root: Path) -> None:
@@ -123,8 +101,8 @@ def test_reboot_refills_every_slot_from_the_state(tmp_path: Path, pin_root: Path
         c.call("attach", slot="getppid", source=trivial_handler(7), filename="churn.c")
     assert d.stop() == 0
     # A reboot: bpffs is empty again.
-    remove_pins(pin_root / "daemon")
-    remove_pins(pin_root / "maps")
+    remove_pin_tree(pin_root / "daemon")
+    remove_pin_tree(pin_root / "maps")
     (pin_root / "maps").mkdir()
     d = start_daemon(tmp_path, pin_root / "daemon")
     try:
@@ -256,7 +234,7 @@ def test_a_handler_that_cannot_be_rebuilt_is_retried_at_the_next_start(tmp_path:
     with d.client() as c:
         c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="count.c")
     assert d.stop() == 0
-    remove_pins(pin_root / "daemon")  # a reboot...
+    remove_pin_tree(pin_root / "daemon")  # a reboot...
     [source] = (tmp_path / "state" / "sources").glob("*.c")
     good = source.read_bytes()
     source.write_bytes(good + b"\n/* changed on disk */\n")  # ...after which the saved source is not the one recorded

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NR_FCHMODAT, counting_handler, fchmodat, new_pin_root, read_counter, remove_pins
+from conftest import NR_FCHMODAT, counting_handler, fchmodat, new_pin_root, read_counter, remove_pin_tree
 from tailcalld.journal import MISS_MESSAGE_ID
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def systemd() -> Iterator[Systemd]:
             CONFIG.unlink(missing_ok=True)
         subprocess.run(["make", "-C", str(REPO), "uninstall"], capture_output=True, timeout=300)
         subprocess.run(["bash", str(CI_SYSTEMD), "down"], env=env, capture_output=True, timeout=120)
-        remove_pins(pin_root)
+        remove_pin_tree(pin_root)
 
 
 def test_start_reload_journal_stop(systemd: Systemd) -> None:
