@@ -68,7 +68,7 @@ class Compiler:
         self.timeout = timeout
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
         self._slots = asyncio.Semaphore(max_parallel)
-        self.workers_started = 0  # compile workers run so far (tests and status read it)
+        self.workers_started = 0  # compile workers run so far: how a test sees that nothing compiled
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
 
     async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
