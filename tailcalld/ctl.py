@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as err:
         _print_error(err)
         return CHECK_EXIT.get(err.code, EXIT_FAILURE) if args.verb == "check" else EXIT_FAILURE
+    except PermissionError:
+        print(f"tailcallctl: permission denied on {path}: tailcalld serves root, and the members of its "
+              "allowed_group if one is configured (sudo tailcallctl ...)", file=sys.stderr)
+        return EXIT_FAILURE
     except (OSError, ConnectionError) as err:
         print(f"tailcallctl: cannot talk to tailcalld at {path}: {err} (is tailcalld running?)", file=sys.stderr)
         return EXIT_FAILURE

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +17,8 @@ import pytest
 
 from tailcalld import ctl
 from tailcalld.client import SOCKET_ENV, RemoteError
+
+NOBODY = 65534
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -168,6 +175,32 @@ def test_main_unreachable_socket_returns_1(tmp_path: Path, capsys: pytest.Captur
     assert captured.out == ""
     assert "cannot talk to tailcalld" in captured.err
     assert str(path) in captured.err
+
+
+def _as_nobody(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          user=NOBODY, group=NOBODY, extra_groups=[], cwd="/")
+
+
+def test_main_permission_denied_says_who_may(capsys: pytest.CaptureFixture[str]) -> None:
+    """A non-root user on the 0600 socket gets EACCES from connect(); run as uid 65534."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another user")
+    if _as_nobody("import tailcalld.ctl").returncode != 0:
+        pytest.skip("this checkout is not readable by uid 65534 (e.g. under /root)")
+    public = Path(tempfile.mkdtemp(prefix="tailcalld-test-ctl-"))
+    try:
+        public.chmod(0o755)
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(public / "s.sock"))
+            os.chmod(public / "s.sock", 0o600)
+            listener.listen(1)
+            r = _as_nobody(f"import sys; from tailcalld import ctl; "
+                           f"sys.exit(ctl.main(['--socket', '{public / 's.sock'}', 'list']))")
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+    assert r.returncode == 1, r.stderr
+    assert "permission denied on" in r.stderr and "allowed_group" in r.stderr
 
 
 def test_main_uses_socket_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
