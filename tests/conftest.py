@@ -265,6 +265,15 @@ def start_daemon(tmp: Path, pin_dir: Path, **settings: object) -> DaemonProcess:
     raise AssertionError(f"tailcalld did not answer within 60 s:\n{d.output()}")
 
 
+def start_counting(tmp: Path, pin_root: Path, counter: Path, **settings: object) -> tuple[DaemonProcess, int]:
+    """A daemon on ``pin_root/daemon`` with a counting handler in slot 268 (fchmodat), named
+    count.c; returns the daemon and the handler's program id."""
+    d = start_daemon(tmp, pin_root / "daemon", **settings)
+    with d.client() as c:
+        prog_id = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="count.c")["prog_id"]
+    return d, prog_id
+
+
 @pytest.fixture
 def daemon(tmp_path: Path, pin_root: Path) -> Iterator[DaemonProcess]:
     d = start_daemon(tmp_path, pin_root / "daemon")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (NR_FCHMODAT, counting_handler, fchmodat, pin_foreign_map, read_counter, run_tailcalld,
-                      start_daemon, write_config)
+                      start_counting, start_daemon, write_config)
 from tailcalld import bpfsys
 
 NOBODY = 65534
@@ -162,9 +162,7 @@ def test_a_client_that_never_reads_does_not_block_others(tmp_path: Path, pin_roo
 
 def test_unload_all_removes_everything_and_stops(tmp_path: Path, pin_root: Path) -> None:
     counter = pin_root / "maps" / "count"
-    d = start_daemon(tmp_path, pin_root / "daemon")
-    with d.client() as c:
-        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))
+    d, _ = start_counting(tmp_path, pin_root, counter)
     r = d.ctl("unload-all")
     assert r.returncode == 0, r.stderr
     assert "emptied 1 slot" in r.stdout

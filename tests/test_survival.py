@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from conftest import (NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, kernel_slots,
-                      read_counter, remove_pin_tree, saved_slots, start_daemon)
+                      read_counter, remove_pin_tree, saved_slots, start_counting, start_daemon)
 from tailcalld import bpfsys
 from tailcalld.client import Client, RemoteError
 from tailcalld.compiler import Compiler, bpf_source
@@ -41,9 +41,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path: Path, pin_root: Path) 
     rng = random.Random(1234)
     state = tmp_path / "state"
     counter = pin_root / "maps" / "steady"
-    d = start_daemon(tmp_path, pin_root / "daemon")
-    with d.client() as c:
-        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="steady.c")
+    d, _ = start_counting(tmp_path, pin_root, counter)
     calls = 0
     try:
         for round_ in range(20):
@@ -75,9 +73,7 @@ def _send_and_forget(path: Path, request: dict) -> None:
 
 def test_sigterm_and_restart_miss_no_call_under_load(tmp_path: Path, pin_root: Path) -> None:
     counter = pin_root / "maps" / "count"
-    d = start_daemon(tmp_path, pin_root / "daemon")
-    with d.client() as c:
-        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))
+    d, _ = start_counting(tmp_path, pin_root, counter)
     with Workload() as work:
         time.sleep(0.2)
         assert d.stop() == 0
@@ -95,9 +91,8 @@ def test_sigterm_and_restart_miss_no_call_under_load(tmp_path: Path, pin_root: P
 
 def test_reboot_refills_every_slot_from_the_state(tmp_path: Path, pin_root: Path) -> None:
     counter = pin_root / "maps" / "count"
-    d = start_daemon(tmp_path, pin_root / "daemon")
+    d, _ = start_counting(tmp_path, pin_root, counter)
     with d.client() as c:
-        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="count.c")
         c.call("attach", slot="getppid", source=trivial_handler(7), filename="churn.c")
     assert d.stop() == 0
     # A reboot: bpffs is empty again.
@@ -122,9 +117,7 @@ def test_reboot_refills_every_slot_from_the_state(tmp_path: Path, pin_root: Path
 
 def test_corrupt_state_is_moved_aside_and_the_pins_are_kept(tmp_path: Path, pin_root: Path) -> None:
     counter = pin_root / "maps" / "count"
-    d = start_daemon(tmp_path, pin_root / "daemon")
-    with d.client() as c:
-        prog_id = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))["prog_id"]
+    d, prog_id = start_counting(tmp_path, pin_root, counter)
     assert d.stop() == 0
     state_file = tmp_path / "state" / "state.json"
     state_file.write_text('{"version": 1, "slots": {"268": {"slot": "oops"')
@@ -147,9 +140,8 @@ def test_corrupt_state_is_moved_aside_and_the_pins_are_kept(tmp_path: Path, pin_
 def test_hand_made_changes_are_corrected_at_start(tmp_path: Path, pin_root: Path) -> None:
     """The state file is the desired state: what bpftool changed behind tailcalld's back is undone."""
     counter = pin_root / "maps" / "count"
-    d = start_daemon(tmp_path, pin_root / "daemon")
+    d, _ = start_counting(tmp_path, pin_root, counter)
     with d.client() as c:
-        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))
         extra = c.call("attach", slot="getppid", source=trivial_handler(1))["prog_id"]
         c.call("detach", slot="getppid")
     assert d.stop() == 0
@@ -230,9 +222,7 @@ def _link_prog_name(pin_dir: Path) -> str:
 
 def test_a_handler_that_cannot_be_rebuilt_is_retried_at_the_next_start(tmp_path: Path, pin_root: Path) -> None:
     counter = pin_root / "maps" / "count"
-    d = start_daemon(tmp_path, pin_root / "daemon")
-    with d.client() as c:
-        c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="count.c")
+    d, _ = start_counting(tmp_path, pin_root, counter)
     assert d.stop() == 0
     remove_pin_tree(pin_root / "daemon")  # a reboot...
     [source] = (tmp_path / "state" / "sources").glob("*.c")
