@@ -11,7 +11,7 @@ import argparse
 import base64
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,21 @@ from tabulate import tabulate
 
 from . import __version__
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
+from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
+                     VerifierRejected, WrongProgramType)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # check: which way the handler failed
 EXIT_NO_COMPILE = 3
 EXIT_REFUSED = 4
-CHECK_EXIT = {"compile_error": EXIT_NO_COMPILE, "forbidden_include": EXIT_NO_COMPILE,
-              "verifier_rejected": EXIT_REFUSED, "wrong_program_type": EXIT_REFUSED,
-              "function_not_found": EXIT_REFUSED, "function_ambiguous": EXIT_REFUSED, "object_error": EXIT_REFUSED}
+# Keyed by the error classes' own codes, not literals: a misspelt class is a NameError at import,
+# a misspelt string would silently have sent that failure to exit 1.
+CHECK_EXIT: Mapping[str, int] = {
+    CompileError.code: EXIT_NO_COMPILE, ForbiddenInclude.code: EXIT_NO_COMPILE,
+    VerifierRejected.code: EXIT_REFUSED, WrongProgramType.code: EXIT_REFUSED,
+    FunctionNotFound.code: EXIT_REFUSED, FunctionAmbiguous.code: EXIT_REFUSED, ObjectError.code: EXIT_REFUSED,
+}
 
 
 class UsageError(Exception):

@@ -166,6 +166,17 @@ def test_print_error_shows_log_and_candidates(capsys: pytest.CaptureFixture[str]
     ]
 
 
+def test_check_exit_codes_by_wire_code() -> None:
+    """The wire codes are spelt out here on purpose: ctl takes them from the error classes, and
+    this pins both the classes' codes and which of them mean "does not compile" (3) or "refused" (4)."""
+    assert ctl.CHECK_EXIT == {
+        "compile_error": 3, "forbidden_include": 3,
+        "verifier_rejected": 4, "wrong_program_type": 4, "function_not_found": 4, "function_ambiguous": 4,
+        "object_error": 4,
+    }
+    assert (ctl.EXIT_NO_COMPILE, ctl.EXIT_REFUSED) == (3, 4)
+
+
 # main() without a daemon -------------------------------------------------------------------
 
 def test_main_unreachable_socket_returns_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
