@@ -66,13 +66,25 @@ def _since(value: str | None) -> str:
     return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def cmd_attach(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    return client.call("attach", slot=args.slot, function=args.function, fresh=args.fresh or None,
-                       **_read_handler(args.file, args.dialect))
+# Request builders: the fields each verb sends, from its arguments alone.  They run before
+# tailcallctl connects, so whatever is wrong with the caller's input is reported as that
+# (exit 2), whether or not tailcalld runs.  A field left None is not sent.
+
+def attach_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None,
+            **_read_handler(args.file, args.dialect)}
 
 
-def cmd_check(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    return client.call("check", function=args.function, **_read_handler(args.file, args.dialect))
+def check_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {"function": args.function, **_read_handler(args.file, args.dialect)}
+
+
+def detach_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {"slot": args.slot}
+
+
+def no_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {}
 
 
 def show_check(r: dict[str, Any], args: argparse.Namespace) -> None:
@@ -90,16 +102,8 @@ def show_attach(r: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"attached {r['function']} to {where}: program {r['prog_id']}, {r['insns']} instructions")
 
 
-def cmd_detach(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    return client.call("detach", slot=args.slot)
-
-
 def show_detach(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"detached program {r['prog_id']} from {r['syscall']} ({r['slot']})")
-
-
-def cmd_list(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    return client.call("list")
 
 
 def show_list(r: dict[str, Any], args: argparse.Namespace) -> None:
@@ -111,10 +115,6 @@ def show_list(r: dict[str, Any], args: argparse.Namespace) -> None:
                        disable_numparse=True))
     if not args.no_legend:
         print(f"\n{len(rows)} slot{'s' if len(rows) != 1 else ''} listed.")
-
-
-def cmd_status(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    return client.call("status")
 
 
 def show_status(r: dict[str, Any], args: argparse.Namespace) -> None:
@@ -135,33 +135,26 @@ def show_status(r: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"  {line}")
 
 
-def cmd_unload_all(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    return client.call("unload-all")
-
-
 def show_unload_all(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"emptied {len(r['slots_emptied'])} slot{'s' if len(r['slots_emptied']) != 1 else ''}, "
           f"removed {len(r['pins_removed'])} pins; tailcalld has stopped and left nothing in the kernel")
-
-
-def cmd_ping(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    return client.call("ping")
 
 
 def show_ping(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"tailcalld {r['version']} (pid {r['pid']}) is up")
 
 
-Verb = tuple[Callable[[Client, argparse.Namespace], dict[str, Any]],
+# verb (also the wire command) -> (its request builder, its result printer)
+Verb = tuple[Callable[[argparse.Namespace], dict[str, Any]],
              Callable[[dict[str, Any], argparse.Namespace], None]]
-VERBS: dict[str, Verb] = {
-    "attach": (cmd_attach, show_attach),
-    "check": (cmd_check, show_check),
-    "detach": (cmd_detach, show_detach),
-    "list": (cmd_list, show_list),
-    "status": (cmd_status, show_status),
-    "ping": (cmd_ping, show_ping),
-    "unload-all": (cmd_unload_all, show_unload_all),
+VERBS: Mapping[str, Verb] = {
+    "attach": (attach_request, show_attach),
+    "check": (check_request, show_check),
+    "detach": (detach_request, show_detach),
+    "list": (no_fields, show_list),
+    "status": (no_fields, show_status),
+    "ping": (no_fields, show_ping),
+    "unload-all": (no_fields, show_unload_all),
 }
 
 
@@ -213,14 +206,16 @@ def _print_error(err: RemoteError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run, show = VERBS[args.verb]
-    path = args.socket or default_socket()
+    build, show = VERBS[args.verb]
     try:
-        with Client(path, timeout=args.timeout) as client:
-            result = run(client, args)
+        fields = build(args)  # inputs first: see the request builders
     except UsageError as err:
         print(f"tailcallctl: {err}", file=sys.stderr)
         return EXIT_USAGE
+    path = args.socket or default_socket()
+    try:
+        with Client(path, timeout=args.timeout) as client:
+            result = client.call(args.verb, **fields)
     except RemoteError as err:
         _print_error(err)
         return CHECK_EXIT.get(err.code, EXIT_FAILURE) if args.verb == "check" else EXIT_FAILURE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import shutil
@@ -253,3 +254,46 @@ def test_attach_non_utf8_file_returns_2(listening: Path, tmp_path: Path, capsys:
     binary.write_bytes(b"\xff\xfe\x00garbage")  # not C text, and no ELF magic either
     assert ctl.main(["--socket", str(listening), "--timeout", "1", "attach", "268", str(binary)]) == 2
     assert "is neither UTF-8 C source nor a BPF ELF object" in capsys.readouterr().err
+
+
+# Inputs are read before connecting: a bad FILE is a usage error even with no daemon at all.
+
+@pytest.mark.parametrize("verb", [["attach", "268"], ["check"]])
+def test_missing_file_without_daemon_returns_2(verb: list[str], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    absent, missing = tmp_path / "absent.sock", tmp_path / "missing.c"
+    assert ctl.main(["--socket", str(absent), *verb, str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"tailcallctl: cannot read {missing}: No such file or directory")
+    assert "cannot talk" not in captured.err
+
+
+@pytest.mark.parametrize("verb", [["attach", "268"], ["check"]])
+def test_unreadable_bytes_without_daemon_return_2(verb: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "h.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert ctl.main(["--socket", str(tmp_path / "absent.sock"), *verb, str(binary)]) == 2
+    assert capsys.readouterr().err == f"tailcallctl: {binary} is neither UTF-8 C source nor a BPF ELF object\n"
+
+
+def test_unreadable_stdin_without_daemon_returns_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\x00garbage")))
+    assert ctl.main(["--socket", str(tmp_path / "absent.sock"), "check", "-"]) == 2
+    assert capsys.readouterr().err == "tailcallctl: - is neither UTF-8 C source nor a BPF ELF object\n"
+
+
+@pytest.mark.parametrize("verb", [["attach", "268"], ["check"]])
+@pytest.mark.parametrize("content", [b"int h(void *ctx) { return 0; }\n", b"\x7fELF\x02\x01\x01"])
+def test_good_file_without_daemon_returns_1(verb: list[str], content: bytes, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The same commands with a readable FILE get as far as connecting, and fail there."""
+    handler, absent = tmp_path / "h.c", tmp_path / "absent.sock"
+    handler.write_bytes(content)
+    assert ctl.main(["--socket", str(absent), *verb, str(handler)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"tailcallctl: cannot talk to tailcalld at {absent}: ")
+    assert "(is tailcalld running?)" in captured.err
