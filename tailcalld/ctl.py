@@ -1,6 +1,7 @@
 """tailcallctl: talk to tailcalld.  Tables for people, --json for scripts.
 
-Exit codes: 0 success, 1 failure (daemon error, daemon unreachable), 2 bad usage;
+Exit codes: 0 success, 1 failure (daemon error, daemon unreachable, a reply that does not fit
+the protocol), 2 bad usage (arguments, or a FILE that cannot be read or decoded: with or without a daemon);
 `check` also: 3 the handler does not compile, 4 the kernel (verifier, program type) refuses it.
 Data goes to stdout, errors to stderr.
 """
@@ -12,16 +13,20 @@ import base64
 import json
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from tabulate import tabulate
 
 from . import __version__
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      VerifierRejected, WrongProgramType)
+from .protocol import (AttachResult, CheckResult, DetachResult, ListResult, PingResult, StatusResult,
+                       UnloadResult)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -60,10 +65,10 @@ def _read_handler(path: str, dialect: str) -> dict[str, Any]:
         raise UsageError(f"{path} is neither UTF-8 C source nor a BPF ELF object") from None
 
 
-def _since(value: str | None) -> str:
-    if not value:
+def _since(value: datetime | None) -> str:
+    if value is None:
         return "-"
-    return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 # Request builders: the fields each verb sends, from its arguments alone.  They run before
@@ -87,28 +92,31 @@ def no_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def show_check(r: dict[str, Any], args: argparse.Namespace) -> None:
-    if r["log"].strip() and not args.quiet:
-        print(r["log"].rstrip("\n"), file=sys.stderr)
-    print(f"{r['function']} ({r['dialect']}) verified: {r['prog_type']} program, {r['insns']} instructions")
+# Result printers: each takes its verb's result model, so a field renamed in protocol.py is a
+# mypy error here rather than a KeyError in front of the user.
+
+def show_check(r: CheckResult, args: argparse.Namespace) -> None:
+    if r.log.strip() and not args.quiet:
+        print(r.log.rstrip("\n"), file=sys.stderr)
+    print(f"{r.function} ({r.dialect}) verified: {r.prog_type} program, {r.insns} instructions")
 
 
-def show_attach(r: dict[str, Any], args: argparse.Namespace) -> None:
-    where = f"{r['syscall']} ({r['slot']})"
-    if r["replaced_prog_id"] is not None:
-        print(f"replaced program {r['replaced_prog_id']} in {where} with {r['function']}: "
-              f"program {r['prog_id']}, {r['insns']} instructions")
+def show_attach(r: AttachResult, args: argparse.Namespace) -> None:
+    where = f"{r.syscall} ({r.slot})"
+    if r.replaced_prog_id is not None:
+        print(f"replaced program {r.replaced_prog_id} in {where} with {r.function}: "
+              f"program {r.prog_id}, {r.insns} instructions")
     else:
-        print(f"attached {r['function']} to {where}: program {r['prog_id']}, {r['insns']} instructions")
+        print(f"attached {r.function} to {where}: program {r.prog_id}, {r.insns} instructions")
 
 
-def show_detach(r: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"detached program {r['prog_id']} from {r['syscall']} ({r['slot']})")
+def show_detach(r: DetachResult, args: argparse.Namespace) -> None:
+    print(f"detached program {r.prog_id} from {r.syscall} ({r.slot})")
 
 
-def show_list(r: dict[str, Any], args: argparse.Namespace) -> None:
-    rows = [[s["slot"], s["syscall"], s["function"] or "?", s.get("dialect") or "?", s["prog_id"],
-             s["filename"] or "-", _since(s["attached_at"]), s["misses"]] for s in r["slots"]]
+def show_list(r: ListResult, args: argparse.Namespace) -> None:
+    rows = [[s.slot, s.syscall, s.function or "?", s.dialect or "?", s.prog_id,
+             s.filename or "-", _since(s.attached_at), s.misses] for s in r.slots]
     headers = ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "MISSES"]
     if rows:
         print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
@@ -117,44 +125,60 @@ def show_list(r: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"\n{len(rows)} slot{'s' if len(rows) != 1 else ''} listed.")
 
 
-def show_status(r: dict[str, Any], args: argparse.Namespace) -> None:
+def show_status(r: StatusResult, args: argparse.Namespace) -> None:
     rows = [
-        ("Version", r["version"]), ("PID", r["pid"]), ("Since", _since(r["started_at"])),
-        ("Dispatcher", f"program {r['dispatcher_prog_id']}, link {r['dispatcher_link_id']}"
-                       f" ({'adopted from pins' if r['adopted'] else 'loaded at start'})"),
-        ("Pins", r["pin_dir"]), ("Socket", r["socket"]),
-        ("Slots", f"{r['slots_used']} in use of {r['nr_slots']}"),
-        ("Misses", f"{r['misses_total']} since start, logged every {r['miss_log_interval']:g} s"),
+        ("Version", r.version), ("PID", r.pid), ("Since", _since(r.started_at)),
+        ("Dispatcher", f"program {r.dispatcher_prog_id}, link {r.dispatcher_link_id}"
+                       f" ({'adopted from pins' if r.adopted else 'loaded at start'})"),
+        ("Pins", r.pin_dir), ("Socket", r.socket),
+        ("Slots", f"{r.slots_used} in use of {r.nr_slots}"),
+        ("Misses", f"{r.misses_total} since start, logged every {r.miss_log_interval:g} s"),
     ]
-    if r.get("upgraded_from"):
-        rows.append(("Upgraded", f"from dispatcher program {r['upgraded_from']} at this start"))
+    if r.upgraded_from:
+        rows.append(("Upgraded", f"from dispatcher program {r.upgraded_from} at this start"))
     print(tabulate(rows, tablefmt="plain", disable_numparse=True))
-    if r.get("corrections"):
+    if r.corrections:
         print("\nCorrections made at start (kernel and saved state disagreed):")
-        for line in r["corrections"]:
+        for line in r.corrections:
             print(f"  {line}")
 
 
-def show_unload_all(r: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"emptied {len(r['slots_emptied'])} slot{'s' if len(r['slots_emptied']) != 1 else ''}, "
-          f"removed {len(r['pins_removed'])} pins; tailcalld has stopped and left nothing in the kernel")
+def show_unload_all(r: UnloadResult, args: argparse.Namespace) -> None:
+    print(f"emptied {len(r.slots_emptied)} slot{'s' if len(r.slots_emptied) != 1 else ''}, "
+          f"removed {len(r.pins_removed)} pins; tailcalld has stopped and left nothing in the kernel")
 
 
-def show_ping(r: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"tailcalld {r['version']} (pid {r['pid']}) is up")
+def show_ping(r: PingResult, args: argparse.Namespace) -> None:
+    print(f"tailcalld {r.version} (pid {r.pid}) is up")
 
 
-# verb (also the wire command) -> (its request builder, its result printer)
-Verb = tuple[Callable[[argparse.Namespace], dict[str, Any]],
-             Callable[[dict[str, Any], argparse.Namespace], None]]
-VERBS: Mapping[str, Verb] = {
-    "attach": (attach_request, show_attach),
-    "check": (check_request, show_check),
-    "detach": (detach_request, show_detach),
-    "list": (no_fields, show_list),
-    "status": (no_fields, show_status),
-    "ping": (no_fields, show_ping),
-    "unload-all": (no_fields, show_unload_all),
+R = TypeVar("R", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Verb(Generic[R]):
+    """A tailcallctl verb; its name is also the wire command it sends."""
+
+    request: Callable[[argparse.Namespace], dict[str, Any]]  # the request's fields, from the arguments
+    result: type[R]  # the protocol model the reply's result must fit
+    show: Callable[[R, argparse.Namespace], None]  # that result, for people
+
+
+def _verb(request: Callable[[argparse.Namespace], dict[str, Any]], result: type[R],
+          show: Callable[[R, argparse.Namespace], None]) -> Verb[Any]:
+    """A Verb whose R mypy solves from `result` and `show` alone, so that it checks the printer
+    takes the declared model; a plain Verb(...) in VERBS would take R = Any from the dict's type."""
+    return Verb(request, result, show)
+
+
+VERBS: Mapping[str, Verb[Any]] = {
+    "attach": _verb(attach_request, AttachResult, show_attach),
+    "check": _verb(check_request, CheckResult, show_check),
+    "detach": _verb(detach_request, DetachResult, show_detach),
+    "list": _verb(no_fields, ListResult, show_list),
+    "status": _verb(no_fields, StatusResult, show_status),
+    "ping": _verb(no_fields, PingResult, show_ping),
+    "unload-all": _verb(no_fields, UnloadResult, show_unload_all),
 }
 
 
@@ -204,21 +228,32 @@ def _print_error(err: RemoteError) -> None:
         print(f"candidates: {', '.join(candidates)}", file=sys.stderr)
 
 
+def _reply_problems(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(reply)'}: {e['msg']}"
+                     for e in err.errors(include_url=False, include_input=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    build, show = VERBS[args.verb]
+    verb = VERBS[args.verb]
     try:
-        fields = build(args)  # inputs first: see the request builders
+        fields = verb.request(args)  # inputs first: see the request builders
     except UsageError as err:
         print(f"tailcallctl: {err}", file=sys.stderr)
         return EXIT_USAGE
     path = args.socket or default_socket()
     try:
         with Client(path, timeout=args.timeout) as client:
-            result = client.call(args.verb, **fields)
+            raw = client.call(args.verb, **fields)
+        # Validated for --json too: a reply that does not fit the protocol is not a success.
+        result = verb.result.model_validate(raw)
     except RemoteError as err:
         _print_error(err)
         return CHECK_EXIT.get(err.code, EXIT_FAILURE) if args.verb == "check" else EXIT_FAILURE
+    except ValidationError as err:
+        print(f"tailcallctl: tailcalld's reply to {args.verb} does not fit the protocol ({_reply_problems(err)}); "
+              "are tailcallctl and tailcalld the same version?", file=sys.stderr)
+        return EXIT_FAILURE
     except PermissionError:
         print(f"tailcallctl: permission denied on {path}: tailcalld serves root, and the members of its "
               "allowed_group if one is configured (sudo tailcallctl ...)", file=sys.stderr)
@@ -227,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tailcallctl: cannot talk to tailcalld at {path}: {err} (is tailcalld running?)", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(raw, indent=2))  # as received, fields this tailcallctl does not know included
     else:
-        show(result, args)
+        verb.show(result, args)
     return 0
 
 

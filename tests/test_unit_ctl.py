@@ -1,9 +1,12 @@
-"""Unit tests for tailcallctl: argument parsing, table output, exit codes without a daemon."""
+"""Unit tests for tailcallctl: argument parsing, table output, exit codes without a daemon or against
+a one-shot stand-in that speaks the protocol through protocol.py."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -11,13 +14,21 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from tailcalld import ctl
 from tailcalld.client import SOCKET_ENV, RemoteError
+from tailcalld.errors import CompileError, SlotEmpty, TailcalldError, VerifierRejected
+from tailcalld.protocol import (COMMANDS, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
+                                PingResult, Request, RequestId, SlotInfo, StatusResult, UnloadResult, encode_error,
+                                encode_ok, parse_request)
 
 NOBODY = 65534
 
@@ -86,16 +97,14 @@ def test_main_without_verb_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "VERB" in capsys.readouterr().err
 
 
-def test_every_verb_has_a_runner_and_a_printer() -> None:
-    assert set(ctl.VERBS) == {"attach", "check", "detach", "list", "status", "ping", "unload-all"}
-    args = {"attach": ["1", "f.c"], "check": ["f.c"], "detach": ["1"]}
-    for verb in ctl.VERBS:
-        assert parse(verb, *args.get(verb, [])).verb == verb
+def test_verbs_are_the_protocol_commands() -> None:
+    """Every command of the protocol has a verb, and every verb has a round trip below."""
+    assert set(ctl.VERBS) == set(COMMANDS) == set(REPLIES)
 
 
 # Output ------------------------------------------------------------------------------------
 
-SLOTS = {"slots": [
+SLOTS: dict[str, list[dict[str, Any]]] = {"slots": [
     {"slot": 110, "syscall": "getppid", "function": None, "prog_id": 7, "filename": None,
      "source_sha256": None, "attached_at": None, "misses": 0},
     {"slot": 268, "syscall": "fchmodat", "function": "count_calls", "dialect": "libbpf", "prog_id": 12345,
@@ -105,7 +114,7 @@ SLOTS = {"slots": [
 
 
 def test_show_list_table(capsys: pytest.CaptureFixture[str]) -> None:
-    ctl.show_list(SLOTS, parse("list"))
+    ctl.show_list(ListResult.model_validate(SLOTS), parse("list"))
     out = capsys.readouterr().out
     lines = out.splitlines()
     header, row1, row2 = lines[0], lines[1], lines[2]
@@ -128,7 +137,7 @@ def test_show_list_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_show_list_no_legend(capsys: pytest.CaptureFixture[str]) -> None:
-    ctl.show_list(SLOTS, parse("list", "--no-legend"))
+    ctl.show_list(ListResult.model_validate(SLOTS), parse("list", "--no-legend"))
     out = capsys.readouterr().out
     assert "SLOT" not in out and "listed" not in out
     lines = out.splitlines()
@@ -138,19 +147,19 @@ def test_show_list_no_legend(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_show_list_singular_and_empty(capsys: pytest.CaptureFixture[str]) -> None:
-    ctl.show_list({"slots": SLOTS["slots"][:1]}, parse("list"))
+    ctl.show_list(ListResult.model_validate({"slots": SLOTS["slots"][:1]}), parse("list"))
     assert capsys.readouterr().out.splitlines()[-1] == "1 slot listed."
-    ctl.show_list({"slots": []}, parse("list"))
+    ctl.show_list(ListResult(slots=[]), parse("list"))
     assert capsys.readouterr().out == "\n0 slots listed.\n"
-    ctl.show_list({"slots": []}, parse("list", "--no-legend"))
+    ctl.show_list(ListResult(slots=[]), parse("list", "--no-legend"))
     assert capsys.readouterr().out == ""
 
 
 def test_show_attach(capsys: pytest.CaptureFixture[str]) -> None:
     r = {"slot": 268, "syscall": "fchmodat", "function": "f", "prog_id": 9, "insns": 12, "replaced_prog_id": None}
-    ctl.show_attach(r, parse("attach", "268", "f.c"))
+    ctl.show_attach(AttachResult.model_validate(r), parse("attach", "268", "f.c"))
     assert capsys.readouterr().out == "attached f to fchmodat (268): program 9, 12 instructions\n"
-    ctl.show_attach({**r, "replaced_prog_id": 4}, parse("attach", "268", "f.c"))
+    ctl.show_attach(AttachResult.model_validate({**r, "replaced_prog_id": 4}), parse("attach", "268", "f.c"))
     assert capsys.readouterr().out == "replaced program 4 in fchmodat (268) with f: program 9, 12 instructions\n"
 
 
@@ -297,3 +306,174 @@ def test_good_file_without_daemon_returns_1(verb: list[str], content: bytes, tmp
     assert captured.out == ""
     assert captured.err.startswith(f"tailcallctl: cannot talk to tailcalld at {absent}: ")
     assert "(is tailcalld running?)" in captured.err
+
+
+# Every verb against a one-shot stand-in for tailcalld ------------------------------------------
+#
+# The stand-in reads the request with the daemon's own parser (protocol.parse_request) and answers
+# with the daemon's own framing (protocol.encode_ok / encode_error) of a result model, so a verb that
+# sends a request the daemon refuses, declares the wrong result model or prints a field that model
+# lacks fails here.
+
+HANDLER_C = "int h(void *ctx) { return 0; }\n"
+STARTED = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
+STARTED_LOCAL = STARTED.astimezone().strftime("%Y-%m-%d %H:%M:%S")  # how _since shows it here
+
+# verb -> (its arguments, FILE standing for a handler; the result the daemon sends; stdout; stderr)
+REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
+    "ping": ([], PingResult(version="0.1.0", pid=4242), "tailcalld 0.1.0 (pid 4242) is up\n", ""),
+    "attach": (["fchmodat", "FILE", "--fresh"],
+               AttachResult(slot=268, syscall="fchmodat", function="h", prog_id=91, insns=12, replaced_prog_id=90),
+               "replaced program 90 in fchmodat (268) with h: program 91, 12 instructions\n", ""),
+    "check": (["FILE", "--function", "h"],
+              CheckResult(function="h", dialect="bcc", prog_type="raw_tracepoint", insns=12, log="warning: w\n"),
+              "h (bcc) verified: raw_tracepoint program, 12 instructions\n", "warning: w\n"),
+    "detach": (["268"], DetachResult(slot=268, syscall="fchmodat", prog_id=91),
+               "detached program 91 from fchmodat (268)\n", ""),
+    "list": (["--no-legend"],
+             ListResult(slots=[SlotInfo(slot=268, syscall="fchmodat", function="h", dialect="bcc", prog_id=91,
+                                        filename="h.c", source_sha256="ab" * 32, attached_at=None, misses=3)]),
+             "268  fchmodat  h  bcc  91  h.c  -  3\n", ""),
+    "status": ([],
+               StatusResult(version="0.1.0", pid=4242, started_at=STARTED, pin_dir="/sys/fs/bpf/tailcalld",
+                            socket="/run/tailcalld/control.sock", dispatcher_prog_id=7, dispatcher_link_id=8,
+                            adopted=True, upgraded_from=5, slots_used=1, nr_slots=512, misses_total=3,
+                            miss_log_interval=60, connections=1, corrections=["slot 110: emptied"]),
+               "Version     0.1.0\n"
+               "PID         4242\n"
+               f"Since       {STARTED_LOCAL}\n"
+               "Dispatcher  program 7, link 8 (adopted from pins)\n"
+               "Pins        /sys/fs/bpf/tailcalld\n"
+               "Socket      /run/tailcalld/control.sock\n"
+               "Slots       1 in use of 512\n"
+               "Misses      3 since start, logged every 60 s\n"
+               "Upgraded    from dispatcher program 5 at this start\n"
+               "\n"
+               "Corrections made at start (kernel and saved state disagreed):\n"
+               "  slot 110: emptied\n", ""),
+    "unload-all": ([], UnloadResult(slots_emptied=[110, 268], pins_removed=["a", "b", "c"]),
+                   "emptied 2 slots, removed 3 pins; tailcalld has stopped and left nothing in the kernel\n", ""),
+}
+
+
+class OneShotDaemon:
+    """Accepts one connection, parses one request as tailcalld would, sends `reply(request id)`."""
+
+    def __init__(self, path: Path, reply: Callable[[RequestId], bytes]) -> None:
+        self.path = path
+        self.request: Request | None = None
+        self.error: Exception | None = None
+        self._reply = reply
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(1)
+        self._listener.settimeout(10)  # a client that never comes fails the test instead of hanging it
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+            with conn, conn.makefile("rb") as lines:
+                rid, self.request = parse_request(lines.readline())
+                conn.sendall(self._reply(rid))
+        except Exception as exc:  # any failure here is the test's failure, raised by finish()
+            self.error = exc
+
+    def finish(self) -> None:
+        """Wait for the exchange, then raise whatever went wrong on this side of it."""
+        self._thread.join(10)
+        self._listener.close()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        """The test failed already: stop waiting for a client, and leave its error the one reported."""
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as nudge:
+            nudge.connect(str(self.path))  # ends a pending accept() (shutdown() does not, for AF_UNIX)
+        self._thread.join(10)
+        self._listener.close()
+
+
+@contextlib.contextmanager
+def one_shot_daemon(path: Path, reply: Callable[[RequestId], bytes]) -> Iterator[OneShotDaemon]:
+    daemon = OneShotDaemon(path, reply)
+    try:
+        yield daemon
+    except BaseException:
+        daemon.abandon()
+        raise
+    daemon.finish()
+
+
+def run_verb(tmp_path: Path, verb: str, argv: list[str], reply: Callable[[RequestId], bytes],
+             *options: str) -> tuple[int, Request | None]:
+    """main() for `verb` against a OneShotDaemon; FILE in argv stands for a C handler."""
+    handler = tmp_path / "h.c"
+    handler.write_text(HANDLER_C)
+    args = [str(handler) if a == "FILE" else a for a in argv]
+    with one_shot_daemon(tmp_path / "d.sock", reply) as daemon:
+        code = ctl.main(["--socket", str(daemon.path), "--timeout", "10", verb, *args, *options])
+    return code, daemon.request
+
+
+def ok(result: BaseModel | bytes) -> Callable[[RequestId], bytes]:
+    return lambda rid: encode_ok(rid, result)
+
+
+def error(err: TailcalldError) -> Callable[[RequestId], bytes]:
+    return lambda rid: encode_error(rid, err)
+
+
+@pytest.mark.parametrize("verb", sorted(REPLIES))
+def test_every_verb_prints_its_result(verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv, result, out, err = REPLIES[verb]
+    code, request = run_verb(tmp_path, verb, argv, ok(result))
+    assert (code, capsys.readouterr()) == (0, (out, err))
+    assert request is not None and request.command == verb
+
+
+@pytest.mark.parametrize("verb", sorted(REPLIES))
+def test_every_verb_json_is_the_reply_as_received(verb: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    argv, result, _, _ = REPLIES[verb]
+    sent = {**result.model_dump(mode="json"), "from_a_newer_daemon": True}  # passed through, not dropped
+    code, _ = run_verb(tmp_path, verb, argv, ok(json.dumps(sent).encode()), "--json")
+    assert (code, capsys.readouterr()) == (0, (json.dumps(sent, indent=2) + "\n", ""))
+
+
+def test_attach_sends_the_handler(tmp_path: Path) -> None:
+    code, request = run_verb(tmp_path, "attach", ["fchmodat", "FILE", "--fresh", "--function", "h"],
+                             ok(REPLIES["attach"][1]))
+    assert code == 0
+    assert isinstance(request, AttachRequest)
+    assert (request.slot, request.source, request.filename, request.function, request.fresh, request.dialect) == (
+        "fchmodat", HANDLER_C, "h.c", "h", True, "auto")
+
+
+@pytest.mark.parametrize(("verb", "argv", "err", "exit_code"), [
+    ("check", ["FILE"], CompileError("clang said no", {"log": "h.c:1: error\n"}), 3),
+    ("check", ["FILE"], VerifierRejected("the kernel refused h"), 4),
+    ("attach", ["268", "FILE"], CompileError("clang said no"), 1),  # 3 and 4 are check's only
+    ("detach", ["268"], SlotEmpty("slot 268 is empty"), 1),
+])
+def test_daemon_errors_exit_codes(verb: str, argv: list[str], err: TailcalldError, exit_code: int, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = run_verb(tmp_path, verb, argv, error(err))
+    captured = capsys.readouterr()
+    assert code == exit_code
+    assert captured.out == ""
+    assert captured.err.startswith(f"tailcallctl: {err.message} [{err.code}]\n")
+
+
+@pytest.mark.parametrize("options", [[], ["--json"]])
+def test_reply_that_does_not_fit_the_model_fails(options: list[str], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    renamed = {**REPLIES["attach"][1].model_dump(mode="json"), "replaced": 90}
+    del renamed["replaced_prog_id"]
+    code, _ = run_verb(tmp_path, "attach", ["268", "FILE"], ok(json.dumps(renamed).encode()), *options)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out == ""
+    assert captured.err.startswith("tailcallctl: tailcalld's reply to attach does not fit the protocol "
+                                   "(replaced_prog_id: Field required)")
