@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, kernel_slots,
-                      new_pin_root, read_counter, remove_pin_tree, start_daemon)
+from harness import (NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, kernel_slots, new_pin_root, read_counter,
+                     remove_pin_tree, start_daemon)
 from tailcalld.client import Client
 from tailcalld.protocol import COMMANDS, response_adapter
 
