@@ -1,7 +1,9 @@
 """Fixtures only; the helpers behind them live in ``harness`` (shared with the benchmark).
 
+``machine`` (root, bpffs mounted, leftovers of dead runs swept) is not autouse: every
+fixture that touches the kernel depends on it, so pure unit tests run without root.
 Every test that pins does so under its own /sys/fs/bpf/tailcalld-test-<pid>-<random>,
-removed in teardown, failures included; the session also sweeps leftovers of earlier runs.
+removed in teardown, failures included.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from harness import (DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kerne
                      pin_foreign_map, read_counter)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def machine() -> Iterator[None]:
     """Root, bpffs, and no pins left by earlier runs; at the end, none left by this one."""
     if os.geteuid() != 0:
@@ -37,7 +39,7 @@ def machine() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def journald() -> Iterator[None]:
+def journald(machine: None) -> Iterator[None]:
     """The tests read the real journal; start a journald when none runs (PID 1 is not systemd here)."""
     proc = None
     if not journald_listening():
@@ -66,7 +68,7 @@ def public_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def pin_root() -> Iterator[Path]:
+def pin_root(machine: None) -> Iterator[Path]:
     root = new_pin_root()
     try:
         yield root

@@ -23,7 +23,7 @@ GOOD_FN = "int h(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+def served(machine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """One daemon for the module, with a counting handler in slot 268 that no case may disturb."""
     pin_root = new_pin_root()
     tmp = tmp_path_factory.mktemp("bad-input")

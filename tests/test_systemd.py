@@ -74,7 +74,7 @@ def make(target: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def systemd() -> Iterator[Systemd]:
+def systemd(machine: None) -> Iterator[Systemd]:
     env = {**os.environ, "CI_SYSTEMD_DIR": f"/tmp/ci-systemd-tailcalld-{secrets.token_hex(3)}"}
     pin_root = new_pin_root()
     had_config = CONFIG.exists()
