@@ -1,7 +1,7 @@
 """Parts 2 and 3: a real tailcalld's control-plane latency and its memory.
 
-The daemon is started the way the tests start it (its own config, socket, state folder and a
-pin folder under /sys/fs/bpf/tailcalld-test-bench-*), and is driven over its socket.  Attach
+The daemon is started by the tests' own harness (its own config, socket, state folder and a
+pin folder under /sys/fs/bpf/tailcalld-test-<pid>-bench-*), and is driven over its socket.  Attach
 and detach go through tailcalld's own client; list is timed with a bare connection because
 the client validates every reply with pydantic, which would time the client, not the daemon.
 """
@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +26,10 @@ from tailcalld.client import Client
 from tailcalld.compiler import Compiler
 from tailcalld.dispatcher import NR_SLOTS
 from tailcalld.syscalls import SyscallTable
+from tests.harness import DaemonProcess, DaemonStuck, children_of, remove_pin_tree, start_daemon
 
-from .util import PinDirs, children_of, percentile, pinned_link_prog, remove_pin_tree, status_kib, wait_progs_gone
+from .util import PinDirs, percentile, pinned_link_prog, status_kib, wait_progs_gone
 
-VENV_BIN = Path(sys.executable).parent
 TIMED_SLOT = "getppid"  # cold/warm attaches go here; an empty handler on getppid bothers nobody
 SECOND_SLOT = "getpgid"  # for "the same source into another slot"
 LIST_REQUEST = b'{"id": 1, "command": "list"}\n'
@@ -79,67 +75,20 @@ class ControlResults:
 
 # -- the daemon ------------------------------------------------------------------------------
 
-@dataclass
-class RunningDaemon:
-    proc: subprocess.Popen[bytes]
-    socket: Path
-    pin_dir: Path
-    log: Path
-    pid: int = 0
-
-    def client(self) -> Client:
-        return Client(self.socket, timeout=120)
-
-    def call(self, command: str, **fields: Any) -> dict[str, Any]:
-        with self.client() as c:
-            return c.call(command, **fields)
-
-
-def _write_config(workdir: Path, pin_dir: Path) -> Path:
-    settings = {"socket": workdir / "tailcalld.sock", "pin_dir": pin_dir, "state_dir": workdir / "state"}
-    path = workdir / "tailcalld.toml"
-    path.write_text("".join(f"{k} = {json.dumps(str(v))}\n" for k, v in settings.items()))
-    return path
-
-
-def _wait_ready(d: RunningDaemon, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if d.proc.poll() is not None:
-            raise RuntimeError(f"tailcalld exited with {d.proc.returncode}:\n{d.log.read_text()}")
-        with contextlib.suppress(OSError):
-            d.pid = d.call("ping")["pid"]
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"tailcalld did not answer within {timeout:g} s:\n{d.log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextlib.contextmanager
-def running_daemon(pins: PinDirs, workdir: Path) -> Iterator[RunningDaemon]:
+def running_daemon(pins: PinDirs, workdir: Path) -> Iterator[DaemonProcess]:
     """A tailcalld of our own; on the way out it is stopped and its pins go, link first,
     and we wait until its dispatcher has left sys_enter."""
     pin_dir = pins.new("daemon")
-    log = workdir / "daemon.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "tailcalld"), "--config", str(_write_config(workdir, pin_dir))],
-                                stdout=out, stderr=subprocess.STDOUT)
-    d = RunningDaemon(proc, workdir / "tailcalld.sock", pin_dir, log)
     try:
-        _wait_ready(d)
-        yield d
+        d = start_daemon(workdir, pin_dir)  # stops what it started if the daemon never answers
+        try:
+            yield d
+        finally:
+            with contextlib.suppress(DaemonStuck):  # killed instead: the numbers are taken already
+                d.stop()
     finally:
-        _stop(proc)  # a stop leaves the pins by design: they are ours to remove
-        dispatcher = pinned_link_prog(pin_dir)
+        dispatcher = pinned_link_prog(pin_dir)  # a stop leaves the pins by design: they are ours to remove
         remove_pin_tree(pin_dir)
         wait_progs_gone(dispatcher)
 
@@ -152,7 +101,7 @@ def _ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def cold_attaches(d: RunningDaemon, n: int) -> tuple[list[float], list[float]]:
+def cold_attaches(d: DaemonProcess, n: int) -> tuple[list[float], list[float]]:
     """Each source is new (a unique comment), so nothing compiled before can be reused; each
     attach is followed by a timed detach, so every attach fills an empty slot."""
     attach, detach = [], []
@@ -182,7 +131,7 @@ def _timed_attach(c: Client, slot: str, source: str, into: Timed, reused_if: Cal
     into.reused += reused_if(result)
 
 
-def warm_same_slot(d: RunningDaemon, n: int) -> Timed:
+def warm_same_slot(d: DaemonProcess, n: int) -> Timed:
     """The same source again into the slot that already runs it."""
     source, out = handler_source(f"warm {secrets.token_hex(8)}"), Timed()
     with d.client() as c:
@@ -193,7 +142,7 @@ def warm_same_slot(d: RunningDaemon, n: int) -> Timed:
     return out
 
 
-def warm_other_slot(d: RunningDaemon, n: int) -> Timed:
+def warm_other_slot(d: DaemonProcess, n: int) -> Timed:
     """The source one slot runs, attached into a second slot (then detached from it again)."""
     source, out = handler_source(f"other {secrets.token_hex(8)}"), Timed()
     with d.client() as c:
@@ -205,7 +154,7 @@ def warm_other_slot(d: RunningDaemon, n: int) -> Timed:
     return out
 
 
-def reattach_after_detach(d: RunningDaemon, n: int) -> Timed:
+def reattach_after_detach(d: DaemonProcess, n: int) -> Timed:
     """A source the daemon compiled before but no slot holds any more: only a compile cache
     that outlives the program would make this warm."""
     source, out = handler_source(f"again {secrets.token_hex(8)}"), Timed()
@@ -364,7 +313,7 @@ def list_concurrent(path: Path, clients: int, per_client: int) -> tuple[list[flo
 
 # -- many handlers ---------------------------------------------------------------------------
 
-def fill_slots(d: RunningDaemon, count: int, parallel: int = 2) -> float:
+def fill_slots(d: DaemonProcess, count: int, parallel: int = 2) -> float:
     """``count`` different handlers into ``count`` different slots (the highest syscall numbers,
     which are the rarely called ones); returns the wall time in seconds."""
     table = SyscallTable.for_this_machine(NR_SLOTS)
@@ -421,7 +370,7 @@ def measure(pins: PinDirs, workdir: Path, loop: asyncio.AbstractEventLoop, size:
     return res
 
 
-def _attach_latencies(d: RunningDaemon, loop: asyncio.AbstractEventLoop, size: ControlSize,
+def _attach_latencies(d: DaemonProcess, loop: asyncio.AbstractEventLoop, size: ControlSize,
                       res: ControlResults, log: Callable[[str], None]) -> WorkerWatch:
     """Cold, warm, re-attach and detach through the daemon; compile and map update alone here.
     Returns the watch on the compile workers of the cold attaches."""
@@ -451,7 +400,7 @@ def _attach_latencies(d: RunningDaemon, loop: asyncio.AbstractEventLoop, size: C
     return watch
 
 
-def _memory_readings(d: RunningDaemon, handlers: int, workers: WorkerWatch, res: ControlResults) -> None:
+def _memory_readings(d: DaemonProcess, handlers: int, workers: WorkerWatch, res: ControlResults) -> None:
     res.memory.append((f"daemon VmRSS, {handlers} handlers in {handlers} slots", _mib(status_kib(d.pid, "VmRSS"))))
     res.memory.append(("  of which anonymous (RssAnon)", _mib(status_kib(d.pid, "RssAnon"))))
     res.memory.append(("  of which file-backed, shared libraries (RssFile)", _mib(status_kib(d.pid, "RssFile"))))
@@ -481,7 +430,7 @@ def _swap_row(cold: list[float], compiles: list[float], warm: Timed) -> Latency:
                    "difference of two ~300 ms medians: noisy, can come out negative")
 
 
-def _measure_lists(d: RunningDaemon, size: ControlSize, res: ControlResults, log: Callable[[str], None]) -> None:
+def _measure_lists(d: DaemonProcess, size: ControlSize, res: ControlResults, log: Callable[[str], None]) -> None:
     filled = len(d.call("list")["slots"])  # the label says what the daemon had, not what we meant it to have
     state = f"{filled} slot{'s' if filled != 1 else ''} filled"
     log(f"control plane: list, {state}")

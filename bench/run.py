@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `tailca
 from bench import control_plane, syscall_cost  # noqa: E402
 from bench.control_plane import ControlResults, ControlSize  # noqa: E402
 from bench.syscall_cost import LoopSize, Row, Sample  # noqa: E402
-from bench.util import BPFFS, PinDirs, format_table  # noqa: E402
+from bench.util import PinDirs, format_table  # noqa: E402
+from tests.harness import BPFFS  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from tailcalld.compiler import Compiler, LoadedProgram
-from tailcalld.dispatcher import NR_SLOTS, Dispatcher
+from tailcalld.dispatcher import MISSES, NR_SLOTS, Dispatcher
 from tailcalld.syscalls import SyscallTable
+from tests.harness import pinned_percpu_u64_sum, remove_pin_tree
 
 from .util import (LinkWatch, PinDirs, median, perf_progs_of, perf_tracepoint_programs, pinned_link_prog,
-                   prog_id_of_fd, raw_tp_link_progs, remove_pin_tree, wait_progs_gone)
+                   prog_id_of_fd, raw_tp_link_progs, wait_progs_gone)
 
 LOOP_SOURCE = Path(__file__).with_name("getppid_loop.c")
 OTHER_SYSCALL = "fchmodat"  # where configuration 5 puts its handler: any syscall but getppid
@@ -170,7 +171,8 @@ def tailcalld_dispatcher(fill: Callable[[Env], list[int]]) -> Attacher:
             ids = {dispatcher.prog_id}
             for slot in fill(env):
                 dispatcher.set_slot(slot, env.handler().fd)
-            yield Attached(ids, getppid_misses=lambda: dispatcher.miss_total(env.getppid_nr))
+            # Read from the pin, the way anyone but the daemon would see the counter.
+            yield Attached(ids, getppid_misses=lambda: pinned_percpu_u64_sum(pin_dir / MISSES.pin, env.getppid_nr))
         finally:
             ids = ids or pinned_link_prog(pin_dir)
             remove_pin_tree(pin_dir)  # the link pin first: that detaches the dispatcher

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import ctypes.util
 import errno
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 from tabulate import tabulate
 
 from tailcalld import bpfsys
 from tailcalld.dispatcher import LINK_PIN
-from tailcalld.dispatcher import remove_pin_tree
-
-BPFFS = Path("/sys/fs/bpf")
-# The test suite sweeps /sys/fs/bpf/tailcalld-test-* leftovers; a folder named
-# tailcalld-test-<pid>-... is spared while that pid lives, so a test run started meanwhile
-# leaves a running benchmark alone, and sweeps what a killed one left behind.
-PIN_PREFIX = "tailcalld-test-"
+from tests.harness import libbpf, pin_path, remove_pin_tree
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -69,7 +59,9 @@ class PinDirs:
     made: list[Path] = field(default_factory=list)
 
     def new(self, purpose: str) -> Path:
-        path = BPFFS / f"{PIN_PREFIX}{os.getpid()}-bench-{purpose}-{secrets.token_hex(4)}"
+        # Named like the tests' folders: a test run started meanwhile spares them while this
+        # benchmark lives, and sweeps what a killed one left behind.
+        path = pin_path("bench", purpose)
         self.made.append(path)  # recorded before it exists: a crash while loading is still swept
         return path
 
@@ -143,18 +135,10 @@ def perf_tracepoint_programs() -> list[tuple[int, int]]:
             and (e.get("tracepoint") == "sys_enter" or str(e.get("tracepoint", "")).startswith("sys_enter_"))]
 
 
-@cache
-def _libbpf() -> ctypes.CDLL:
-    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-    lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
-    lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    return lib
-
-
 def raw_tp_link_progs() -> set[int]:
     """Programs behind every raw_tp link of the machine, read with a few bpf() calls: cheap
     enough to poll while a run is timed (bpftool would scan /proc each time)."""
-    lib, progs, next_id = _libbpf(), set(), ctypes.c_uint32(0)
+    lib, progs, next_id = libbpf(), set(), ctypes.c_uint32(0)
     while lib.bpf_link_get_next_id(next_id.value, ctypes.byref(next_id)) == 0:
         fd = lib.bpf_link_get_fd_by_id(next_id.value)
         if fd < 0:
@@ -213,13 +197,3 @@ def status_kib(pid: int, key: str) -> int | None:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return None
-
-
-def children_of(pid: int) -> list[int]:
-    """Live child processes, from every thread's ``children`` list (no procps needed)."""
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids

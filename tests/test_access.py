@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (NR_FCHMODAT, counting_handler, fchmodat, pin_foreign_map, read_counter, run_tailcalld,
-                      start_counting, start_daemon, write_config)
+from harness import (NR_FCHMODAT, DaemonProcess, JournalEntry, counting_handler, fchmodat, journal, pin_foreign_map,
+                     read_counter, run_tailcalld, start_counting, start_daemon, wait_journal, write_config)
 from tailcalld import bpfsys
 
 NOBODY = 65534
@@ -38,17 +38,9 @@ def as_user(sock: Path, uid: int, gid: int) -> dict:
     return json.loads(r.stdout)
 
 
-def journal(**match: str) -> list[dict]:
-    out = subprocess.run(["journalctl", "--no-pager", "-o", "json", *[f"{k}={v}" for k, v in match.items()]],
-                         capture_output=True, text=True, check=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def wait_journal(timeout: float = 10, **match: str) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while not (entries := journal(**match)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return entries
+def audit_entries(pid: int, action: str) -> list[JournalEntry]:
+    """The audit entries of one daemon for ``action``, once at least one is in the journal."""
+    return wait_journal(lambda: journal(_PID=str(pid), TAILCALLD_ACTION=action))
 
 
 @pytest.mark.usefixtures("journald")
@@ -61,7 +53,7 @@ def test_non_root_peers_are_refused_and_audited(tmp_path: Path, pin_root: Path, 
         os.chmod(d.socket, 0o666)  # an admin's mistake: SO_PEERCRED still stands in the way
         reply = as_user(d.socket, NOBODY, NOBODY)
         assert reply["id"] == 7 and reply["error"]["code"] == "permission_denied"
-        refused = wait_journal(_PID=str(d.proc.pid), TAILCALLD_ACTION="refused")
+        refused = audit_entries(d.proc.pid, "refused")
         assert refused and refused[0]["PEER_UID"] == str(NOBODY) and refused[0]["PEER_COMM"] == "python3"
         with d.client() as c:
             assert c.call("list") == {"slots": []}  # root still served
@@ -84,20 +76,20 @@ def test_allowed_group_gets_access_and_changes_are_audited(tmp_path: Path, pin_r
         with d.client() as c:
             attached = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(pin_root / "maps" / "c"))
             c.call("detach", slot=NR_FCHMODAT)
-        audit = wait_journal(_PID=str(d.proc.pid), TAILCALLD_ACTION="attach")
+        audit = audit_entries(d.proc.pid, "attach")
         assert audit, "no audit entry for the attach"
         entry = audit[0]
         assert entry["PEER_UID"] == "0" and entry["PEER_PID"] == str(os.getpid())
         assert entry["SLOT"] == "268" and entry["SYSCALL_NAME"] == "fchmodat"
         assert entry["PROG_ID"] == str(attached["prog_id"]) and len(entry["SOURCE_SHA256"]) == 64
         assert entry["PEER_COMM"]
-        detach = wait_journal(_PID=str(d.proc.pid), TAILCALLD_ACTION="detach")
+        detach = audit_entries(d.proc.pid, "detach")
         assert detach and detach[0]["PROG_ID"] == str(attached["prog_id"])
     finally:
         d.stop()
 
 
-def wait_for_connections(d, count: int) -> None:
+def wait_for_connections(d: DaemonProcess, count: int) -> None:
     for _ in range(100):
         with d.client() as c:
             if c.call("status")["connections"] == count:

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGURATIONS = {"floor", "raw_tp", "miss", "hit", "other", "bpftrace", "tracepoint"}
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -34,6 +36,7 @@ def _run_quick(tmp_path: Path) -> tuple[str, dict[str, Any]]:
     return proc.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.usefixtures("machine")  # root and bpffs, which bench.run checks for and does not set up
 def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> None:
     table, data = _run_quick(tmp_path)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (NR_FCHMODAT, VENV_BIN, DaemonProcess, Workload, counting_handler, fchmodat, read_counter,
-                      run_tailcalld, start_daemon, write_config)
+from harness import (NR_FCHMODAT, VENV_BIN, DaemonProcess, Workload, children_of, counting_handler, fchmodat,
+                     read_counter, run_tailcalld, start_daemon, write_config)
 from tailcalld.client import Client, RemoteError
 from tailcalld.protocol import response_adapter
 
@@ -26,19 +26,6 @@ def slow_source(levels: int = 11) -> str:
     lines += [f"#define E{i}(x) E{i - 1}(E{i - 1}(x))" for i in range(1, levels + 1)]
     lines.append(f"int slow(struct bpf_raw_tracepoint_args *ctx) {{ volatile long v = E{levels}(0); return 0; }}")
     return "\n".join(lines) + "\n"
-
-
-def children_of(pid: int) -> list[int]:
-    """Live child processes of ``pid``, from /proc (no procps on a bare Debian)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def test_user_session_with_tailcallctl(daemon: DaemonProcess, pin_root: Path, tmp_path: Path) -> None:

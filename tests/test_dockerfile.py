@@ -19,12 +19,19 @@ def test_hadolint_is_clean() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_every_copied_path_exists_and_the_entrypoint_is_ours() -> None:
-    text = DOCKERFILE.read_text()
-    copied = [src for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE) for src in line.split()[:-1]]
-    assert copied, "no COPY lines"
-    for src in copied:
-        assert (REPO / src).exists(), src
-    assert 'ENTRYPOINT ["tailcalld"]' in text
-    assert re.search(r'HEALTHCHECK .*CMD \["tailcallctl", "status"\]', text)
-    assert "python3-bpfcc" in text and "pip install bcc" not in text
+def copy_sources(dockerfile: str) -> list[str]:
+    """The build-context paths of every ``COPY src... dest`` (flags such as --chown skipped)."""
+    sources = []
+    for line in re.findall(r"^COPY\s+(.+)$", dockerfile, re.MULTILINE):
+        words = [w for w in line.split() if not w.startswith("--")]
+        sources += words[:-1]
+    return sources
+
+
+def test_every_copy_source_is_in_the_build_context() -> None:
+    """What `docker build` would fail on at a COPY step and hadolint does not look at: a file
+    renamed or moved in the repo but still named in the Dockerfile."""
+    sources = copy_sources(DOCKERFILE.read_text())
+    assert sources, "no COPY lines"
+    missing = [src for src in sources if not (REPO / src).exists()]
+    assert missing == []

@@ -3,38 +3,29 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import NR_FCHMODAT, counting_handler, fchmodat, start_daemon
+from harness import NR_FCHMODAT, JournalEntry, counting_handler, fchmodat, journal, start_daemon, wait_journal
 from tailcalld.journal import MISS_MESSAGE_ID
 
 INTERVAL = 1.0
 NR_GETPPID = 110
 
 
-def journal_entries(pid: int, **match: str) -> list[dict]:
-    args = ["journalctl", "--no-pager", "-o", "json", "SYSLOG_IDENTIFIER=tailcalld", f"_PID={pid}"]
+def journal_entries(pid: int, **match: str) -> list[JournalEntry]:
+    """One daemon's entries with ``match``."""
     if "SYSCALL_NAME" in match:  # miss entries only, not the audit lines of attach/detach
         match = {**match, "MESSAGE_ID": MISS_MESSAGE_ID}
-    args += [f"{k}={v}" for k, v in match.items()]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    return journal(SYSLOG_IDENTIFIER="tailcalld", _PID=str(pid), **match)
 
 
-def wait_for_entries(pid: int, minimum: int, timeout: float = 30, **match: str) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = journal_entries(pid, **match)
-        if len(entries) >= minimum or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.2)
+def wait_for_entries(pid: int, minimum: int, timeout: float = 30, **match: str) -> list[JournalEntry]:
+    return wait_journal(lambda: journal_entries(pid, **match), minimum, timeout)
 
 
 @pytest.mark.usefixtures("journald")

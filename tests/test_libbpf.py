@@ -10,9 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-
-from conftest import (DIRFD_MAGIC, NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, read_counter,
-                      remove_pin_tree, start_daemon)
+from harness import (DIRFD_MAGIC, NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, map_fd_by_id,
+                     map_lookup_u64, read_counter, remove_pin_tree, start_daemon)
 from tailcalld import bpfsys
 from tailcalld.dialects import clang_command
 
@@ -58,7 +57,7 @@ class ProgMap:
         info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
                                          capture_output=True, text=True, check=True).stdout)
         for map_id in info.get("map_ids", []):
-            fd = bpfsys.map_get_fd_by_id(map_id)
+            fd = map_fd_by_id(map_id)
             if bpfsys.map_info(fd).name == name:
                 self.fd = fd
                 return
@@ -66,7 +65,7 @@ class ProgMap:
         raise AssertionError(f"program {prog_id} has no map {name!r}")
 
     def value(self) -> int:
-        return bpfsys.map_lookup_u64(self.fd, 0)
+        return map_lookup_u64(self.fd, 0)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 
-from conftest import (NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, kernel_slots,
-                      read_counter, remove_pin_tree, saved_slots, start_counting, start_daemon)
+from harness import (NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, kernel_slots, read_counter,
+                     remove_pin_tree, saved_slots, start_counting, start_daemon)
 from tailcalld import bpfsys
 from tailcalld.client import Client, RemoteError
 from tailcalld.compiler import Compiler, bpf_source

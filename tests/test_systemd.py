@@ -13,13 +13,14 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import NR_FCHMODAT, counting_handler, fchmodat, new_pin_root, read_counter, remove_pin_tree
+from harness import (NR_FCHMODAT, JournalEntry, counting_handler, fchmodat, new_pin_root, parse_journal, read_counter,
+                     remove_pin_tree, wait_journal)
 from tailcalld.journal import MISS_MESSAGE_ID
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,17 +55,13 @@ class Systemd:
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run("tailcallctl", *args, check=check)
 
-    def journal(self, *match: str) -> list[dict]:
-        out = self.run("journalctl", "--no-pager", "-o", "json", "-u", "tailcalld", *match).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+    def journal(self, *match: str) -> list[JournalEntry]:
+        """The unit's entries in the booted systemd's journal (not the host's)."""
+        return parse_journal(self.run("journalctl", "--no-pager", "-o", "json", "-u", "tailcalld", *match).stdout)
 
-    def wait_journal(self, predicate, timeout: float = 30, *match: str) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            entries = [e for e in self.journal(*match) if predicate(e)]
-            if entries or time.monotonic() > deadline:
-                return entries
-            time.sleep(0.3)
+    def wait_journal(self, predicate: Callable[[JournalEntry], bool], timeout: float = 30,
+                     *match: str) -> list[JournalEntry]:
+        return wait_journal(lambda: [e for e in self.journal(*match) if predicate(e)], timeout=timeout, period=0.3)
 
 
 def write_config(pin_dir: Path, interval: float) -> None:
@@ -77,7 +74,7 @@ def make(target: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def systemd() -> Iterator[Systemd]:
+def systemd(machine: None) -> Iterator[Systemd]:
     env = {**os.environ, "CI_SYSTEMD_DIR": f"/tmp/ci-systemd-tailcalld-{secrets.token_hex(3)}"}
     pin_root = new_pin_root()
     had_config = CONFIG.exists()

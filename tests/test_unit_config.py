@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,6 @@ from tailcalld.config import DEFAULT_SOCKET, Settings, load_settings
 from tailcalld.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tailcalld.toml"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def machine() -> Iterator[None]:
-    """Overrides conftest's root-only ``machine`` fixture (bpffs mount + pin sweep): pure logic here."""
-    yield
 
 
 def write(tmp_path: Path, text: str | bytes) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 
@@ -10,12 +9,6 @@ from tailcalld.misses import MissMonitor, MissReport
 
 NAMES = {268: "fchmodat", 110: "getppid", 1: "write"}
 NR_SLOTS = 300
-
-
-@pytest.fixture(scope="session", autouse=True)
-def machine() -> Iterator[None]:
-    """Overrides conftest's root-only ``machine`` fixture (bpffs mount + pin sweep): pure logic here."""
-    yield
 
 
 class Fake:

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator
 
 import pytest
 
 from tailcalld.errors import SlotOutOfRange, UnknownSyscall
 from tailcalld.syscalls import SyscallTable
-
-
-@pytest.fixture(scope="session", autouse=True)
-def machine() -> Iterator[None]:
-    """Overrides conftest's root-only ``machine`` fixture (bpffs mount + pin sweep): pure logic here."""
-    yield
 
 
 @pytest.fixture

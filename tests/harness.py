@@ -1,0 +1,387 @@
+"""What the tests and the benchmark need to drive tailcalld on the real kernel: pin folders,
+a daemon process, a traced workload, independent readers of kernel objects, the journal.
+
+Plain functions and classes, no pytest: ``tests/conftest.py`` wraps them in fixtures, and the
+benchmark imports this module as ``tests.harness`` (``python -m bench.run`` runs from the repo
+root).  Kernel objects are read here with bpftool or libbpf directly rather than through
+tailcalld's own code, so that a test checks the daemon against something it did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tailcalld import bpfsys
+from tailcalld.client import Client
+
+BPFFS = Path("/sys/fs/bpf")
+# Every pin folder of a test or benchmark run is named tailcalld-test-<pid>-...: a sweep spares
+# a folder while that pid lives (another run in progress) and removes what a dead run left.
+TEST_PREFIX = "tailcalld-test-"
+DIRFD_MAGIC = 7771  # fchmodat(7771, ...) is never made by anything but these tests
+NR_FCHMODAT = 268
+VENV_BIN = Path(sys.executable).parent
+BPF_MAP_TYPE_ARRAY = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# -- pin folders -----------------------------------------------------------------------------
+
+def pin_path(*purpose: str) -> Path:
+    """A fresh pin folder name (not created) that carries this process's pid, so that a
+    concurrent run (another developer's tests, a benchmark) never sweeps it away."""
+    return BPFFS / "-".join([f"{TEST_PREFIX}{os.getpid()}", *purpose, secrets.token_hex(4)])
+
+
+def new_pin_root() -> Path:
+    """A test's pin folder, with ``maps/`` for the pinned maps of its handlers."""
+    root = pin_path()
+    (root / "maps").mkdir(parents=True)
+    return root
+
+
+def remove_pin_tree(folder: Path) -> None:
+    """Remove a whole folder of pins, links first: unpinning a link is what detaches its
+    program, and nothing must stay on sys_enter once the folder is gone."""
+    if not folder.exists():
+        return
+    for link in sorted(folder.rglob("link*")):
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner_alive(folder: Path) -> bool:
+    match = re.match(re.escape(TEST_PREFIX) + r"(\d+)-", folder.name)
+    if match is None or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftovers() -> None:
+    """Remove pin folders of runs that are gone (and this run's own): a pinned link left by a
+    killed run would keep its program on every syscall of the machine."""
+    for leftover in BPFFS.glob(TEST_PREFIX + "*"):
+        if not _owner_alive(leftover):
+            remove_pin_tree(leftover)
+
+
+def ensure_bpffs() -> None:
+    """bpffs is not mounted at boot on these machines."""
+    if not os.path.ismount(BPFFS):
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+
+
+# -- the daemon process ----------------------------------------------------------------------
+
+def write_config(path: Path, **settings: object) -> Path:
+    lines = []
+    for key, value in settings.items():
+        lines.append(f"{key} = {json.dumps(value if not isinstance(value, Path) else str(value))}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_tailcalld(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """tailcalld run to completion (a start that must fail, --purge)."""
+    return subprocess.run([str(VENV_BIN / "tailcalld"), "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+class DaemonStuck(AssertionError):
+    """tailcalld outlived SIGTERM's grace period; it has been killed, so no run leaves it behind."""
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[str]
+    socket: Path
+    pin_dir: Path
+    config: Path
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid  # the console script is python itself: no wrapper process in between
+
+    def client(self, timeout: float = 120.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def call(self, command: str, **fields: Any) -> dict[str, Any]:
+        """One request on a connection of its own."""
+        with self.client() as c:
+            return c.call(command, **fields)
+
+    def ctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "tailcallctl"), "--socket", str(self.socket), *args],
+                              capture_output=True, text=True, input=input, timeout=120)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as in a crash."""
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM; returns the exit status.  Raises DaemonStuck (after killing it) if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise DaemonStuck(f"tailcalld did not exit within {timeout:g} s of SIGTERM:\n{self.output()}") from None
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start_daemon(tmp: Path, pin_dir: Path, **settings: object) -> DaemonProcess:
+    """A tailcalld with its config, socket, state and log in ``tmp``, once it answers a ping."""
+    settings.setdefault("socket", tmp / "tailcalld.sock")
+    config = write_config(tmp / "tailcalld.toml", pin_dir=pin_dir, state_dir=tmp / "state", **settings)
+    sock = Path(str(settings["socket"]))
+    log = tmp / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "tailcalld"), "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    d = DaemonProcess(proc, sock, pin_dir, config, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"tailcalld exited with {proc.returncode}:\n{d.output()}")
+        with contextlib.suppress(OSError), d.client(timeout=5) as c:
+            c.call("ping")
+            return d
+        time.sleep(0.05)
+    d.stop()
+    raise AssertionError(f"tailcalld did not answer within 60 s:\n{d.output()}")
+
+
+def start_counting(tmp: Path, pin_root: Path, counter: Path, **settings: object) -> tuple[DaemonProcess, int]:
+    """A daemon on ``pin_root/daemon`` with a counting handler in slot 268 (fchmodat), named
+    count.c; returns the daemon and the handler's program id."""
+    d = start_daemon(tmp, pin_root / "daemon", **settings)
+    with d.client() as c:
+        prog_id = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter), filename="count.c")["prog_id"]
+    return d, prog_id
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) child processes, from every thread's ``children`` list: cheap enough to
+    poll every few milliseconds, and needs no procps."""
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += [int(k) for k in (task / "children").read_text().split()]
+    return [k for k in kids if _process_state(k) not in (None, "Z")]
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+# -- the workload ----------------------------------------------------------------------------
+
+def fchmodat(n: int, dirfd: int = DIRFD_MAGIC) -> None:
+    """n raw fchmodat(2) calls that fail with EBADF but pass through sys_enter."""
+    path = b"/nonexistent-tailcalld-test"
+    for _ in range(n):
+        _libc.syscall(NR_FCHMODAT, dirfd, path, 0o644)
+
+
+class Workload:
+    """fchmodat(7771, ...) in a loop on a thread; ``made`` counts every call issued."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            fchmodat(100)
+            self.made += 100
+
+    def __enter__(self) -> Workload:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def counting_handler(counter_pin: Path, function: str = "count_calls", dirfd: int = DIRFD_MAGIC,
+                     step: int = 1) -> str:
+    """bcc C for a handler that counts this test process's fchmodat(dirfd, ...) calls into a
+    pinned u64 (the process filter keeps a concurrent test run from adding to the count)."""
+    return f"""
+#include <uapi/linux/ptrace.h>
+BPF_TABLE_PINNED("array", u32, u64, counter, 1, "{counter_pin}");
+
+int {function}(struct bpf_raw_tracepoint_args *ctx)
+{{
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long dirfd = 0;
+    u32 zero = 0;
+    bpf_probe_read_kernel(&dirfd, sizeof(dirfd), &PT_REGS_PARM1(regs));
+    if ((int)dirfd != {dirfd} || (bpf_get_current_pid_tgid() >> 32) != {os.getpid()})
+        return 0;
+    u64 *n = counter.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, {step});
+    return 0;
+}}
+"""
+
+
+# -- kernel objects, read with bpftool -------------------------------------------------------
+
+def _bpftool_map_dump(pin: Path) -> list[dict[str, Any]]:
+    r = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin)], capture_output=True, text=True)
+    assert r.returncode == 0, f"bpftool map dump {pin}: {r.stdout} {r.stderr}"
+    entries: list[dict[str, Any]] = json.loads(r.stdout)
+    return entries
+
+
+def _le(hex_bytes: list[str]) -> int:
+    """bpftool prints keys and values as lists of hex bytes, little-endian here."""
+    return int.from_bytes(bytes(int(b, 16) for b in hex_bytes), "little")
+
+
+def read_counter(pin: Path) -> int:
+    """Read a pinned u64 array entry 0 with bpftool, independently of tailcalld's own code."""
+    return _le(_bpftool_map_dump(pin)[0]["value"])
+
+
+def kernel_slots(prog_array: Path) -> dict[int, int]:
+    """slot -> program id of a pinned prog array, as bpftool sees it."""
+    return {_le(e["key"]): _le(e["value"]) for e in _bpftool_map_dump(prog_array)}
+
+
+def saved_slots(state_dir: Path) -> dict[int, int]:
+    """slot -> program id recorded in tailcalld's state file."""
+    state = json.loads((state_dir / "state.json").read_text())
+    return {int(slot): record["prog_id"] for slot, record in state["slots"].items()}
+
+
+def pin_foreign_map(path: Path) -> None:
+    """Pin a map tailcalld did not make at ``path``: an object it must refuse to touch."""
+    fd = bpfsys.map_create(BPF_MAP_TYPE_ARRAY, "notours", 4, 4, 16)
+    try:
+        bpfsys.obj_pin(fd, str(path))
+    finally:
+        os.close(fd)
+
+
+# -- kernel objects, read with libbpf --------------------------------------------------------
+# For what bpftool cannot reach: a map only our fd still holds (its program is gone), or a
+# counter read too often for a process per read.
+
+@cache
+def libbpf() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    return lib
+
+
+def _checked(ret: int, what: str) -> int:
+    """libbpf returns -errno (and sets errno) on failure."""
+    if ret < 0:
+        err = ctypes.get_errno() or -ret
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _checked(libbpf().bpf_map_get_fd_by_id(map_id), f"open map {map_id}")
+
+
+def pinned_fd(pin: Path) -> int:
+    return _checked(libbpf().bpf_obj_get(str(pin).encode()), f"open {pin}")
+
+
+def map_lookup_u64(map_fd: int, key: int) -> int:
+    """Entry ``key`` of a u32 -> u64 map (not per-CPU)."""
+    k, value = ctypes.c_uint32(key), ctypes.c_uint64()
+    _checked(libbpf().bpf_map_lookup_elem(map_fd, ctypes.byref(k), ctypes.byref(value)), f"read key {key}")
+    return value.value
+
+
+@cache
+def possible_cpus() -> int:
+    """Per-CPU maps hold one value per possible CPU ("0-1", "0,2-3", ...), not per online one."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return sum(int(r.split("-")[-1]) - int(r.split("-")[0]) + 1 for r in text.split(","))
+
+
+def pinned_percpu_u64_sum(pin: Path, key: int) -> int:
+    """Entry ``key`` of a pinned per-CPU u64 array, summed over the CPUs (tailcalld's miss counters)."""
+    fd = pinned_fd(pin)
+    try:
+        k, values = ctypes.c_uint32(key), (ctypes.c_uint64 * possible_cpus())()
+        _checked(libbpf().bpf_map_lookup_elem(fd, ctypes.byref(k), ctypes.byref(values)), f"read {pin} key {key}")
+        return sum(values)
+    finally:
+        os.close(fd)
+
+
+# -- the journal -----------------------------------------------------------------------------
+
+JournalEntry = dict[str, Any]
+
+
+def parse_journal(json_lines: str) -> list[JournalEntry]:
+    """``journalctl -o json`` output: one object per line."""
+    return [json.loads(line) for line in json_lines.splitlines() if line.strip()]
+
+
+def journal(*args: str, **match: str) -> list[JournalEntry]:
+    """This machine's journal entries with every ``FIELD=value`` of ``match``."""
+    out = subprocess.run(["journalctl", "--no-pager", "-o", "json", *args, *[f"{k}={v}" for k, v in match.items()]],
+                         capture_output=True, text=True, check=True).stdout
+    return parse_journal(out)
+
+
+def wait_journal(read: Callable[[], list[JournalEntry]], minimum: int = 1, timeout: float = 10,
+                 period: float = 0.2) -> list[JournalEntry]:
+    """Poll ``read`` until it returns ``minimum`` entries or ``timeout`` passes; returns the last
+    read either way (journald stores what a daemon sent a little later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = read()
+        if len(entries) >= minimum or time.monotonic() > deadline:
+            return entries
+        time.sleep(period)
