@@ -24,6 +24,7 @@ from typing import Any
 from tailcalld import bpfsys
 from tailcalld.client import Client
 from tailcalld.compiler import Compiler
+from tailcalld.config import LiveSettings, Settings
 from tailcalld.dispatcher import NR_SLOTS
 from tailcalld.syscalls import SyscallTable
 from tests.harness import DaemonProcess, DaemonStuck, children_of, remove_pin_tree, start_daemon
@@ -170,7 +171,7 @@ def reattach_after_detach(d: DaemonProcess, n: int) -> Timed:
 def compile_only(loop: asyncio.AbstractEventLoop, n: int) -> tuple[list[float], list[int]]:
     """tailcalld's Compiler (worker process, BCC, verifier) alone, in this process: the part of
     an attach that is not the swap.  Returns the timings and two program fds for ``kernel_swaps``."""
-    compiler = Compiler(timeout=120)
+    compiler = Compiler(LiveSettings(Settings(compile_timeout=120.0)))
     times, fds = [], []
     for i in range(max(n, 2)):
         source = handler_source(f"compile {i} {secrets.token_hex(8)}")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tailcalld.compiler import Compiler, LoadedProgram
+from tailcalld.compiler import Compiler, Program
+from tailcalld.config import LiveSettings, Settings
 from tailcalld.dispatcher import MISSES, NR_SLOTS, Dispatcher
 from tailcalld.syscalls import SyscallTable
 from tests.harness import pinned_percpu_u64_sum, remove_pin_tree
@@ -82,14 +83,14 @@ class Env:
     pins: PinDirs
     getppid_nr: int
     other_nr: int
-    _handler: LoadedProgram | None = None
+    _handler: Program | None = None
 
     @classmethod
     def create(cls, loop: asyncio.AbstractEventLoop, pins: PinDirs) -> Env:
         table = SyscallTable.for_this_machine(NR_SLOTS)
-        return cls(loop, Compiler(timeout=120), pins, table.resolve("getppid"), table.resolve(OTHER_SYSCALL))
+        return cls(loop, Compiler(LiveSettings(Settings(compile_timeout=120.0))), pins, table.resolve("getppid"), table.resolve(OTHER_SYSCALL))
 
-    def handler(self) -> LoadedProgram:
+    def handler(self) -> Program:
         if self._handler is None:
             load = self.compiler.load(source=EMPTY_HANDLER, function="bench_empty_handler")
             self._handler = self.loop.run_until_complete(load)
@@ -97,7 +98,7 @@ class Env:
 
     def close(self) -> None:
         if self._handler is not None:
-            os.close(self._handler.fd)
+            self._handler.close()
             self._handler = None
 
 

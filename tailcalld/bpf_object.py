@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from .bpfsys import BPF_PROG_TYPE_RAW_TRACEPOINT, PROG_TYPE_NAMES
+from .errors import FunctionAmbiguous, FunctionNotFound, ObjectError, VerifierRejected, WrongProgramType
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,8 @@ class ObjectProgram:
         return PROG_TYPE_NAMES.get(self.type, f"type {self.type}")
 
 
-class ObjectError(Exception):
-    def __init__(self, code: str, message: str, candidates: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.candidates = candidates or []
+def _candidates(names: list[str]) -> dict[str, list[str]]:
+    return {"candidates": names}
 
 
 @cache
@@ -61,8 +58,8 @@ class BpfObject:
         self._data = ctypes.create_string_buffer(data, len(data))  # must outlive the object
         handle = _lib().bpf_object__open_mem(self._data, len(data), None)
         if not handle:
-            raise ObjectError("object_error", "libbpf cannot open this file as a BPF ELF object "
-                                              f"(errno {ctypes.get_errno()}); see the log")
+            raise ObjectError("libbpf cannot open this file as a BPF ELF object "
+                              f"(errno {ctypes.get_errno()}); see the log")
         self._obj = handle
         self._progs: dict[str, int] = {}
         prog = None
@@ -78,20 +75,20 @@ class BpfObject:
         progs = {p.name: p for p in self.programs()}
         if wanted is not None:
             if wanted not in progs:
-                raise ObjectError("function_not_found", f"no program {wanted!r} in the object", list(progs))
+                raise FunctionNotFound(f"no program {wanted!r} in the object", _candidates(list(progs)))
             chosen = progs[wanted]
         else:
             raw_tp = [p for p in progs.values() if p.type == BPF_PROG_TYPE_RAW_TRACEPOINT]
             if len(raw_tp) != 1:
-                raise ObjectError("function_ambiguous" if raw_tp else "function_not_found",
-                                  ("more than one" if raw_tp else "no") + ' SEC("raw_tracepoint/...") program in '
-                                  "the object; choose one with --function", [p.name for p in raw_tp] or list(progs))
+                error = FunctionAmbiguous if raw_tp else FunctionNotFound
+                raise error(("more than one" if raw_tp else "no") + ' SEC("raw_tracepoint/...") program in '
+                            "the object; choose one with --function",
+                            _candidates([p.name for p in raw_tp] or list(progs)))
             chosen = raw_tp[0]
         if chosen.type != BPF_PROG_TYPE_RAW_TRACEPOINT:
-            raise ObjectError("wrong_program_type",
-                              f"{chosen.name} is a {chosen.type_name} program (SEC(\"{chosen.section}\")); the "
-                              'dispatcher can only tail-call raw_tracepoint programs: SEC("raw_tracepoint/sys_enter") '
-                              'or SEC("raw_tp/sys_enter")')
+            raise WrongProgramType(f"{chosen.name} is a {chosen.type_name} program (SEC(\"{chosen.section}\")); "
+                                   "the dispatcher can only tail-call raw_tracepoint programs: "
+                                   'SEC("raw_tracepoint/sys_enter") or SEC("raw_tp/sys_enter")')
         return chosen
 
     def load_only(self, name: str) -> int:
@@ -100,8 +97,7 @@ class BpfObject:
         for prog_name, prog in self._progs.items():
             lib.bpf_program__set_autoload(prog, prog_name == name)
         if lib.bpf_object__load(self._obj) != 0:
-            raise ObjectError("verifier_rejected", f"the kernel refused {name!r} (see libbpf's log and the "
-                                                   "verifier's below)")
+            raise VerifierRejected(f"the kernel refused {name!r} (see libbpf's log and the verifier's below)")
         return lib.bpf_program__fd(self._progs[name])
 
     def close(self) -> None:

@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 from functools import cache
 
-BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PROG_ARRAY = 3
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 
@@ -90,10 +89,6 @@ class ProgInfo:
     name: str
     xlated_insns: int
 
-    @property
-    def type_name(self) -> str:
-        return PROG_TYPE_NAMES.get(self.type, f"type {self.type}")
-
 
 @dataclass(frozen=True)
 class LinkInfo:
@@ -118,7 +113,6 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.libbpf_num_possible_cpus.argtypes = []
     return lib
 
@@ -151,18 +145,6 @@ def obj_get(path: str) -> int:
 
 def prog_get_fd_by_id(prog_id: int) -> int:
     return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
-
-
-def map_get_fd_by_id(map_id: int) -> int:
-    return _check(_lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
-
-
-def map_lookup_u64(map_fd: int, key: int) -> int:
-    """Entry ``key`` of a u32 -> u64 map (not per-CPU)."""
-    k = ctypes.c_uint32(key)
-    value = ctypes.c_uint64()
-    _check(_lib().bpf_map_lookup_elem(map_fd, ctypes.byref(k), ctypes.byref(value)), f"read key {key}")
-    return value.value
 
 
 def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:

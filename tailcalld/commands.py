@@ -1,31 +1,48 @@
-"""What each protocol command does, in terms of the core (no framing, no socket)."""
+"""What each protocol command does: the one place where the wire meets the core.
+
+A request arrives here validated (protocol.py); its fields become the core's types
+(an Artifact, a slot), the core does the work (slots.py), and its dataclass result becomes
+the reply model.  No framing and no socket: the server, and tests, call ``execute``.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
 from . import __version__
-from .dispatcher import remove_pins
+from .config import LiveSettings
 from .dialects import Artifact, detect
 from .errors import BadRequest, SourceTooLarge
 from .peers import Peer
-from .protocol import (AttachRequest, CheckRequest, DetachRequest, ListRequest, PingRequest, PingResult, Request,
-                       StatusRequest, UnloadAllRequest, UnloadResult)
-from .slots import SlotManager
+from .protocol import (AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest, DetachResult,
+                       ListRequest, PingRequest, PingResult, Request, SlotInfo, StatusRequest, StatusResult,
+                       UnloadAllRequest, UnloadResult)
+from .slots import SlotManager, SlotView, Status
+from .state import SlotRecord
+
+
+class StopReason(enum.Enum):
+    """Why the daemon's serving ends; what stays in the kernel depends on it."""
+
+    SIGNAL = "signal"  # SIGTERM/SIGINT: the dispatcher and handlers stay pinned
+    UNLOADED = "unloaded"  # unload-all: nothing of tailcalld is left in the kernel
 
 
 @dataclass
 class CommandContext:
     manager: SlotManager
-    max_source_bytes: int
-    request_stop: Callable[[], None]  # unload-all ends the daemon: there is nothing left to serve
+    settings: LiveSettings
+    request_stop: Callable[[StopReason], None]
+    socket_path: str = ""
     connections: Callable[[], int] = lambda: 0
+    list_cache: ListCache = field(default_factory=lambda: ListCache())
 
 
 def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
@@ -45,26 +62,76 @@ def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
     return artifact
 
 
+def slot_info(view: SlotView) -> SlotInfo:
+    r = view.record
+    # model_construct: these values come from our own validated records; list is the
+    # hottest request and validation would double its cost.
+    return SlotInfo.model_construct(
+        slot=r.slot, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
+        prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
+        attached_by_uid=r.attached_by_uid, misses=view.misses)
+
+
+class ListCache:
+    """``list`` replies serialised fast: list is the hottest request, and a slot's entry only
+    changes when its record does, so each entry is serialised once (by the SlotInfo model) and
+    only its miss count, the model's last field, is written per request."""
+
+    _TAIL = b',"misses":0}'
+
+    def __init__(self) -> None:
+        self._heads: dict[int, tuple[SlotRecord, bytes]] = {}
+
+    def reply(self, views: list[SlotView]) -> bytes:
+        entries = [self._head(v) + b"%d}" % v.misses for v in views]
+        return b'{"slots":[' + b",".join(entries) + b"]}"
+
+    def _head(self, view: SlotView) -> bytes:
+        cached = self._heads.get(view.record.slot)
+        if cached is not None and cached[0] is view.record:
+            return cached[1]
+        text = slot_info(SlotView(view.record, view.syscall, 0)).model_dump_json().encode()
+        assert text.endswith(self._TAIL), "misses must stay SlotInfo's last field"
+        head = text[:-len(self._TAIL)] + b',"misses":'
+        self._heads[view.record.slot] = (view.record, head)
+        return head
+
+
+def status_result(status: Status, ctx: CommandContext) -> StatusResult:
+    d, s = status.dispatcher, ctx.settings.current
+    return StatusResult(
+        version=__version__, pid=status.pid, started_at=status.started_at, pin_dir=str(d.pin_dir),
+        socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
+        upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots,
+        misses_total=status.misses_total, miss_log_interval=s.miss_log_interval, connections=ctx.connections(),
+        corrections=status.corrections)
+
+
 async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseModel | bytes:
     """The command's result: a result model, or (for list, the hot one) its JSON."""
     m = ctx.manager
+    max_bytes = ctx.settings.current.max_source_bytes
     match request:
         case PingRequest():
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
-            artifact = artifact_of(request, ctx.max_source_bytes)
-            return await m.attach(request.slot, artifact, request.function, request.filename, peer, request.fresh)
+            a = await m.attach(request.slot, artifact_of(request, max_bytes), request.function, request.filename,
+                               peer, request.fresh)
+            return AttachResult(slot=a.slot, syscall=a.syscall, function=a.function, prog_id=a.prog_id,
+                                insns=a.insns, replaced_prog_id=a.replaced_prog_id)
         case CheckRequest():
-            return await m.check(artifact_of(request, ctx.max_source_bytes), request.function)
+            c = await m.check(artifact_of(request, max_bytes), request.function)
+            return CheckResult(function=c.function, dialect=c.dialect, prog_type="raw_tracepoint", insns=c.insns,
+                               log=c.log)
         case DetachRequest():
-            return await m.detach(request.slot, peer)
+            d = await m.detach(request.slot, peer)
+            return DetachResult(slot=d.slot, syscall=d.syscall, prog_id=d.prog_id)
         case ListRequest():
-            return m.list_json()
+            return ctx.list_cache.reply(m.list_slots())
         case StatusRequest():
-            return m.status().model_copy(update={"connections": ctx.connections()})
+            return status_result(m.status(), ctx)
         case UnloadAllRequest():
-            slots = await m.unload_all(peer)
-            pins = remove_pins(m.dispatcher.pin_dir)
-            ctx.request_stop()
-            return UnloadResult(slots_emptied=slots, pins_removed=pins)
+            u = await m.unload_all(peer)
+            ctx.request_stop(StopReason.UNLOADED)
+            return UnloadResult(slots_emptied=u.slots, pins_removed=u.pins)
     raise AssertionError(f"unhandled request type {type(request).__name__}")

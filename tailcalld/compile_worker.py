@@ -30,8 +30,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tailcalld.bpf_object import BpfObject, ObjectError
+from tailcalld.bpf_object import BpfObject
 from tailcalld.dialects import clang_command
+from tailcalld.errors import (CompileError, FunctionAmbiguous, FunctionNotFound, TailcalldError,
+                              VerifierRejected)
 
 PR_SET_PDEATHSIG = 1
 
@@ -47,8 +49,9 @@ def raw_tp_candidates(source: str, functions: list[str]) -> list[str]:
     return [f for f in functions if f in declared]
 
 
-def _fail(code: str, message: str, candidates: list[str] | None = None) -> dict[str, Any]:
-    return {"ok": False, "code": code, "message": message, "candidates": candidates or []}
+def _fail(err: TailcalldError) -> dict[str, Any]:
+    candidates = err.details.get("candidates", []) if isinstance(err.details, dict) else []
+    return {"ok": False, "code": err.code, "message": err.message, "candidates": candidates}
 
 
 def load_with_bcc(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, object]:
@@ -66,28 +69,29 @@ def load_with_bcc(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, 
     try:
         b = NoAutoAttach(text=source, cflags=list(request.get("cflags", [])))
     except Exception as exc:  # bcc raises bare Exception for a failed compile
-        return _fail("compile_error", f"the source does not compile ({exc})"), None, None
+        return _fail(CompileError(f"the source does not compile ({exc})")), None, None
 
     functions = [lib.bpf_function_name(b.module, i).decode()
                  for i in range(lib.bpf_num_functions(b.module))]
     if wanted is not None:
         if wanted not in functions:
-            return _fail("function_not_found", f"no function {wanted!r} in the source", functions), None, b
+            return _fail(FunctionNotFound(f"no function {wanted!r} in the source",
+                                          {"candidates": functions})), None, b
         chosen = wanted
     else:
         candidates = raw_tp_candidates(source, functions)
         if len(candidates) != 1:
             what = "no function" if not candidates else "more than one function"
-            return _fail("function_ambiguous" if candidates else "function_not_found",
-                         f"{what} with the raw-tracepoint signature "
-                         "`int NAME(struct bpf_raw_tracepoint_args *ctx)`; choose one with --function",
-                         candidates or functions), None, b
+            error = FunctionAmbiguous if candidates else FunctionNotFound
+            return _fail(error(f"{what} with the raw-tracepoint signature "
+                               "`int NAME(struct bpf_raw_tracepoint_args *ctx)`; choose one with --function",
+                               {"candidates": candidates or functions})), None, b
         chosen = candidates[0]
 
     try:
         fn = b.load_func(chosen, BPF.RAW_TRACEPOINT)
     except Exception as exc:  # bcc raises bare Exception when the verifier refuses
-        return _fail("verifier_rejected", f"the kernel refused {chosen!r} ({exc})"), None, b
+        return _fail(VerifierRejected(f"the kernel refused {chosen!r} ({exc})")), None, b
     return {"ok": True, "function": chosen}, fn.fd, b
 
 
@@ -97,7 +101,7 @@ def compile_with_clang(request: dict[str, Any]) -> bytes:
         r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out)),
                            input=request["source"].encode(), stderr=sys.stderr, stdout=sys.stderr)
         if r.returncode != 0:
-            raise ObjectError("compile_error", f"clang could not compile the source (exit status {r.returncode})")
+            raise CompileError(f"clang could not compile the source (exit status {r.returncode})")
         return out.read_bytes()
 
 
@@ -106,13 +110,13 @@ def load_with_libbpf(request: dict[str, Any]) -> tuple[dict[str, Any], int | Non
         data = (base64.b64decode(request["object_b64"]) if request["dialect"] == "object"
                 else compile_with_clang(request))
         obj = BpfObject(data)
-    except ObjectError as err:
-        return _fail(err.code, err.message, err.candidates), None, None
+    except TailcalldError as err:
+        return _fail(err), None, None
     try:
         chosen = obj.choose(request.get("function"))
         fd = obj.load_only(chosen.name)
-    except ObjectError as err:
-        return _fail(err.code, err.message, err.candidates), None, obj
+    except TailcalldError as err:
+        return _fail(err), None, obj
     return {"ok": True, "function": chosen.name}, fd, obj
 
 

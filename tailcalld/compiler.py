@@ -11,18 +11,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from . import bpfsys, dialects
+from .config import LiveSettings
 from .dialects import Artifact, Dialect
-from .errors import WORKER_ERRORS, CompileTimeout, ForbiddenInclude, TailcalldError
+from .errors import CompileTimeout, ForbiddenInclude, TailcalldError, error_class
 
 # Diagnostics can be huge (a template error repeated per instantiation); keep the head.
 MAX_DIAGNOSTICS = 64 * 1024
@@ -44,15 +45,36 @@ def check_includes(source: str) -> None:
                                    "(relative paths without '..')", {"include": path})
 
 
-@dataclass(frozen=True)
-class LoadedProgram:
-    """A program loaded in the kernel; it lives as long as ``fd`` (or a map slot) holds it."""
+class Program:
+    """A loaded program and the one fd of ours that holds it.  The kernel keeps a program
+    while any fd or map slot refers to it, so whoever owns a Program closes it exactly once
+    (closing twice is a no-op: a recycled fd number must never be closed by mistake)."""
 
-    fd: int
-    id: int
-    function: str
-    insns: int
-    log: str = ""  # what the compiler and loader said on the way (warnings)
+    def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "") -> None:
+        self._fd: int | None = fd
+        self.id = id
+        self.function = function
+        self.insns = insns
+        self.log = log  # what the compiler and loader said on the way (warnings)
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"program {self.id} ({self.function}) is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def dup(self) -> Program:
+        """Another owner of the same program (a warm attach: no compile, no load)."""
+        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def bpf_include_dir() -> str:
@@ -64,15 +86,14 @@ def bpf_source(name: str) -> str:
 
 
 class Compiler:
-    def __init__(self, timeout: float, max_parallel: int = 2, cache_dir: Path | None = None) -> None:
-        self.timeout = timeout
+    def __init__(self, settings: LiveSettings, max_parallel: int = 2, cache_dir: Path | None = None) -> None:
+        self._settings = settings  # compile_timeout is live: read at each compile
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
-        self._slots = asyncio.Semaphore(max_parallel)
-        self.workers_started = 0  # compile workers run so far: how a test sees that nothing compiled
+        self._parallel_compiles = asyncio.Semaphore(max_parallel)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
 
     async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
-                   dialect: Dialect = "bcc", object_bytes: bytes | None = None) -> LoadedProgram:
+                   dialect: Dialect = "bcc", object_bytes: bytes | None = None) -> Program:
         """Compile ``source`` (bcc or libbpf C) or take ``object_bytes`` (a BPF ELF object), and
         load ``function`` (or the only raw_tp program) as a raw_tracepoint program.  Raises
         CompileError, VerifierRejected, FunctionNotFound, FunctionAmbiguous, WrongProgramType or
@@ -90,24 +111,28 @@ class Compiler:
         elif dialect == "libbpf":
             vmlinux = await dialects.vmlinux_header(self._cache_dir)
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
-        async with self._slots:
+        async with self._parallel_compiles:
             result, fd, output = await self._run_worker(json.dumps(request).encode())
         if not result.get("ok"):
-            error = WORKER_ERRORS.get(result.get("code", ""), TailcalldError)
+            error = error_class(result.get("code", ""))
             details = {"log": output, "candidates": result.get("candidates", [])}
             raise error(result.get("message", "the compile worker failed"), details)
         if fd is None:
             raise TailcalldError("the compile worker reported success but sent no program", output)
-        info = bpfsys.prog_info(fd)
-        return LoadedProgram(fd=fd, id=info.id, function=result["function"], insns=info.xlated_insns, log=output)
+        try:
+            info = bpfsys.prog_info(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return Program(fd, info.id, result["function"], info.xlated_insns, output)
 
-    async def load_artifact(self, artifact: Artifact, function: str | None) -> LoadedProgram:
+    async def load_artifact(self, artifact: Artifact, function: str | None) -> Program:
         if artifact.dialect == "object":
             return await self.load(function=function, dialect="object", object_bytes=artifact.data)
         return await self.load(artifact.source, function, dialect=artifact.dialect)
 
     async def _run_worker(self, request: bytes) -> tuple[dict, int | None, str]:
-        self.workers_started += 1
+        timeout = self._settings.current.compile_timeout
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with parent:
             with child:
@@ -116,11 +141,11 @@ class Compiler:
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT, pass_fds=(child.fileno(),))
             try:
-                out, _ = await asyncio.wait_for(proc.communicate(request), self.timeout)
+                out, _ = await asyncio.wait_for(proc.communicate(request), timeout)
             except TimeoutError:
                 raise CompileTimeout(
-                    f"compiling and loading took longer than {self.timeout:g} s; the compile was killed",
-                    {"timeout": self.timeout}) from None
+                    f"compiling and loading took longer than {timeout:g} s; the compile was killed",
+                    {"timeout": timeout}) from None
             finally:
                 if proc.returncode is None:
                     proc.kill()

@@ -1,11 +1,18 @@
-"""Daemon settings: one pydantic model, read once from TOML at start (and on reload)."""
+"""Daemon settings: one pydantic model, read from TOML at start and on reload (SIGHUP).
+
+Fields marked ``LIVE`` take effect on reload; the others need a restart.  The running
+daemon's parts all read one ``LiveSettings`` holder at the moment they need a value, so a
+reload is one assignment plus the few reactions a change needs (``LiveSettings.on_reload``).
+"""
 
 from __future__ import annotations
 
 import grp
+import logging
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
@@ -15,6 +22,9 @@ DEFAULT_CONFIG = Path("/etc/tailcalld/tailcalld.toml")
 DEFAULT_SOCKET = Path("/run/tailcalld/tailcalld.sock")
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+LIVE: dict[str, Any] = {"live": True}  # json_schema_extra of a field a reload applies
+
+logger = logging.getLogger("tailcalld")
 
 
 class Settings(BaseModel):
@@ -24,17 +34,24 @@ class Settings(BaseModel):
     pin_dir: Path = Field(Path("/sys/fs/bpf/tailcalld"), description="bpffs folder for the pinned dispatcher")
     state_dir: Path = Field(Path("/var/lib/tailcalld"), description="persistent state")
     # Strict numbers: TOML's `true` must not turn into an interval of 1 s or into slot 1.
-    miss_log_interval: float = Field(10.0, gt=0, le=86400, strict=True, description="seconds between miss summaries")
+    miss_log_interval: float = Field(10.0, gt=0, le=86400, strict=True,
+                                     description="seconds between miss summaries", json_schema_extra=LIVE)
     watch_misses: Literal["all"] | list[StrictInt | StrictStr] = Field(
-        default_factory=list, description="slots whose misses are logged besides those that held a handler")
+        default_factory=list, description="slots whose misses are logged besides those that held a handler",
+        json_schema_extra=LIVE)
     max_request_bytes: int = Field(1 << 20, ge=1024, strict=True, description="largest request line accepted")
-    max_source_bytes: int = Field(512 * 1024, ge=1, strict=True, description="largest handler source accepted")
-    max_connections: int = Field(64, ge=1, strict=True, description="control connections served at once")
+    max_source_bytes: int = Field(512 * 1024, ge=1, strict=True, description="largest handler source accepted",
+                                  json_schema_extra=LIVE)
+    max_connections: int = Field(64, ge=1, strict=True, description="control connections served at once",
+                                 json_schema_extra=LIVE)
     idle_timeout: float = Field(300.0, gt=0, strict=True,
-                                description="seconds a connection may stay silent (or not read replies) before it is closed")
-    compile_timeout: float = Field(60.0, gt=0, strict=True, description="seconds a compile+load may take before it is killed")
-    allowed_group: str | None = Field(None, description="group whose members may use the socket (0660); root-equivalent")
-    log_level: LogLevel = "info"
+                                description="seconds a connection may stay silent (or not read replies) before it is closed",
+                                json_schema_extra=LIVE)
+    compile_timeout: float = Field(60.0, gt=0, strict=True, description="seconds a compile+load may take before it is killed",
+                                   json_schema_extra=LIVE)
+    allowed_group: str | None = Field(None, json_schema_extra=LIVE,
+                                      description="group whose members may use the socket (0660); root-equivalent")
+    log_level: LogLevel = Field("info", json_schema_extra=LIVE)
 
     @field_validator("allowed_group")
     @classmethod
@@ -72,3 +89,40 @@ def load_settings(path: Path) -> Settings:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid config {path}: {format_validation_error(exc)}") from None
+
+
+def live_fields() -> frozenset[str]:
+    """The settings a reload applies to a running daemon (marked ``LIVE`` above)."""
+    return frozenset(name for name, field in Settings.model_fields.items()
+                     if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("live"))
+
+
+Reaction = Callable[[Settings, Settings, frozenset[str]], None]
+
+
+class LiveSettings:
+    """The settings in force.  Parts keep this holder, not a copy, and read ``current`` when
+    they act, so a reload reaches them all at once; ``on_reload`` is for the changes that need
+    an action (a socket's mode, a log level), not just a new value."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.current = settings
+        self._reactions: list[Reaction] = []
+
+    def on_reload(self, reaction: Reaction) -> None:
+        """``reaction(old, new, changed_live_fields)`` runs after every reload that changed something live."""
+        self._reactions.append(reaction)
+
+    def reload(self, new: Settings, source: Path) -> frozenset[str]:
+        """Apply the live fields of ``new``; keep the others as they are (logged), and return
+        the live fields that changed."""
+        old = self.current
+        changed = {k for k in Settings.model_fields if getattr(new, k) != getattr(old, k)}
+        live = frozenset(changed & live_fields())
+        for key in sorted(changed - live):
+            logger.warning("reload: %s changed in %s; it takes effect at the next restart", key, source)
+        self.current = new.model_copy(update={k: getattr(old, k) for k in changed - live})
+        if live:
+            for reaction in self._reactions:
+                reaction(old, self.current, live)
+        return live

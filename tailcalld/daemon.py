@@ -20,14 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, notify
-from .commands import CommandContext
+from .commands import CommandContext, StopReason
 from .compiler import Compiler
-from .config import DEFAULT_CONFIG, Settings, load_settings
-from .dispatcher import NR_SLOTS, Dispatcher, PinDirLock, remove_pins
+from .config import DEFAULT_CONFIG, LiveSettings, Settings, load_settings
+from .dispatcher import NR_SLOTS, PinDirLock, remove_pins
 from .errors import ConfigError, TailcalldError
 from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
-from .misses import MissMonitor
-from .server import AccessPolicy, ControlServer, bind_unix_socket, set_socket_access
+from .kernel import BpfKernel
+from .misses import MissMonitor, MissReport
+from .server import ControlServer, bind_unix_socket, set_socket_access
 from .slots import SlotManager
 from .state import StateFile, StateStore
 from .syscalls import SyscallTable
@@ -46,33 +47,32 @@ def resolve_watch(settings: Settings, syscalls: SyscallTable) -> tuple[bool, set
         raise ConfigError(f"watch_misses: {err.message}") from None
 
 
-# What a reload (SIGHUP) can change in a running daemon; the rest needs a restart.
-LIVE_SETTINGS = frozenset({"miss_log_interval", "watch_misses", "log_level", "compile_timeout", "allowed_group",
-                           "max_source_bytes", "max_connections", "idle_timeout"})
-
-
 class Daemon:
     def __init__(self, settings: Settings, config_path: Path) -> None:
-        self.settings = settings
+        self.live = LiveSettings(settings)
+        self.live.on_reload(self._react_to_reload)
         self.config_path = config_path
-        self.stop = asyncio.Event()
         self.syscalls = SyscallTable.for_this_machine(NR_SLOTS)
+        self.stop_reason = StopReason.SIGNAL
+        self._stopping = asyncio.Event()
         self._manager: SlotManager | None = None
-        self._ctx: CommandContext | None = None
-        self._policy: AccessPolicy | None = None
         self._socket_path: Path | None = None
-        self._reporter: asyncio.Task[None] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
         self._misses_per_min = 0.0
 
+    def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
+        self.stop_reason = reason
+        self._stopping.set()
+
     async def run(self) -> None:
-        s = self.settings
+        s = self.live.current
         watch_all, watch = resolve_watch(s, self.syscalls)
-        compiler = Compiler(timeout=s.compile_timeout, cache_dir=s.state_dir / "cache")
-        dispatcher = await Dispatcher.open_or_load(s.pin_dir, compiler)
+        compiler = Compiler(self.live, cache_dir=s.state_dir / "cache")
+        kernel = await BpfKernel.open(s.pin_dir, compiler)
         try:
-            misses = MissMonitor(dispatcher.miss_totals, self.syscalls.label, watch_all, watch)
-            manager = SlotManager(dispatcher, compiler, self.syscalls, misses, StateStore(s.state_dir),
-                                  str(s.socket), s.miss_log_interval, on_change=self._publish_status)
+            misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch)
+            manager = SlotManager(kernel, StateStore(s.state_dir), self.syscalls, misses,
+                                  on_change=self._publish_status)
             self._manager = manager
             try:
                 await manager.restore()
@@ -80,38 +80,36 @@ class Daemon:
             finally:
                 manager.close()
         finally:
-            dispatcher.close()
+            kernel.close()
 
     async def _serve(self, manager: SlotManager) -> None:
-        s = self.settings
+        s = self.live.current
         sock = notify.passed_socket()
         activated = sock is not None
         if sock is None:
             sock = bind_unix_socket(s.socket, s.allowed_gid)
         else:
             set_socket_access(Path(sock.getsockname()), s.allowed_gid)
-        self._ctx = CommandContext(manager, s.max_source_bytes, request_stop=self.stop.set)
-        self._policy = AccessPolicy(s.allowed_gid, s.max_connections, s.idle_timeout)
         self._socket_path = Path(sock.getsockname())
-        server = ControlServer(self._ctx, s.max_request_bytes, self._policy)
+        server = ControlServer(CommandContext(manager, self.live, self.request_stop, str(self._socket_path)))
         watchdog = _start_watchdog()
         try:
             await server.start(sock)
-            d = manager.dispatcher
+            d = manager.kernel.info
             state = (f"upgraded from program {d.upgraded_from}" if d.upgraded_from
                      else "adopted from pins" if d.adopted else "loaded and pinned")
             logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s",
                         __version__, d.prog_id, state, manager.slots_in_use, self._socket_path,
                         " (socket activation)" if activated else "")
             notify.notify("READY=1", self._status_line())
-            self._reporter = asyncio.create_task(self._report_misses(manager))
-            await self.stop.wait()
+            self._maintenance = asyncio.create_task(self._maintain(manager))
+            await self._stopping.wait()
             notify.notify("STOPPING=1")
-            if (s.pin_dir / "link").exists():
-                logger.info("stopping; the dispatcher and handlers stay pinned under %s", s.pin_dir)
-            else:
+            if self.stop_reason is StopReason.UNLOADED:
                 logger.info("stopping after unload-all; nothing of tailcalld is left in the kernel")
-            await _cancel(self._reporter)
+            else:
+                logger.info("stopping; the dispatcher and handlers stay pinned under %s", s.pin_dir)
+            await _cancel(self._maintenance)
             await server.close()
         finally:
             await _cancel(watchdog)
@@ -120,25 +118,28 @@ class Daemon:
                 with contextlib.suppress(FileNotFoundError):
                     s.socket.unlink()
 
-    async def _report_misses(self, manager: SlotManager) -> None:
+    async def _maintain(self, manager: SlotManager) -> None:
+        """Every miss_log_interval: the new misses to the journal, drift repaired, STATUS= refreshed."""
         while True:
-            await asyncio.sleep(self.settings.miss_log_interval)
+            await asyncio.sleep(self.live.current.miss_log_interval)
+            reports = await self._log_misses(manager)
             try:
-                reports = manager.misses.poll()
-            except OSError:
-                logger.exception("could not read the miss counters")
-                continue
-            log_misses(reports)
-            try:
-                manager.repair_drift()
+                await manager.repair_drift()
             except (OSError, TailcalldError):
                 logger.exception("could not check the slots against the kernel")
-            if reports:
-                seconds = reports[0].seconds
-                self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0
-            else:
-                self._misses_per_min = 0.0
+            seconds = reports[0].seconds if reports else 0.0
+            self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0
             self._publish_status()
+
+    async def _log_misses(self, manager: SlotManager) -> list[MissReport]:
+        try:
+            totals = await asyncio.to_thread(manager.misses.read)
+        except OSError:
+            logger.exception("could not read the miss counters")
+            return []
+        reports = manager.misses.poll(totals)
+        log_misses(reports)
+        return reports
 
     def _status_line(self) -> str:
         used = self._manager.slots_in_use if self._manager else 0
@@ -152,39 +153,31 @@ class Daemon:
         notify.reloading()
         try:
             new = load_settings(self.config_path)
-            watch_all, watch = resolve_watch(new, self.syscalls)
+            resolve_watch(new, self.syscalls)
         except ConfigError as err:
             logger.error("reload refused, the running configuration stays in force: %s", err.message)
         else:
-            self._apply(new, watch_all, watch)
+            live = self.live.reload(new, self.config_path)
+            logger.info("reloaded %s: %s", self.config_path,
+                        ", ".join(f"{k}={getattr(self.live.current, k)!r}" for k in sorted(live))
+                        if live else "no live change")
         notify.notify("READY=1", self._status_line())
 
-    def _apply(self, new: Settings, watch_all: bool, watch: set[int]) -> None:
-        old = self.settings
-        changed = [k for k in Settings.model_fields if getattr(new, k) != getattr(old, k)]
-        for key in changed:
-            if key not in LIVE_SETTINGS:
-                logger.warning("reload: %s changed in %s; it takes effect at the next restart",
-                               key, self.config_path)
-        self.settings = new.model_copy(update={k: getattr(old, k) for k in changed if k not in LIVE_SETTINGS})
-        set_log_level(self.settings.log_level)
-        if self._ctx is not None and self._policy is not None and self._socket_path is not None:
-            self._ctx.max_source_bytes = self.settings.max_source_bytes
-            self._policy.max_connections = self.settings.max_connections
-            self._policy.idle_timeout = self.settings.idle_timeout
-            if self._policy.allowed_gid != self.settings.allowed_gid:
-                self._policy.allowed_gid = self.settings.allowed_gid
-                set_socket_access(self._socket_path, self.settings.allowed_gid)
+    def _react_to_reload(self, old: Settings, new: Settings, changed: frozenset[str]) -> None:
+        """The live changes that need more than a new value read at the next use."""
+        if "log_level" in changed:
+            set_log_level(new.log_level)
+        if "allowed_group" in changed and self._socket_path is not None:
+            try:
+                set_socket_access(self._socket_path, new.allowed_gid)
+            except OSError as exc:
+                logger.error("reload: could not give %s to group %s: %s", self._socket_path, new.allowed_group, exc)
         if self._manager is not None:
-            self._manager.misses.configure(watch_all, watch)
-            self._manager.compiler.timeout = self.settings.compile_timeout
-            self._manager.miss_log_interval = self.settings.miss_log_interval
-            if "miss_log_interval" in changed and self._reporter is not None:
-                self._reporter.cancel()  # the next summary comes one new interval from now
-                self._reporter = asyncio.create_task(self._report_misses(self._manager))
-        live = [k for k in changed if k in LIVE_SETTINGS]
-        logger.info("reloaded %s: %s", self.config_path,
-                    ", ".join(f"{k}={getattr(self.settings, k)!r}" for k in live) if live else "no live change")
+            if "watch_misses" in changed:
+                self._manager.misses.configure(*resolve_watch(new, self.syscalls))
+            if "miss_log_interval" in changed and self._maintenance is not None:
+                self._maintenance.cancel()  # the next summary comes one new interval from now
+                self._maintenance = asyncio.create_task(self._maintain(self._manager))
 
 
 def _start_watchdog() -> asyncio.Task[None] | None:
@@ -213,7 +206,7 @@ async def _main_async(settings: Settings, config_path: Path) -> None:
     daemon = Daemon(settings, config_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop.set)
+        loop.add_signal_handler(sig, daemon.request_stop)
     reloads: set[asyncio.Task[None]] = set()
 
     def on_sighup() -> None:

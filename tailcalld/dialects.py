@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .errors import ToolFailed
+
 Dialect = Literal["bcc", "libbpf", "object"]
 BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -45,10 +47,6 @@ class Artifact:
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
-    def suffix(self) -> str:
-        return ".o" if self.dialect == "object" else ".c"
-
 
 def target_arch() -> str:
     machine = platform.machine()
@@ -68,18 +66,26 @@ def clang_command(include_dirs: list[str], output: str) -> list[str]:
 async def vmlinux_header(cache_dir: Path) -> Path:
     """A folder holding vmlinux.h for the running kernel, generated once per BTF (that is, per
     kernel) with bpftool and kept under ``cache_dir``."""
-    btf = await asyncio.to_thread(BTF_VMLINUX.read_bytes)
+    try:
+        btf = await asyncio.to_thread(BTF_VMLINUX.read_bytes)
+    except OSError as exc:
+        raise ToolFailed(f"libbpf handlers need the kernel's BTF, and {BTF_VMLINUX} cannot be read: "
+                         f"{exc.strerror}") from None
     folder = cache_dir / f"vmlinux-{hashlib.sha256(btf).hexdigest()[:16]}"
     header = folder / "vmlinux.h"
     if header.exists():
         return folder
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        "bpftool", "btf", "dump", "file", str(BTF_VMLINUX), "format", "c",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "bpftool", "btf", "dump", "file", str(BTF_VMLINUX), "format", "c",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise ToolFailed(f"cannot run bpftool to make vmlinux.h for libbpf handlers: {exc.strerror} "
+                         "(apt-get install bpftool)") from None
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise OSError(f"bpftool could not dump {BTF_VMLINUX}: {err.decode(errors='replace').strip()}")
+        raise ToolFailed(f"bpftool could not dump {BTF_VMLINUX}: {err.decode(errors='replace').strip()}")
     tmp = folder / f".vmlinux.h.{os.getpid()}"
     tmp.write_bytes(out)
     os.replace(tmp, header)

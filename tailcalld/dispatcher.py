@@ -21,13 +21,12 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import bpfsys
 from .compiler import Compiler, bpf_source
-from .errors import AlreadyRunning, KernelError, PinConflict, TailcalldError
+from .errors import AlreadyRunning, KernelError, NoBpffs, PinConflict
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
 DISPATCH_PREFIX = "tcd_"
@@ -71,7 +70,7 @@ def _ensure_pin_dir(pin_dir: Path) -> None:
     while not parent.exists():
         parent = parent.parent
     if _fs_type(parent) != BPF_FS_MAGIC:
-        raise TailcalldError(
+        raise NoBpffs(
             f"{parent} is not on a BPF filesystem, so {pin_dir} cannot hold pins; "
             "mount it first: mount -t bpf bpf /sys/fs/bpf")
     pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -196,9 +195,6 @@ class Dispatcher:
         """Misses per slot since the counters were created (they survive daemon restarts)."""
         return bpfsys.percpu_u64_sums(self._misses_fd, self.nr_slots)
 
-    def miss_total(self, slot: int) -> int:
-        return bpfsys.percpu_u64_sum(self._misses_fd, slot)
-
     def close(self) -> None:
         """Drop our handles; the pins keep the dispatcher attached and the slots filled."""
         for fd in (self._prog_array_fd, self._misses_fd, self._link_fd):
@@ -249,7 +245,7 @@ async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str) -> 
     try:
         link_fd = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
     finally:
-        os.close(prog.fd)  # the link holds the program from here on
+        prog.close()  # the link holds the program from here on
     try:
         bpfsys.obj_pin(link_fd, str(pin_dir / pin_name))
     except OSError as exc:
@@ -258,17 +254,6 @@ async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str) -> 
             raise PinConflict(f"{pin_dir / pin_name} appeared while loading", {"path": str(pin_dir / pin_name)}) from None
         raise
     return link_fd
-
-
-def remove_pin_tree(folder: Path) -> None:
-    """Remove a whole folder of pins (tests, benchmarks), links first: unpinning a link is what
-    detaches its program, and nothing must stay on sys_enter once the folder is gone."""
-    if not folder.exists():
-        return
-    for link in sorted(folder.rglob("link*")):
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_pins(pin_dir: Path) -> list[str]:

@@ -1,8 +1,12 @@
 """Errors inside tailcalld, each with the stable code it carries on the wire.
 
 Inside the daemon these are exceptions; at the protocol edge they become
-``{"code": ..., "message": ..., "details": ...}``.  Anything that is not a
-``TailcalldError`` is a bug and goes out as ``internal``.
+``{"code": ..., "message": ..., "details": ...}``.  The code is a class attribute, so it is
+written once, here: everyone else (the compile worker, tailcallctl) names the class.
+
+Expected failures (bad input, a host that lacks something, a kernel that refuses) each have
+a class of their own.  Anything that is not a ``TailcalldError`` is a bug and goes out as
+``internal``.
 """
 
 from __future__ import annotations
@@ -113,8 +117,41 @@ class ConfigError(TailcalldError):
     code = "config_error"
 
 
-# Codes a compile worker reports, mapped back to their exception.
-WORKER_ERRORS: dict[str, type[TailcalldError]] = {
-    cls.code: cls
-    for cls in (CompileError, VerifierRejected, FunctionNotFound, FunctionAmbiguous, WrongProgramType, ObjectError)
-}
+class NoBpffs(TailcalldError):
+    """The pin folder is not on a BPF filesystem (bpffs not mounted)."""
+    code = "no_bpffs"
+
+
+class ToolFailed(TailcalldError):
+    """A helper program tailcalld runs (bpftool, to make vmlinux.h) failed or is missing."""
+    code = "tool_failed"
+
+
+class StateError(TailcalldError):
+    """The saved state could not be written (a full or read-only disk, say)."""
+    code = "state_error"
+
+
+class RequestError(Exception):
+    """A request that failed before it could run, with the id its reply must echo."""
+
+    def __init__(self, request_id: int | str | None, error: TailcalldError) -> None:
+        super().__init__(error.message)
+        self.request_id = request_id
+        self.error = error
+
+
+def _all_codes() -> dict[str, type[TailcalldError]]:
+    found: dict[str, type[TailcalldError]] = {}
+    pending: list[type[TailcalldError]] = [TailcalldError]
+    while pending:
+        cls = pending.pop()
+        found[cls.code] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_class(code: str) -> type[TailcalldError]:
+    """The class of a code that crossed a process boundary (the compile worker's result); an
+    unknown code is a bug, so it maps to the generic class (``internal``)."""
+    return _all_codes().get(code, TailcalldError)

@@ -51,8 +51,15 @@ class MissMonitor:
     def watched(self, nr: int) -> bool:
         return self._watch_all or nr in self._held or nr in self._extra
 
-    def poll(self) -> list[MissReport]:
-        totals = self._read_totals()
+    def read(self) -> list[int]:
+        """The counters now (one batch read of the map: callers on the event loop may run this
+        in a thread and hand the result to ``poll``)."""
+        return self._read_totals()
+
+    def poll(self, totals: list[int] | None = None) -> list[MissReport]:
+        """What changed since the previous poll, from ``totals`` (read now if not given)."""
+        if totals is None:
+            totals = self._read_totals()
         now = self._clock()
         self._snapshot, self._snapshot_time = totals, now
         seconds = now - self._last_time

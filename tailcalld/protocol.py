@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
                       ValidationError, model_validator)
 
-from .errors import BadRequest, TailcalldError, UnknownCommand
+from .errors import BadRequest, RequestError, TailcalldError, UnknownCommand
 
 RequestId = StrictInt | StrictStr | None
 Slot = Annotated[StrictInt | StrictStr, Field(description="syscall number or name, e.g. 268 or 'fchmodat'")]
@@ -104,7 +104,7 @@ class SlotInfo(BaseModel):
     source_sha256: str | None
     attached_at: datetime | None
     attached_by_uid: int | None = None
-    # Keep misses last: SlotManager.list_json serialises the rest once and appends it.
+    # Keep misses last: commands.ListCache serialises the rest once and appends it.
     misses: int = Field(description="tail-call misses of this slot since the daemon started")
 
 
@@ -159,9 +159,6 @@ class UnloadResult(BaseModel):
     pins_removed: list[str]
 
 
-Result = PingResult | AttachResult | CheckResult | DetachResult | ListResult | StatusResult | UnloadResult
-
-
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -196,32 +193,27 @@ def _request_id(data: Any) -> RequestId:
 
 
 def parse_request(line: bytes) -> tuple[RequestId, Request]:
-    """Decode one request line.  Raises TailcalldError carrying the id to echo (``.request_id``)."""
+    """Decode one request line.  Raises RequestError: the problem, and the id its reply echoes."""
     try:
         data = json.loads(line)
     except (ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 and 5000-digit numbers
-        raise _with_id(BadRequest(f"malformed JSON: {str(exc)[:200]}"), None) from None
+        raise RequestError(None, BadRequest(f"malformed JSON: {str(exc)[:200]}")) from None
     rid = _request_id(data)
     if not isinstance(data, dict):
-        raise _with_id(BadRequest("a request must be a JSON object"), rid)
+        raise RequestError(rid, BadRequest("a request must be a JSON object"))
     command = data.get("command")
     if command is None:
-        raise _with_id(BadRequest(f'the request has no "command"; known: {", ".join(COMMANDS)}'), rid)
+        raise RequestError(rid, BadRequest(f'the request has no "command"; known: {", ".join(COMMANDS)}'))
     if command not in COMMANDS:
-        raise _with_id(UnknownCommand(f"unknown command {command!r}; known: {', '.join(COMMANDS)}",
-                                      {"known": list(COMMANDS)}), rid)
+        raise RequestError(rid, UnknownCommand(f"unknown command {command!r}; known: {', '.join(COMMANDS)}",
+                                               {"known": list(COMMANDS)}))
     try:
         return rid, _request_adapter.validate_python(data)
     except ValidationError as exc:
         problems = [{"field": ".".join(str(p) for p in e["loc"][1:]) or "(request)", "message": e["msg"]}
                     for e in exc.errors(include_url=False, include_input=False)]
         text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-        raise _with_id(BadRequest(f"invalid {command} request: {text}", problems), rid) from None
-
-
-def _with_id(err: TailcalldError, rid: RequestId) -> TailcalldError:
-    err.request_id = rid  # type: ignore[attr-defined]
-    return err
+        raise RequestError(rid, BadRequest(f"invalid {command} request: {text}", problems)) from None
 
 
 def encode_ok(rid: RequestId, result: BaseModel | bytes) -> bytes:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from . import protocol
 from .commands import CommandContext, execute
-from .errors import AlreadyRunning, PermissionDenied, RequestTooLarge, TailcalldError, TooManyConnections
+from .config import Settings
+from .errors import (AlreadyRunning, PermissionDenied, RequestError, RequestTooLarge, TailcalldError,
+                     TooManyConnections)
 from .peers import Peer, may_control
 
 logger = logging.getLogger("tailcalld")
@@ -33,15 +35,6 @@ class _Activity:
     writer: asyncio.StreamWriter
     since: float  # monotonic time of the last read or write; inf while a command runs
     expired: bool = False
-
-
-@dataclass
-class AccessPolicy:
-    """What a reload may change about who gets served and for how long."""
-
-    allowed_gid: int | None
-    max_connections: int
-    idle_timeout: float
 
 
 def socket_mode(allowed_gid: int | None) -> tuple[int, int]:
@@ -82,10 +75,12 @@ def bind_unix_socket(path: Path, allowed_gid: int | None) -> socket.socket:
 
 
 class ControlServer:
-    def __init__(self, ctx: CommandContext, max_request_bytes: int, policy: AccessPolicy) -> None:
+    """Who is served, and for how long, follows the live settings (allowed_group,
+    max_connections, idle_timeout): each is read when it is needed."""
+
+    def __init__(self, ctx: CommandContext) -> None:
         self.ctx = ctx
-        self.max_request_bytes = max_request_bytes
-        self.policy = policy
+        self.max_request_bytes = ctx.settings.current.max_request_bytes  # the stream limit: fixed at start
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self._admitted = 0
@@ -93,6 +88,10 @@ class ControlServer:
         self._activity: dict[asyncio.Task[None], _Activity] = {}
         self._sweeper: asyncio.Task[None] | None = None
         ctx.connections = lambda: self._admitted
+
+    @property
+    def _settings(self) -> Settings:
+        return self.ctx.settings.current
 
     async def start(self, sock: socket.socket) -> None:
         # The stream limit is what makes readuntil refuse an oversized line.
@@ -104,10 +103,10 @@ class ControlServer:
         """Close connections silent (or not reading their replies) for idle_timeout.  One sweep a
         fraction of a second, instead of a timeout armed around every read: list is hot."""
         while True:
-            await asyncio.sleep(min(1.0, self.policy.idle_timeout / 4))
+            await asyncio.sleep(min(1.0, self._settings.idle_timeout / 4))
             now = time.monotonic()
             for activity in list(self._activity.values()):
-                if now - activity.since > self.policy.idle_timeout:
+                if now - activity.since > self._settings.idle_timeout:
                     activity.expired = True
                     activity.writer.transport.abort()
 
@@ -138,8 +137,8 @@ class ControlServer:
             if refusal is None:
                 admitted = await self._admit(peer)
                 refusal = None if admitted else TooManyConnections(
-                    f"tailcalld serves {self.policy.max_connections} connections at once; try again later",
-                    {"limit": self.policy.max_connections})
+                    f"tailcalld serves {self._settings.max_connections} connections at once; try again later",
+                    {"limit": self._settings.max_connections})
             if refusal is not None:
                 await self._refuse(reader, writer, refusal)
             else:
@@ -162,7 +161,7 @@ class ControlServer:
         async with self._freed:
             try:
                 await asyncio.wait_for(
-                    self._freed.wait_for(lambda: self._admitted < self.policy.max_connections), ADMIT_WAIT)
+                    self._freed.wait_for(lambda: self._admitted < self._settings.max_connections), ADMIT_WAIT)
             except TimeoutError:
                 logger.warning("refused a connection from pid %d (%s): %d connections already", peer.pid,
                                peer.comm, self._admitted, extra=peer.journal_fields())
@@ -171,13 +170,14 @@ class ControlServer:
             return True
 
     def _refusal(self, peer: Peer) -> TailcalldError | None:
-        if may_control(peer, self.policy.allowed_gid):
+        allowed_gid = None if peer.uid == 0 else self._settings.allowed_gid  # root needs no group lookup
+        if may_control(peer, allowed_gid):
             return None
         logger.warning("refused a connection from uid %d (pid %d, %s): not root%s", peer.uid, peer.pid, peer.comm,
-                       "" if self.policy.allowed_gid is None else " nor in the allowed group",
+                       "" if allowed_gid is None else " nor in the allowed group",
                        extra={**peer.journal_fields(), "TAILCALLD_ACTION": "refused"})
         return PermissionDenied(f"uid {peer.uid} may not control tailcalld (root"
-                                + (" or the allowed group" if self.policy.allowed_gid is not None else "")
+                                + (" or the allowed group" if allowed_gid is not None else "")
                                 + " only)")
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -185,10 +185,12 @@ class ControlServer:
         """Answer the first request with the refusal (so the client can read why), then close."""
         rid: protocol.RequestId = None
         with contextlib.suppress(TailcalldError, TimeoutError):
-            async with asyncio.timeout(min(self.policy.idle_timeout, 5.0)):
+            async with asyncio.timeout(min(self._settings.idle_timeout, 5.0)):
                 line = await self._read_line(reader)
-            with contextlib.suppress(TailcalldError):
+            try:
                 rid, _ = protocol.parse_request(line or b"")
+            except RequestError as bad:
+                rid = bad.request_id
         await self._send(writer, protocol.encode_error(rid, err))
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
@@ -218,7 +220,7 @@ class ControlServer:
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
         writer.write(reply)
         # A client that never reads fills the socket buffer; do not wait on it forever.
-        async with asyncio.timeout(self.policy.idle_timeout):
+        async with asyncio.timeout(self._settings.idle_timeout):
             await writer.drain()
 
     async def _read_line(self, reader: asyncio.StreamReader) -> bytes | None:
@@ -237,8 +239,10 @@ class ControlServer:
             rid, request = protocol.parse_request(line)
             result = await execute(self.ctx, request, peer)
             return protocol.encode_ok(rid, result)
+        except RequestError as bad:
+            return protocol.encode_error(bad.request_id, bad.error)
         except TailcalldError as err:
-            return protocol.encode_error(getattr(err, "request_id", rid), err)
+            return protocol.encode_error(rid, err)
         except Exception:  # a bug: say so on the wire, keep the traceback, keep serving
             logger.exception("internal error while serving a request")
             return protocol.encode_error(rid, TailcalldError("internal error; see the daemon's log"))

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .dialects import Artifact, Dialect
+from .errors import StateError
 
 STATE_VERSION = 1
 
@@ -54,6 +55,16 @@ class LoadedState(BaseModel):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all.  Raises StateError (say, a full or read-only disk);
+    the previous file is then untouched."""
+    try:
+        _replace(path, data)
+    except OSError as exc:
+        raise StateError(f"cannot write {path}: {exc.strerror or exc}; nothing was changed",
+                         {"path": str(path)}) from None
+
+
+def _replace(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -79,8 +90,12 @@ class StateStore:
         self.sources = state_dir / "sources"
 
     def prepare(self) -> None:
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.sources.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.sources.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the state folder {self.state_dir}: {exc.strerror or exc}",
+                             {"path": str(self.state_dir)}) from None
 
     def load(self) -> LoadedState:
         try:

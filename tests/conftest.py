@@ -21,11 +21,6 @@ import pytest
 from harness import DaemonProcess, ensure_bpffs, new_pin_root, remove_pin_tree, start_daemon, sweep_leftovers
 from tailcalld.journal import journald_listening
 
-# Re-exported for tests/test_core_kernel.py, which still imports them from here (its owner
-# moves it to ``harness``); nothing else should.
-from harness import (DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots,  # noqa: F401
-                     pin_foreign_map, read_counter)
-
 
 @pytest.fixture(scope="session")
 def machine() -> Iterator[None]:

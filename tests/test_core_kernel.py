@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots, pin_foreign_map, read_counter
+from harness import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots, pin_foreign_map, read_counter
 from tailcalld import bpfsys
+from tailcalld.commands import ListCache, slot_info
 from tailcalld.compiler import Compiler
+from tailcalld.config import LiveSettings, Settings
 from tailcalld.dialects import Artifact
 from tailcalld.dispatcher import NR_SLOTS, Dispatcher
 from tailcalld.errors import (AlreadyRunning, CompileError, FunctionAmbiguous, FunctionNotFound, PinConflict,
                               SlotEmpty, SlotOutOfRange, UnknownSyscall, VerifierRejected)
+from tailcalld.kernel import BpfKernel
 from tailcalld.misses import MissMonitor
 from tailcalld.peers import Peer
 from tailcalld.protocol import ListResult
@@ -29,20 +32,21 @@ from tailcalld.syscalls import SyscallTable
 ME = Peer.this_process()
 
 
+def new_compiler() -> Compiler:
+    return Compiler(LiveSettings(Settings(compile_timeout=60.0)))
+
+
 @asynccontextmanager
 async def core(pin_dir: Path, state_dir: Path) -> AsyncIterator[SlotManager]:
-    compiler = Compiler(timeout=60)
-    dispatcher = await Dispatcher.open_or_load(pin_dir, compiler)
+    kernel = await BpfKernel.open(pin_dir, new_compiler())
     syscalls = SyscallTable.for_this_machine(NR_SLOTS)
-    store = StateStore(state_dir)
-    manager = SlotManager(dispatcher, compiler, syscalls, MissMonitor(dispatcher.miss_totals, syscalls.label),
-                          store, "unused.sock", 10)
+    manager = SlotManager(kernel, StateStore(state_dir), syscalls, MissMonitor(kernel.miss_totals, syscalls.label))
     try:
         await manager.restore()
         yield manager
     finally:
         manager.close()
-        dispatcher.close()
+        kernel.close()
 
 
 def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:
@@ -82,12 +86,12 @@ def test_detach_stops_the_handler(pin_root: Path, tmp_path: Path) -> None:
         fchmodat(10)
         detached = await m.detach(NR_FCHMODAT, ME)
         assert detached.prog_id == attached.prog_id
-        before_misses = m.dispatcher.miss_total(NR_FCHMODAT)
+        before_misses = m.kernel.miss_totals()[NR_FCHMODAT]
         fchmodat(10)
         assert read_counter(counter) == 10
-        assert m.dispatcher.miss_total(NR_FCHMODAT) - before_misses >= 10  # now a miss
+        assert m.kernel.miss_totals()[NR_FCHMODAT] - before_misses >= 10  # now a miss
         assert kernel_slots(pin_root / "daemon" / "prog_array") == {}
-        assert m.list_slots().slots == []
+        assert m.list_slots() == []
         with pytest.raises(SlotEmpty):
             await m.detach(NR_FCHMODAT, ME)
 
@@ -104,8 +108,8 @@ def test_replace_is_one_update_and_frees_the_old_program(pin_root: Path, tmp_pat
         assert second.replaced_prog_id == first.prog_id
         fchmodat(7)
         assert (read_counter(c1), read_counter(c2)) == (5, 7)
-        [info] = m.list_slots().slots
-        assert (info.function, info.prog_id) == ("v2", second.prog_id)
+        [info] = m.list_slots()
+        assert (info.record.function, info.record.prog_id) == ("v2", second.prog_id)
         # Nothing holds v1 any more: the kernel freed it (freeing is deferred, so wait for it).
         for _ in range(200):
             try:
@@ -146,7 +150,7 @@ def test_bad_handlers_change_nothing(pin_root: Path, tmp_path: Path) -> None:
         with pytest.raises(UnknownSyscall):
             await m.attach(*attach("fchmodatt", two, function="a"), ME)
 
-        assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == good.prog_id
+        assert m.kernel.slot(NR_FCHMODAT) == good.prog_id
         fchmodat(3)
         assert read_counter(counter) == 3
         # Picking one of several functions explicitly works.
@@ -162,8 +166,8 @@ def test_concurrent_attaches_to_one_slot_are_serialised(pin_root: Path, tmp_path
         results = await asyncio.gather(*(m.attach(*attach(NR_FCHMODAT, s), ME) for s in sources))
         # The slot lock is FIFO: each attach replaced exactly the one before it.
         assert [r.replaced_prog_id for r in results] == [None, results[0].prog_id, results[1].prog_id]
-        assert m.dispatcher.slot_prog_id(NR_FCHMODAT) == results[2].prog_id
-        assert len(m.list_slots().slots) == 1
+        assert m.kernel.slot(NR_FCHMODAT) == results[2].prog_id
+        assert len(m.list_slots()) == 1
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
 
@@ -174,30 +178,33 @@ def test_warm_attach_reuses_the_loaded_program(pin_root: Path, tmp_path: Path) -
 
     async def scenario(m: SlotManager) -> None:
         first = await m.attach(*attach(NR_FCHMODAT, source), ME)
-        workers_before = m.compiler.workers_started
         second = await m.attach(*attach("getppid", source), ME)  # same handler, another slot
         again = await m.attach(*attach(NR_FCHMODAT, source), ME)  # same handler, same slot
-        assert m.compiler.workers_started == workers_before  # neither compiled nor loaded anything
-        assert first.prog_id == second.prog_id == again.prog_id
+        assert first.prog_id == second.prog_id == again.prog_id  # one program: nothing was loaded again
         assert again.replaced_prog_id == first.prog_id
         fresh = await m.attach(*attach("getppid", source), ME, fresh=True)
-        assert fresh.prog_id != first.prog_id and m.compiler.workers_started == workers_before + 1
+        assert fresh.prog_id != first.prog_id
         await m.detach(NR_FCHMODAT, ME)  # the shared program's other user keeps it
-        assert {s.slot: s.prog_id for s in m.list_slots().slots} == {110: fresh.prog_id}
+        assert {v.record.slot: v.record.prog_id for v in m.list_slots()} == {110: fresh.prog_id}
+        fchmodat(4)
+        assert read_counter(counter) == 0  # the detached slot's (shared) program no longer runs for it
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
 
 
-def test_list_json_is_the_list_model_serialised(pin_root: Path, tmp_path: Path) -> None:
+def test_the_list_cache_is_the_list_model_serialised(pin_root: Path, tmp_path: Path) -> None:
     async def scenario(m: SlotManager) -> None:
-        assert json.loads(m.list_json()) == {"slots": []}
+        cache = ListCache()
+        assert json.loads(cache.reply(m.list_slots())) == {"slots": []}
         await m.attach(*attach(NR_FCHMODAT, counting_handler(pin_root / "maps" / "c")), ME)
         for _ in range(50):
             os.getppid()  # misses while the getppid slot is still empty
         await m.attach(*attach("getppid", "int g(struct bpf_raw_tracepoint_args *c) { return 0; }"), ME)
         await asyncio.sleep(0.2)  # past the counters' snapshot age, so both read the same values
-        fast = ListResult.model_validate_json(m.list_json())  # valid on the wire
-        assert json.loads(m.list_json()) == json.loads(m.list_slots().model_dump_json())
+        views = m.list_slots()
+        fast = ListResult.model_validate_json(cache.reply(views))  # valid on the wire
+        model = ListResult(slots=[slot_info(v) for v in views])
+        assert json.loads(cache.reply(views)) == json.loads(model.model_dump_json())  # cached entries too
         assert [s.slot for s in fast.slots] == [110, NR_FCHMODAT] and fast.slots[0].misses >= 50
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
@@ -209,14 +216,15 @@ def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path, tmp_path
     ids: dict[str, int] = {}
 
     async def first(m: SlotManager) -> None:
-        ids["dispatcher"] = m.dispatcher.prog_id
+        ids["dispatcher"] = m.kernel.info.prog_id
         ids["handler"] = (await m.attach(*attach(NR_FCHMODAT, counting_handler(counter)), ME)).prog_id
 
     async def second(m: SlotManager) -> None:
-        assert m.dispatcher.adopted
-        assert m.dispatcher.prog_id == ids["dispatcher"]
-        [info] = m.list_slots().slots
-        assert (info.slot, info.prog_id, info.function) == (NR_FCHMODAT, ids["handler"], "count_calls")
+        assert m.kernel.info.adopted
+        assert m.kernel.info.prog_id == ids["dispatcher"]
+        [info] = m.list_slots()
+        assert (info.record.slot, info.record.prog_id, info.record.function) == (NR_FCHMODAT, ids["handler"],
+                                                                                "count_calls")
 
     run(pin_dir, tmp_path / "state", first)
     fchmodat(25)  # no daemon holds anything now: the pins keep the handler running
@@ -227,7 +235,7 @@ def test_restart_adopts_the_pinned_dispatcher_and_slots(pin_root: Path, tmp_path
 def test_one_owner_per_pin_dir_and_foreign_pins_are_refused(pin_root: Path, tmp_path: Path) -> None:
     async def scenario(m: SlotManager) -> None:
         with pytest.raises(AlreadyRunning):
-            await Dispatcher.open_or_load(m.dispatcher.pin_dir, m.compiler)
+            await Dispatcher.open_or_load(m.kernel.info.pin_dir, new_compiler())
 
     run(pin_root / "daemon", tmp_path / "state", scenario)
 

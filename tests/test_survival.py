@@ -17,6 +17,7 @@ from harness import (NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fch
                      remove_pin_tree, saved_slots, start_counting, start_daemon)
 from tailcalld import bpfsys
 from tailcalld.client import Client, RemoteError
+from tailcalld.config import LiveSettings, Settings
 from tailcalld.compiler import Compiler, bpf_source
 from tailcalld.dispatcher import MISSES, NR_SLOTS, PROG_ARRAY, dispatcher_function
 
@@ -196,11 +197,12 @@ def _pin_old_dispatcher(pin_dir: Path) -> int:
     name = "tcd_00000000000"
     cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}", f"-DTAILCALLD_DISPATCH={name}",
               f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"', f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"']
-    prog = asyncio.run(Compiler(60).load(bpf_source("dispatcher.bpf.c"), name, cflags))
+    compiler = Compiler(LiveSettings(Settings(compile_timeout=60.0)))
+    prog = asyncio.run(compiler.load(bpf_source("dispatcher.bpf.c"), name, cflags))
     try:
         link = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
     finally:
-        os.close(prog.fd)
+        prog.close()
     try:
         bpfsys.obj_pin(link, str(pin_dir / "link"))
     finally:

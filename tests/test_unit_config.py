@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tailcalld.config import DEFAULT_SOCKET, Settings, load_settings
+from tailcalld.config import DEFAULT_SOCKET, LiveSettings, Settings, live_fields, load_settings
 from tailcalld.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tailcalld.toml"
@@ -179,3 +179,30 @@ def test_boolean_miss_log_interval_is_rejected(tmp_path: Path) -> None:
 def test_boolean_in_watch_misses_is_rejected(tmp_path: Path) -> None:
     err = config_error(write(tmp_path, "watch_misses = [true]\n"))
     assert "watch_misses" in err.message
+
+
+# Live settings ------------------------------------------------------------------------------
+
+def test_the_live_fields_are_the_ones_a_reload_applies() -> None:
+    assert live_fields() == {"miss_log_interval", "watch_misses", "log_level", "compile_timeout", "allowed_group",
+                             "max_source_bytes", "max_connections", "idle_timeout"}
+
+
+def test_a_reload_applies_live_fields_keeps_the_rest_and_tells_the_reactions(tmp_path: Path) -> None:
+    live = LiveSettings(Settings())
+    seen: list[tuple[Settings, Settings, frozenset[str]]] = []
+    live.on_reload(lambda old, new, changed: seen.append((old, new, changed)))
+    new = Settings(compile_timeout=5.0, log_level="debug", pin_dir=tmp_path / "elsewhere")
+    assert live.reload(new, tmp_path / "t.toml") == {"compile_timeout", "log_level"}
+    assert (live.current.compile_timeout, live.current.log_level) == (5.0, "debug")
+    assert live.current.pin_dir == Settings().pin_dir  # needs a restart: the running value stays
+    assert [changed for _, _, changed in seen] == [{"compile_timeout", "log_level"}]
+    assert seen[0][1] is live.current
+
+
+def test_a_reload_with_no_live_change_runs_no_reaction(tmp_path: Path) -> None:
+    live = LiveSettings(Settings())
+    seen: list[frozenset[str]] = []
+    live.on_reload(lambda old, new, changed: seen.append(changed))
+    assert live.reload(Settings(state_dir=tmp_path), tmp_path / "t.toml") == frozenset()
+    assert seen == [] and live.current == Settings()

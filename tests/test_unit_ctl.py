@@ -33,12 +33,6 @@ from tailcalld.protocol import (COMMANDS, AttachRequest, AttachResult, CheckResu
 NOBODY = 65534
 
 
-@pytest.fixture(scope="session", autouse=True)
-def machine() -> Iterator[None]:
-    """Overrides conftest's root-only ``machine`` fixture (bpffs mount + pin sweep): pure logic here."""
-    yield
-
-
 def parse(*argv: str) -> argparse.Namespace:
     return ctl.build_parser().parse_args(list(argv))
 

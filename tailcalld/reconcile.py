@@ -1,0 +1,123 @@
+"""Making the kernel and the desired state agree: once at start, then against drift.
+
+The rule, per slot, when the state file is readable (it is the desired state):
+
+* the slot runs the recorded program: adopted as is;
+* the slot is empty or runs another program (reboot, crash mid-change, bpftool): the
+  recorded handler is rebuilt from its saved source and put back;
+* the slot is filled but nothing is recorded for it: it is emptied.
+
+With no state file, or an unreadable one (moved aside), the kernel wins: what runs is adopted
+and recorded with its source unknown.  Every correction is logged and kept for status.
+"""
+
+from __future__ import annotations
+
+from .errors import TailcalldError
+from .registry import Handler, Registry
+from .state import SlotRecord
+
+
+def unknown_record(registry: Registry, slot: int, prog_id: int) -> SlotRecord:
+    """The record of a program found in the kernel with no source we know."""
+    return SlotRecord(slot=slot, function=registry.kernel.prog_name(prog_id), prog_id=prog_id,
+                      source_sha256=None, filename=None, attached_by_uid=None, attached_at=None)
+
+
+async def restore(registry: Registry) -> None:
+    """At start, before anything is served: no lock is needed, nothing else runs."""
+    registry.store.prepare()
+    loaded = registry.store.load()
+    if loaded.problem:
+        registry.correct(loaded.problem, error=True)
+    kernel = registry.kernel.occupied()
+    if not loaded.found:
+        for slot, prog_id in sorted(kernel.items()):
+            registry.handlers[slot] = Handler(unknown_record(registry, slot, prog_id))
+            if loaded.problem:
+                registry.correct(f"slot {registry.label(slot)}: kept program {prog_id} found in the kernel "
+                                 "(source unknown: it cannot be rebuilt after a reboot)")
+    else:
+        for slot in sorted(set(kernel) | set(loaded.state.slots)):
+            await _restore_slot(registry, slot, kernel.get(slot), loaded.state.slots.get(slot))
+    registry.save()
+
+
+async def _restore_slot(registry: Registry, slot: int, running: int | None, record: SlotRecord | None) -> None:
+    label = registry.label(slot)
+    if record is None:
+        assert running is not None
+        registry.kernel.clear_slot(slot)
+        registry.correct(f"slot {label}: removed program {running}, which is not in the desired state")
+        return
+    if running == record.prog_id:
+        registry.handlers[slot] = Handler(record)
+        return
+    if record.source_sha256 is None:
+        if running is None:
+            registry.correct(f"slot {label}: program {record.prog_id} is gone and its source "
+                             "is unknown; the slot stays empty", error=True)
+        else:
+            registry.handlers[slot] = Handler(unknown_record(registry, slot, running))
+            registry.correct(f"slot {label}: kept program {running} found in the kernel")
+        return
+    try:
+        artifact = registry.store.artifact(record.source_sha256, record.dialect)
+        prog = await registry.kernel.load(artifact, record.function)
+    except (TailcalldError, OSError, ValueError) as err:
+        if running is None:  # nothing runs there: keep the record, the next start tries again
+            registry.unrestored[slot] = record
+            outcome = "the slot stays empty until a start can rebuild it"
+        else:  # something runs there: keep it rather than trace nothing
+            registry.handlers[slot] = Handler(unknown_record(registry, slot, running))
+            outcome = f"program {running}, found in the slot, is kept"
+        registry.correct(f"slot {label}: could not rebuild {record.function} from "
+                         f"{record.filename} ({err}); {outcome}", error=True)
+        return
+    try:
+        registry.kernel.set_slot(slot, prog)
+    except BaseException:
+        prog.close()
+        raise
+    registry.handlers[slot] = Handler(record.model_copy(update={"prog_id": prog.id}), prog,
+                                      requested_function=record.function)
+    what = "was empty" if running is None else f"held program {running}, not the recorded {record.prog_id}"
+    registry.correct(f"slot {label} {what}: rebuilt {record.function} from {record.filename} as program {prog.id}")
+
+
+def repair_drift(registry: Registry, kernel: dict[int, int], generation: int) -> None:
+    """While running, apply the same rule to changes made behind our back (bpftool): a slot of
+    ours that was emptied or refilled gets our program back (we hold its fd: no compile), a slot
+    filled by someone else is emptied.
+
+    ``kernel`` was read (off the event loop) when the registry was at ``generation``; if any
+    change was committed since, the view is stale and this round is skipped.  Slots being
+    changed right now are left to their change."""
+    if generation != registry.generation:
+        return
+    for slot in sorted(set(kernel) | set(registry.handlers)):
+        if registry.busy(slot):
+            continue
+        running, ours = kernel.get(slot), registry.handlers.get(slot)
+        if ours is None:
+            registry.kernel.clear_slot(slot)
+            registry.correct(f"slot {registry.label(slot)}: removed program {running}, put there outside tailcalld")
+        elif running != ours.record.prog_id:
+            _repair_slot(registry, slot, running, ours)
+
+
+def _repair_slot(registry: Registry, slot: int, running: int | None, ours: Handler) -> None:
+    what = "was emptied" if running is None else f"held program {running}"
+    label = registry.label(slot)
+    if ours.prog is not None:
+        registry.kernel.set_slot(slot, ours.prog)
+        registry.correct(f"slot {label} {what} outside tailcalld: put program {ours.prog.id} "
+                         f"({ours.record.function}) back")
+    elif running is None:  # adopted, source unknown: nothing to put back
+        registry.commit(slot, None, already_in_kernel=True)
+        registry.correct(f"slot {label} {what} outside tailcalld; its program {ours.record.prog_id} "
+                         "cannot be put back (source unknown)", error=True)
+    else:
+        registry.commit(slot, Handler(unknown_record(registry, slot, running)), already_in_kernel=True)
+        registry.correct(f"slot {label} {what} outside tailcalld; kept it (the program it replaced, "
+                         f"{ours.record.prog_id}, has an unknown source)")

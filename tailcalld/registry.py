@@ -1,0 +1,144 @@
+"""The slot registry: which handler sits in which slot, and the one path that changes it.
+
+Every change of a slot goes through ``Registry.commit``, in this order:
+
+1. the registry in memory,
+2. the state file (the desired state, written atomically),
+3. the kernel (one prog-array update).
+
+A crash between 2 and 3 leaves a state that says what was asked for, and the next start's
+reconcile makes the kernel match it.  When step 2 or 3 fails, commit undoes exactly the
+steps that were done, in reverse, and re-raises.  If even the undo of step 2 cannot be
+written (a disk that just filled up), the state file is marked stale and rewritten at the
+next chance (``flush``), so a refused change is not applied at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .compiler import Program
+from .errors import StateError
+from .kernel import Kernel
+from .state import SlotRecord, StateFile, StateStore
+from .syscalls import SyscallTable
+
+logger = logging.getLogger("tailcalld")
+MAX_CORRECTIONS = 100
+
+
+@dataclass
+class Handler:
+    """A program in a slot.  ``prog`` is None for a program this process did not load (adopted
+    from the pinned prog array): the map keeps it alive, and we only know its id."""
+
+    record: SlotRecord
+    prog: Program | None = None
+    requested_function: str | None = None  # as asked (None: the only raw_tp one), to match reuse exactly
+
+    def close(self) -> None:
+        if self.prog is not None:
+            self.prog.close()
+
+
+class Registry:
+    def __init__(self, kernel: Kernel, store: StateStore, syscalls: SyscallTable) -> None:
+        self.kernel = kernel
+        self.store = store
+        self.syscalls = syscalls
+        self.handlers: dict[int, Handler] = {}
+        # Recorded slots whose handler could not be rebuilt at start (a compile failing after a
+        # reboot, say): kept in the state file so the next start tries again, until an attach
+        # or detach on the slot says otherwise.
+        self.unrestored: dict[int, SlotRecord] = {}
+        # One lock per slot: two changes of one slot are serialised, changes of different
+        # slots (and their compiles) run side by side.
+        self.locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.corrections: deque[str] = deque(maxlen=MAX_CORRECTIONS)
+        # Bumped by every commit: a view of the kernel read before it is stale.
+        self.generation = 0
+        self._stale_state = False
+
+    def label(self, slot: int) -> str:
+        return f"{self.syscalls.label(slot)} ({slot})"
+
+    def busy(self, slot: int) -> bool:
+        lock = self.locks.get(slot)
+        return lock is not None and lock.locked()
+
+    def correct(self, message: str, error: bool = False) -> None:
+        """Log a correction the registry made to make kernel and desired state agree."""
+        self.corrections.append(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {message}")
+        logger.log(logging.ERROR if error else logging.WARNING, "reconcile: %s", message,
+                   extra={"TAILCALLD_RECONCILE": 1})
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def desired(self) -> StateFile:
+        return StateFile(slots={**self.unrestored, **{s: h.record for s, h in self.handlers.items()}})
+
+    def save(self) -> None:
+        """Write the desired state.  Raises StateError (the file on disk is then the previous one)."""
+        self.store.save(self.desired())
+        self._stale_state = False
+
+    def flush(self) -> None:
+        """Rewrite a state file a failed undo left stale; a no-op when it is current."""
+        if self._stale_state:
+            self.save()
+            logger.info("the state file %s is current again", self.store.path)
+
+    # -- the one way to change a slot -----------------------------------------------------------
+
+    def commit(self, slot: int, new: Handler | None, *, already_in_kernel: bool = False) -> Handler | None:
+        """Make ``new`` the slot's handler (None: empty it): memory, state file, kernel.
+        ``already_in_kernel``: the kernel already holds it (adopting what runs); record only.
+        Returns the handler it replaced, which the caller closes once it is done with it."""
+        assert new is None or already_in_kernel or new.prog is not None, "a handler to apply needs its program"
+        old = self.handlers.get(slot)
+        unrestored = self.unrestored.pop(slot, None)
+        self._put(slot, new)
+        self.generation += 1
+        try:
+            self.save()
+        except BaseException:
+            self._undo(slot, old, unrestored)
+            raise
+        if already_in_kernel:
+            return old
+        try:
+            if new is not None:
+                assert new.prog is not None
+                self.kernel.set_slot(slot, new.prog)
+            else:
+                self.kernel.clear_slot(slot)
+        except BaseException:
+            self._undo(slot, old, unrestored)
+            self._save_undo(slot)
+            raise
+        return old
+
+    def _put(self, slot: int, handler: Handler | None) -> None:
+        if handler is None:
+            self.handlers.pop(slot, None)
+        else:
+            self.handlers[slot] = handler
+
+    def _undo(self, slot: int, old: Handler | None, unrestored: SlotRecord | None) -> None:
+        self._put(slot, old)
+        if unrestored is not None:
+            self.unrestored[slot] = unrestored
+
+    def _save_undo(self, slot: int) -> None:
+        """The kernel refused a change already written to the state file: write the old state
+        back.  If that fails too, say so and retry later rather than hide it."""
+        try:
+            self.save()
+        except StateError as err:
+            self._stale_state = True
+            logger.error("slot %s: the change was undone in the kernel, but the state file could not be "
+                         "rolled back (%s); it is rewritten at the next chance", self.label(slot), err.message)

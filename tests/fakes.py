@@ -1,0 +1,109 @@
+"""In-memory stand-ins for the kernel and the disk, for the core's failure paths.
+
+The real-kernel tests prove that attach, swap and detach work; these prove what happens when
+one step of a change fails at exactly the wrong moment, which a real kernel or disk will not
+do on demand.  Programs are real fds (of /dev/null), so a leaked or doubly closed program
+shows up as an fd count that does not return to where it was.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tailcalld.compiler import Program
+from tailcalld.dialects import Artifact
+from tailcalld.errors import KernelError, StateError, TailcalldError
+from tailcalld.kernel import DispatcherInfo
+from tailcalld.state import StateFile, StateStore
+
+NR_SLOTS = 1024
+
+
+class FakeKernel:
+    """A prog array as a dict.  Set ``fail_load``/``fail_set``/``fail_clear`` to make the next
+    such call fail; ``loads`` counts programs loaded."""
+
+    def __init__(self, pin_dir: Path = Path("/sys/fs/bpf/fake")) -> None:
+        self.info = DispatcherInfo(pin_dir, prog_id=1, link_id=1, nr_slots=NR_SLOTS, adopted=False,
+                                   upgraded_from=None)
+        self.slots: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.misses = [0] * NR_SLOTS
+        self.loads = 0
+        self.pins: list[str] = [str(pin_dir / "link"), str(pin_dir / "prog_array"), str(pin_dir / "misses")]
+        self.fail_load: TailcalldError | None = None
+        self.fail_set = False
+        self.fail_clear = False
+        self._next_id = 100
+
+    def slot(self, slot: int) -> int | None:
+        return self.slots.get(slot)
+
+    def occupied(self) -> dict[int, int]:
+        return dict(self.slots)
+
+    def set_slot(self, slot: int, prog: Program) -> None:
+        fd = prog.fd  # raises if the core hands over a program it already closed
+        os.fstat(fd)
+        if self.fail_set:
+            self.fail_set = False
+            raise KernelError(f"could not put the program in slot {slot}: Argument list too long")
+        self.slots[slot] = prog.id
+
+    def clear_slot(self, slot: int) -> bool:
+        if self.fail_clear:
+            self.fail_clear = False
+            raise KernelError(f"could not empty slot {slot}: Operation not permitted")
+        return self.slots.pop(slot, None) is not None
+
+    async def load(self, artifact: Artifact, function: str | None) -> Program:
+        self.loads += 1
+        if self.fail_load is not None:
+            err, self.fail_load = self.fail_load, None
+            raise err
+        prog_id = self._next_id
+        self._next_id += 1
+        name = function or "handler"
+        self.names[prog_id] = name
+        return Program(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), prog_id, name, insns=10)
+
+    def load_foreign(self) -> int:
+        """A program someone else loaded (bpftool): only its id is known."""
+        prog_id = self._next_id
+        self._next_id += 1
+        self.names[prog_id] = "foreign"
+        return prog_id
+
+    def prog_name(self, prog_id: int) -> str | None:
+        return self.names.get(prog_id)
+
+    def miss_totals(self) -> list[int]:
+        return list(self.misses)
+
+    def remove_pins(self) -> list[str]:
+        removed, self.pins = self.pins, []
+        return removed
+
+
+class FlakyStore(StateStore):
+    """A real state folder whose next writes can be made to fail, as on a full disk."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.fail_saves: list[bool] = []  # one entry per coming save(): True makes it fail
+        self.fail_artifacts = False
+
+    def save(self, state: StateFile) -> None:
+        if self.fail_saves and self.fail_saves.pop(0):
+            raise StateError(f"cannot write {self.path}: No space left on device; nothing was changed")
+        super().save(state)
+
+    def put_artifact(self, artifact: Artifact) -> str:
+        if self.fail_artifacts:
+            raise StateError("cannot write a source: No space left on device; nothing was changed")
+        return super().put_artifact(artifact)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
