@@ -127,9 +127,9 @@ class ToolFailed(TailcalldError):
     code = "tool_failed"
 
 
-class StateError(TailcalldError):
+class StateUnwritable(TailcalldError):
     """The saved state could not be written (a full or read-only disk, say)."""
-    code = "state_error"
+    code = "state_unwritable"
 
 
 class RequestError(Exception):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .compiler import Program
-from .errors import StateError
+from .errors import StateUnwritable
 from .kernel import Kernel
 from .state import SlotRecord, StateFile, StateStore
 from .syscalls import SyscallTable
@@ -82,7 +82,7 @@ class Registry:
         return StateFile(slots={**self.unrestored, **{s: h.record for s, h in self.handlers.items()}})
 
     def save(self) -> None:
-        """Write the desired state.  Raises StateError (the file on disk is then the previous one)."""
+        """Write the desired state.  Raises StateUnwritable (the file on disk is then the previous one)."""
         self.store.save(self.desired())
         self._stale_state = False
 
@@ -138,7 +138,7 @@ class Registry:
         back.  If that fails too, say so and retry later rather than hide it."""
         try:
             self.save()
-        except StateError as err:
+        except StateUnwritable as err:
             self._stale_state = True
             logger.error("slot %s: the change was undone in the kernel, but the state file could not be "
                          "rolled back (%s); it is rewritten at the next chance", self.label(slot), err.message)

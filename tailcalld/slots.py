@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from . import reconcile
 from .compiler import Program
 from .dialects import Artifact, Dialect
-from .errors import SlotEmpty, StateError, Unloading
+from .errors import SlotEmpty, StateUnwritable, Unloading
 from .kernel import DispatcherInfo, Kernel
 from .misses import MissMonitor
 from .peers import Peer
@@ -226,7 +226,7 @@ class SlotManager:
         """Drop our program fds; the pinned prog array keeps every handler running."""
         try:
             self.registry.flush()
-        except StateError as err:
+        except StateUnwritable as err:
             logger.error("the state file could not be brought up to date: %s", err.message)
         for h in self.registry.handlers.values():
             h.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .dialects import Artifact, Dialect
-from .errors import StateError
+from .errors import StateUnwritable
 
 STATE_VERSION = 1
 
@@ -55,12 +55,12 @@ class LoadedState(BaseModel):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all.  Raises StateError (say, a full or read-only disk);
+    """Write ``path`` whole or not at all.  Raises StateUnwritable (say, a full or read-only disk);
     the previous file is then untouched."""
     try:
         _replace(path, data)
     except OSError as exc:
-        raise StateError(f"cannot write {path}: {exc.strerror or exc}; nothing was changed",
+        raise StateUnwritable(f"cannot write {path}: {exc.strerror or exc}; nothing was changed",
                          {"path": str(path)}) from None
 
 
@@ -94,7 +94,7 @@ class StateStore:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.sources.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise StateError(f"cannot create the state folder {self.state_dir}: {exc.strerror or exc}",
+            raise StateUnwritable(f"cannot create the state folder {self.state_dir}: {exc.strerror or exc}",
                              {"path": str(self.state_dir)}) from None
 
     def load(self) -> LoadedState:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tailcalld.compiler import Program
 from tailcalld.dialects import Artifact
-from tailcalld.errors import KernelError, StateError, TailcalldError
+from tailcalld.errors import KernelError, StateUnwritable, TailcalldError
 from tailcalld.kernel import DispatcherInfo
 from tailcalld.state import StateFile, StateStore
 
@@ -96,12 +96,12 @@ class FlakyStore(StateStore):
 
     def save(self, state: StateFile) -> None:
         if self.fail_saves and self.fail_saves.pop(0):
-            raise StateError(f"cannot write {self.path}: No space left on device; nothing was changed")
+            raise StateUnwritable(f"cannot write {self.path}: No space left on device; nothing was changed")
         super().save(state)
 
     def put_artifact(self, artifact: Artifact) -> str:
         if self.fail_artifacts:
-            raise StateError("cannot write a source: No space left on device; nothing was changed")
+            raise StateUnwritable("cannot write a source: No space left on device; nothing was changed")
         return super().put_artifact(artifact)
 
 

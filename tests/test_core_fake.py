@@ -18,7 +18,7 @@ import pytest
 from fakes import NR_SLOTS, FakeKernel, FlakyStore, open_fds
 from tailcalld import reconcile
 from tailcalld.dialects import Artifact
-from tailcalld.errors import CompileError, KernelError, SlotEmpty, StateError, Unloading
+from tailcalld.errors import CompileError, KernelError, SlotEmpty, StateUnwritable, Unloading
 from tailcalld.misses import MissMonitor
 from tailcalld.peers import Peer
 from tailcalld.slots import SlotManager
@@ -84,7 +84,7 @@ def test_a_failed_replace_changes_nothing(tmp_path: Path, step: str) -> None:
     async def scenario(c: Core) -> None:
         old = await attach(c, V1)
         before = c.snapshot()
-        expected: type[Exception] = StateError
+        expected: type[Exception] = StateUnwritable
         if step == "compile":
             c.kernel.fail_load, expected = CompileError("nope"), CompileError
         elif step == "source write":
@@ -126,7 +126,7 @@ def test_a_failed_detach_changes_nothing(tmp_path: Path, step: str) -> None:
             c.store.fail_saves = [True]
         else:
             c.kernel.fail_clear = True
-        with pytest.raises(StateError if step == "state write" else KernelError):
+        with pytest.raises(StateUnwritable if step == "state write" else KernelError):
             await c.manager.detach(FCHMODAT, ME)
         assert c.snapshot() == before
 
