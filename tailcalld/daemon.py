@@ -119,10 +119,14 @@ class Daemon:
                     s.socket.unlink()
 
     async def _maintain(self, manager: SlotManager) -> None:
-        """Every miss_log_interval: the new misses to the journal, drift repaired, STATUS= refreshed."""
+        """Every miss_log_interval: the new misses to the journal, pins and drift repaired, STATUS= refreshed."""
         while True:
             await asyncio.sleep(self.live.current.miss_log_interval)
             reports = await self._log_misses(manager)
+            try:
+                manager.restore_pins()
+            except TailcalldError as err:
+                logger.error("could not restore the dispatcher's pins: %s", err.message)
             try:
                 await manager.repair_drift()
             except (OSError, TailcalldError):

@@ -87,6 +87,15 @@ class PinDirLock:
             os.close(self._fd)
             raise AlreadyRunning(f"another tailcalld already owns {pin_dir}") from None
 
+    def holds(self, pin_dir: Path) -> bool:
+        """Whether the locked folder is still the one at ``pin_dir`` (not removed, not replaced)."""
+        try:
+            st = os.stat(pin_dir)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
         os.close(self._fd)
 
@@ -195,12 +204,60 @@ class Dispatcher:
         """Misses per slot since the counters were created (they survive daemon restarts)."""
         return bpfsys.percpu_u64_sums(self._misses_fd, self.nr_slots)
 
+    def restore_pins(self) -> list[str]:
+        """Pin again what was unpinned behind our back (``rm -rf pin_dir``) while we run.  Our fds
+        still hold the link, the prog array and the counters, so tracing goes on for now, but it
+        would end with this process.  Returns the pins made; a pin path now holding another
+        object is left alone (PinConflict)."""
+        held = {LINK_PIN: self._link_fd, PROG_ARRAY.pin: self._prog_array_fd, MISSES.pin: self._misses_fd}
+        missing = [name for name in held if not (self.pin_dir / name).exists()]
+        if not self._lock.holds(self.pin_dir):
+            _ensure_pin_dir(self.pin_dir)
+            lock = PinDirLock(self.pin_dir)  # the new folder is ours alone too
+            self._lock.release()
+            self._lock = lock
+        for name, fd in held.items():
+            if name not in missing:
+                _check_pinned_is(self.pin_dir / name, fd)
+        for name in missing:
+            try:
+                bpfsys.obj_pin(held[name], str(self.pin_dir / name))
+            except OSError as exc:
+                raise KernelError(f"could not pin {self.pin_dir / name} again: {exc.strerror}") from None
+        return [str(self.pin_dir / name) for name in missing]
+
     def close(self) -> None:
         """Drop our handles; the pins keep the dispatcher attached and the slots filled."""
         for fd in (self._prog_array_fd, self._misses_fd, self._link_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._lock.release()
+
+
+def _object_id(path: Path, fd: int) -> tuple[str, int]:
+    """What kind of object ``fd`` is, and its id (map and link ids are separate number spaces).
+    bpf_obj_get_info_by_fd fills the info of the object's real kind, whatever struct we pass;
+    so the kind comes from the name we pinned it under."""
+    if path.name.startswith(LINK_PIN):
+        return "link", bpfsys.link_info(fd).id
+    return "map", bpfsys.map_info(fd).id
+
+
+def _check_pinned_is(path: Path, fd: int) -> None:
+    """Raise PinConflict unless the pin at ``path`` is the object we hold as ``fd``."""
+    try:
+        pinned = bpfsys.obj_get(str(path))
+    except OSError as exc:
+        raise PinConflict(f"{path} is not a BPF object tailcalld can open ({exc})", {"path": str(path)}) from None
+    try:
+        same = _object_id(path, pinned) == _object_id(path, fd)
+    except OSError:
+        same = False
+    finally:
+        os.close(pinned)
+    if not same:
+        raise PinConflict(f"{path} was replaced by another object while tailcalld runs; it is left alone",
+                          {"path": str(path)})
 
 
 def _adopt_link(path: Path) -> tuple[int, bpfsys.ProgInfo]:

@@ -59,6 +59,10 @@ class Kernel(Protocol):
     def remove_pins(self) -> list[str]:
         """Unpin the dispatcher and its maps: tailcalld leaves nothing in the kernel."""
 
+    def restore_pins(self) -> list[str]:
+        """Pin again what someone unpinned while we run; returns the pins made.  Raises
+        PinConflict when a pin path holds another object, KernelError when pinning fails."""
+
 
 class BpfKernel:
     """The real kernel: the pinned dispatcher's prog array and counters, and the compiler."""
@@ -103,6 +107,9 @@ class BpfKernel:
 
     def remove_pins(self) -> list[str]:
         return remove_pins(self._dispatcher.pin_dir)
+
+    def restore_pins(self) -> list[str]:
+        return self._dispatcher.restore_pins()
 
     def close(self) -> None:
         """Drop our handles; the pins keep the dispatcher attached and the slots filled."""

@@ -105,6 +105,15 @@ class SlotManager:
             reconcile.repair_drift(self.registry, kernel, generation)
             self.registry.flush()
 
+    def restore_pins(self) -> None:
+        """Pin the dispatcher again if its pins were removed while we run (see Kernel.restore_pins)."""
+        if self._unloading:
+            return
+        restored = self.kernel.restore_pins()
+        if restored:
+            self.registry.correct(f"pins removed while tailcalld runs were pinned again from its handles: "
+                                  f"{', '.join(restored)}", error=True)
+
     # -- changes --------------------------------------------------------------------------------
 
     def _check_open(self) -> None:

@@ -85,6 +85,9 @@ class FakeKernel:
         removed, self.pins = self.pins, []
         return removed
 
+    def restore_pins(self) -> list[str]:
+        return []
+
 
 class FlakyStore(StateStore):
     """A real state folder whose next writes can be made to fail, as on a full disk."""

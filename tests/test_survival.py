@@ -275,3 +275,33 @@ def test_hand_made_changes_are_repaired_while_running(tmp_path: Path, pin_root: 
         assert read_counter(counter) == 6
     finally:
         d.stop()
+
+
+def _link_prog(link_pin: Path) -> int:
+    fd = bpfsys.obj_get(str(link_pin))
+    try:
+        return bpfsys.link_info(fd).prog_id
+    finally:
+        os.close(fd)
+
+
+def test_pins_removed_while_running_are_pinned_again(tmp_path: Path, pin_root: Path) -> None:
+    """rm -rf pin_dir under a running daemon: tracing must not end when the daemon does."""
+    counter = pin_root / "maps" / "count"
+    d, prog_id = start_counting(tmp_path, pin_root, counter, miss_log_interval=0.3)
+    pin_dir = d.pin_dir
+    try:
+        dispatcher = _link_prog(pin_dir / "link")
+        subprocess.run(["rm", "-rf", str(pin_dir)], check=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (pin_dir / "link").exists():
+            time.sleep(0.1)
+        assert _link_prog(pin_dir / "link") == dispatcher
+        assert kernel_slots(pin_dir / "prog_array") == {NR_FCHMODAT: prog_id}
+        with d.client() as c:
+            assert any("pinned again" in line for line in c.call("status")["corrections"])
+    finally:
+        assert d.stop() == 0
+    fchmodat(5)  # no daemon now: only the new pins keep the dispatcher and the handler
+    assert read_counter(counter) == 5
+    assert "nothing of tailcalld is left" not in d.output()
