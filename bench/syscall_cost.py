@@ -83,12 +83,14 @@ class Env:
     pins: PinDirs
     getppid_nr: int
     other_nr: int
+    compat: dict[int, int] | None  # the ia32 table, as the daemon loads the dispatcher with it
     _handler: Program | None = None
 
     @classmethod
     def create(cls, loop: asyncio.AbstractEventLoop, pins: PinDirs) -> Env:
         table = SyscallTable.for_this_machine(NR_SLOTS)
-        return cls(loop, Compiler(LiveSettings(Settings(compile_timeout=120.0))), pins, table.resolve("getppid"), table.resolve(OTHER_SYSCALL))
+        compiler = Compiler(LiveSettings(Settings(compile_timeout=120.0)))
+        return cls(loop, compiler, pins, table.resolve("getppid"), table.resolve(OTHER_SYSCALL), table.compat_table())
 
     def handler(self) -> Program:
         if self._handler is None:
@@ -168,7 +170,7 @@ def tailcalld_dispatcher(fill: Callable[[Env], list[int]]) -> Attacher:
         dispatcher: Dispatcher | None = None
         ids: set[int] = set()
         try:
-            dispatcher = env.loop.run_until_complete(Dispatcher.open_or_load(pin_dir, env.compiler))
+            dispatcher = env.loop.run_until_complete(Dispatcher.open_or_load(pin_dir, env.compiler, env.compat))
             ids = {dispatcher.prog_id}
             for slot in fill(env):
                 dispatcher.set_slot(slot, env.handler().fd)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from functools import cache
 
+BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PROG_ARRAY = 3
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 
@@ -175,12 +176,16 @@ def link_info(fd: int) -> LinkInfo:
     return LinkInfo(i.type, i.id, i.prog_id)
 
 
+def array_set_u32(map_fd: int, key: int, value: int) -> None:
+    """Set entry ``key`` of a u32 -> u32 map (one update: atomic for readers in the kernel)."""
+    k = ctypes.c_uint32(key)
+    v = ctypes.c_uint32(value)
+    _check(_lib().bpf_map_update_elem(map_fd, ctypes.byref(k), ctypes.byref(v), BPF_ANY), f"update key {key}")
+
+
 def prog_array_set(map_fd: int, slot: int, prog_fd: int) -> None:
     """Put a program in a slot: one map update, atomic for the dispatcher, replacing any occupant."""
-    key = ctypes.c_uint32(slot)
-    value = ctypes.c_uint32(prog_fd)
-    _check(_lib().bpf_map_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY),
-           f"update slot {slot}")
+    array_set_u32(map_fd, slot, prog_fd)
 
 
 def prog_array_get(map_fd: int, slot: int) -> int | None:

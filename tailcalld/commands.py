@@ -23,7 +23,7 @@ from .errors import BadRequest, SourceTooLarge
 from .peers import Peer
 from .protocol import (AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest, DetachResult,
                        ListRequest, PingRequest, PingResult, Request, SlotInfo, StatusRequest, StatusResult,
-                       UnloadAllRequest, UnloadResult)
+                       SyscallEntry, SyscallsRequest, SyscallsResult, UnloadAllRequest, UnloadResult)
 from .slots import SlotManager, SlotView, Status
 from .state import SlotRecord
 
@@ -69,30 +69,35 @@ def slot_info(view: SlotView) -> SlotInfo:
     return SlotInfo.model_construct(
         slot=r.slot, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
-        attached_by_uid=r.attached_by_uid, misses=view.misses)
+        attached_by_uid=r.attached_by_uid, state=view.state,
+        kernel_prog_id=view.kernel_prog_id, misses=view.misses)
 
 
 class ListCache:
     """``list`` replies serialised fast: list is the hottest request, and a slot's entry only
     changes when its record does, so each entry is serialised once (by the SlotInfo model) and
-    only its miss count, the model's last field, is written per request."""
+    only its last three fields (state, kernel program, misses) are written per request."""
 
-    _TAIL = b',"misses":0}'
+    _TAIL = b',"state":"kernel-empty","kernel_prog_id":null,"misses":0}'
 
     def __init__(self) -> None:
         self._heads: dict[int, tuple[SlotRecord, bytes]] = {}
 
     def reply(self, views: list[SlotView]) -> bytes:
-        entries = [self._head(v) + b"%d}" % v.misses for v in views]
+        entries = [self._head(v) + self._tail(v) for v in views]
         return b'{"slots":[' + b",".join(entries) + b"]}"
+
+    def _tail(self, v: SlotView) -> bytes:
+        kernel = b"null" if v.kernel_prog_id is None else b"%d" % v.kernel_prog_id
+        return b'"%s","kernel_prog_id":%s,"misses":%d}' % (v.state.encode(), kernel, v.misses)
 
     def _head(self, view: SlotView) -> bytes:
         cached = self._heads.get(view.record.slot)
         if cached is not None and cached[0] is view.record:
             return cached[1]
-        text = slot_info(SlotView(view.record, view.syscall, 0)).model_dump_json().encode()
-        assert text.endswith(self._TAIL), "misses must stay SlotInfo's last field"
-        head = text[:-len(self._TAIL)] + b',"misses":'
+        text = slot_info(SlotView(view.record, view.syscall, None, 0)).model_dump_json().encode()
+        assert text.endswith(self._TAIL), "state, kernel_prog_id and misses must stay SlotInfo's last fields"
+        head = text[:-len(self._TAIL)] + b',"state":'
         self._heads[view.record.slot] = (view.record, head)
         return head
 
@@ -130,6 +135,12 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             return ctx.list_cache.reply(m.list_slots())
         case StatusRequest():
             return status_result(m.status(), ctx)
+        case SyscallsRequest():
+            return SyscallsResult(syscalls=[
+                SyscallEntry(abi=v.abi, nr=v.nr, name=v.name, slot=v.slot,
+                             prog_id=v.record.prog_id if v.record else None,
+                             function=v.record.function if v.record else None)
+                for v in m.syscall_table(request.pattern)])
         case UnloadAllRequest():
             u = await m.unload_all(peer)
             ctx.request_stop(StopReason.UNLOADED)

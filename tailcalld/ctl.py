@@ -25,8 +25,8 @@ from . import __version__
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      VerifierRejected, WrongProgramType)
-from .protocol import (AttachResult, CheckResult, DetachResult, ListResult, PingResult, StatusResult,
-                       UnloadResult)
+from .protocol import (AttachResult, CheckResult, DetachResult, ListResult, PingResult, SlotInfo, StatusResult,
+                       SyscallsResult, UnloadResult)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -92,6 +92,10 @@ def no_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def syscalls_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {"pattern": args.pattern}
+
+
 # Result printers: each takes its verb's result model, so a field renamed in protocol.py is a
 # mypy error here rather than a KeyError in front of the user.
 
@@ -114,8 +118,17 @@ def show_detach(r: DetachResult, args: argparse.Namespace) -> None:
     print(f"detached program {r.prog_id} from {r.syscall} ({r.slot})")
 
 
+def _prog(s: SlotInfo) -> str:
+    """The program tailcalld wants in the slot, and what the kernel holds there if that differs."""
+    if s.state == "in-sync":
+        return str(s.prog_id)
+    if s.state == "not-restored":
+        return f"{s.prog_id} (not restored)"
+    return f"{s.prog_id} (kernel: {'empty' if s.kernel_prog_id is None else s.kernel_prog_id})"
+
+
 def show_list(r: ListResult, args: argparse.Namespace) -> None:
-    rows = [[s.slot, s.syscall, s.function or "?", s.dialect or "?", s.prog_id,
+    rows = [[s.slot, s.syscall, s.function or "?", s.dialect or "?", _prog(s),
              s.filename or "-", _since(s.attached_at), s.misses] for s in r.slots]
     headers = ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "MISSES"]
     if rows:
@@ -138,9 +151,21 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
         rows.append(("Upgraded", f"from dispatcher program {r.upgraded_from} at this start"))
     print(tabulate(rows, tablefmt="plain", disable_numparse=True))
     if r.corrections:
-        print("\nCorrections made at start (kernel and saved state disagreed):")
+        print("\nCorrections (kernel and saved state disagreed, at start or while running):")
         for line in r.corrections:
             print(f"  {line}")
+
+
+def show_syscalls(r: SyscallsResult, args: argparse.Namespace) -> None:
+    rows = [[e.abi, e.nr, e.name, "-" if e.slot is None else e.slot,
+             "-" if e.prog_id is None else f"{e.function or '?'} (program {e.prog_id})"] for e in r.syscalls]
+    if rows:
+        print(tabulate(rows, headers=[] if args.no_legend else ["ABI", "NR", "NAME", "SLOT", "HANDLER"],
+                       tablefmt="plain", disable_numparse=True))
+    if not args.no_legend:
+        print(f"\n{len(rows)} syscall{'s' if len(rows) != 1 else ''} listed"
+              + ("; SLOT - means never dispatched (no 64-bit syscall of that name)."
+                 if any(e.slot is None for e in r.syscalls) else "."))
 
 
 def show_unload_all(r: UnloadResult, args: argparse.Namespace) -> None:
@@ -178,6 +203,7 @@ VERBS: Mapping[str, Verb[Any]] = {
     "list": _verb(no_fields, ListResult, show_list),
     "status": _verb(no_fields, StatusResult, show_status),
     "ping": _verb(no_fields, PingResult, show_ping),
+    "syscalls": _verb(syscalls_request, SyscallsResult, show_syscalls),
     "unload-all": _verb(no_fields, UnloadResult, show_unload_all),
 }
 
@@ -212,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", parents=[common], help="show the filled slots")
     ls.add_argument("--no-legend", action="store_true", help="no header and footer")
     sub.add_parser("status", parents=[common], help="show the daemon's state")
+    sc = sub.add_parser("syscalls", parents=[common],
+                        help="syscall numbers and names of this machine (and ia32 on x86_64), with their slots")
+    sc.add_argument("pattern", metavar="PATTERN", nargs="?", help="a shell pattern on names ('open*'), or a number")
+    sc.add_argument("--no-legend", action="store_true", help="no header and footer")
     sub.add_parser("ping", parents=[common], help="check that the daemon answers")
     sub.add_parser("unload-all", parents=[common],
                    help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")

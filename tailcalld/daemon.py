@@ -58,6 +58,7 @@ class Daemon:
         self._manager: SlotManager | None = None
         self._socket_path: Path | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._compat_misses: MissMonitor | None = None
         self._misses_per_min = 0.0
 
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
@@ -68,9 +69,14 @@ class Daemon:
         s = self.live.current
         watch_all, watch = resolve_watch(s, self.syscalls)
         compiler = Compiler(self.live, cache_dir=s.state_dir / "cache")
-        kernel = await BpfKernel.open(s.pin_dir, compiler)
+        kernel = await BpfKernel.open(s.pin_dir, compiler, self.syscalls.compat_table())
         try:
             misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch)
+            if kernel.compat_miss_totals():
+                # ia32-only syscalls can never hold a handler: all of them are logged, the
+                # volume stays one entry per syscall per interval.
+                self._compat_misses = MissMonitor(kernel.compat_miss_totals, self.syscalls.ia32_label,
+                                                  watch_all=True, abi="ia32")
             manager = SlotManager(kernel, StateStore(s.state_dir), self.syscalls, misses,
                                   on_change=self._publish_status)
             self._manager = manager
@@ -136,13 +142,11 @@ class Daemon:
             self._publish_status()
 
     async def _log_misses(self, manager: SlotManager) -> list[MissReport]:
-        try:
-            totals = await asyncio.to_thread(manager.misses.read)
-        except OSError:
-            logger.exception("could not read the miss counters")
-            return []
-        reports = manager.misses.poll(totals)
+        """The slots' misses (returned, for STATUS=) and the ia32-only calls, to the journal."""
+        reports = await _poll(manager.misses)
         log_misses(reports)
+        if self._compat_misses is not None:
+            log_misses(await _poll(self._compat_misses))
         return reports
 
     def _status_line(self) -> str:
@@ -182,6 +186,15 @@ class Daemon:
             if "miss_log_interval" in changed and self._maintenance is not None:
                 self._maintenance.cancel()  # the next summary comes one new interval from now
                 self._maintenance = asyncio.create_task(self._maintain(self._manager))
+
+
+async def _poll(monitor: MissMonitor) -> list[MissReport]:
+    try:
+        totals = await asyncio.to_thread(monitor.read)  # one batch read of a map: off the loop
+    except OSError:
+        logger.exception("could not read the miss counters")
+        return []
+    return monitor.poll(totals)
 
 
 def _start_watchdog() -> asyncio.Task[None] | None:

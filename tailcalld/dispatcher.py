@@ -2,9 +2,11 @@
 
 Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops):
 
-    prog_array   BPF_MAP_TYPE_PROG_ARRAY, NR_SLOTS entries: the handler slots
-    misses       per-CPU u64 array, NR_SLOTS entries: tail-call misses per slot
-    link         the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
+    prog_array     BPF_MAP_TYPE_PROG_ARRAY, NR_SLOTS entries: the handler slots
+    misses         per-CPU u64 array, NR_SLOTS entries: tail-call misses per slot
+    compat_slots   (x86_64) u32 array, COMPAT_NR entries: ia32 number -> 64-bit slot + 1
+    compat_misses  (x86_64) per-CPU u64 array: calls of ia32-only syscalls, by ia32 number
+    link           the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
 
 The maps are created and pinned here before the dispatcher is compiled, so the
 dispatcher's BPF_TABLE_PINNED only opens them.  A pinned link already present is adopted,
@@ -24,9 +26,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bpfsys
+from . import bpfsys, btf
 from .compiler import Compiler, bpf_source
 from .errors import AlreadyRunning, KernelError, NoBpffs, PinConflict
+from .syscalls import COMPAT_NR
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
 DISPATCH_PREFIX = "tcd_"
@@ -40,15 +43,25 @@ def dispatcher_function() -> str:
     return DISPATCH_PREFIX + hashlib.sha256(code.encode()).hexdigest()[:11]
 
 
+TS_COMPAT = 0x0002  # arch/x86/include/asm/thread_info.h: "32bit syscall active"
+
+
 @dataclass(frozen=True)
 class _MapSpec:
     pin: str
     type: int
     value_size: int
+    entries: int = NR_SLOTS
+
+    @property
+    def name(self) -> str:
+        return f"tailcalld_{self.pin}"[:15] if self.entries == NR_SLOTS else f"tcd_{self.pin}"[:15]
 
 
 PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
 MISSES = _MapSpec("misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
+COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR)
+COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR)
 LINK_PIN = "link"
 NEW_LINK_PIN = "link_new"  # bpffs refuses names with dots
 
@@ -103,7 +116,7 @@ class PinDirLock:
 def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
     path = pin_dir / spec.pin
     if not path.exists():
-        fd = bpfsys.map_create(spec.type, f"tailcalld_{spec.pin}"[:15], 4, spec.value_size, NR_SLOTS)
+        fd = bpfsys.map_create(spec.type, spec.name, 4, spec.value_size, spec.entries)
         try:
             bpfsys.obj_pin(fd, str(path))
         except OSError:
@@ -116,7 +129,7 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
     except OSError as exc:
         raise PinConflict(f"{path} exists but is not a BPF map tailcalld can open ({exc}); "
                           "remove it or choose another pin_dir", {"path": str(path)}) from None
-    want = (spec.type, 4, spec.value_size, NR_SLOTS)
+    want = (spec.type, 4, spec.value_size, spec.entries)
     have = (info.type, info.key_size, info.value_size, info.max_entries)
     if have != want:
         os.close(fd)
@@ -127,47 +140,62 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
     return fd
 
 
+def _map_specs(compat: dict[int, int] | None) -> list[_MapSpec]:
+    return [PROG_ARRAY, MISSES] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
+
+
+def _fill_compat_slots(fd: int, compat: dict[int, int]) -> None:
+    """Every entry, not just the named ones: a table adopted from an older kernel's run must
+    not keep a stale translation."""
+    for ia32_nr in range(COMPAT_SLOTS.entries):
+        slot = compat.get(ia32_nr)
+        bpfsys.array_set_u32(fd, ia32_nr, 0 if slot is None else slot + 1)
+
+
 class Dispatcher:
     """Handles on the pinned objects; the kernel side keeps running when this is closed."""
 
-    def __init__(self, pin_dir: Path, lock: PinDirLock, prog_array_fd: int, misses_fd: int,
-                 link_fd: int, adopted: bool, upgraded_from: int | None = None) -> None:
+    def __init__(self, pin_dir: Path, lock: PinDirLock, maps: dict[str, int], link_fd: int, adopted: bool,
+                 upgraded_from: int | None = None) -> None:
         self.pin_dir = pin_dir
         self.nr_slots = NR_SLOTS
         self.adopted = adopted
         self.upgraded_from = upgraded_from
         self._lock = lock
-        self._prog_array_fd = prog_array_fd
-        self._misses_fd = misses_fd
+        self._maps = maps  # pin name -> fd
+        self._prog_array_fd = maps[PROG_ARRAY.pin]
         self._link_fd = link_fd
         self.link = bpfsys.link_info(link_fd)
 
     @classmethod
-    async def open_or_load(cls, pin_dir: Path, compiler: Compiler) -> Dispatcher:
+    async def open_or_load(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None = None) -> Dispatcher:
         """Adopt the pinned dispatcher if it is this version's, upgrade it if it is an older
-        one, load and pin a new one if there is none."""
+        one, load and pin a new one if there is none.  ``compat`` (x86_64: ia32 number -> 64-bit
+        slot) is written to the compat table before any dispatcher that reads it attaches."""
         _ensure_pin_dir(pin_dir)
         lock = PinDirLock(pin_dir)
-        fds: list[int] = []
+        maps: dict[str, int] = {}
         try:
-            fds.append(_open_or_create_map(pin_dir, PROG_ARRAY))
-            fds.append(_open_or_create_map(pin_dir, MISSES))
+            for spec in _map_specs(compat):
+                maps[spec.pin] = _open_or_create_map(pin_dir, spec)
+            if compat is not None:
+                _fill_compat_slots(maps[COMPAT_SLOTS.pin], compat)
             if (pin_dir / NEW_LINK_PIN).exists():
                 (pin_dir / NEW_LINK_PIN).unlink()  # left by an upgrade that died before its rename
             link_pin = pin_dir / LINK_PIN
             if not link_pin.exists():
-                link_fd = await _load_and_attach(pin_dir, compiler, LINK_PIN)
-                return cls(pin_dir, lock, fds[0], fds[1], link_fd, adopted=False)
+                link_fd = await _load_and_attach(pin_dir, compiler, LINK_PIN, compat is not None)
+                return cls(pin_dir, lock, maps, link_fd, adopted=False)
             old_fd, old_prog = _adopt_link(link_pin)
             if old_prog.name == dispatcher_function():
-                return cls(pin_dir, lock, fds[0], fds[1], old_fd, adopted=True)
+                return cls(pin_dir, lock, maps, old_fd, adopted=True)
             try:
-                link_fd = await _upgrade(pin_dir, compiler, old_prog)
+                link_fd = await _upgrade(pin_dir, compiler, old_prog, compat is not None)
             finally:
                 os.close(old_fd)  # with the pin replaced, this was the old link's last reference
-            return cls(pin_dir, lock, fds[0], fds[1], link_fd, adopted=True, upgraded_from=old_prog.id)
+            return cls(pin_dir, lock, maps, link_fd, adopted=True, upgraded_from=old_prog.id)
         except BaseException:
-            for fd in fds:
+            for fd in maps.values():
                 os.close(fd)
             lock.release()
             raise
@@ -202,14 +230,19 @@ class Dispatcher:
 
     def miss_totals(self) -> list[int]:
         """Misses per slot since the counters were created (they survive daemon restarts)."""
-        return bpfsys.percpu_u64_sums(self._misses_fd, self.nr_slots)
+        return bpfsys.percpu_u64_sums(self._maps[MISSES.pin], self.nr_slots)
+
+    def compat_miss_totals(self) -> list[int]:
+        """Calls of ia32-only syscalls by ia32 number (empty where there is no compat table)."""
+        fd = self._maps.get(COMPAT_MISSES.pin)
+        return [] if fd is None else bpfsys.percpu_u64_sums(fd, COMPAT_MISSES.entries)
 
     def restore_pins(self) -> list[str]:
         """Pin again what was unpinned behind our back (``rm -rf pin_dir``) while we run.  Our fds
         still hold the link, the prog array and the counters, so tracing goes on for now, but it
         would end with this process.  Returns the pins made; a pin path now holding another
         object is left alone (PinConflict)."""
-        held = {LINK_PIN: self._link_fd, PROG_ARRAY.pin: self._prog_array_fd, MISSES.pin: self._misses_fd}
+        held = {LINK_PIN: self._link_fd, **self._maps}
         missing = [name for name in held if not (self.pin_dir / name).exists()]
         if not self._lock.holds(self.pin_dir):
             _ensure_pin_dir(self.pin_dir)
@@ -228,7 +261,7 @@ class Dispatcher:
 
     def close(self) -> None:
         """Drop our handles; the pins keep the dispatcher attached and the slots filled."""
-        for fd in (self._prog_array_fd, self._misses_fd, self._link_fd):
+        for fd in (*self._maps.values(), self._link_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._lock.release()
@@ -279,7 +312,7 @@ def _adopt_link(path: Path) -> tuple[int, bpfsys.ProgInfo]:
     return fd, prog
 
 
-async def _upgrade(pin_dir: Path, compiler: Compiler, old: bpfsys.ProgInfo) -> int:
+async def _upgrade(pin_dir: Path, compiler: Compiler, old: bpfsys.ProgInfo, compat: bool) -> int:
     """Replace an older dispatcher without a gap: attach the new one first (same prog array,
     so the slots need no moving), then swap the pin.  Until the kernel drops the old link,
     both run: a syscall in that window is dispatched twice (handlers run twice, a miss counts
@@ -287,17 +320,27 @@ async def _upgrade(pin_dir: Path, compiler: Compiler, old: bpfsys.ProgInfo) -> i
     is unavoidable; a double loses nothing."""
     logger.warning("upgrading the dispatcher: program %d (%s) -> %s; handlers keep their slots",
                    old.id, old.name, dispatcher_function())
-    link_fd = await _load_and_attach(pin_dir, compiler, NEW_LINK_PIN)
+    link_fd = await _load_and_attach(pin_dir, compiler, NEW_LINK_PIN, compat)
     os.rename(pin_dir / NEW_LINK_PIN, pin_dir / LINK_PIN)  # atomic: the old pin is gone with it
     return link_fd
 
 
-async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str) -> int:
+def _compat_cflags(pin_dir: Path) -> list[str]:
+    return [f"-DTAILCALLD_COMPAT_NR={COMPAT_NR}",
+            f'-DTAILCALLD_COMPAT_SLOTS="{pin_dir / COMPAT_SLOTS.pin}"',
+            f'-DTAILCALLD_COMPAT_MISSES="{pin_dir / COMPAT_MISSES.pin}"',
+            f"-DTAILCALLD_TI_STATUS={btf.thread_info_status_offset()}",
+            f"-DTAILCALLD_TS_COMPAT={TS_COMPAT:#x}"]
+
+
+async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str, compat: bool) -> int:
     function = dispatcher_function()
     cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
               f"-DTAILCALLD_DISPATCH={function}",
               f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"',
               f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"']
+    if compat:
+        cflags += _compat_cflags(pin_dir)
     prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, cflags)
     try:
         link_fd = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
@@ -317,7 +360,7 @@ def remove_pins(pin_dir: Path) -> list[str]:
     """Unpin everything tailcalld made under ``pin_dir``, the link first (that detaches the
     dispatcher once no fd holds it), then the maps, then the folder if it is empty."""
     removed = []
-    for name in (LINK_PIN, NEW_LINK_PIN, PROG_ARRAY.pin, MISSES.pin):
+    for name in (LINK_PIN, NEW_LINK_PIN, PROG_ARRAY.pin, MISSES.pin, COMPAT_SLOTS.pin, COMPAT_MISSES.pin):
         path = pin_dir / name
         if path.exists():
             path.unlink()

@@ -73,10 +73,13 @@ def set_log_level(level: str) -> None:
 
 def log_misses(reports: list[MissReport]) -> None:
     for r in reports:
-        logger.info(r.message, extra={
+        fields: dict[str, object] = {
             "MESSAGE_ID": MISS_MESSAGE_ID,
             "SYSCALL_NR": r.nr,
             "SYSCALL_NAME": r.syscall,
             "MISSES": r.misses,
             "INTERVAL_SEC": f"{r.seconds:.1f}",
-        })
+        }
+        if r.abi is not None:
+            fields["SYSCALL_ABI"] = r.abi
+        logger.info(r.message, extra=fields)

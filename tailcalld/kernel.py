@@ -56,6 +56,9 @@ class Kernel(Protocol):
     def miss_totals(self) -> list[int]:
         """Tail-call misses per slot since the counters were created."""
 
+    def compat_miss_totals(self) -> list[int]:
+        """Calls of ia32-only syscalls (never dispatched) by ia32 number; empty off x86_64."""
+
     def remove_pins(self) -> list[str]:
         """Unpin the dispatcher and its maps: tailcalld leaves nothing in the kernel."""
 
@@ -74,8 +77,9 @@ class BpfKernel:
         self.info = DispatcherInfo(d.pin_dir, d.prog_id, d.link.id, d.nr_slots, d.adopted, d.upgraded_from)
 
     @classmethod
-    async def open(cls, pin_dir: Path, compiler: Compiler) -> BpfKernel:
-        return cls(await Dispatcher.open_or_load(pin_dir, compiler), compiler)
+    async def open(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None) -> BpfKernel:
+        """``compat``: ia32 number -> 64-bit slot on x86_64 (SyscallTable.compat_slots), None elsewhere."""
+        return cls(await Dispatcher.open_or_load(pin_dir, compiler, compat), compiler)
 
     def slot(self, slot: int) -> int | None:
         return self._dispatcher.slot_prog_id(slot)
@@ -104,6 +108,9 @@ class BpfKernel:
 
     def miss_totals(self) -> list[int]:
         return self._dispatcher.miss_totals()
+
+    def compat_miss_totals(self) -> list[int]:
+        return self._dispatcher.compat_miss_totals()
 
     def remove_pins(self) -> list[str]:
         return remove_pins(self._dispatcher.pin_dir)

@@ -15,9 +15,13 @@ class MissReport:
     syscall: str
     misses: int
     seconds: float
+    abi: str | None = None  # "ia32": 32-bit calls of a syscall with no 64-bit slot, never dispatched
 
     @property
     def message(self) -> str:
+        if self.abi is not None:
+            return (f"{self.syscall} ({self.abi} {self.nr}): {self.misses} calls in the last {self.seconds:.0f} s, "
+                    f"not dispatched (no 64-bit syscall of that name)")
         return f"{self.syscall} ({self.nr}): {self.misses} tail-call misses in the last {self.seconds:.0f} s"
 
 
@@ -30,9 +34,10 @@ class MissMonitor:
 
     def __init__(self, read_totals: Callable[[], list[int]], label: Callable[[int], str],
                  watch_all: bool = False, extra: Iterable[int] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, abi: str | None = None) -> None:
         self._read_totals = read_totals
         self._label = label
+        self._abi = abi
         self._clock = clock
         self._held: set[int] = set()
         self.configure(watch_all, extra)
@@ -63,7 +68,7 @@ class MissMonitor:
         now = self._clock()
         self._snapshot, self._snapshot_time = totals, now
         seconds = now - self._last_time
-        reports = [MissReport(nr, self._label(nr), total - last, seconds)
+        reports = [MissReport(nr, self._label(nr), total - last, seconds, self._abi)
                    for nr, (total, last) in enumerate(zip(totals, self._last, strict=True))
                    if total > last and self.watched(nr)]
         self._last, self._last_time = totals, now

@@ -76,14 +76,21 @@ class StatusRequest(_Request):
     command: Literal["status"]
 
 
+class SyscallsRequest(_Request):
+    """This machine's syscall numbers and names (ia32 ones too on x86_64), each with its slot."""
+    command: Literal["syscalls"]
+    pattern: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = Field(
+        None, description="a shell pattern on names ('open*'), or a number; None: every syscall")
+
+
 class UnloadAllRequest(_Request):
     """Empty every slot, remove the dispatcher and every pin, forget the state, then exit."""
     command: Literal["unload-all"]
 
 
 Request = Annotated[PingRequest | AttachRequest | CheckRequest | DetachRequest | ListRequest | StatusRequest
-                    | UnloadAllRequest, Field(discriminator="command")]
-COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "unload-all")
+                    | SyscallsRequest | UnloadAllRequest, Field(discriminator="command")]
+COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "syscalls", "unload-all")
 _request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
 
 
@@ -104,7 +111,12 @@ class SlotInfo(BaseModel):
     source_sha256: str | None
     attached_at: datetime | None
     attached_by_uid: int | None = None
-    # Keep misses last: commands.ListCache serialises the rest once and appends it.
+    # Keep these three last, in this order: commands.ListCache serialises the rest once per
+    # record and writes only these per request.
+    state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"] = Field(
+        "in-sync", description="the kernel's slot compared with what tailcalld wants there; not-restored: the "
+                               "recorded handler could not be rebuilt at start (retried at the next start)")
+    kernel_prog_id: int | None = Field(None, description="the program the kernel's slot holds now")
     misses: int = Field(description="tail-call misses of this slot since the daemon started")
 
 
@@ -152,6 +164,19 @@ class StatusResult(BaseModel):
     connections: int = Field(0, description="control connections open now, this one included")
     corrections: list[str] = Field(default_factory=list,
                                    description="what the start-up reconcile changed to make kernel and state agree")
+
+
+class SyscallEntry(BaseModel):
+    abi: str = Field(description="the machine's own ABI (x86_64, aarch64, ...) or ia32 for 32-bit callers")
+    nr: int
+    name: str
+    slot: int | None = Field(description="the slot its calls are dispatched to; None: never dispatched")
+    prog_id: int | None = Field(description="the handler program in that slot now, as tailcalld records it")
+    function: str | None
+
+
+class SyscallsResult(BaseModel):
+    syscalls: list[SyscallEntry]
 
 
 class UnloadResult(BaseModel):

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 from . import reconcile
 from .compiler import Program
@@ -60,11 +61,34 @@ class Unloaded:
     pins: list[str]
 
 
+# How a wanted slot's kernel content compares with what tailcalld wants there.
+SlotState = Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"]
+
+
 @dataclass(frozen=True, slots=True)
 class SlotView:
     record: SlotRecord
     syscall: str
+    kernel_prog_id: int | None  # what the kernel's slot holds now
     misses: int  # tail-call misses of the slot since this daemon started
+    restored: bool = True  # False: recorded, but its handler could not be rebuilt at start
+
+    @property
+    def state(self) -> SlotState:
+        if not self.restored:
+            return "not-restored"
+        if self.kernel_prog_id == self.record.prog_id:
+            return "in-sync"
+        return "kernel-empty" if self.kernel_prog_id is None else "kernel-other"
+
+
+@dataclass(frozen=True)
+class SyscallView:
+    abi: str
+    nr: int
+    name: str
+    slot: int | None  # where its calls are dispatched; None: never
+    record: SlotRecord | None  # what that slot holds, if anything
 
 
 @dataclass(frozen=True)
@@ -221,10 +245,22 @@ class SlotManager:
         return len(self.registry.handlers)
 
     def list_slots(self) -> list[SlotView]:
+        """Every wanted slot, with what the kernel holds there right now: a slot emptied or
+        refilled behind our back shows as such before the next drift repair.  Slots whose
+        handler could not be rebuilt at start are listed too (their kernel slot is empty or
+        holds what was found there)."""
         totals = self.misses.recent_totals()
         label = self.syscalls.label
-        return [SlotView(h.record, label(slot), self.misses.since_start(slot, totals))
-                for slot, h in sorted(self.registry.handlers.items())]
+        reg = self.registry
+        wanted = {**reg.unrestored, **{s: h.record for s, h in reg.handlers.items()}}
+        return [SlotView(record, label(slot), self.kernel.slot(slot), self.misses.since_start(slot, totals),
+                         restored=slot not in reg.unrestored)
+                for slot, record in sorted(wanted.items())]
+
+    def syscall_table(self, pattern: str | None) -> list[SyscallView]:
+        handlers = self.registry.handlers
+        return [SyscallView(abi, nr, name, slot, handlers[slot].record if slot in handlers else None)
+                for abi, nr, name, slot in self.syscalls.matching(pattern)]
 
     def status(self) -> Status:
         totals = self.misses.recent_totals()

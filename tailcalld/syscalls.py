@@ -1,8 +1,16 @@
-"""Syscall names and numbers of the running architecture, for naming slots."""
+"""Syscall names and numbers of the running architecture, for naming slots; on x86_64 also
+the ia32 (32-bit compat) numbers and the 64-bit slot each of them is dispatched to.
+
+Both tables come from the kernel's own syscall tables (syscall_64.tbl, syscall_32.tbl) as
+the UAPI headers <asm/unistd_64.h> / <asm/unistd_32.h> carry them, read through the C
+preprocessor: nothing is typed by hand.
+"""
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import platform
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -10,17 +18,31 @@ from dataclasses import dataclass, field
 from .errors import SlotOutOfRange, UnknownSyscall
 
 _NR_DEFINE = re.compile(r"^#define __NR_(\w+) (\d+)$", re.MULTILINE)
+# ia32 numbers on x86_64 stay below this (462 in 6.18); the dispatcher's compat maps have this many entries.
+COMPAT_NR = 512
+
+
+def _defines(header: str) -> dict[str, int]:
+    try:
+        out = subprocess.run(["cc", "-E", "-dM", "-"], input=f"#include <{header}>\n",
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {name: int(nr) for name, nr in _NR_DEFINE.findall(out)}
 
 
 def _from_libc_headers() -> dict[str, int]:
     """The C library's <sys/syscall.h> is generated for the native arch, so the preprocessor
     resolves arch-specific spellings (asm/unistd_64.h, asm-generic) for us."""
-    try:
-        out = subprocess.run(["cc", "-E", "-dM", "-"], input="#include <sys/syscall.h>\n",
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+    return _defines("sys/syscall.h")
+
+
+def _ia32_from_headers() -> dict[str, int]:
+    """The ia32 table, on x86_64 only: there the kernel hands sys_enter the ia32 number of a
+    32-bit caller.  (arm64's compat tasks are not handled: see the README.)"""
+    if platform.machine() != "x86_64":
         return {}
-    return {name: int(nr) for name, nr in _NR_DEFINE.findall(out)}
+    return _defines("asm/unistd_32.h")
 
 
 def _from_bcc() -> dict[str, int]:
@@ -38,16 +60,44 @@ class SyscallTable:
 
     nr_slots: int
     by_name: dict[str, int] = field(default_factory=dict)
+    ia32_by_name: dict[str, int] = field(default_factory=dict)
     by_nr: dict[int, str] = field(init=False)
+    ia32_by_nr: dict[int, str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.by_nr = {nr: name for name, nr in self.by_name.items()}
+        self.ia32_by_nr = {nr: name for name, nr in self.ia32_by_name.items() if nr < COMPAT_NR}
 
     @classmethod
     def for_this_machine(cls, nr_slots: int) -> SyscallTable:
         # bcc's table only when there is no compiler: importing bcc maps libbcc and LLVM into
         # the daemon, ~60 MB of RSS it otherwise never needs (compiles run in workers).
-        return cls(nr_slots, _from_libc_headers() or _from_bcc())
+        return cls(nr_slots, _from_libc_headers() or _from_bcc(), _ia32_from_headers())
+
+    def compat_table(self) -> dict[int, int] | None:
+        """What the dispatcher translates 32-bit callers with; None where there is no ia32 ABI."""
+        return self.compat_slots() if self.ia32_by_nr else None
+
+    def compat_slots(self) -> dict[int, int]:
+        """ia32 number -> the 64-bit slot of the syscall of the same name.  An ia32 syscall with
+        no 64-bit namesake (socketcall, ipc, statfs64...) has no entry: it is never dispatched."""
+        return {nr: self.by_name[name] for nr, name in self.ia32_by_nr.items()
+                if self.by_name.get(name, self.nr_slots) < self.nr_slots}
+
+    def matching(self, pattern: str | None) -> list[tuple[str, int, str, int | None]]:
+        """(abi, number, name, slot its calls go to) of every syscall whose name matches the shell
+        ``pattern`` (case-insensitive) or whose number is ``pattern``; all of them for None."""
+        compat = self.compat_slots()
+        rows: list[tuple[str, int, str, int | None]] = [
+            (platform.machine(), nr, name, nr) for name, nr in self.by_name.items() if nr < self.nr_slots]
+        rows += [("ia32", nr, name, compat.get(nr)) for nr, name in self.ia32_by_nr.items()]
+        if pattern is not None:
+            text = pattern.strip().lower().removeprefix("sys_")
+            rows = [r for r in rows if (str(r[1]) == text if text.isdigit() else fnmatch.fnmatchcase(r[2], text))]
+        return sorted(rows, key=lambda r: (r[0] == "ia32", r[1]))
+
+    def ia32_label(self, nr: int) -> str:
+        return self.ia32_by_nr.get(nr) or f"syscall_{nr}"
 
     def name(self, nr: int) -> str | None:
         return self.by_nr.get(nr)

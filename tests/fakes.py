@@ -81,6 +81,9 @@ class FakeKernel:
     def miss_totals(self) -> list[int]:
         return list(self.misses)
 
+    def compat_miss_totals(self) -> list[int]:
+        return []
+
     def remove_pins(self) -> list[str]:
         removed, self.pins = self.pins, []
         return removed

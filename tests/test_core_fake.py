@@ -148,6 +148,8 @@ def test_an_unrestored_record_survives_a_failed_attach_and_a_detach_forgets_it(t
         with pytest.raises(KernelError):
             await attach(c, V2)
         assert reg.unrestored == {FCHMODAT: record} and c.saved_slots() == {FCHMODAT: 7}
+        [view] = c.manager.list_slots()  # listed, and said to be not restored
+        assert (view.record, view.state, view.kernel_prog_id) == (record, "not-restored", None)
         with pytest.raises(SlotEmpty):  # the kernel slot is empty: nothing to detach there...
             await c.manager.detach(FCHMODAT, ME)
         assert reg.unrestored == {} and c.saved_slots() == {}  # ...but the record is forgotten

@@ -38,8 +38,8 @@ def new_compiler() -> Compiler:
 
 @asynccontextmanager
 async def core(pin_dir: Path, state_dir: Path) -> AsyncIterator[SlotManager]:
-    kernel = await BpfKernel.open(pin_dir, new_compiler())
     syscalls = SyscallTable.for_this_machine(NR_SLOTS)
+    kernel = await BpfKernel.open(pin_dir, new_compiler(), syscalls.compat_table())
     manager = SlotManager(kernel, StateStore(state_dir), syscalls, MissMonitor(kernel.miss_totals, syscalls.label))
     try:
         await manager.restore()

@@ -233,7 +233,8 @@ def test_a_handler_that_cannot_be_rebuilt_is_retried_at_the_next_start(tmp_path:
     d = start_daemon(tmp_path, pin_root / "daemon")
     try:
         with d.client() as c:
-            assert c.call("list")["slots"] == []
+            [entry] = c.call("list")["slots"]  # still wanted, not in the kernel
+            assert (entry["slot"], entry["state"], entry["kernel_prog_id"]) == (NR_FCHMODAT, "not-restored", None)
             [correction] = c.call("status")["corrections"]
         assert "could not rebuild count_calls from count.c" in correction
         assert set(saved_slots(tmp_path / "state")) == {NR_FCHMODAT}  # still wanted
@@ -305,3 +306,26 @@ def test_pins_removed_while_running_are_pinned_again(tmp_path: Path, pin_root: P
     fchmodat(5)  # no daemon now: only the new pins keep the dispatcher and the handler
     assert read_counter(counter) == 5
     assert "nothing of tailcalld is left" not in d.output()
+
+
+def test_list_shows_the_kernels_truth_before_any_repair(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d, ours = start_counting(tmp_path, pin_root, counter, miss_log_interval=3600)  # no repair during the test
+    prog_array = d.pin_dir / "prog_array"
+    try:
+        with d.client() as c:
+            other = c.call("attach", slot="getppid", source=trivial_handler(5))["prog_id"]
+            [entry, _] = sorted(c.call("list")["slots"], key=lambda s: s["slot"] != NR_FCHMODAT)
+            assert (entry["state"], entry["kernel_prog_id"]) == ("in-sync", ours)
+            subprocess.run(["bpftool", "map", "delete", "pinned", str(prog_array), "key", *_key(NR_FCHMODAT)],
+                           check=True)
+            [entry] = [s for s in c.call("list")["slots"] if s["slot"] == NR_FCHMODAT]
+            assert (entry["state"], entry["kernel_prog_id"], entry["prog_id"]) == ("kernel-empty", None, ours)
+            subprocess.run(["bpftool", "map", "update", "pinned", str(prog_array), "key", *_key(NR_FCHMODAT),
+                            "value", "id", str(other)], check=True)
+            [entry] = [s for s in c.call("list")["slots"] if s["slot"] == NR_FCHMODAT]
+            assert (entry["state"], entry["kernel_prog_id"]) == ("kernel-other", other)
+        shown = d.ctl("list").stdout
+        assert f"{ours} (kernel: {other})" in shown, shown
+    finally:
+        d.stop()

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from tailcalld import ctl
 from tailcalld.client import SOCKET_ENV, RemoteError
 from tailcalld.errors import CompileError, SlotEmpty, TailcalldError, VerifierRejected
-from tailcalld.protocol import (COMMANDS, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
+from tailcalld.protocol import (COMMANDS, SyscallEntry, SyscallsResult, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
                                 PingResult, Request, RequestId, SlotInfo, StatusResult, UnloadResult, encode_error,
                                 encode_ok, parse_request)
 
@@ -343,8 +343,19 @@ REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
                "Misses      3 since start, logged every 60 s\n"
                "Upgraded    from dispatcher program 5 at this start\n"
                "\n"
-               "Corrections made at start (kernel and saved state disagreed):\n"
+               "Corrections (kernel and saved state disagreed, at start or while running):\n"
                "  slot 110: emptied\n", ""),
+    "syscalls": (["fchmod*"],
+                 SyscallsResult(syscalls=[
+                     SyscallEntry(abi="x86_64", nr=268, name="fchmodat", slot=268, prog_id=91, function="h"),
+                     SyscallEntry(abi="ia32", nr=306, name="fchmodat", slot=268, prog_id=91, function="h"),
+                     SyscallEntry(abi="ia32", nr=268, name="statfs64", slot=None, prog_id=None, function=None)]),
+                 "ABI     NR    NAME      SLOT    HANDLER\n"
+                 "x86_64  268   fchmodat  268     h (program 91)\n"
+                 "ia32    306   fchmodat  268     h (program 91)\n"
+                 "ia32    268   statfs64  -       -\n"
+                 "\n"
+                 "3 syscalls listed; SLOT - means never dispatched (no 64-bit syscall of that name).\n", ""),
     "unload-all": ([], UnloadResult(slots_emptied=[110, 268], pins_removed=["a", "b", "c"]),
                    "emptied 2 slots, removed 3 pins; tailcalld has stopped and left nothing in the kernel\n", ""),
 }

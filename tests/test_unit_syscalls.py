@@ -111,3 +111,38 @@ def test_for_this_machine_x86_64() -> None:
     assert table.resolve("sys_getppid") == 110
     assert table.label(268) == "fchmodat"
     assert table.label(0) == "read"
+
+
+# ia32 (32-bit callers on x86_64) ------------------------------------------------------------
+
+def test_compat_slots_pair_ia32_numbers_with_the_64_bit_slot_of_the_same_name() -> None:
+    table = SyscallTable(1024, by_name={"fchmodat": 268, "getppid": 110, "statfs": 137},
+                         ia32_by_name={"fchmodat": 306, "getppid": 64, "statfs64": 268, "socketcall": 102})
+    assert table.compat_slots() == {306: 268, 64: 110}  # statfs64 and socketcall: no 64-bit namesake
+    assert table.compat_table() == table.compat_slots()
+    assert table.ia32_label(268) == "statfs64" and table.ia32_label(499) == "syscall_499"
+
+
+def test_no_ia32_table_means_no_compat_translation() -> None:
+    assert SyscallTable(1024, by_name={"read": 0}).compat_table() is None
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the ia32 ABI exists on x86_64 only")
+def test_this_machine_has_the_kernels_ia32_table() -> None:
+    table = SyscallTable.for_this_machine(1024)
+    compat = table.compat_slots()
+    assert compat[306] == table.resolve("fchmodat") == 268  # from <asm/unistd_32.h>, not typed here
+    assert 268 not in compat and 102 not in compat  # statfs64, socketcall
+    assert all(0 <= slot < 1024 for slot in compat.values())
+
+
+def test_matching_by_pattern_or_number_across_both_abis() -> None:
+    table = SyscallTable(1024, by_name={"fchmodat": 268, "fchmod": 91, "openat": 257},
+                         ia32_by_name={"fchmodat": 306, "statfs64": 268})
+    arch = platform.machine()
+    assert table.matching("fchmod*") == [(arch, 91, "fchmod", 91), (arch, 268, "fchmodat", 268),
+                                         ("ia32", 306, "fchmodat", 268)]
+    assert table.matching("268") == [(arch, 268, "fchmodat", 268), ("ia32", 268, "statfs64", None)]
+    assert table.matching("SYS_OpenAt") == [(arch, 257, "openat", 257)]
+    assert table.matching("nothing*") == []
+    assert len(table.matching(None)) == 5
