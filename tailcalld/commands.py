@@ -70,15 +70,15 @@ def slot_info(view: SlotView) -> SlotInfo:
         slot=r.slot, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
         attached_by_uid=r.attached_by_uid, state=view.state,
-        kernel_prog_id=view.kernel_prog_id, misses=view.misses)
+        kernel_prog_id=view.kernel_prog_id, hits=view.hits, misses=view.misses)
 
 
 class ListCache:
     """``list`` replies serialised fast: list is the hottest request, and a slot's entry only
     changes when its record does, so each entry is serialised once (by the SlotInfo model) and
-    only its last three fields (state, kernel program, misses) are written per request."""
+    only its last four fields (state, kernel program, hits, misses) are written per request."""
 
-    _TAIL = b',"state":"kernel-empty","kernel_prog_id":null,"misses":0}'
+    _TAIL = b',"state":"kernel-empty","kernel_prog_id":null,"hits":0,"misses":0}'
 
     def __init__(self) -> None:
         self._heads: dict[int, tuple[SlotRecord, bytes]] = {}
@@ -89,14 +89,14 @@ class ListCache:
 
     def _tail(self, v: SlotView) -> bytes:
         kernel = b"null" if v.kernel_prog_id is None else b"%d" % v.kernel_prog_id
-        return b'"%s","kernel_prog_id":%s,"misses":%d}' % (v.state.encode(), kernel, v.misses)
+        return b'"%s","kernel_prog_id":%s,"hits":%d,"misses":%d}' % (v.state.encode(), kernel, v.hits, v.misses)
 
     def _head(self, view: SlotView) -> bytes:
         cached = self._heads.get(view.record.slot)
         if cached is not None and cached[0] is view.record:
             return cached[1]
-        text = slot_info(SlotView(view.record, view.syscall, None, 0)).model_dump_json().encode()
-        assert text.endswith(self._TAIL), "state, kernel_prog_id and misses must stay SlotInfo's last fields"
+        text = slot_info(SlotView(view.record, view.syscall, None, 0, 0)).model_dump_json().encode()
+        assert text.endswith(self._TAIL), "state, kernel_prog_id, hits and misses must stay SlotInfo's last fields"
         head = text[:-len(self._TAIL)] + b',"state":'
         self._heads[view.record.slot] = (view.record, head)
         return head
@@ -108,7 +108,8 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         version=__version__, pid=status.pid, started_at=status.started_at, pin_dir=str(d.pin_dir),
         socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
         upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots,
-        misses_total=status.misses_total, miss_log_interval=s.miss_log_interval, connections=ctx.connections(),
+        hits_total=status.hits_total, misses_total=status.misses_total, miss_log_interval=s.miss_log_interval,
+        connections=ctx.connections(),
         corrections=status.corrections)
 
 

@@ -129,8 +129,8 @@ def _prog(s: SlotInfo) -> str:
 
 def show_list(r: ListResult, args: argparse.Namespace) -> None:
     rows = [[s.slot, s.syscall, s.function or "?", s.dialect or "?", _prog(s),
-             s.filename or "-", _since(s.attached_at), s.misses] for s in r.slots]
-    headers = ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "MISSES"]
+             s.filename or "-", _since(s.attached_at), s.hits, s.misses] for s in r.slots]
+    headers = ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     if rows:
         print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
                        disable_numparse=True))
@@ -145,6 +145,7 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
                        f" ({'adopted from pins' if r.adopted else 'loaded at start'})"),
         ("Pins", r.pin_dir), ("Socket", r.socket),
         ("Slots", f"{r.slots_used} in use of {r.nr_slots}"),
+        ("Hits", f"{r.hits_total} handler runs since start"),
         ("Misses", f"{r.misses_total} since start, logged every {r.miss_log_interval:g} s"),
     ]
     if r.upgraded_from:

@@ -4,6 +4,7 @@ Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops)
 
     prog_array     BPF_MAP_TYPE_PROG_ARRAY, NR_SLOTS entries: the handler slots
     misses         per-CPU u64 array, NR_SLOTS entries: tail-call misses per slot
+    calls          per-CPU u64 array, NR_SLOTS entries: calls per slot (hits = calls - misses)
     compat_slots   (x86_64) u32 array, COMPAT_NR entries: ia32 number -> 64-bit slot + 1
     compat_misses  (x86_64) per-CPU u64 array: calls of ia32-only syscalls, by ia32 number
     link           the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
@@ -60,6 +61,7 @@ class _MapSpec:
 
 PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
 MISSES = _MapSpec("misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
+CALLS = _MapSpec("calls", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
 COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR)
 COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR)
 LINK_PIN = "link"
@@ -141,7 +143,7 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
 
 
 def _map_specs(compat: dict[int, int] | None) -> list[_MapSpec]:
-    return [PROG_ARRAY, MISSES] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
+    return [PROG_ARRAY, MISSES, CALLS] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
 
 
 def _fill_compat_slots(fd: int, compat: dict[int, int]) -> None:
@@ -231,6 +233,10 @@ class Dispatcher:
     def miss_totals(self) -> list[int]:
         """Misses per slot since the counters were created (they survive daemon restarts)."""
         return bpfsys.percpu_u64_sums(self._maps[MISSES.pin], self.nr_slots)
+
+    def call_totals(self) -> list[int]:
+        """Calls per slot (dispatched or missed) since the counters were created."""
+        return bpfsys.percpu_u64_sums(self._maps[CALLS.pin], self.nr_slots)
 
     def compat_miss_totals(self) -> list[int]:
         """Calls of ia32-only syscalls by ia32 number (empty where there is no compat table)."""
@@ -338,7 +344,8 @@ async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str, com
     cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
               f"-DTAILCALLD_DISPATCH={function}",
               f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"',
-              f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"']
+              f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"',
+              f'-DTAILCALLD_CALLS="{pin_dir / CALLS.pin}"']
     if compat:
         cflags += _compat_cflags(pin_dir)
     prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, cflags)
@@ -360,7 +367,7 @@ def remove_pins(pin_dir: Path) -> list[str]:
     """Unpin everything tailcalld made under ``pin_dir``, the link first (that detaches the
     dispatcher once no fd holds it), then the maps, then the folder if it is empty."""
     removed = []
-    for name in (LINK_PIN, NEW_LINK_PIN, PROG_ARRAY.pin, MISSES.pin, COMPAT_SLOTS.pin, COMPAT_MISSES.pin):
+    for name in (LINK_PIN, NEW_LINK_PIN, PROG_ARRAY.pin, MISSES.pin, CALLS.pin, COMPAT_SLOTS.pin, COMPAT_MISSES.pin):
         path = pin_dir / name
         if path.exists():
             path.unlink()

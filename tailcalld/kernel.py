@@ -56,6 +56,9 @@ class Kernel(Protocol):
     def miss_totals(self) -> list[int]:
         """Tail-call misses per slot since the counters were created."""
 
+    def call_totals(self) -> list[int]:
+        """Calls per slot, dispatched or missed (a slot's handler ran calls - misses times)."""
+
     def compat_miss_totals(self) -> list[int]:
         """Calls of ia32-only syscalls (never dispatched) by ia32 number; empty off x86_64."""
 
@@ -108,6 +111,9 @@ class BpfKernel:
 
     def miss_totals(self) -> list[int]:
         return self._dispatcher.miss_totals()
+
+    def call_totals(self) -> list[int]:
+        return self._dispatcher.call_totals()
 
     def compat_miss_totals(self) -> list[int]:
         return self._dispatcher.compat_miss_totals()

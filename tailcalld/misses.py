@@ -1,4 +1,5 @@
-"""Turning the dispatcher's cumulative miss counters into bounded per-interval reports."""
+"""The dispatcher's cumulative per-slot counters: read cheaply for list/status (Counters), and
+the miss counters turned into bounded per-interval reports for the journal (MissMonitor)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,34 @@ class MissReport:
         return f"{self.syscall} ({self.nr}): {self.misses} tail-call misses in the last {self.seconds:.0f} s"
 
 
-class MissMonitor:
+class Counters:
+    """A per-slot counter map of the dispatcher (per-CPU sums), with the values at this
+    daemon's start (``baseline``) and a short-lived snapshot shared by list/status requests."""
+
+    def __init__(self, read_totals: Callable[[], list[int]], clock: Callable[[], float] = time.monotonic) -> None:
+        self._read_totals = read_totals
+        self.clock = clock
+        self.baseline = read_totals()
+        self._snapshot, self._snapshot_time = self.baseline, clock()
+
+    def read(self) -> list[int]:
+        """The counters now (one batch read of the map: callers on the event loop may run this
+        in a thread and hand the result to ``MissMonitor.poll``)."""
+        return self._read_totals()
+
+    def recent_totals(self, max_age: float = SNAPSHOT_AGE) -> list[int]:
+        """The counters read at most ``max_age`` seconds ago: a burst of list/status requests
+        shares one read of the map instead of each paying for it."""
+        now = self.clock()
+        if now - self._snapshot_time > max_age:
+            self._snapshot, self._snapshot_time = self._read_totals(), now
+        return self._snapshot
+
+    def since_start(self, nr: int, totals: list[int]) -> int:
+        return totals[nr] - self.baseline[nr]
+
+
+class MissMonitor(Counters):
     """Remembers the counters at the previous poll; each poll yields at most one report per
     watched slot, however many syscalls happened, so the journal volume stays bounded.
 
@@ -35,16 +63,13 @@ class MissMonitor:
     def __init__(self, read_totals: Callable[[], list[int]], label: Callable[[int], str],
                  watch_all: bool = False, extra: Iterable[int] = (),
                  clock: Callable[[], float] = time.monotonic, abi: str | None = None) -> None:
-        self._read_totals = read_totals
+        super().__init__(read_totals, clock)
         self._label = label
         self._abi = abi
-        self._clock = clock
         self._held: set[int] = set()
         self.configure(watch_all, extra)
-        self.baseline = read_totals()
         self._last = list(self.baseline)
-        self._last_time = clock()
-        self._snapshot, self._snapshot_time = self.baseline, self._last_time
+        self._last_time = self._snapshot_time
 
     def configure(self, watch_all: bool, extra: Iterable[int]) -> None:
         self._watch_all = watch_all
@@ -56,16 +81,11 @@ class MissMonitor:
     def watched(self, nr: int) -> bool:
         return self._watch_all or nr in self._held or nr in self._extra
 
-    def read(self) -> list[int]:
-        """The counters now (one batch read of the map: callers on the event loop may run this
-        in a thread and hand the result to ``poll``)."""
-        return self._read_totals()
-
     def poll(self, totals: list[int] | None = None) -> list[MissReport]:
         """What changed since the previous poll, from ``totals`` (read now if not given)."""
         if totals is None:
             totals = self._read_totals()
-        now = self._clock()
+        now = self.clock()
         self._snapshot, self._snapshot_time = totals, now
         seconds = now - self._last_time
         reports = [MissReport(nr, self._label(nr), total - last, seconds, self._abi)
@@ -73,14 +93,3 @@ class MissMonitor:
                    if total > last and self.watched(nr)]
         self._last, self._last_time = totals, now
         return reports
-
-    def recent_totals(self, max_age: float = SNAPSHOT_AGE) -> list[int]:
-        """The counters read at most ``max_age`` seconds ago: a burst of list/status requests
-        shares one read of the map instead of each paying for it."""
-        now = self._clock()
-        if now - self._snapshot_time > max_age:
-            self._snapshot, self._snapshot_time = self._read_totals(), now
-        return self._snapshot
-
-    def since_start(self, nr: int, totals: list[int]) -> int:
-        return totals[nr] - self.baseline[nr]

@@ -111,12 +111,13 @@ class SlotInfo(BaseModel):
     source_sha256: str | None
     attached_at: datetime | None
     attached_by_uid: int | None = None
-    # Keep these three last, in this order: commands.ListCache serialises the rest once per
+    # Keep these four last, in this order: commands.ListCache serialises the rest once per
     # record and writes only these per request.
     state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"] = Field(
         "in-sync", description="the kernel's slot compared with what tailcalld wants there; not-restored: the "
                                "recorded handler could not be rebuilt at start (retried at the next start)")
     kernel_prog_id: int | None = Field(None, description="the program the kernel's slot holds now")
+    hits: int = Field(0, description="times the slot's handler ran since the daemon started")
     misses: int = Field(description="tail-call misses of this slot since the daemon started")
 
 
@@ -159,6 +160,7 @@ class StatusResult(BaseModel):
     upgraded_from: int | None = Field(None, description="program id of the older dispatcher this start replaced")
     slots_used: int
     nr_slots: int
+    hits_total: int = Field(0, description="handler runs on all slots since the daemon started")
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
     miss_log_interval: float
     connections: int = Field(0, description="control connections open now, this one included")

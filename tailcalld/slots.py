@@ -21,7 +21,7 @@ from .compiler import Program
 from .dialects import Artifact, Dialect
 from .errors import SlotEmpty, StateUnwritable, Unloading
 from .kernel import DispatcherInfo, Kernel
-from .misses import MissMonitor
+from .misses import Counters, MissMonitor
 from .peers import Peer
 from .registry import Handler, Registry
 from .state import SlotRecord, StateFile, StateStore
@@ -70,6 +70,7 @@ class SlotView:
     record: SlotRecord
     syscall: str
     kernel_prog_id: int | None  # what the kernel's slot holds now
+    hits: int  # times the slot's handler ran since this daemon started
     misses: int  # tail-call misses of the slot since this daemon started
     restored: bool = True  # False: recorded, but its handler could not be rebuilt at start
 
@@ -97,6 +98,7 @@ class Status:
     pid: int
     dispatcher: DispatcherInfo
     slots_used: int
+    hits_total: int
     misses_total: int
     corrections: list[str]
 
@@ -107,6 +109,7 @@ class SlotManager:
         self.kernel = kernel
         self.syscalls = syscalls
         self.misses = misses
+        self.calls = Counters(kernel.call_totals, misses.clock)  # hits = calls - misses
         self.registry = Registry(kernel, store, syscalls)
         self.started_at = datetime.now(UTC)
         self._on_change = on_change  # e.g. to refresh systemd's STATUS=
@@ -249,13 +252,17 @@ class SlotManager:
         refilled behind our back shows as such before the next drift repair.  Slots whose
         handler could not be rebuilt at start are listed too (their kernel slot is empty or
         holds what was found there)."""
-        totals = self.misses.recent_totals()
+        missed, called = self.misses.recent_totals(), self.calls.recent_totals()
         label = self.syscalls.label
         reg = self.registry
         wanted = {**reg.unrestored, **{s: h.record for s, h in reg.handlers.items()}}
-        return [SlotView(record, label(slot), self.kernel.slot(slot), self.misses.since_start(slot, totals),
-                         restored=slot not in reg.unrestored)
-                for slot, record in sorted(wanted.items())]
+        views = []
+        for slot, record in sorted(wanted.items()):
+            misses = self.misses.since_start(slot, missed)
+            hits = max(0, self.calls.since_start(slot, called) - misses)  # the two maps are read one after the other
+            views.append(SlotView(record, label(slot), self.kernel.slot(slot), hits, misses,
+                                  restored=slot not in reg.unrestored))
+        return views
 
     def syscall_table(self, pattern: str | None) -> list[SyscallView]:
         handlers = self.registry.handlers
@@ -263,9 +270,10 @@ class SlotManager:
                 for abi, nr, name, slot in self.syscalls.matching(pattern)]
 
     def status(self) -> Status:
-        totals = self.misses.recent_totals()
-        return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use,
-                      sum(totals) - sum(self.misses.baseline), list(self.registry.corrections))
+        missed = sum(self.misses.recent_totals()) - sum(self.misses.baseline)
+        called = sum(self.calls.recent_totals()) - sum(self.calls.baseline)
+        return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, max(0, called - missed),
+                      missed, list(self.registry.corrections))
 
     def close(self) -> None:
         """Drop our program fds; the pinned prog array keeps every handler running."""

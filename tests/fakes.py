@@ -30,6 +30,7 @@ class FakeKernel:
         self.slots: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.misses = [0] * NR_SLOTS
+        self.calls = [0] * NR_SLOTS
         self.loads = 0
         self.pins: list[str] = [str(pin_dir / "link"), str(pin_dir / "prog_array"), str(pin_dir / "misses")]
         self.fail_load: TailcalldError | None = None
@@ -80,6 +81,9 @@ class FakeKernel:
 
     def miss_totals(self) -> list[int]:
         return list(self.misses)
+
+    def call_totals(self) -> list[int]:
+        return list(self.calls)
 
     def compat_miss_totals(self) -> list[int]:
         return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -246,3 +247,30 @@ def test_one_owner_per_pin_dir_and_foreign_pins_are_refused(pin_root: Path, tmp_
         run(foreign, tmp_path / "state", lambda m: asyncio.sleep(0))
     assert str(foreign / "prog_array") in conflict.value.message
     assert not (foreign / "link").exists()  # nothing attached
+
+
+UNUSED_NR = 1000  # past every syscall table (ENOSYS), but sys_enter still fires: nobody else calls it
+
+
+def raw_syscall(nr: int, n: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(n):
+        libc.syscall(nr)
+
+
+def test_hits_and_misses_are_exact_per_slot(pin_root: Path, tmp_path: Path) -> None:
+    async def scenario(m: SlotManager) -> None:
+        await m.attach(*attach(UNUSED_NR, "int h(struct bpf_raw_tracepoint_args *c) { return 0; }"), ME)
+        raw_syscall(UNUSED_NR, 1000)
+        await asyncio.sleep(0.2)  # past the counters' snapshot age
+        [view] = m.list_slots()
+        assert (view.hits, view.misses, view.state) == (1000, 0, "in-sync")
+        m.kernel.clear_slot(UNUSED_NR)  # emptied behind the registry's back: now every call misses
+        raw_syscall(UNUSED_NR, 300)
+        await asyncio.sleep(0.2)
+        [view] = m.list_slots()
+        assert (view.hits, view.misses, view.state) == (1000, 300, "kernel-empty")
+        status = m.status()
+        assert status.hits_total >= 1000 and status.misses_total >= 300
+
+    run(pin_root / "daemon", tmp_path / "state", scenario)

@@ -46,7 +46,7 @@ def test_user_session_with_tailcallctl(daemon: DaemonProcess, pin_root: Path, tm
     r = daemon.ctl("list")
     assert r.returncode == 0, r.stderr
     header, row = r.stdout.splitlines()[:2]
-    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "MISSES"]
+    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     assert row.split()[:6] == ["268", "fchmodat", "enter_fchmodat_v2", "bcc", row.split()[4], "fchmodat_v2.c"]
     assert r.stdout.rstrip().endswith("1 slot listed.")
 
@@ -219,7 +219,7 @@ def test_sigterm_exits_0_removes_the_socket_and_keeps_the_pins(tmp_path: Path, p
     assert d.stop() == 0
     assert not d.socket.exists()
     compat = {"compat_slots", "compat_misses"} if platform.machine() == "x86_64" else set()
-    assert {p.name for p in d.pin_dir.iterdir()} == {"link", "prog_array", "misses"} | compat
+    assert {p.name for p in d.pin_dir.iterdir()} == {"link", "prog_array", "misses", "calls"} | compat
     fchmodat(11)  # still traced with no daemon running
     assert read_counter(counter) == 11
 

@@ -19,7 +19,7 @@ from tailcalld import bpfsys
 from tailcalld.client import Client, RemoteError
 from tailcalld.config import LiveSettings, Settings
 from tailcalld.compiler import Compiler, bpf_source
-from tailcalld.dispatcher import MISSES, NR_SLOTS, PROG_ARRAY, dispatcher_function
+from tailcalld.dispatcher import CALLS, MISSES, NR_SLOTS, PROG_ARRAY, dispatcher_function
 
 CHURN_SLOTS = [300, 301, 302]  # fanotify_init.., rarely called: handlers there just return 0
 
@@ -196,7 +196,8 @@ def _pin_old_dispatcher(pin_dir: Path) -> int:
     """tailcalld's dispatcher code under another version's name, pinned on the same maps."""
     name = "tcd_00000000000"
     cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}", f"-DTAILCALLD_DISPATCH={name}",
-              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"', f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"']
+              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"', f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"',
+              f'-DTAILCALLD_CALLS="{pin_dir / CALLS.pin}"']
     compiler = Compiler(LiveSettings(Settings(compile_timeout=60.0)))
     prog = asyncio.run(compiler.load(bpf_source("dispatcher.bpf.c"), name, cflags))
     try:

@@ -103,7 +103,7 @@ SLOTS: dict[str, list[dict[str, Any]]] = {"slots": [
      "source_sha256": None, "attached_at": None, "misses": 0},
     {"slot": 268, "syscall": "fchmodat", "function": "count_calls", "dialect": "libbpf", "prog_id": 12345,
      "filename": "handler.c", "source_sha256": "ab" * 32,
-     "attached_at": "2024-05-01T12:30:00+00:00", "misses": 57},
+     "attached_at": "2024-05-01T12:30:00+00:00", "hits": 1200, "misses": 57},
 ]}
 
 
@@ -112,12 +112,13 @@ def test_show_list_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     lines = out.splitlines()
     header, row1, row2 = lines[0], lines[1], lines[2]
-    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "MISSES"]
+    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     assert header.startswith("SLOT")
     # every column starts at the same offset in the header and in both rows
     for title, v1, v2 in [("SYSCALL", "getppid", "fchmodat"), ("FUNCTION", "?", "count_calls"),
                           ("DIALECT", "?", "libbpf"),
-                          ("PROG", "7", "12345"), ("SOURCE", "-", "handler.c"), ("MISSES", "0", "57")]:
+                          ("PROG", "7", "12345"), ("SOURCE", "-", "handler.c"), ("HITS", "0", "1200"),
+                          ("MISSES", "0", "57")]:
         col = header.index(title)
         assert row1[col:].startswith(v1), (title, row1)
         assert row2[col:].startswith(v2), (title, row2)
@@ -326,12 +327,13 @@ REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
                "detached program 91 from fchmodat (268)\n", ""),
     "list": (["--no-legend"],
              ListResult(slots=[SlotInfo(slot=268, syscall="fchmodat", function="h", dialect="bcc", prog_id=91,
-                                        filename="h.c", source_sha256="ab" * 32, attached_at=None, misses=3)]),
-             "268  fchmodat  h  bcc  91  h.c  -  3\n", ""),
+                                        filename="h.c", source_sha256="ab" * 32, attached_at=None, hits=9,
+                                        misses=3)]),
+             "268  fchmodat  h  bcc  91  h.c  -  9  3\n", ""),
     "status": ([],
                StatusResult(version="0.1.0", pid=4242, started_at=STARTED, pin_dir="/sys/fs/bpf/tailcalld",
                             socket="/run/tailcalld/control.sock", dispatcher_prog_id=7, dispatcher_link_id=8,
-                            adopted=True, upgraded_from=5, slots_used=1, nr_slots=512, misses_total=3,
+                            adopted=True, upgraded_from=5, slots_used=1, nr_slots=512, hits_total=9, misses_total=3,
                             miss_log_interval=60, connections=1, corrections=["slot 110: emptied"]),
                "Version     0.1.0\n"
                "PID         4242\n"
@@ -340,6 +342,7 @@ REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
                "Pins        /sys/fs/bpf/tailcalld\n"
                "Socket      /run/tailcalld/control.sock\n"
                "Slots       1 in use of 512\n"
+               "Hits        9 handler runs since start\n"
                "Misses      3 since start, logged every 60 s\n"
                "Upgraded    from dispatcher program 5 at this start\n"
                "\n"

@@ -2,8 +2,9 @@
 // handler that sits in the prog-array slot of the syscall number. When the slot is empty
 // the tail call falls through and the miss is counted for that slot.
 //
-// This runs on every syscall of the machine: the miss path is one per-CPU array
-// increment (no atomics, no helper call the verifier cannot inline).
+// This runs on every syscall of the machine: a call is one per-CPU array increment (calls),
+// a miss one more (misses); no atomics, no helper call the verifier cannot inline. A
+// slot's handler ran calls - misses times.
 //
 // Compiled by BCC with -DTAILCALLD_SLOTS=<n> -DTAILCALLD_PROG_ARRAY="<pin>"
 // -DTAILCALLD_MISSES="<pin>": both maps are created and pinned by the daemon before this
@@ -19,6 +20,7 @@
 
 BPF_TABLE_PINNED("prog", u32, u32, handlers, TAILCALLD_SLOTS, TAILCALLD_PROG_ARRAY);
 BPF_TABLE_PINNED("percpu_array", u32, u64, misses, TAILCALLD_SLOTS, TAILCALLD_MISSES);
+BPF_TABLE_PINNED("percpu_array", u32, u64, calls, TAILCALLD_SLOTS, TAILCALLD_CALLS);
 
 #ifdef TAILCALLD_COMPAT_NR
 // Values are slot + 1: an entry left at zero means "no 64-bit namesake".
@@ -54,6 +56,11 @@ int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
         nr = *slot - 1;
     }
 #endif
+
+    // Counted before the jump: a tail call that lands never comes back.
+    u64 *called = calls.lookup(&nr);
+    if (called)
+        *called += 1;
 
     handlers.call(ctx, nr);
 
