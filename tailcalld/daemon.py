@@ -67,8 +67,9 @@ class Daemon:
     async def run(self) -> None:
         s = self.live.current
         watch_all, watch = resolve_watch(s, self.syscalls)
-        compiler = Compiler(self.live, cache_dir=s.state_dir / "cache")
+        compiler = Compiler(self.live, cache_dir=s.state_dir / "cache", work_root=s.state_dir / "compile")
         kernel = await BpfKernel.open(s.pin_dir, compiler)
+        compiler.remove_leftovers()  # the pins are ours now, so are the compile folders
         try:
             misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch)
             manager = SlotManager(kernel, StateStore(s.state_dir), self.syscalls, misses,
