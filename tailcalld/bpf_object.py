@@ -2,7 +2,10 @@
 
 Only the chosen program is loaded: every other program of the object has autoload off, so
 a file that carries its own dispatcher (as the tail-call article's does) never loads or
-attaches it.  Maps the object declares for itself are created, which is harmless.
+attaches it.  Maps the object declares for itself are created, after their sizes are held
+against the map budget.  Maps declared with LIBBPF_PIN_BY_NAME are pinned under the pin root
+the daemon gives (a folder of the handler's own under ``pin_dir``), never at libbpf's default
+/sys/fs/bpf/<name>, where a foreign map of the same name would be reused.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from .bpfsys import BPF_PROG_TYPE_RAW_TRACEPOINT, PROG_TYPE_NAMES
+from .mapbudget import MapSpec
 from .errors import FunctionAmbiguous, FunctionNotFound, ObjectError, VerifierRejected, WrongProgramType
 
 
@@ -24,6 +28,13 @@ class ObjectProgram:
     @property
     def type_name(self) -> str:
         return PROG_TYPE_NAMES.get(self.type, f"type {self.type}")
+
+
+class _OpenOpts(ctypes.Structure):
+    """The head of libbpf's struct bpf_object_open_opts, up to pin_root_path; ``sz`` tells
+    libbpf how much of the struct the caller knows, so the later fields keep their defaults."""
+    _fields_ = [("sz", ctypes.c_size_t), ("object_name", ctypes.c_char_p), ("relaxed_maps", ctypes.c_bool),
+                ("pin_root_path", ctypes.c_char_p)]
 
 
 def _candidates(names: list[str]) -> dict[str, list[str]]:
@@ -48,15 +59,23 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_object__load.argtypes = [vp]
     lib.bpf_program__fd.argtypes = [vp]
     lib.bpf_object__close.argtypes = [vp]
+    lib.bpf_object__next_map.argtypes = [vp, vp]
+    lib.bpf_object__next_map.restype = vp
+    lib.bpf_map__name.argtypes = [vp]
+    lib.bpf_map__name.restype = ctypes.c_char_p
+    for field in ("type", "key_size", "value_size", "max_entries"):
+        getattr(lib, f"bpf_map__{field}").argtypes = [vp]
+        getattr(lib, f"bpf_map__{field}").restype = ctypes.c_uint32
     return lib
 
 
 class BpfObject:
     """An opened (not yet loaded) object; close() releases everything libbpf holds."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, pin_root: str | None = None) -> None:
         self._data = ctypes.create_string_buffer(data, len(data))  # must outlive the object
-        handle = _lib().bpf_object__open_mem(self._data, len(data), None)
+        self._opts = _OpenOpts(ctypes.sizeof(_OpenOpts), None, False, pin_root.encode() if pin_root else None)
+        handle = _lib().bpf_object__open_mem(self._data, len(data), ctypes.byref(self._opts))
         if not handle:
             raise ObjectError("libbpf cannot open this file as a BPF ELF object "
                               f"(errno {ctypes.get_errno()}); see the log")
@@ -70,6 +89,16 @@ class BpfObject:
         lib = _lib()
         return [ObjectProgram(name, (lib.bpf_program__section_name(p) or b"").decode(), lib.bpf_program__type(p))
                 for name, p in self._progs.items()]
+
+    def maps(self) -> list[MapSpec]:
+        """The maps the object declares, as libbpf will create them."""
+        lib = _lib()
+        specs: list[MapSpec] = []
+        m = None
+        while m := lib.bpf_object__next_map(self._obj, m):
+            specs.append(MapSpec((lib.bpf_map__name(m) or b"").decode(errors="replace"), lib.bpf_map__type(m),
+                                 lib.bpf_map__key_size(m), lib.bpf_map__value_size(m), lib.bpf_map__max_entries(m)))
+        return specs
 
     def choose(self, wanted: str | None) -> ObjectProgram:
         progs = {p.name: p for p in self.programs()}

@@ -7,12 +7,19 @@ goes away with the process.  The loaded program's fd is sent back over the socke
 fd argv[1] (SCM_RIGHTS) with a JSON result; the program stays loaded while the daemon
 holds it.
 
+The worker runs confined (tailcalld/confine.py: Landlock, so that no `#include` spelling
+reaches a file outside the folders a compile needs), in the compile's own folder, with limits
+on address space (compile_memory_max) and CPU time; the daemon kills its whole process group
+(clang included) when it is done or out of time, and removes the folder.
+
 Request (JSON on stdin):
     {"dialect": "bcc" | "libbpf" | "object", "source": str | null, "object_b64": str | null,
-     "function": str | null, "cflags": [str], "include_dirs": [str]}
-Result (one datagram):
-    {"ok": true, "function": str} + the fd, or
+     "function": str | null, "cflags": [str], "include_dirs": [str], "pin_root": str | null,
+     "work_dir": str, "memory_max": int, "cpu_seconds": int, "max_map_bytes": int}
+Result: written to work_dir/result.json (any size), the fd (if any) sent as one datagram:
+    {"ok": true, "function": str}, or
     {"ok": false, "code": str, "message": str, "candidates": [str]}
+Usage: python -m tailcalld.compile_worker RESULT_FD PARENT_PID
 """
 
 from __future__ import annotations
@@ -22,19 +29,28 @@ import ctypes
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tailcalld import bpfsys, confine, mapbudget
 from tailcalld.bpf_object import BpfObject
 from tailcalld.dialects import clang_command
-from tailcalld.errors import (CompileError, FunctionAmbiguous, FunctionNotFound, TailcalldError,
-                              VerifierRejected)
+from tailcalld.errors import (CompileError, CompileOutOfMemory, CompilerCrashed, FunctionAmbiguous, FunctionNotFound,
+                              MapError, TailcalldError, VerifierRejected)
 
+RESULT_FILE = "result.json"
+STDERR_COPY = "stderr.log"  # what libbcc/libbpf print while the worker watches (see stderr_copy)
+# What LLVM, libstdc++, Python and libc say when an allocation fails (RLIMIT_AS reached).
+OUT_OF_MEMORY = re.compile(r"out of memory|std::bad_alloc|MemoryError|Cannot allocate memory", re.IGNORECASE)
+# How bcc and libbpf say that a map could not be created (before any program is verified).
+_MAP_FAILED = re.compile(r"could not open bpf map: .*|map '[^']*': failed to create.*")
 PR_SET_PDEATHSIG = 1
 
 # A raw_tracepoint program takes `struct bpf_raw_tracepoint_args *`; bcc's
@@ -49,12 +65,72 @@ def raw_tp_candidates(source: str, functions: list[str]) -> list[str]:
     return [f for f in functions if f in declared]
 
 
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _fail(err: TailcalldError) -> dict[str, Any]:
     candidates = err.details.get("candidates", []) if isinstance(err.details, dict) else []
     return {"ok": False, "code": err.code, "message": err.message, "candidates": candidates}
 
 
-def load_with_bcc(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, object]:
+class Said:
+    """What a block printed on fd 2, readable once the block is over."""
+
+    text = ""
+
+
+@contextmanager
+def stderr_copy(work_dir: Path) -> Iterator[Said]:
+    """Keep a copy of what libbcc, LLVM and libbpf print on fd 2 inside the block (they write to
+    the fd directly), and pass it on to the real fd 2 afterwards, so the daemon still gets it:
+    the copy is how a map the kernel refused is told apart from a compile error.  The copy is a
+    file in the compile's folder, so that the daemon can read it when the block never ends (an
+    abort at the memory limit)."""
+    said = Said()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    path = work_dir / STDERR_COPY
+    with path.open("w+b") as copy:
+        os.dup2(copy.fileno(), 2)
+        try:
+            yield said
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            copy.seek(0)
+            data = copy.read()
+            sys.stderr.buffer.write(data)
+            sys.stderr.flush()
+            said.text = data.decode(errors="replace")
+    path.unlink()
+
+
+def _map_failure(said: Said) -> MapError | None:
+    match = _MAP_FAILED.search(said.text)
+    return MapError(f"the kernel refused to create a map: {match.group(0).strip()}") if match else None
+
+
+def _bcc_maps(b: Any) -> list[mapbudget.MapSpec]:
+    """The maps bcc created for the module, as the kernel has them."""
+    from bcc import lib  # noqa: PLC0415 - libbcc/LLVM only in workers that need them
+
+    lib.bpf_num_tables.argtypes, lib.bpf_num_tables.restype = [ctypes.c_void_p], ctypes.c_size_t
+    lib.bpf_table_fd_id.argtypes, lib.bpf_table_fd_id.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
+    specs = []
+    for i in range(lib.bpf_num_tables(b.module)):
+        fd = lib.bpf_table_fd_id(b.module, i)
+        if fd >= 0:
+            m = bpfsys.map_info(fd)
+            specs.append(mapbudget.MapSpec(m.name, m.type, m.key_size, m.value_size, m.max_entries))
+    return specs
+
+
+def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:
     from bcc import BPF, lib  # noqa: PLC0415 - libbcc/LLVM only in workers that need them
 
     class NoAutoAttach(BPF):  # type: ignore[misc, valid-type]
@@ -66,10 +142,19 @@ def load_with_bcc(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, 
 
     source: str = request["source"]
     wanted: str | None = request.get("function")
+    with stderr_copy(work_dir) as said:
+        try:
+            b = NoAutoAttach(text=source, cflags=list(request.get("cflags", [])))
+        except Exception as exc:  # bcc raises bare Exception for a failed compile
+            b, failure = None, exc
+    if b is None:
+        return _fail(_map_failure(said) or CompileError(f"the source does not compile ({failure})")), None, None
+    # bcc creates the maps while it compiles, so this refuses them just after: the worker's
+    # exit frees them.  (libbpf's are checked before they are created.)
     try:
-        b = NoAutoAttach(text=source, cflags=list(request.get("cflags", [])))
-    except Exception as exc:  # bcc raises bare Exception for a failed compile
-        return _fail(CompileError(f"the source does not compile ({exc})")), None, None
+        mapbudget.check(_bcc_maps(b), request["max_map_bytes"], bpfsys.num_possible_cpus())
+    except TailcalldError as err:
+        return _fail(err), None, b
 
     functions = [lib.bpf_function_name(b.module, i).decode()
                  for i in range(lib.bpf_num_functions(b.module))]
@@ -95,55 +180,97 @@ def load_with_bcc(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, 
     return {"ok": True, "function": chosen}, fn.fd, b
 
 
-def compile_with_clang(request: dict[str, Any]) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="tailcalld-clang-") as tmp:
-        out = Path(tmp) / "handler.bpf.o"
-        r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out)),
-                           input=request["source"].encode(), stderr=sys.stderr, stdout=sys.stderr)
-        if r.returncode != 0:
-            raise CompileError(f"clang could not compile the source (exit status {r.returncode})")
-        return out.read_bytes()
+def compile_with_clang(request: dict[str, Any], work_dir: Path) -> bytes:
+    out = work_dir / "handler.bpf.o"
+    r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out)),
+                       input=request["source"].encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sys.stderr.buffer.write(r.stdout)
+    sys.stderr.flush()
+    if r.returncode != 0:
+        if OUT_OF_MEMORY.search(r.stdout.decode(errors="replace")):
+            raise CompileOutOfMemory("clang ran out of memory: the compile needs more than compile_memory_max "
+                                     f"({request['memory_max'] >> 20} MiB)")
+        if r.returncode < 0:
+            raise CompilerCrashed(f"clang was killed by {signal_name(-r.returncode)}")
+        raise CompileError(f"clang could not compile the source (exit status {r.returncode})")
+    return out.read_bytes()
 
 
-def load_with_libbpf(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, object]:
+def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:
     try:
         data = (base64.b64decode(request["object_b64"]) if request["dialect"] == "object"
-                else compile_with_clang(request))
-        obj = BpfObject(data)
+                else compile_with_clang(request, work_dir))
+        obj = BpfObject(data, request.get("pin_root"))
     except TailcalldError as err:
         return _fail(err), None, None
     try:
         chosen = obj.choose(request.get("function"))
-        fd = obj.load_only(chosen.name)
+        mapbudget.check(obj.maps(), request["max_map_bytes"], bpfsys.num_possible_cpus())
+        with stderr_copy(work_dir) as said:
+            try:
+                fd = obj.load_only(chosen.name)
+            except VerifierRejected as err:
+                failure: TailcalldError = err
+                fd = -1
+        if fd < 0:
+            return _fail(_map_failure(said) or failure), None, obj
     except TailcalldError as err:
         return _fail(err), None, obj
     return {"ok": True, "function": chosen.name}, fd, obj
 
 
-def compile_and_load(request: dict[str, Any]) -> tuple[dict[str, Any], int | None, object]:
+def compile_and_load(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:
     """(result, program fd, what must stay open until the fd is sent)."""
     if request.get("dialect", "bcc") == "bcc":
-        return load_with_bcc(request)
-    return load_with_libbpf(request)
+        return load_with_bcc(request, work_dir)
+    return load_with_libbpf(request, work_dir)
 
 
-def _die_with_parent() -> None:
-    """A daemon killed with -9 must not leave compiles running behind it."""
+def _die_with_parent(parent: int) -> None:
+    """A daemon killed with -9 must not leave compiles running behind it.  The daemon passes its
+    pid: getppid() == 1 cannot mean "the parent died" when the daemon itself is PID 1 (in a
+    container)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
 
+def _prepare(request: dict[str, Any], work_dir: Path) -> None:
+    """Limits, the compile's own folder, and Landlock: all before any source is looked at.
+    clang inherits every one of them."""
+    memory, cpu = request["memory_max"], request["cpu_seconds"]
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    # A backstop for a clang orphaned by a daemon killed with -9 (the group kill never came).
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort at the memory limit dumps no 2 GiB core
+    os.chdir(work_dir)
+    os.environ["TMPDIR"] = str(work_dir)  # clang's own temporary files
+    bpfsys.num_possible_cpus()  # read (and cached) while /sys is still readable
+    include_dirs = [*request.get("include_dirs", []),
+                    *(flag[2:] for flag in request.get("cflags", []) if flag.startswith("-I"))]
+    confine.restrict(confine.compile_ruleset(include_dirs, work_dir))
+
+
+def _write_result(work_dir: Path, result: dict[str, Any]) -> None:
+    """A file, not the datagram: a result has no size limit (1500 candidate functions, say).
+    Renamed into place, so the daemon never reads half of one."""
+    tmp = work_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, work_dir / RESULT_FILE)
+
+
 def main() -> int:
-    _die_with_parent()
     result_sock = socket.socket(fileno=int(sys.argv[1]))
+    _die_with_parent(int(sys.argv[2]))
     request = json.loads(sys.stdin.buffer.read())
-    result, fd, _keep = compile_and_load(request)
+    work_dir = Path(request["work_dir"])
+    _prepare(request, work_dir)
+    result, fd, _keep = compile_and_load(request, work_dir)
     sys.stdout.flush()
     sys.stderr.flush()
-    payload = json.dumps(result).encode()
-    socket.send_fds(result_sock, [payload], [fd] if fd is not None else [])
+    _write_result(work_dir, result)
+    socket.send_fds(result_sock, [b"result"], [fd] if fd is not None else [])
     return 0
 
 

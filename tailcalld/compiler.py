@@ -1,41 +1,73 @@
 """Compiling and loading BPF programs without blocking (or endangering) the daemon.
 
-Each load runs ``tailcalld.compile_worker`` in a child process: the event loop only
-waits on pipes, clang's diagnostics and the verifier log arrive on the child's stderr,
-a compile that spins is killed at ``timeout``, and LLVM's memory leaves with the child.
-The program fd comes back over a socketpair (SCM_RIGHTS).
+Each load runs ``tailcalld.compile_worker`` in a child process of its own process group, in
+a folder of its own: the event loop only waits on pipes, clang's diagnostics and the verifier
+log arrive on the child's stderr, and when the worker is done or runs past
+``compile_timeout`` the whole group (clang included) is killed and the folder removed.  The
+worker confines itself (Landlock) and limits its memory (``compile_memory_max``).  The
+program fd comes back over a socketpair (SCM_RIGHTS), the result as a file in the folder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
+import logging
+import math
 import re
+import shutil
+import signal
 import socket
 import sys
 import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from . import bpfsys, dialects
+from . import bpfsys, confine, dialects
+from .compile_worker import OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
 from .dialects import Artifact, Dialect
-from .errors import CompileTimeout, ForbiddenInclude, TailcalldError, error_class
+from .errors import (BadRequest, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude, TailcalldError,
+                     error_class)
+
+logger = logging.getLogger("tailcalld")
 
 # Diagnostics can be huge (a template error repeated per instantiation); keep the head.
 MAX_DIAGNOSTICS = 64 * 1024
 
 _INCLUDE = re.compile(r"^\s*#\s*(?:include|include_next|import)\b\s*(.*)$", re.MULTILINE)
 _INCLUDE_TARGET = re.compile(r'^[<"]([^>"]+)[>"]')
+# What the preprocessor removes before it sees a directive: comments, backslash-newlines.
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.DOTALL)
+
+
+def _as_preprocessor_sees_it(source: str) -> str:
+    """Undo the spellings that hide a directive from a line-by-line look: `%:` (the digraph of
+    `#`), `#/**/include`, a backslash-newline inside the word."""
+    joined = source.replace("\\\r\n", "").replace("\\\n", "")
+    return _COMMENT.sub(" ", joined).replace("%:", "#")
+
+
+def check_text(source: str) -> None:
+    """bcc hands the source to clang as a C string: a NUL byte would silently end it there, and
+    a handler with its second half missing can still compile and attach."""
+    at = source.find("\0")
+    if at >= 0:
+        raise BadRequest(f"the source has a NUL byte (line {source.count(chr(10), 0, at) + 1}); a C source is "
+                         "text, and the compiler would silently drop everything after it", {"offset": at})
 
 
 def check_includes(source: str) -> None:
-    """Refuse #include of absolute paths, of '..', and computed includes: clang echoes the
-    lines it cannot parse, so `#include "/etc/shadow"` would send the file back to the client."""
-    for match in _INCLUDE.finditer(source):
+    """Refuse #include of absolute paths, of '..', and computed includes, with an error that
+    says why.  This is the friendly first line only: the worker's Landlock confinement is what
+    keeps clang (which echoes lines it cannot parse) from reading files outside the headers,
+    whatever the spelling."""
+    for match in _INCLUDE.finditer(_as_preprocessor_sees_it(source)):
         target = _INCLUDE_TARGET.match(match.group(1).strip())
         if target is None:
             raise ForbiddenInclude(f"computed #include is not allowed: {match.group(0).strip()[:120]!r}")
@@ -86,33 +118,52 @@ def bpf_source(name: str) -> str:
 
 
 class Compiler:
-    def __init__(self, settings: LiveSettings, max_parallel: int = 2, cache_dir: Path | None = None) -> None:
-        self._settings = settings  # compile_timeout is live: read at each compile
+    def __init__(self, settings: LiveSettings, max_parallel: int = 2, cache_dir: Path | None = None,
+                 work_root: Path | None = None) -> None:
+        self._settings = settings  # compile_timeout and the limits are live: read at each compile
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
         self._parallel_compiles = asyncio.Semaphore(max_parallel)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
+        # One folder per compile beneath this one (None: the system's temp folder).
+        self._work_root = work_root
+        if confine.abi_version() == 0:
+            logger.warning("this kernel has no Landlock: compiles run unconfined, and only the #include "
+                           "check keeps handler sources from reading files outside the kernel headers")
+
+    def remove_leftovers(self) -> None:
+        """Remove the compile folders a daemon killed mid-compile left behind.  Only for the
+        daemon that owns the pins: another one may be compiling in them otherwise."""
+        if self._work_root is not None:
+            shutil.rmtree(self._work_root, ignore_errors=True)
 
     async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
-                   dialect: Dialect = "bcc", object_bytes: bytes | None = None) -> Program:
+                   dialect: Dialect = "bcc", object_bytes: bytes | None = None, pin_root: Path | None = None) -> Program:
         """Compile ``source`` (bcc or libbpf C) or take ``object_bytes`` (a BPF ELF object), and
-        load ``function`` (or the only raw_tp program) as a raw_tracepoint program.  Raises
-        CompileError, VerifierRejected, FunctionNotFound, FunctionAmbiguous, WrongProgramType or
-        CompileTimeout, each with the worker's output (clang, libbpf, verifier) as details."""
+        load ``function`` (or the only raw_tp program) as a raw_tracepoint program.  Maps that
+        libbpf pins by name go under ``pin_root``.  Raises CompileError, VerifierRejected,
+        FunctionNotFound, FunctionAmbiguous, WrongProgramType, MapTooLarge, MapError,
+        CompileTimeout, CompileOutOfMemory or CompilerCrashed, each with the worker's output
+        (clang, libbpf, verifier) as details."""
         request: dict[str, object] = {"dialect": dialect, "function": function}
         if dialect == "object":
             assert object_bytes is not None
             request["object_b64"] = base64.b64encode(object_bytes).decode()
         else:
             assert source is not None
+            check_text(source)
             check_includes(source)
             request["source"] = source
         if dialect == "bcc":
             request["cflags"] = [f"-I{bpf_include_dir()}", *cflags]
-        elif dialect == "libbpf":
+        else:
+            request["pin_root"] = str(pin_root) if pin_root else None
+            if pin_root:
+                pin_root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # libbpf makes pin_root itself
+        if dialect == "libbpf":
             vmlinux = await dialects.vmlinux_header(self._cache_dir)
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
         async with self._parallel_compiles:
-            result, fd, output = await self._run_worker(json.dumps(request).encode())
+            result, fd, output = await self._run_worker(request)
         if not result.get("ok"):
             error = error_class(result.get("code", ""))
             details = {"log": output, "candidates": result.get("candidates", [])}
@@ -126,20 +177,32 @@ class Compiler:
             raise
         return Program(fd, info.id, result["function"], info.xlated_insns, output)
 
-    async def load_artifact(self, artifact: Artifact, function: str | None) -> Program:
+    async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
         if artifact.dialect == "object":
-            return await self.load(function=function, dialect="object", object_bytes=artifact.data)
-        return await self.load(artifact.source, function, dialect=artifact.dialect)
+            return await self.load(function=function, dialect="object", object_bytes=artifact.data, pin_root=pin_root)
+        return await self.load(artifact.source, function, dialect=artifact.dialect, pin_root=pin_root)
 
-    async def _run_worker(self, request: bytes) -> tuple[dict, int | None, str]:
-        timeout = self._settings.current.compile_timeout
+    async def _run_worker(self, request: dict[str, object]) -> tuple[dict[str, Any], int | None, str]:
+        s = self._settings.current
+        if self._work_root is not None:
+            self._work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix="tailcalld-compile-", dir=self._work_root))
+        request |= {"work_dir": str(work_dir), "memory_max": s.compile_memory_max, "max_map_bytes": s.max_map_bytes,
+                    "cpu_seconds": math.ceil(s.compile_timeout) + 1}
+        try:
+            return await self._run_in(work_dir, json.dumps(request).encode(), s.compile_timeout, s.compile_memory_max)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    async def _run_in(self, work_dir: Path, request: bytes, timeout: float,
+                      memory_max: int) -> tuple[dict[str, Any], int | None, str]:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with parent:
             with child:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tailcalld.compile_worker", str(child.fileno()),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, pass_fds=(child.fileno(),))
+                    sys.executable, "-m", "tailcalld.compile_worker", str(child.fileno()), str(os.getpid()),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=(child.fileno(),), cwd=work_dir, start_new_session=True)
             try:
                 out, _ = await asyncio.wait_for(proc.communicate(request), timeout)
             except TimeoutError:
@@ -147,18 +210,48 @@ class Compiler:
                     f"compiling and loading took longer than {timeout:g} s; the compile was killed",
                     {"timeout": timeout}) from None
             finally:
+                # The worker leads a process group of its own: this ends clang too, which a
+                # kill of the worker alone would leave running.
+                _kill_group(proc.pid)
                 if proc.returncode is None:
-                    proc.kill()
                     await proc.wait()
             output = _tidy(out)
             parent.setblocking(False)
             try:
-                payload, fds, _flags, _addr = socket.recv_fds(parent, 1 << 16, 1)
+                _payload, fds, _flags, _addr = socket.recv_fds(parent, 64, 1)
             except BlockingIOError:
-                raise TailcalldError(
-                    f"the compile worker exited with status {proc.returncode} without a result",
-                    {"log": output}) from None
-        return json.loads(payload), (fds[0] if fds else None), output
+                fds = []
+        try:
+            result = json.loads((work_dir / RESULT_FILE).read_text())
+        except (OSError, ValueError):
+            for fd in fds:
+                os.close(fd)
+            raise _died(proc.returncode, output + _unsaid(work_dir), memory_max) from None
+        return result, (fds[0] if fds else None), output
+
+
+def _unsaid(work_dir: Path) -> str:
+    """What the worker printed while it kept a copy of its fd 2 and then died (see
+    compile_worker.stderr_copy): the last words, which the pipe never got."""
+    try:
+        return _tidy((work_dir / STDERR_COPY).read_bytes())
+    except OSError:
+        return ""
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the worker and all it started are gone already
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _died(status: int | None, output: str, memory_max: int) -> TailcalldError:
+    """The worker ended without a result: out of memory (compile_memory_max), or a crash."""
+    how = f"was killed by {signal_name(-status)}" if status is not None and status < 0 else f"exited with status {status}"
+    details = {"log": output, "status": status}
+    if OUT_OF_MEMORY.search(output):
+        return CompileOutOfMemory(f"the compile ran out of memory and {how}: it needs more than "
+                                  f"compile_memory_max ({memory_max >> 20} MiB)", details)
+    return CompilerCrashed(f"the compile worker {how} without a result; its output is below", details)
 
 
 def _tidy(raw: bytes) -> str:

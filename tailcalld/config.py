@@ -52,6 +52,12 @@ class Settings(BaseModel):
     allowed_group: str | None = Field(None, json_schema_extra=LIVE,
                                       description="group whose members may use the socket (0660); root-equivalent")
     log_level: LogLevel = Field("info", json_schema_extra=LIVE)
+    # An address-space limit (RLIMIT_AS) of the compile worker and of clang: a bcc compile of a
+    # small handler peaks near 300 MiB here, a hostile macro nest would take all the host has.
+    compile_memory_max: int = Field(2 << 30, ge=256 << 20, strict=True, json_schema_extra=LIVE,
+                                    description="bytes of address space a compile may use before it is stopped")
+    max_map_bytes: int = Field(256 << 20, ge=1, strict=True, json_schema_extra=LIVE,
+                               description="bytes the maps of one handler may take (keys and values, per CPU)")
 
     @field_validator("allowed_group")
     @classmethod

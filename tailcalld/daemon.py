@@ -68,8 +68,9 @@ class Daemon:
     async def run(self) -> None:
         s = self.live.current
         watch_all, watch = resolve_watch(s, self.syscalls)
-        compiler = Compiler(self.live, cache_dir=s.state_dir / "cache")
+        compiler = Compiler(self.live, cache_dir=s.state_dir / "cache", work_root=s.state_dir / "compile")
         kernel = await BpfKernel.open(s.pin_dir, compiler, self.syscalls.compat_table())
+        compiler.remove_leftovers()  # the pins are ours now, so are the compile folders
         try:
             misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch)
             if kernel.compat_miss_totals():

@@ -87,6 +87,27 @@ class CompileTimeout(TailcalldError):
     code = "compile_timeout"
 
 
+class CompileOutOfMemory(TailcalldError):
+    """The compile went past ``compile_memory_max`` (a macro nest, say) and was stopped."""
+    code = "compile_out_of_memory"
+
+
+class CompilerCrashed(TailcalldError):
+    """The compile worker died without a result (a crash in bcc or clang); details carry its
+    output and exit status."""
+    code = "compiler_crashed"
+
+
+class MapTooLarge(TailcalldError):
+    """The handler's maps would take more than ``max_map_bytes``."""
+    code = "map_too_large"
+
+
+class MapError(TailcalldError):
+    """The kernel refused to create one of the handler's maps (before any program was verified)."""
+    code = "map_error"
+
+
 class KernelError(TailcalldError):
     """A bpf() call failed where it should not have (map update, pin, attach)."""
     code = "kernel_error"

@@ -76,6 +76,16 @@ class Registry:
         logger.log(logging.ERROR if error else logging.WARNING, "reconcile: %s", message,
                    extra={"TAILCALLD_RECONCILE": 1})
 
+    def release_unused_pins(self, sha256: str | None) -> None:
+        """Unpin the maps a handler pinned by name once no slot runs it any more.  A failure is
+        logged, not raised: the change it follows is done, and the pins are only names."""
+        if sha256 is None or any(h.record.source_sha256 == sha256 for h in self.handlers.values()):
+            return
+        try:
+            self.kernel.release_handler_pins(sha256)
+        except OSError as exc:
+            logger.warning("the pinned maps of handler %s could not be removed: %s", sha256[:16], exc)
+
     # -- persistence ----------------------------------------------------------------------------
 
     def desired(self) -> StateFile:

@@ -167,9 +167,11 @@ class SlotManager:
                 old = reg.commit(slot, Handler(record, prog, requested_function=function))
             except BaseException:
                 prog.close()
+                reg.release_unused_pins(artifact.sha256)
                 raise
             if old is not None:
                 old.close()
+                reg.release_unused_pins(old.record.source_sha256)
             self.misses.held_handler(slot)
         self._on_change()
         self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
@@ -191,6 +193,7 @@ class SlotManager:
         """Compile and load for the verifier's verdict only; the program is dropped at once."""
         prog = await self.kernel.load(artifact, function)
         prog.close()
+        self.registry.release_unused_pins(artifact.sha256)
         return Checked(prog.function, artifact.dialect, prog.insns, prog.log)
 
     async def detach(self, slot_spec: int | str, peer: Peer) -> Detached:
@@ -207,6 +210,7 @@ class SlotManager:
             old = reg.commit(slot, None)
             if old is not None:
                 old.close()
+                reg.release_unused_pins(old.record.source_sha256)
             if prog_id is None:
                 raise SlotEmpty(f"slot {reg.label(slot)} holds no handler", {"slot": slot})
         self._on_change()

@@ -36,6 +36,7 @@ class FakeKernel:
         self.fail_load: TailcalldError | None = None
         self.fail_set = False
         self.fail_clear = False
+        self.released: list[str] = []  # sha256 of handlers whose pinned maps were released
         self._next_id = 100
 
     def slot(self, slot: int) -> int | None:
@@ -94,6 +95,9 @@ class FakeKernel:
 
     def restore_pins(self) -> list[str]:
         return []
+
+    def release_handler_pins(self, sha256: str) -> None:
+        self.released.append(sha256)
 
 
 class FlakyStore(StateStore):

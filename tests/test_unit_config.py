@@ -185,7 +185,8 @@ def test_boolean_in_watch_misses_is_rejected(tmp_path: Path) -> None:
 
 def test_the_live_fields_are_the_ones_a_reload_applies() -> None:
     assert live_fields() == {"miss_log_interval", "watch_misses", "log_level", "compile_timeout", "allowed_group",
-                             "max_source_bytes", "max_connections", "idle_timeout"}
+                             "max_source_bytes", "max_connections", "idle_timeout", "compile_memory_max",
+                             "max_map_bytes"}
 
 
 def test_a_reload_applies_live_fields_keeps_the_rest_and_tells_the_reactions(tmp_path: Path) -> None:
