@@ -69,7 +69,10 @@ class Client:
         payload = {"id": rid, "command": command, **{k: v for k, v in fields.items() if v is not None}}
         self.send_raw(json.dumps(payload).encode() + b"\n")
         reply = self.read_reply()
-        if reply.get("id") != rid:
+        # An error with no id answers a line the daemon could not read an id from (one over its
+        # max_request_bytes, discarded unread): replies come in order, so it answers this one.
+        unread = reply.get("id") is None and not reply["ok"]
+        if reply.get("id") != rid and not unread:
             raise ConnectionError(f"reply for request {reply.get('id')!r}, expected {rid}")
         if not reply["ok"]:
             err = ErrorResponse.model_validate(reply).error

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from .errors import ConfigError
+from .protocol import MAX_SOURCE_CHARS
 
 DEFAULT_CONFIG = Path("/etc/tailcalld/tailcalld.toml")
 DEFAULT_SOCKET = Path("/run/tailcalld/tailcalld.sock")
@@ -33,31 +34,41 @@ class Settings(BaseModel):
     socket: Path = Field(DEFAULT_SOCKET, description="Unix socket the control protocol listens on")
     pin_dir: Path = Field(Path("/sys/fs/bpf/tailcalld"), description="bpffs folder for the pinned dispatcher")
     state_dir: Path = Field(Path("/var/lib/tailcalld"), description="persistent state")
-    # Strict numbers: TOML's `true` must not turn into an interval of 1 s or into slot 1.
-    miss_log_interval: float = Field(10.0, gt=0, le=86400, strict=True,
+    # Strict numbers: TOML's `true` must not turn into an interval of 1 s or into slot 1.  Every
+    # number has both bounds: below the lower one the daemon burns a CPU or refuses all work,
+    # above the upper one a slip (an extra zero or three) would go unnoticed.
+    miss_log_interval: float = Field(10.0, ge=0.25, le=86400, strict=True,
                                      description="seconds between miss summaries", json_schema_extra=LIVE)
     watch_misses: Literal["all"] | list[StrictInt | StrictStr] = Field(
         default_factory=list, description="slots whose misses are logged besides those that held a handler",
         json_schema_extra=LIVE)
-    max_request_bytes: int = Field(1 << 20, ge=1024, strict=True, description="largest request line accepted")
-    max_source_bytes: int = Field(512 * 1024, ge=1, strict=True, description="largest handler source accepted",
-                                  json_schema_extra=LIVE)
-    max_connections: int = Field(64, ge=1, strict=True, description="control connections served at once",
+    # 16 MiB holds the largest request the protocol admits (a 1 Mi-character source, escaped).
+    max_request_bytes: int = Field(1 << 20, ge=1024, le=16 << 20, strict=True,
+                                   description="largest request line accepted")
+    # No more than the protocol's own maximum: a larger setting could never be reached.
+    max_source_bytes: int = Field(512 * 1024, ge=1, le=MAX_SOURCE_CHARS, strict=True,
+                                  description="largest handler source accepted", json_schema_extra=LIVE)
+    # No more than the fd limit the daemon raises itself to has room for (daemon.raise_fd_limit).
+    max_connections: int = Field(64, ge=1, le=1024, strict=True, description="control connections served at once",
                                  json_schema_extra=LIVE)
-    idle_timeout: float = Field(300.0, gt=0, strict=True,
+    idle_timeout: float = Field(300.0, ge=1, le=86400, strict=True,
                                 description="seconds a connection may stay silent (or not read replies) before it is closed",
                                 json_schema_extra=LIVE)
-    compile_timeout: float = Field(60.0, gt=0, strict=True, description="seconds a compile+load may take before it is killed",
+    compile_timeout: float = Field(60.0, ge=1, le=3600, strict=True,
+                                   description="seconds a compile+load may take before it is killed",
                                    json_schema_extra=LIVE)
     allowed_group: str | None = Field(None, json_schema_extra=LIVE,
                                       description="group whose members may use the socket (0660); root-equivalent")
     log_level: LogLevel = Field("info", json_schema_extra=LIVE)
     # An address-space limit (RLIMIT_AS) of the compile worker and of clang: a bcc compile of a
     # small handler peaks near 300 MiB here, a hostile macro nest would take all the host has.
-    compile_memory_max: int = Field(2 << 30, ge=256 << 20, strict=True, json_schema_extra=LIVE,
+    compile_memory_max: int = Field(2 << 30, ge=256 << 20, le=64 << 30, strict=True, json_schema_extra=LIVE,
                                     description="bytes of address space a compile may use before it is stopped")
-    max_map_bytes: int = Field(256 << 20, ge=1, strict=True, json_schema_extra=LIVE,
+    max_map_bytes: int = Field(256 << 20, ge=1, le=64 << 30, strict=True, json_schema_extra=LIVE,
                                description="bytes the maps of one handler may take (keys and values, per CPU)")
+    # Root is not capped per uid: it has a place reserved beyond max_connections instead (server.py).
+    max_connections_per_uid: int = Field(16, ge=1, le=1024, strict=True, json_schema_extra=LIVE,
+                                         description="control connections one user other than root may hold at once")
 
     @field_validator("allowed_group")
     @classmethod
@@ -74,11 +85,30 @@ class Settings(BaseModel):
         return grp.getgrnam(self.allowed_group).gr_gid if self.allowed_group else None
 
 
+NUMERIC_SETTINGS = frozenset(k for k, f in Settings.model_fields.items() if f.annotation in (int, float))
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"})
+
+
+def bounds(key: str) -> tuple[float, float]:
+    """The inclusive (lower, upper) bounds of a numeric setting, as its field declares them."""
+    schema = Settings.model_json_schema()["properties"][key]
+    return schema["minimum"], schema["maximum"]
+
+
+def _range_message(key: str, value: object) -> str:
+    """Both bounds, whichever one was crossed: the reader learns the whole range at once."""
+    lower, upper = bounds(key)
+    return f"{value!r} is out of range; it must be between {lower:g} and {upper:g}"
+
+
 def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        lines.append(f"{key}: {err['msg']}")
+        if err["type"] in _RANGE_ERRORS and key in NUMERIC_SETTINGS:
+            lines.append(f"{key}: {_range_message(key, err['input'])}")
+        else:
+            lines.append(f"{key}: {err['msg']}")
     return "; ".join(lines)
 
 

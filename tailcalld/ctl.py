@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,9 +26,9 @@ from tabulate import tabulate
 from . import __version__
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
-                     VerifierRejected, WrongProgramType)
-from .protocol import (AttachResult, CheckResult, DetachResult, ListResult, PingResult, SlotInfo, StatusResult,
-                       SyscallsResult, UnloadResult)
+                     RequestTooLarge, VerifierRejected, WrongProgramType)
+from .protocol import (MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult, PingResult, SlotInfo,
+                       StatusResult, SyscallsResult, UnloadResult)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -47,15 +49,34 @@ class UsageError(Exception):
 
 
 ELF_MAGIC = b"\x7fELF"
+# The protocol's own maximum for a handler.  The daemon's max_source_bytes (which tailcallctl
+# cannot know without asking) is at most this, so a larger file can never be attached:
+# say so here, instead of sending megabytes the daemon will discard.
+MAX_HANDLER_BYTES = MAX_SOURCE_CHARS
+
+
+def _read_capped(path: str) -> bytes:
+    """The file's bytes, reading no more than one byte past MAX_HANDLER_BYTES."""
+    try:
+        if path == "-":
+            data, size = sys.stdin.buffer.read(MAX_HANDLER_BYTES + 1), None
+        else:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = f.read(MAX_HANDLER_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_HANDLER_BYTES:
+        found = f"{size} bytes" if size is not None and size > MAX_HANDLER_BYTES else f"over {MAX_HANDLER_BYTES} bytes"
+        raise UsageError(f"{'<stdin>' if path == '-' else path} is too large for a handler ({found}); tailcalld "
+                         f"accepts at most {MAX_HANDLER_BYTES} bytes (1 MiB), and its max_source_bytes may allow less")
+    return data
 
 
 def _read_handler(path: str, dialect: str) -> dict[str, Any]:
     """The request fields for a handler file: C source text, or an ELF object as base64.
     The daemon gets the contents, not the path: it may not see the client's files."""
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    data = _read_capped(path)
     fields: dict[str, Any] = {"filename": "<stdin>" if path == "-" else Path(path).name}
     if data.startswith(ELF_MAGIC):
         return {**fields, "object": base64.b64encode(data).decode()}
@@ -63,6 +84,34 @@ def _read_handler(path: str, dialect: str) -> dict[str, Any]:
         return {**fields, "source": data.decode(), "dialect": dialect}
     except UnicodeDecodeError:
         raise UsageError(f"{path} is neither UTF-8 C source nor a BPF ELF object") from None
+
+
+# What a terminal must never receive raw from a name or message: control characters (a newline
+# forges a table row, ESC drives the terminal), format characters (bidi overrides reorder what
+# is shown), lone surrogates (print() would raise) and Unicode line separators.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with each such character written as an escape (``\\n``, ``\\x1b``, ``\\u202e``),
+    except those in ``keep``.  Every human output goes through this; --json does not need it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c in keep or unicodedata.category(c) not in _ESCAPED_CATEGORIES else _escape(c)
+                   for c in text)
+
+
+def printable_block(text: str) -> str:
+    """A multi-line text (a compiler's or the verifier's log): its own line breaks and tabs stay."""
+    return printable(text, keep="\n\t")
 
 
 def _since(value: datetime | None) -> str:
@@ -101,21 +150,21 @@ def syscalls_request(args: argparse.Namespace) -> dict[str, Any]:
 
 def show_check(r: CheckResult, args: argparse.Namespace) -> None:
     if r.log.strip() and not args.quiet:
-        print(r.log.rstrip("\n"), file=sys.stderr)
-    print(f"{r.function} ({r.dialect}) verified: {r.prog_type} program, {r.insns} instructions")
+        print(printable_block(r.log.rstrip("\n")), file=sys.stderr)
+    print(printable(f"{r.function} ({r.dialect}) verified: {r.prog_type} program, {r.insns} instructions"))
 
 
 def show_attach(r: AttachResult, args: argparse.Namespace) -> None:
     where = f"{r.syscall} ({r.slot})"
     if r.replaced_prog_id is not None:
-        print(f"replaced program {r.replaced_prog_id} in {where} with {r.function}: "
-              f"program {r.prog_id}, {r.insns} instructions")
+        print(printable(f"replaced program {r.replaced_prog_id} in {where} with {r.function}: "
+                        f"program {r.prog_id}, {r.insns} instructions"))
     else:
-        print(f"attached {r.function} to {where}: program {r.prog_id}, {r.insns} instructions")
+        print(printable(f"attached {r.function} to {where}: program {r.prog_id}, {r.insns} instructions"))
 
 
 def show_detach(r: DetachResult, args: argparse.Namespace) -> None:
-    print(f"detached program {r.prog_id} from {r.syscall} ({r.slot})")
+    print(printable(f"detached program {r.prog_id} from {r.syscall} ({r.slot})"))
 
 
 def _prog(s: SlotInfo) -> str:
@@ -128,8 +177,8 @@ def _prog(s: SlotInfo) -> str:
 
 
 def show_list(r: ListResult, args: argparse.Namespace) -> None:
-    rows = [[s.slot, s.syscall, s.function or "?", s.dialect or "?", _prog(s),
-             s.filename or "-", _since(s.attached_at), s.hits, s.misses] for s in r.slots]
+    rows = [[s.slot, printable(s.syscall), printable(s.function or "?"), s.dialect or "?", _prog(s),
+             printable(s.filename or "-"), _since(s.attached_at), s.hits, s.misses] for s in r.slots]
     headers = ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     if rows:
         print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
@@ -150,16 +199,16 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
     ]
     if r.upgraded_from:
         rows.append(("Upgraded", f"from dispatcher program {r.upgraded_from} at this start"))
-    print(tabulate(rows, tablefmt="plain", disable_numparse=True))
+    print(tabulate([(name, printable(str(value))) for name, value in rows], tablefmt="plain", disable_numparse=True))
     if r.corrections:
         print("\nCorrections (kernel and saved state disagreed, at start or while running):")
         for line in r.corrections:
-            print(f"  {line}")
+            print(f"  {printable(line)}")
 
 
 def show_syscalls(r: SyscallsResult, args: argparse.Namespace) -> None:
     rows = [[e.abi, e.nr, e.name, "-" if e.slot is None else e.slot,
-             "-" if e.prog_id is None else f"{e.function or '?'} (program {e.prog_id})"] for e in r.syscalls]
+             "-" if e.prog_id is None else f"{printable(e.function or '?')} (program {e.prog_id})"] for e in r.syscalls]
     if rows:
         print(tabulate(rows, headers=[] if args.no_legend else ["ABI", "NR", "NAME", "SLOT", "HANDLER"],
                        tablefmt="plain", disable_numparse=True))
@@ -175,7 +224,7 @@ def show_unload_all(r: UnloadResult, args: argparse.Namespace) -> None:
 
 
 def show_ping(r: PingResult, args: argparse.Namespace) -> None:
-    print(f"tailcalld {r.version} (pid {r.pid}) is up")
+    print(printable(f"tailcalld {r.version} (pid {r.pid}) is up"))
 
 
 R = TypeVar("R", bound=BaseModel)
@@ -249,14 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _complain(message: str) -> None:
+    print(f"tailcallctl: {printable(message)}", file=sys.stderr)
+
+
 def _print_error(err: RemoteError) -> None:
-    print(f"tailcallctl: {err.message} [{err.code}]", file=sys.stderr)
-    log = err.details.get("log") if isinstance(err.details, dict) else None
-    if log:
-        print(log.rstrip("\n"), file=sys.stderr)
-    candidates = err.details.get("candidates") if isinstance(err.details, dict) else None
-    if candidates:
-        print(f"candidates: {', '.join(candidates)}", file=sys.stderr)
+    details = err.details if isinstance(err.details, dict) else {}
+    message = err.message
+    if err.code == RequestTooLarge.code and isinstance(details.get("limit"), int):
+        message = f"the request was too large for the daemon (limit {details['limit']} bytes)"
+    _complain(f"{message} [{err.code}]")
+    log = details.get("log")
+    if isinstance(log, str) and log:
+        print(printable_block(log.rstrip("\n")), file=sys.stderr)
+    candidates = details.get("candidates")
+    if isinstance(candidates, list) and candidates:
+        print(printable(f"candidates: {', '.join(str(c) for c in candidates)}"), file=sys.stderr)
 
 
 def _reply_problems(err: ValidationError) -> str:
@@ -270,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fields = verb.request(args)  # inputs first: see the request builders
     except UsageError as err:
-        print(f"tailcallctl: {err}", file=sys.stderr)
+        _complain(str(err))
         return EXIT_USAGE
     path = args.socket or default_socket()
     try:
@@ -282,15 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(err)
         return CHECK_EXIT.get(err.code, EXIT_FAILURE) if args.verb == "check" else EXIT_FAILURE
     except ValidationError as err:
-        print(f"tailcallctl: tailcalld's reply to {args.verb} does not fit the protocol ({_reply_problems(err)}); "
-              "are tailcallctl and tailcalld the same version?", file=sys.stderr)
+        _complain(f"tailcalld's reply to {args.verb} does not fit the protocol ({_reply_problems(err)}); "
+                  "are tailcallctl and tailcalld the same version?")
         return EXIT_FAILURE
     except PermissionError:
-        print(f"tailcallctl: permission denied on {path}: tailcalld serves root, and the members of its "
-              "allowed_group if one is configured (sudo tailcallctl ...)", file=sys.stderr)
+        _complain(f"permission denied on {path}: tailcalld serves root, and the members of its "
+                  "allowed_group if one is configured (sudo tailcallctl ...)")
         return EXIT_FAILURE
     except (OSError, ConnectionError) as err:
-        print(f"tailcallctl: cannot talk to tailcalld at {path}: {err} (is tailcalld running?)", file=sys.stderr)
+        _complain(f"cannot talk to tailcalld at {path}: {err} (is tailcalld running?)")
         return EXIT_FAILURE
     if args.json:
         print(json.dumps(raw, indent=2))  # as received, fields this tailcallctl does not know included

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -22,13 +23,13 @@ from pathlib import Path
 from . import __version__, notify
 from .commands import CommandContext, StopReason
 from .compiler import Compiler
-from .config import DEFAULT_CONFIG, LiveSettings, Settings, load_settings
+from .config import DEFAULT_CONFIG, LiveSettings, Settings, bounds, load_settings
 from .dispatcher import NR_SLOTS, PinDirLock, remove_pins
 from .errors import ConfigError, TailcalldError
 from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
 from .kernel import BpfKernel
 from .misses import MissMonitor, MissReport
-from .server import ControlServer, bind_unix_socket, set_socket_access
+from .server import ROOT_RESERVE, ControlServer, bind_unix_socket, set_socket_access
 from .slots import SlotManager
 from .state import StateFile, StateStore
 from .syscalls import SyscallTable
@@ -36,6 +37,12 @@ from .syscalls import SyscallTable
 logger = logging.getLogger("tailcalld")
 
 EX_CONFIG = 78  # sysexits.h; systemd shows it as status=78/CONFIG
+# Open files the daemon may need at once: a program fd per slot, twice over (a replacement
+# holds the old and the new program; a compile brings its own), every connection max_connections
+# can allow, and room for the rest (sockets, compile workers' pipes, libraries).  The usual
+# soft limit of 1024 ran out at ~1000 filled slots (issue #10); contrib/tailcalld.service's
+# LimitNOFILE= matches this.
+NOFILE_NEEDED = 2 * NR_SLOTS + int(bounds("max_connections")[1]) + ROOT_RESERVE + 256
 
 
 def resolve_watch(settings: Settings, syscalls: SyscallTable) -> tuple[bool, set[int]]:
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
         print(f"tailcalld: {err.message}", file=sys.stderr)
         return EX_CONFIG
     targets = setup_logging(settings.log_level, force_stderr=args.log_stderr)
+    raise_fd_limit(NOFILE_NEEDED)
     if args.purge:
         try:
             return purge(settings)
@@ -276,6 +284,20 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
     except OSError as err:
         return _startup_failure(f"cannot start: {err}", 1, targets)
     return 0
+
+
+def raise_fd_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to ``needed`` (never lower it), as far as the hard limit
+    allows, and return the soft limit in force; a hard limit too low for a full slot table is
+    logged, since the start can still serve a smaller one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logger.warning("the open-file limit is %d (hard limit); filling every slot needs %d: "
+                       "raise LimitNOFILE= or ulimit -Hn", soft, needed)
+    return soft
 
 
 def purge(settings: Settings) -> int:

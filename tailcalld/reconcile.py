@@ -13,9 +13,14 @@ and recorded with its source unknown.  Every correction is logged and kept for s
 
 from __future__ import annotations
 
+from .compiler import Program
 from .errors import TailcalldError
 from .registry import Handler, Registry
 from .state import SlotRecord
+
+# What makes two records one program: the same handler (source, dialect, function) that ran
+# as the same program before.  Slots attached with --fresh ran separate programs: they stay apart.
+ShareKey = tuple[str | None, str | None, str | None, int]
 
 
 def unknown_record(registry: Registry, slot: int, prog_id: int) -> SlotRecord:
@@ -38,12 +43,16 @@ async def restore(registry: Registry) -> None:
                 registry.correct(f"slot {registry.label(slot)}: kept program {prog_id} found in the kernel "
                                  "(source unknown: it cannot be rebuilt after a reboot)")
     else:
+        rebuilt: dict[ShareKey, Program] = {}
         for slot in sorted(set(kernel) | set(loaded.state.slots)):
-            await _restore_slot(registry, slot, kernel.get(slot), loaded.state.slots.get(slot))
+            await _restore_slot(registry, slot, kernel.get(slot), loaded.state.slots.get(slot), rebuilt)
     registry.save()
 
 
-async def _restore_slot(registry: Registry, slot: int, running: int | None, record: SlotRecord | None) -> None:
+async def _restore_slot(registry: Registry, slot: int, running: int | None, record: SlotRecord | None,
+                        rebuilt: dict[ShareKey, Program]) -> None:
+    """``rebuilt``: the programs this start has rebuilt so far, so that slots which shared one
+    program before (a warm attach) share one again, maps included, instead of getting a copy each."""
     label = registry.label(slot)
     if record is None:
         assert running is not None
@@ -61,9 +70,14 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
             registry.handlers[slot] = Handler(unknown_record(registry, slot, running))
             registry.correct(f"slot {label}: kept program {running} found in the kernel")
         return
+    key: ShareKey = (record.source_sha256, record.dialect, record.function, record.prog_id)
+    shared = rebuilt.get(key)
     try:
-        artifact = registry.store.artifact(record.source_sha256, record.dialect)
-        prog = await registry.kernel.load(artifact, record.function)
+        if shared is not None:
+            prog = shared.dup()
+        else:
+            artifact = registry.store.artifact(record.source_sha256, record.dialect)
+            prog = await registry.kernel.load(artifact, record.function)
     except (TailcalldError, OSError, ValueError) as err:
         if running is None:  # nothing runs there: keep the record, the next start tries again
             registry.unrestored[slot] = record
@@ -81,8 +95,10 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
         raise
     registry.handlers[slot] = Handler(record.model_copy(update={"prog_id": prog.id}), prog,
                                       requested_function=record.function)
+    rebuilt.setdefault(key, prog)
     what = "was empty" if running is None else f"held program {running}, not the recorded {record.prog_id}"
-    registry.correct(f"slot {label} {what}: rebuilt {record.function} from {record.filename} as program {prog.id}")
+    registry.correct(f"slot {label} {what}: rebuilt {record.function} from {record.filename} as program {prog.id}"
+                     + (", shared as before" if shared is not None else ""))
 
 
 def repair_drift(registry: Registry, kernel: dict[int, int], generation: int) -> None:

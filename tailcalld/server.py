@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from .peers import Peer, may_control
 
 logger = logging.getLogger("tailcalld")
 ADMIT_WAIT = 1.0  # seconds a connection over the limit waits for a place before it is refused
+# Places beyond max_connections that only root may take: however many silent connections
+# other users hold, root can always get in to look and to take handlers out.
+ROOT_RESERVE = 1
 
 
 @dataclass
@@ -84,6 +88,7 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self._admitted = 0
+        self._admitted_by_uid: Counter[int] = Counter()
         self._freed = asyncio.Condition()
         self._activity: dict[asyncio.Task[None], _Activity] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -130,15 +135,13 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
-        admitted = False
+        admitted: Peer | None = None
         try:
             peer = Peer.of_socket(writer.get_extra_info("socket"))
             refusal = self._refusal(peer)
             if refusal is None:
-                admitted = await self._admit(peer)
-                refusal = None if admitted else TooManyConnections(
-                    f"tailcalld serves {self._settings.max_connections} connections at once; try again later",
-                    {"limit": self._settings.max_connections})
+                refusal = await self._admit(peer)
+                admitted = peer if refusal is None else None
             if refusal is not None:
                 await self._refuse(reader, writer, refusal)
             else:
@@ -146,28 +149,47 @@ class ControlServer:
         except (ConnectionError, BrokenPipeError, TimeoutError):
             pass  # the client went away or went quiet; its last command (if any) has already run
         finally:
-            if admitted:
+            if admitted is not None:
                 async with self._freed:
                     self._admitted -= 1
+                    self._admitted_by_uid[admitted.uid] -= 1
+                    if not self._admitted_by_uid[admitted.uid]:
+                        del self._admitted_by_uid[admitted.uid]
                     self._freed.notify_all()
             self._clients.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, BrokenPipeError):
                 await writer.wait_closed()
 
-    async def _admit(self, peer: Peer) -> bool:
-        """Take one of max_connections places, waiting a moment for one to free up (a client
-        that just closed may not have been reaped yet) before refusing."""
+    async def _admit(self, peer: Peer) -> TooManyConnections | None:
+        """Take a place, waiting a moment for one to free up (a client that just closed may not
+        have been reaped yet); the refusal if none did."""
         async with self._freed:
-            try:
-                await asyncio.wait_for(
-                    self._freed.wait_for(lambda: self._admitted < self._settings.max_connections), ADMIT_WAIT)
-            except TimeoutError:
-                logger.warning("refused a connection from pid %d (%s): %d connections already", peer.pid,
-                               peer.comm, self._admitted, extra=peer.journal_fields())
-                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait_for(lambda: self._full(peer) is None), ADMIT_WAIT)
+            refusal = self._full(peer)
+            if refusal is not None:
+                logger.warning("refused a connection from uid %d (pid %d, %s): %s", peer.uid, peer.pid, peer.comm,
+                               refusal.message, extra=peer.journal_fields())
+                return refusal
             self._admitted += 1
-            return True
+            self._admitted_by_uid[peer.uid] += 1
+            return None
+
+    def _full(self, peer: Peer) -> TooManyConnections | None:
+        """Why ``peer`` cannot have one more connection now, if it cannot.  Other users are capped
+        per uid, so that one of them cannot take every place; root has ROOT_RESERVE places on top
+        of max_connections, so that all of them together cannot lock root out."""
+        s = self._settings
+        held = self._admitted_by_uid[peer.uid]
+        if peer.uid != 0 and held >= s.max_connections_per_uid:
+            return TooManyConnections(f"uid {peer.uid} holds {held} connections to tailcalld, the most one user "
+                                      "may (max_connections_per_uid); close one or try again later",
+                                      {"limit": s.max_connections_per_uid, "uid": peer.uid})
+        if self._admitted >= s.max_connections + (ROOT_RESERVE if peer.uid == 0 else 0):
+            return TooManyConnections(f"tailcalld serves {s.max_connections} connections at once; try again later",
+                                      {"limit": s.max_connections})
+        return None
 
     def _refusal(self, peer: Peer) -> TailcalldError | None:
         allowed_gid = None if peer.uid == 0 else self._settings.allowed_gid  # root needs no group lookup

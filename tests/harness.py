@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -159,14 +159,15 @@ class DaemonProcess:
         return self.log.read_text()
 
 
-def start_daemon(tmp: Path, pin_dir: Path, **settings: object) -> DaemonProcess:
-    """A tailcalld with its config, socket, state and log in ``tmp``, once it answers a ping."""
+def start_daemon(tmp: Path, pin_dir: Path, prefix: Sequence[str] = (), **settings: object) -> DaemonProcess:
+    """A tailcalld with its config, socket, state and log in ``tmp``, once it answers a ping.
+    ``prefix`` runs it through another command that execs it (nsenter), so its pid stays ours."""
     settings.setdefault("socket", tmp / "tailcalld.sock")
     config = write_config(tmp / "tailcalld.toml", pin_dir=pin_dir, state_dir=tmp / "state", **settings)
     sock = Path(str(settings["socket"]))
     log = tmp / "daemon.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "tailcalld"), "--config", str(config)],
+        proc = subprocess.Popen([*prefix, str(VENV_BIN / "tailcalld"), "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
     d = DaemonProcess(proc, sock, pin_dir, config, log)
     deadline = time.monotonic() + 60

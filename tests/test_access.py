@@ -17,6 +17,7 @@ import pytest
 from harness import (NR_FCHMODAT, DaemonProcess, JournalEntry, counting_handler, fchmodat, journal, pin_foreign_map,
                      read_counter, run_tailcalld, start_counting, start_daemon, wait_journal, write_config)
 from tailcalld import bpfsys
+from tailcalld.server import ROOT_RESERVE
 
 NOBODY = 65534
 PEER_SCRIPT = """
@@ -100,12 +101,12 @@ def wait_for_connections(d: DaemonProcess, count: int) -> None:
 
 def test_connection_limit_and_idle_clients(tmp_path: Path, pin_root: Path) -> None:
     d = start_daemon(tmp_path, pin_root / "daemon", max_connections=3, idle_timeout=1.5)
-    held = [socket.socket(socket.AF_UNIX) for _ in range(3)]
+    held = [socket.socket(socket.AF_UNIX) for _ in range(3 + ROOT_RESERVE)]  # root's: the reserve too
     try:
         wait_for_connections(d, 1)  # only the asking one: start_daemon's probe is gone
         for s in held:
             s.connect(str(d.socket))
-        with d.client() as c:  # the 4th
+        with d.client() as c:  # one more
             c.send_raw(b'{"id": 1, "command": "ping"}\n')
             assert c.read_reply()["error"]["code"] == "too_many_connections"
         time.sleep(2.0)  # the silent ones are closed after idle_timeout

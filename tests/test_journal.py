@@ -1,4 +1,4 @@
-"""Tail-call misses reach the real journal: fields, message, one entry per slot per interval."""
+"""Tail-call misses reach the real journal: fields, message, one entry per slot per interval; and\nnothing is lost when journald goes away and comes back."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness import NR_FCHMODAT, JournalEntry, counting_handler, fchmodat, journal, start_daemon, wait_journal
+from private_journal import private_journal
 from tailcalld.journal import MISS_MESSAGE_ID
 
 INTERVAL = 1.0
@@ -66,3 +67,40 @@ def test_misses_are_logged_per_slot_per_interval(tmp_path: Path, pin_root: Path)
         assert d.stop() == 0
     stop = journal_entries(pid, PRIORITY="6")
     assert any("stopping" in e["MESSAGE"] for e in stop)
+
+
+TRIVIAL = "int nothing(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n"
+
+
+def test_entries_outlive_a_journald_restart(tmp_path: Path, pin_root: Path) -> None:
+    """journald goes away while tailcalld runs, then comes back (its own journald, in a mount
+    namespace of its own: the machine's is never touched).  Meanwhile each entry is a plain
+    stderr line, never a logging traceback, and once journald is back the journal gets it too,
+    in order, before what came after."""
+    with private_journal() as pj:
+        pj.start()
+        d = start_daemon(tmp_path, pin_root / "daemon", prefix=pj.prefix)
+        try:
+            def audit() -> list[JournalEntry]:
+                return [e for e in pj.entries(_PID=str(d.pid)) if "TAILCALLD_ACTION" in e]
+
+            with d.client() as c:
+                c.call("attach", slot=600, source=TRIVIAL, filename="a.c")  # slots 600+: no syscall has them
+            assert [e["TAILCALLD_ACTION"] for e in wait_journal(audit)] == ["attach"]
+            pj.stop()
+            with d.client() as c:
+                detached = c.call("detach", slot=600)["prog_id"]
+            log = d.output()
+            assert "Logging error" not in log and "Traceback" not in log
+            assert re.search(rf"tailcalld\[{d.pid}\] WARNING: the journal is unreachable", log), log
+            assert re.search(rf"tailcalld\[{d.pid}\] INFO: detach program {detached} from slot \S+ \(600\)", log), log
+            pj.start()
+            with d.client() as c:
+                c.call("attach", slot=601, source=TRIVIAL, filename="b.c")
+            entries = wait_journal(audit, minimum=3)
+            assert [(e["TAILCALLD_ACTION"], e["SLOT"]) for e in entries] == [
+                ("attach", "600"), ("detach", "600"), ("attach", "601")]
+            assert "TAILCALLD_LOGGED_AT" in entries[1] and "TAILCALLD_LOGGED_AT" not in entries[2]
+            assert d.proc.poll() is None
+        finally:
+            assert d.stop() == 0

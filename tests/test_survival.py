@@ -5,6 +5,7 @@ state file.  Only unload-all / --purge take everything out."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -112,6 +113,49 @@ def test_reboot_refills_every_slot_from_the_state(tmp_path: Path, pin_root: Path
         assert all("rebuilt" in line for line in status["corrections"])
         fchmodat(33)
         assert read_counter(counter) == 33
+    finally:
+        d.stop()
+
+
+SHARED_MAP_HANDLER = """
+BPF_ARRAY(hits, u64, 1);
+int shared_hits(struct bpf_raw_tracepoint_args *ctx)
+{
+    int zero = 0;
+    u64 *n = hits.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    return 0;
+}
+"""
+
+
+def _map_ids(prog_id: int) -> list[int]:
+    r = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True,
+                       check=True)
+    return json.loads(r.stdout)["map_ids"]
+
+
+def test_reboot_keeps_a_shared_handler_shared(tmp_path: Path, pin_root: Path) -> None:
+    """Two slots running one program (a warm attach) run one program again after a reboot, with
+    one set of maps; a --fresh copy stays a copy of its own.  Slots 600-602: no syscall has them."""
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        with d.client() as c:
+            first = c.call("attach", slot=600, source=SHARED_MAP_HANDLER, filename="hits.c")["prog_id"]
+            assert c.call("attach", slot=601, source=SHARED_MAP_HANDLER, filename="hits.c")["prog_id"] == first
+            fresh = c.call("attach", slot=602, source=SHARED_MAP_HANDLER, filename="hits.c", fresh=True)["prog_id"]
+            assert fresh != first
+    finally:
+        assert d.stop() == 0
+    remove_pin_tree(pin_root / "daemon")  # a reboot: bpffs is empty again
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        assert_agree(d, tmp_path / "state")
+        slots = kernel_slots(pin_root / "daemon" / "prog_array")
+        assert set(slots) == {600, 601, 602} and first not in slots.values()
+        assert slots[600] == slots[601] != slots[602]
+        assert len(_map_ids(slots[600])) == 1 and _map_ids(slots[600]) != _map_ids(slots[602])
     finally:
         d.stop()
 

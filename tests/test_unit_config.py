@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tailcalld.config import DEFAULT_SOCKET, LiveSettings, Settings, live_fields, load_settings
+from tailcalld.config import (DEFAULT_SOCKET, NUMERIC_SETTINGS, LiveSettings, Settings, bounds, live_fields,
+                              load_settings)
 from tailcalld.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "tailcalld.toml"
@@ -101,9 +102,58 @@ def test_bad_miss_log_interval_is_named(tmp_path: Path, value: str) -> None:
     assert "watch_misses" not in err.message
 
 
-def test_miss_log_interval_bounds_are_inclusive_at_the_top(tmp_path: Path) -> None:
+def test_miss_log_interval_bounds_are_inclusive(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, "miss_log_interval = 86400\n")).miss_log_interval == 86400
-    assert load_settings(write(tmp_path, "miss_log_interval = 0.001\n")).miss_log_interval == 0.001
+    assert load_settings(write(tmp_path, "miss_log_interval = 0.25\n")).miss_log_interval == 0.25
+
+
+# Every numeric setting, with the range each must keep (issue #10: 1e-300 s burned a CPU).
+BOUNDS = {
+    "miss_log_interval": (0.25, 86400),
+    "max_request_bytes": (1024, 16 << 20),
+    "max_source_bytes": (1, 1 << 20),
+    "max_connections": (1, 1024),
+    "idle_timeout": (1, 86400),
+    "compile_timeout": (1, 3600),
+    "max_connections_per_uid": (1, 1024),
+    "compile_memory_max": (256 << 20, 64 << 30),
+    "max_map_bytes": (1, 64 << 30),
+}
+
+
+def test_every_numeric_setting_has_declared_bounds() -> None:
+    assert set(BOUNDS) == NUMERIC_SETTINGS
+    for key, expected in BOUNDS.items():
+        assert bounds(key) == expected, key
+
+
+def _toml_number(key: str, value: float) -> str:
+    is_int = Settings.model_fields[key].annotation is int
+    return str(int(value)) if is_int else repr(float(value))
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDS))
+def test_numeric_settings_accept_both_bounds(tmp_path: Path, key: str) -> None:
+    lower, upper = BOUNDS[key]
+    for value in (lower, upper):
+        assert getattr(load_settings(write(tmp_path, f"{key} = {_toml_number(key, value)}\n")), key) == value
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDS))
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_numeric_settings_out_of_range_name_the_key_and_both_bounds(tmp_path: Path, key: str, side: str) -> None:
+    lower, upper = BOUNDS[key]
+    is_int = Settings.model_fields[key].annotation is int
+    value = (lower - (1 if is_int else lower / 2)) if side == "below" else upper + 1
+    err = config_error(write(tmp_path, f"{key} = {_toml_number(key, value)}\n"))
+    assert f"{key}: " in err.message
+    assert f"must be between {lower:g} and {upper:g}" in err.message
+
+
+@pytest.mark.parametrize("value", ["1e-300", "0.0", "-inf", "inf", "nan"])
+def test_degenerate_miss_log_interval_is_refused_with_its_range(tmp_path: Path, value: str) -> None:
+    err = config_error(write(tmp_path, f"miss_log_interval = {value}\n"))
+    assert f"miss_log_interval: {float(value)!r} is out of range; it must be between 0.25 and 86400" in err.message
 
 
 @pytest.mark.parametrize("text,key", [
@@ -186,7 +236,7 @@ def test_boolean_in_watch_misses_is_rejected(tmp_path: Path) -> None:
 def test_the_live_fields_are_the_ones_a_reload_applies() -> None:
     assert live_fields() == {"miss_log_interval", "watch_misses", "log_level", "compile_timeout", "allowed_group",
                              "max_source_bytes", "max_connections", "idle_timeout", "compile_memory_max",
-                             "max_map_bytes"}
+                             "max_map_bytes", "max_connections_per_uid"}
 
 
 def test_a_reload_applies_live_fields_keeps_the_rest_and_tells_the_reactions(tmp_path: Path) -> None:
