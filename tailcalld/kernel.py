@@ -16,7 +16,7 @@ from typing import Protocol
 from . import bpfsys
 from .compiler import Compiler, Program
 from .dialects import Artifact
-from .dispatcher import Dispatcher, remove_pins
+from .dispatcher import Dispatcher, PinDirLock, remove_pins
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class BpfKernel:
         self.info = DispatcherInfo(d.pin_dir, d.prog_id, d.link.id, d.nr_slots, d.adopted, d.upgraded_from)
 
     @classmethod
-    async def open(cls, pin_dir: Path, compiler: Compiler) -> BpfKernel:
-        return cls(await Dispatcher.open_or_load(pin_dir, compiler), compiler)
+    async def open(cls, pin_dir: Path, compiler: Compiler, lock: PinDirLock | None = None) -> BpfKernel:
+        return cls(await Dispatcher.open_or_load(pin_dir, compiler, lock), compiler)
 
     def slot(self, slot: int) -> int | None:
         return self._dispatcher.slot_prog_id(slot)

@@ -223,7 +223,7 @@ class SlotManager:
                       sum(totals) - sum(self.misses.baseline), list(self.registry.corrections))
 
     def close(self) -> None:
-        """Drop our program fds; the pinned prog array keeps every handler running."""
+        """Drop our program fds and the state folder; the pinned prog array keeps every handler running."""
         try:
             self.registry.flush()
         except StateUnwritable as err:
@@ -231,3 +231,4 @@ class SlotManager:
         for h in self.registry.handlers.values():
             h.close()
         self.registry.handlers.clear()
+        self.registry.store.close()

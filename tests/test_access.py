@@ -207,3 +207,40 @@ def test_second_daemon_and_foreign_pins_refuse_to_start(tmp_path: Path, pin_root
     assert r.returncode == 1 and str(foreign / "link") in r.stderr
     assert bpfsys.map_info(fd := bpfsys.obj_get(str(foreign / "link"))).name == "notours"  # untouched
     os.close(fd)
+
+
+def test_a_second_daemon_on_a_taken_socket_or_state_dir_touches_nothing(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d, _ = start_counting(tmp_path, pin_root, counter)
+    saved = (tmp_path / "state" / "state.json").read_bytes()
+    try:
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        cases = {"socket": dict(socket=d.socket, state_dir=other / "state", pin_dir=pin_root / "second"),
+                 "state_dir": dict(socket=other / "s.sock", state_dir=tmp_path / "state", pin_dir=pin_root / "third")}
+        for what, paths in cases.items():
+            r = run_tailcalld(write_config(other / f"{what}.toml", **paths))
+            assert r.returncode == 1 and "another" in r.stderr, (what, r.stderr)
+            assert not list(Path(paths["pin_dir"]).glob("link*")), f"{what}: a second dispatcher was attached"
+            assert (tmp_path / "state" / "state.json").read_bytes() == saved, f"{what}: the state was rewritten"
+        fchmodat(10)
+        assert read_counter(counter) == 10  # one dispatcher: the handler runs once per call
+        assert d.proc.poll() is None
+    finally:
+        d.stop()
+
+
+def test_purge_is_refused_while_a_daemon_uses_its_state_dir(tmp_path: Path, pin_root: Path) -> None:
+    d, _ = start_counting(tmp_path, pin_root, pin_root / "maps" / "count")
+    saved = (tmp_path / "state" / "state.json").read_bytes()
+    try:
+        config = write_config(tmp_path / "other.toml", socket=tmp_path / "other.sock",
+                              state_dir=tmp_path / "state", pin_dir=pin_root / "other")
+        r = run_tailcalld(config, "--purge")
+        assert r.returncode == 1 and f"another tailcalld already owns {tmp_path / 'state'}" in r.stderr
+        assert (tmp_path / "state" / "state.json").read_bytes() == saved
+    finally:
+        d.stop()
+    r = run_tailcalld(d.config, "--purge")  # once it is stopped, the purge goes through
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["slots"] == {}
