@@ -158,6 +158,7 @@ class ControlServer:
         self._activity: dict[asyncio.Task[None], _Activity] = {}
         self._sweeper: asyncio.Task[None] | None = None
         ctx.connections = lambda: self._admitted
+        ctx.settings.on_reload(self._recheck_peers)
 
     @property
     def _settings(self) -> Settings:
@@ -179,6 +180,23 @@ class ControlServer:
                 if now - activity.since > self._settings.idle_timeout:
                     activity.expired = True
                     activity.writer.transport.abort()
+
+    def _recheck_peers(self, old: Settings, new: Settings, changed: frozenset[str]) -> None:
+        """A reload that narrows who may connect applies to the connections already open too:
+        each peer is judged again, and one the new policy refuses is closed.  A command it sent
+        before the reload (a compile under way) was allowed when sent: it finishes, and its
+        reply is dropped with the connection."""
+        if "allowed_group" not in changed:
+            return
+        for activity in list(self._activity.values()):
+            peer = activity.peer
+            if may_control(peer, None if peer.uid == 0 else new.allowed_gid):
+                continue
+            logger.warning("closed the connection of uid %d (pid %d, %s): the reloaded allowed_group %s does "
+                           "not admit it", peer.uid, peer.pid, peer.comm, new.allowed_group,
+                           extra={**peer.journal_fields(), "TAILCALLD_ACTION": "revoked"})
+            activity.expired = True
+            activity.writer.transport.abort()
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, give running commands ``grace`` seconds, then cancel them."""
