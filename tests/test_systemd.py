@@ -190,3 +190,28 @@ def test_watchdog_restarts_a_stuck_daemon(systemd: Systemd) -> None:
     assert sd.show("MainPID") != pid
     assert "tailcalld" in sd.ctl("ping").stdout
     assert any("watchdog timeout" in e.get("MESSAGE", "").lower() for e in sd.journal())
+
+
+SOCKET = "/run/tailcalld/tailcalld.sock"
+
+
+def test_allowed_group_works_under_the_hardened_unit(systemd: Systemd) -> None:
+    """Giving the socket to allowed_group is a chown: the unit's capabilities must allow it,
+    whether the daemon binds the socket itself or systemd's socket unit made it."""
+    sd = systemd
+    sd.run("systemctl", "stop", "tailcalld.socket", "tailcalld.service")
+    CONFIG.write_text(f'pin_dir = "{sd.pin_dir}"\nmiss_log_interval = 1\nallowed_group = "nogroup"\n')
+    as_nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "tailcallctl")
+    try:
+        sd.run("systemctl", "start", "tailcalld.service")
+        assert sd.run("stat", "-c", "%a %U %G", SOCKET).stdout.split() == ["660", "root", "nogroup"]
+        assert "tailcalld" in sd.run(*as_nobody, "ping").stdout  # a member of the group is served
+
+        sd.run("systemctl", "stop", "tailcalld.service")
+        sd.run("systemctl", "start", "tailcalld.socket")
+        assert "tailcalld" in sd.ctl("ping").stdout  # activates the service on systemd's 0600 socket
+        assert sd.run("stat", "-c", "%a %U %G", SOCKET).stdout.split() == ["660", "root", "nogroup"]
+        assert "tailcalld" in sd.run(*as_nobody, "ping").stdout
+    finally:
+        sd.run("systemctl", "stop", "tailcalld.socket", "tailcalld.service", check=False)
+        write_config(sd.pin_dir, 1)
