@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import json
 import os
 import logging
@@ -32,13 +33,17 @@ from . import bpfsys, confine, dialects
 from .compile_worker import OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
 from .dialects import Artifact, Dialect
-from .errors import (BadRequest, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude, TailcalldError,
+from .errors import (BadRequest, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude, StateUnwritable,
+                     TailcalldError,
                      error_class)
 
 logger = logging.getLogger("tailcalld")
 
 # Diagnostics can be huge (a template error repeated per instantiation); keep the head.
 MAX_DIAGNOSTICS = 64 * 1024
+# Free space a compile folder needs at least, checked before a worker starts: below it, a compile
+# could only fail later, less clearly (a full disk); clang's objects and results are tens of KiB.
+MIN_COMPILE_ROOM = 64 << 10
 
 _INCLUDE = re.compile(r"^\s*#\s*(?:include|include_next|import)\b\s*(.*)$", re.MULTILINE)
 _INCLUDE_TARGET = re.compile(r'^[<"]([^>"]+)[>"]')
@@ -184,15 +189,27 @@ class Compiler:
 
     async def _run_worker(self, request: dict[str, object]) -> tuple[dict[str, Any], int | None, str]:
         s = self._settings.current
-        if self._work_root is not None:
-            self._work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        work_dir = Path(tempfile.mkdtemp(prefix="tailcalld-compile-", dir=self._work_root))
+        work_dir = self._new_work_dir()
         request |= {"work_dir": str(work_dir), "memory_max": s.compile_memory_max, "max_map_bytes": s.max_map_bytes,
                     "cpu_seconds": math.ceil(s.compile_timeout) + 1}
         try:
             return await self._run_in(work_dir, json.dumps(request).encode(), s.compile_timeout, s.compile_memory_max)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _new_work_dir(self) -> Path:
+        """A fresh folder for one compile.  A full or read-only disk is said as such here,
+        before a worker starts: the worker would only fail later to write its result."""
+        root = self._work_root or Path(tempfile.gettempdir())
+        try:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fs = os.statvfs(root)
+            if fs.f_flag & os.ST_RDONLY or fs.f_bavail * fs.f_frsize < MIN_COMPILE_ROOM:
+                raise OSError(errno.EROFS if fs.f_flag & os.ST_RDONLY else errno.ENOSPC, "no room for a compile")
+            return Path(tempfile.mkdtemp(prefix="tailcalld-compile-", dir=root))
+        except OSError as exc:
+            raise StateUnwritable(f"cannot make a compile folder in {root}: {exc.strerror or exc}; nothing was changed",
+                                  {"path": str(root)}) from None
 
     async def _run_in(self, work_dir: Path, request: bytes, timeout: float,
                       memory_max: int) -> tuple[dict[str, Any], int | None, str]:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,11 +26,12 @@ from .commands import CommandContext, StopReason
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, LiveSettings, Settings, bounds, load_settings
 from .dispatcher import NR_SLOTS, PinDirLock, remove_pins
-from .errors import ConfigError, TailcalldError
+from .errors import ConfigError, TailcalldError, UnsafePath
 from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
 from .kernel import BpfKernel
 from .misses import MissMonitor, MissReport
-from .server import ROOT_RESERVE, ControlServer, bind_unix_socket, set_socket_access
+from .paths import open_trusted_dir
+from .server import ROOT_RESERVE, ControlServer, SocketPlace
 from .slots import SlotManager
 from .state import StateFile, StateStore
 from .syscalls import SyscallTable
@@ -63,7 +65,7 @@ class Daemon:
         self.stop_reason = StopReason.SIGNAL
         self._stopping = asyncio.Event()
         self._manager: SlotManager | None = None
-        self._socket_path: Path | None = None
+        self._place: SocketPlace | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._compat_misses: MissMonitor | None = None
         self._misses_per_min = 0.0
@@ -75,37 +77,50 @@ class Daemon:
     async def run(self) -> None:
         s = self.live.current
         watch_all, watch = resolve_watch(s, self.syscalls)
-        compiler = Compiler(self.live, cache_dir=s.state_dir / "cache", work_root=s.state_dir / "compile")
-        kernel = await BpfKernel.open(s.pin_dir, compiler, self.syscalls.compat_table())
-        compiler.remove_leftovers()  # the pins are ours now, so are the compile folders
-        try:
+        passed = notify.passed_socket()
+        with contextlib.ExitStack() as held:  # closed in reverse: kernel handles, then the locks
+            if passed is not None:
+                held.callback(passed.close)
+            # Every folder checked and every lock taken (socket, state_dir, pin_dir) before
+            # anything is loaded or written: a start that cannot own all three leaves the kernel
+            # and the disk as it found them.
+            place = SocketPlace(Path(passed.getsockname()) if passed is not None else s.socket)
+            held.callback(place.close)
+            if passed is None:
+                place.ensure_free()
+            store = StateStore(s.state_dir)
+            held.callback(store.close)
+            store.lock()
+            pin_lock = PinDirLock(s.pin_dir)
+            held.callback(pin_lock.release)
+            # Compile folders live with the socket, on the runtime tmpfs, not in state_dir: a compile
+            # leaves the state_dir file system unable to go read-only for a while (Landlock keeps
+            # the removed folder referenced), and a full state_dir must not stop compiles.
+            compiler = Compiler(self.live, cache_dir=s.state_dir / "cache", work_root=place.path.parent / "compile")
+            kernel = await BpfKernel.open(s.pin_dir, compiler, self.syscalls.compat_table(), pin_lock)
+            held.callback(kernel.close)
+            compiler.remove_leftovers()  # the pins are ours now, so are the compile folders
             misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch)
             if kernel.compat_miss_totals():
                 # ia32-only syscalls can never hold a handler: all of them are logged, the
                 # volume stays one entry per syscall per interval.
                 self._compat_misses = MissMonitor(kernel.compat_miss_totals, self.syscalls.ia32_label,
                                                   watch_all=True, abi="ia32")
-            manager = SlotManager(kernel, StateStore(s.state_dir), self.syscalls, misses,
-                                  on_change=self._publish_status)
+            manager = SlotManager(kernel, store, self.syscalls, misses, on_change=self._publish_status)
             self._manager = manager
-            try:
-                await manager.restore()
-                await self._serve(manager)
-            finally:
-                manager.close()
-        finally:
-            kernel.close()
+            held.callback(manager.close)
+            await manager.restore()
+            await self._serve(manager, place, passed)
 
-    async def _serve(self, manager: SlotManager) -> None:
+    async def _serve(self, manager: SlotManager, place: SocketPlace, passed: socket.socket | None) -> None:
         s = self.live.current
-        sock = notify.passed_socket()
-        activated = sock is not None
-        if sock is None:
-            sock = bind_unix_socket(s.socket, s.allowed_gid)
+        if passed is None:
+            sock = place.bind(s.allowed_gid)
         else:
-            set_socket_access(Path(sock.getsockname()), s.allowed_gid)
-        self._socket_path = Path(sock.getsockname())
-        server = ControlServer(CommandContext(manager, self.live, self.request_stop, str(self._socket_path)))
+            sock = passed
+            place.set_access(s.allowed_gid)
+        self._place = place
+        server = ControlServer(CommandContext(manager, self.live, self.request_stop, str(place.path)))
         watchdog = _start_watchdog()
         try:
             await server.start(sock)
@@ -113,8 +128,8 @@ class Daemon:
             state = (f"upgraded from program {d.upgraded_from}" if d.upgraded_from
                      else "adopted from pins" if d.adopted else "loaded and pinned")
             logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s",
-                        __version__, d.prog_id, state, manager.slots_in_use, self._socket_path,
-                        " (socket activation)" if activated else "")
+                        __version__, d.prog_id, state, manager.slots_in_use, place.path,
+                        " (socket activation)" if passed is not None else "")
             notify.notify("READY=1", self._status_line())
             self._maintenance = asyncio.create_task(self._maintain(manager))
             await self._stopping.wait()
@@ -127,10 +142,10 @@ class Daemon:
             await server.close()
         finally:
             await _cancel(watchdog)
-            sock.close()
-            if not activated:  # systemd owns an activated socket's file; it outlives us
-                with contextlib.suppress(FileNotFoundError):
-                    s.socket.unlink()
+            if passed is None:  # systemd owns an activated socket and its file; they outlive us
+                sock.close()
+                with contextlib.suppress(OSError):
+                    place.remove()
 
     async def _maintain(self, manager: SlotManager) -> None:
         """Every miss_log_interval: the new misses to the journal, pins and drift repaired, STATUS= refreshed."""
@@ -170,7 +185,8 @@ class Daemon:
         try:
             new = load_settings(self.config_path)
             resolve_watch(new, self.syscalls)
-        except ConfigError as err:
+            self._check_paths()
+        except (ConfigError, UnsafePath) as err:
             logger.error("reload refused, the running configuration stays in force: %s", err.message)
         else:
             live = self.live.reload(new, self.config_path)
@@ -179,15 +195,23 @@ class Daemon:
                         if live else "no live change")
         notify.notify("READY=1", self._status_line())
 
+    def _check_paths(self) -> None:
+        """The folders in use are still root's alone (someone may have chowned or chmodded one
+        since the start).  Raises UnsafePath, and the reload changes nothing."""
+        s = self.live.current
+        socket_dir = self._place.path.parent if self._place is not None else s.socket.parent
+        for path, role in ((s.state_dir, "state_dir"), (socket_dir, "socket"), (s.pin_dir, "pin_dir")):
+            open_trusted_dir(path, role).close()
+
     def _react_to_reload(self, old: Settings, new: Settings, changed: frozenset[str]) -> None:
         """The live changes that need more than a new value read at the next use."""
         if "log_level" in changed:
             set_log_level(new.log_level)
-        if "allowed_group" in changed and self._socket_path is not None:
+        if "allowed_group" in changed and self._place is not None:
             try:
-                set_socket_access(self._socket_path, new.allowed_gid)
-            except OSError as exc:
-                logger.error("reload: could not give %s to group %s: %s", self._socket_path, new.allowed_group, exc)
+                self._place.set_access(new.allowed_gid)
+            except (OSError, TailcalldError) as exc:
+                logger.error("reload: could not give %s to group %s: %s", self._place.path, new.allowed_group, exc)
         if self._manager is not None:
             if "watch_misses" in changed:
                 self._manager.misses.configure(*resolve_watch(new, self.syscalls))
@@ -301,18 +325,23 @@ def raise_fd_limit(needed: int) -> int:
 
 
 def purge(settings: Settings) -> int:
-    """Offline teardown: everything ``unload-all`` does, for when no daemon runs."""
-    if settings.pin_dir.exists():
-        lock = PinDirLock(settings.pin_dir)  # AlreadyRunning if a daemon owns it
-        try:
+    """Offline teardown: everything ``unload-all`` does, for when no daemon runs.  It takes the
+    locks of state_dir and pin_dir first, so a daemon that uses either refuses it (AlreadyRunning)
+    before anything is removed, even one started with another config that shares a folder."""
+    with contextlib.ExitStack() as held:
+        store = None
+        if settings.state_dir.exists() or settings.state_dir.is_symlink():
+            store = StateStore(settings.state_dir)
+            held.callback(store.close)
+            store.lock()
+        if settings.pin_dir.exists() or settings.pin_dir.is_symlink():
+            lock = PinDirLock(settings.pin_dir, create=False)
+            held.callback(lock.release)
             removed = remove_pins(settings.pin_dir)
-        finally:
-            lock.release()
-    else:
-        removed = []
-    store = StateStore(settings.state_dir)
-    if store.path.exists():
-        store.save(StateFile())
+        else:
+            removed = []
+        if store is not None and (settings.state_dir / "state.json").exists():
+            store.save(StateFile())
     logger.info("purged: removed %s; the saved state is empty", ", ".join(removed) or "no pins",
                 extra={"TAILCALLD_ACTION": "purge"})
     return 0

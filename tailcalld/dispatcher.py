@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -29,7 +28,8 @@ from pathlib import Path
 
 from . import bpfsys, btf
 from .compiler import Compiler, bpf_source
-from .errors import AlreadyRunning, KernelError, NoBpffs, PinConflict
+from .errors import KernelError, NoBpffs, PinConflict
+from .paths import open_trusted_dir
 from .syscalls import COMPAT_NR
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
@@ -80,7 +80,7 @@ def _fs_type(path: Path) -> int:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
-def _ensure_pin_dir(pin_dir: Path) -> None:
+def _check_bpffs(pin_dir: Path) -> None:
     parent = pin_dir.parent
     while not parent.exists():
         parent = parent.parent
@@ -88,19 +88,22 @@ def _ensure_pin_dir(pin_dir: Path) -> None:
         raise NoBpffs(
             f"{parent} is not on a BPF filesystem, so {pin_dir} cannot hold pins; "
             "mount it first: mount -t bpf bpf /sys/fs/bpf")
-    pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 class PinDirLock:
-    """One daemon per pin_dir: an exclusive flock on the folder itself (bpffs supports it)."""
+    """One daemon per pin_dir: the folder checked (``paths``: root's alone, no links) and an
+    exclusive flock on it (bpffs supports it).  ``create``: make a missing folder (a start);
+    otherwise a missing one raises UnsafePath (a purge checks that it exists first)."""
 
-    def __init__(self, pin_dir: Path) -> None:
-        self._fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def __init__(self, pin_dir: Path, create: bool = True) -> None:
+        if create:
+            _check_bpffs(pin_dir)
+        self._dir = open_trusted_dir(pin_dir, "pin_dir", create_mode=0o700 if create else None)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise AlreadyRunning(f"another tailcalld already owns {pin_dir}") from None
+            self._dir.lock(str(pin_dir))
+        except BaseException:
+            self._dir.close()
+            raise
 
     def holds(self, pin_dir: Path) -> bool:
         """Whether the locked folder is still the one at ``pin_dir`` (not removed, not replaced)."""
@@ -108,11 +111,11 @@ class PinDirLock:
             st = os.stat(pin_dir)
         except FileNotFoundError:
             return False
-        held = os.fstat(self._fd)
+        held = os.fstat(self._dir.fd)
         return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
-        os.close(self._fd)
+        self._dir.close()  # idempotent: the dispatcher and the daemon may both release it
 
 
 def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
@@ -170,12 +173,14 @@ class Dispatcher:
         self.link = bpfsys.link_info(link_fd)
 
     @classmethod
-    async def open_or_load(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None = None) -> Dispatcher:
+    async def open_or_load(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None = None,
+                           lock: PinDirLock | None = None) -> Dispatcher:
         """Adopt the pinned dispatcher if it is this version's, upgrade it if it is an older
         one, load and pin a new one if there is none.  ``compat`` (x86_64: ia32 number -> 64-bit
-        slot) is written to the compat table before any dispatcher that reads it attaches."""
-        _ensure_pin_dir(pin_dir)
-        lock = PinDirLock(pin_dir)
+        slot) is written to the compat table before any dispatcher that reads it attaches.
+        ``lock``: the pin_dir's, taken already (the daemon takes every lock before it touches
+        anything); the dispatcher releases it."""
+        lock = lock or PinDirLock(pin_dir)
         maps: dict[str, int] = {}
         try:
             for spec in _map_specs(compat):
@@ -251,8 +256,7 @@ class Dispatcher:
         held = {LINK_PIN: self._link_fd, **self._maps}
         missing = [name for name in held if not (self.pin_dir / name).exists()]
         if not self._lock.holds(self.pin_dir):
-            _ensure_pin_dir(self.pin_dir)
-            lock = PinDirLock(self.pin_dir)  # the new folder is ours alone too
+            lock = PinDirLock(self.pin_dir)  # made again, checked, and ours alone too
             self._lock.release()
             self._lock = lock
         for name, fd in held.items():

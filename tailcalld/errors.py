@@ -153,6 +153,12 @@ class StateUnwritable(TailcalldError):
     code = "state_unwritable"
 
 
+class UnsafePath(TailcalldError):
+    """A folder tailcalld trusts (state_dir, the socket's folder, pin_dir) could be changed by
+    someone other than root: wrong owner, group/world-writable, a symbolic link, not a folder."""
+    code = "unsafe_path"
+
+
 class RequestError(Exception):
     """A request that failed before it could run, with the id its reply must echo."""
 

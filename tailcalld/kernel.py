@@ -17,7 +17,7 @@ from typing import Protocol
 from . import bpfsys
 from .compiler import Compiler, Program
 from .dialects import Artifact
-from .dispatcher import Dispatcher, remove_pins
+from .dispatcher import Dispatcher, PinDirLock, remove_pins
 
 
 # Maps a libbpf handler pins by name (LIBBPF_PIN_BY_NAME) go to pin_dir/handlers/<sha256>/,
@@ -107,9 +107,11 @@ class BpfKernel:
         self.info = DispatcherInfo(d.pin_dir, d.prog_id, d.link.id, d.nr_slots, d.adopted, d.upgraded_from)
 
     @classmethod
-    async def open(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None) -> BpfKernel:
-        """``compat``: ia32 number -> 64-bit slot on x86_64 (SyscallTable.compat_slots), None elsewhere."""
-        return cls(await Dispatcher.open_or_load(pin_dir, compiler, compat), compiler)
+    async def open(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None,
+                   lock: PinDirLock | None = None) -> BpfKernel:
+        """``compat``: ia32 number -> 64-bit slot on x86_64 (SyscallTable.compat_slots), None elsewhere.
+        ``lock``: the pin_dir's, if the caller took it already."""
+        return cls(await Dispatcher.open_or_load(pin_dir, compiler, compat, lock), compiler)
 
     def slot(self, slot: int) -> int | None:
         return self._dispatcher.slot_prog_id(slot)

@@ -14,7 +14,7 @@ and recorded with its source unknown.  Every correction is logged and kept for s
 from __future__ import annotations
 
 from .compiler import Program
-from .errors import TailcalldError
+from .errors import StateUnwritable, TailcalldError
 from .registry import Handler, Registry
 from .state import SlotRecord
 
@@ -35,6 +35,7 @@ async def restore(registry: Registry) -> None:
     loaded = registry.store.load()
     if loaded.problem:
         registry.correct(loaded.problem, error=True)
+    records = _usable_records(registry, loaded.state.slots) if loaded.found else {}
     kernel = registry.kernel.occupied()
     if not loaded.found:
         for slot, prog_id in sorted(kernel.items()):
@@ -44,9 +45,35 @@ async def restore(registry: Registry) -> None:
                                  "(source unknown: it cannot be rebuilt after a reboot)")
     else:
         rebuilt: dict[ShareKey, Program] = {}
-        for slot in sorted(set(kernel) | set(loaded.state.slots)):
-            await _restore_slot(registry, slot, kernel.get(slot), loaded.state.slots.get(slot), rebuilt)
-    registry.save()
+        for slot in sorted(set(kernel) | set(records)):
+            await _restore_slot(registry, slot, kernel.get(slot), records.get(slot), rebuilt)
+    if loaded.found and registry.desired() == loaded.state:
+        return  # nothing to write: a read-only state_dir is no reason not to start
+    try:
+        registry.save()
+    except StateUnwritable as err:
+        # The kernel is as desired already; only the record of it is behind.  Refusing to start
+        # would not undo anything, so run on and write it at the next chance.
+        registry.save_later()
+        registry.correct(f"{err.message}; tailcalld runs on and writes the state at the next chance", error=True)
+
+
+def _usable_records(registry: Registry, slots: dict[int, SlotRecord]) -> dict[int, SlotRecord]:
+    """The records that name a slot the dispatcher has.  Any other (slot 5000, or a key that
+    disagrees with its record) is set aside: logged, kept in a copy of the state file, and
+    left out, so one bad entry does not stop the start or the other slots."""
+    nr_slots = registry.kernel.info.nr_slots
+    bad = {key: r for key, r in slots.items() if not 0 <= key < nr_slots or r.slot != key}
+    if not bad:
+        return slots
+    try:
+        kept = f"a copy of the file is kept as {registry.store.keep_aside('set-aside')}"
+    except (StateUnwritable, OSError) as exc:
+        kept = f"no copy of the file could be kept ({exc})"
+    for key, r in sorted(bad.items()):
+        registry.correct(f"state file entry {key} (slot {r.slot}, {r.function} from {r.filename}) names no slot "
+                         f"of 0..{nr_slots - 1}; it is set aside ({kept})", error=True)
+    return {key: r for key, r in slots.items() if key not in bad}
 
 
 async def _restore_slot(registry: Registry, slot: int, running: int | None, record: SlotRecord | None,

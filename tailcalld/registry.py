@@ -96,6 +96,10 @@ class Registry:
         self.store.save(self.desired())
         self._stale_state = False
 
+    def save_later(self) -> None:
+        """The state file could not be written: ``flush`` retries at the next chance."""
+        self._stale_state = True
+
     def flush(self) -> None:
         """Rewrite a state file a failed undo left stale; a no-op when it is current."""
         if self._stale_state:

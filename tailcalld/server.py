@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import math
 import os
 import socket
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,7 +26,8 @@ from . import protocol
 from .commands import CommandContext, execute
 from .config import Settings
 from .errors import (AlreadyRunning, PermissionDenied, RequestError, RequestTooLarge, TailcalldError,
-                     TooManyConnections)
+                     TooManyConnections, UnsafePath)
+from .paths import open_trusted_dir
 from .peers import Peer, may_control
 
 logger = logging.getLogger("tailcalld")
@@ -37,6 +40,7 @@ ROOT_RESERVE = 1
 @dataclass
 class _Activity:
     writer: asyncio.StreamWriter
+    peer: Peer
     since: float  # monotonic time of the last read or write; inf while a command runs
     expired: bool = False
 
@@ -46,36 +50,102 @@ def socket_mode(allowed_gid: int | None) -> tuple[int, int]:
     return (0o660, allowed_gid) if allowed_gid is not None else (0o600, 0)
 
 
-def set_socket_access(path: Path, allowed_gid: int | None) -> None:
-    mode, gid = socket_mode(allowed_gid)
-    os.chown(path, 0, gid)
-    os.chmod(path, mode)
+class SocketPlace:
+    """Where the socket lives: its folder checked and held (``paths``), and ``<name>.lock``
+    flocked, so the socket is this daemon's before it loads or writes anything.  Every later
+    use of the socket file (bind, chown, chmod, unlink) goes through the held folder, so a
+    link swapped in for the socket or its folder is never followed."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dir = open_trusted_dir(path.parent, "socket", create_mode=0o755)
+        try:
+            self._lock = os.open(f"{path.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                                 dir_fd=self.dir.fd)
+        except BaseException:
+            self.dir.close()
+            raise
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise AlreadyRunning(f"another tailcalld already owns {path}", {"path": str(path)}) from None
+        except BaseException:
+            self.close()
+            raise
 
-def bind_unix_socket(path: Path, allowed_gid: int | None) -> socket.socket:
-    """Bind ``path``, replacing a stale socket file but never a live daemon's."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
+    @property
+    def _via_fd(self) -> str:
+        # The held folder by its fd (systemd does the same for long socket paths): bind and
+        # connect then resolve no name of the folder's path again.
+        return f"/proc/self/fd/{self.dir.fd}/{self.path.name}"
+
+    def _kind(self) -> int | None:
+        try:
+            return stat.S_IFMT(os.stat(self.path.name, dir_fd=self.dir.fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return None
+
+    def ensure_free(self) -> None:
+        """Refuse a live server at the path (another tailcalld, or systemd's socket unit); remove a
+        dead daemon's socket file.  Anything else at the path is left alone and refused."""
+        kind = self._kind()
+        if kind is None:
+            return
+        if kind != stat.S_IFSOCK:
+            raise UnsafePath(f"socket {self.path} exists and is not a socket; it is left alone",
+                             {"path": str(self.path), "role": "socket"})
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             try:
-                probe.connect(str(path))
+                probe.connect(self._via_fd)
             except OSError:
-                path.unlink()  # nobody listens: left over from a daemon that died
+                os.unlink(self.path.name, dir_fd=self.dir.fd)  # nobody listens: left by a daemon that died
             else:
-                raise AlreadyRunning(f"another process is serving {path}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old_umask = os.umask(0o177)  # never world-accessible, not even between bind and chmod
+                raise AlreadyRunning(f"another process is serving {self.path}")
+
+    def bind(self, allowed_gid: int | None) -> socket.socket:
+        self.ensure_free()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(str(path))
+            old_umask = os.umask(0o177)  # never world-accessible, not even between bind and chmod
+            try:
+                sock.bind(self._via_fd)
+            finally:
+                os.umask(old_umask)
+            self.set_access(allowed_gid)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def set_access(self, allowed_gid: int | None) -> None:
+        """Owner, group and mode of the socket file, found through the held folder and never
+        through a link: refused (UnsafePath) if the name is not a socket."""
+        mode, gid = socket_mode(allowed_gid)
+        fd = os.open(self.path.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir.fd)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise UnsafePath(f"socket {self.path} is not a socket; its owner and mode are left alone",
+                                 {"path": str(self.path), "role": "socket"})
+            # fchown/fchmod refuse an O_PATH fd; its /proc link reaches the same inode, and only it.
+            os.chown(f"/proc/self/fd/{fd}", 0, gid)
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        except OSError as exc:  # name the socket, not the /proc link
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         finally:
-            os.umask(old_umask)
-        set_socket_access(path, allowed_gid)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+            os.close(fd)
+
+    def remove(self) -> None:
+        if self._kind() == stat.S_IFSOCK:
+            os.unlink(self.path.name, dir_fd=self.dir.fd)
+
+    def close(self) -> None:
+        """Release the lock (the lock file stays: removing it would race with the next owner)."""
+        lock, self._lock = self._lock, -1
+        if lock >= 0:
+            os.close(lock)
+        self.dir.close()
 
 
 class ControlServer:
@@ -93,6 +163,7 @@ class ControlServer:
         self._activity: dict[asyncio.Task[None], _Activity] = {}
         self._sweeper: asyncio.Task[None] | None = None
         ctx.connections = lambda: self._admitted
+        ctx.settings.on_reload(self._recheck_peers)
 
     @property
     def _settings(self) -> Settings:
@@ -114,6 +185,23 @@ class ControlServer:
                 if now - activity.since > self._settings.idle_timeout:
                     activity.expired = True
                     activity.writer.transport.abort()
+
+    def _recheck_peers(self, old: Settings, new: Settings, changed: frozenset[str]) -> None:
+        """A reload that narrows who may connect applies to the connections already open too:
+        each peer is judged again, and one the new policy refuses is closed.  A command it sent
+        before the reload (a compile under way) was allowed when sent: it finishes, and its
+        reply is dropped with the connection."""
+        if "allowed_group" not in changed:
+            return
+        for activity in list(self._activity.values()):
+            peer = activity.peer
+            if may_control(peer, None if peer.uid == 0 else new.allowed_gid):
+                continue
+            logger.warning("closed the connection of uid %d (pid %d, %s): the reloaded allowed_group %s does "
+                           "not admit it", peer.uid, peer.pid, peer.comm, new.allowed_group,
+                           extra={**peer.journal_fields(), "TAILCALLD_ACTION": "revoked"})
+            activity.expired = True
+            activity.writer.transport.abort()
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, give running commands ``grace`` seconds, then cancel them."""
@@ -218,7 +306,7 @@ class ControlServer:
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
         task = asyncio.current_task()
         assert task is not None
-        activity = self._activity[task] = _Activity(writer, time.monotonic())
+        activity = self._activity[task] = _Activity(writer, peer, time.monotonic())
         try:
             while True:
                 try:

@@ -280,7 +280,7 @@ class SlotManager:
                       missed, list(self.registry.corrections))
 
     def close(self) -> None:
-        """Drop our program fds; the pinned prog array keeps every handler running."""
+        """Drop our program fds and the state folder; the pinned prog array keeps every handler running."""
         try:
             self.registry.flush()
         except StateUnwritable as err:
@@ -288,3 +288,4 @@ class SlotManager:
         for h in self.registry.handlers.values():
             h.close()
         self.registry.handlers.clear()
+        self.registry.store.close()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import re
+import secrets
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,8 +22,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .dialects import Artifact, Dialect
 from .errors import StateUnwritable
+from .paths import TrustedDir, open_trusted_dir
 
 STATE_VERSION = 1
+_ARTIFACT_NAME = re.compile(r"[0-9a-f]{64}\.[co]")
 
 
 class SlotRecord(BaseModel):
@@ -54,92 +58,158 @@ class LoadedState(BaseModel):
     problem: str | None = None  # why it was unreadable, and where it was moved
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all.  Raises StateUnwritable (say, a full or read-only disk);
-    the previous file is then untouched."""
+def _atomic_write(dir_fd: int, name: str, shown: Path, data: bytes) -> None:
+    """Write ``name`` in the folder ``dir_fd`` whole or not at all.  Raises StateUnwritable (say,
+    a full or read-only disk); the previous file is then untouched."""
     try:
-        _replace(path, data)
+        _replace(dir_fd, name, data)
     except OSError as exc:
-        raise StateUnwritable(f"cannot write {path}: {exc.strerror or exc}; nothing was changed",
-                         {"path": str(path)}) from None
+        raise StateUnwritable(f"cannot write {shown}: {exc.strerror or exc}; nothing was changed",
+                              {"path": str(shown)}) from None
 
 
-def _replace(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _replace(dir_fd: int, name: str, data: bytes) -> None:
+    tmp = f".{name}.{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    os.fsync(dir_fd)
+
+
+def _read(dir_fd: int, name: str) -> bytes:
+    """A regular file of a trusted folder, never through a link."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{name} is not a regular file")
+        return f.read()
 
 
 class StateStore:
+    """``state_dir`` and its ``sources``, checked (``paths``) and held open: every file is
+    reached through the held folders (openat), so a link put in their place is never followed."""
+
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.path = state_dir / "state.json"
         self.sources = state_dir / "sources"
+        self._dir: TrustedDir | None = None
+        self._sources: TrustedDir | None = None
 
     def prepare(self) -> None:
+        """Check (creating what is missing) and hold the folders.  Raises UnsafePath, or
+        StateUnwritable when a missing folder cannot be made."""
+        if self._dir is not None:
+            return
         try:
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.sources.mkdir(mode=0o700, exist_ok=True)
+            self._dir = open_trusted_dir(self.state_dir, "state_dir", create_mode=0o700)
+            self._sources = self._dir.subdir("sources", create_mode=0o700)
         except OSError as exc:
+            self.close()
             raise StateUnwritable(f"cannot create the state folder {self.state_dir}: {exc.strerror or exc}",
-                             {"path": str(self.state_dir)}) from None
+                                  {"path": str(self.state_dir)}) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def lock(self) -> None:
+        """Own ``state_dir`` (one daemon, or one --purge, per state folder).  Raises AlreadyRunning."""
+        self.prepare()
+        assert self._dir is not None
+        self._dir.lock(str(self.state_dir))
+
+    def close(self) -> None:
+        for held in (self._sources, self._dir):
+            if held is not None:
+                held.close()
+        self._dir = self._sources = None
+
+    @property
+    def _fds(self) -> tuple[int, int]:
+        self.prepare()
+        assert self._dir is not None and self._sources is not None
+        return self._dir.fd, self._sources.fd
 
     def load(self) -> LoadedState:
+        dir_fd, _ = self._fds
         try:
-            raw = self.path.read_bytes()
+            raw = _read(dir_fd, self.path.name)
         except FileNotFoundError:
             return LoadedState(state=StateFile(), found=False)
+        except (OSError, ValueError) as exc:  # a link (ELOOP), a FIFO, a folder: not a state file
+            return self._set_aside(str(getattr(exc, "strerror", None) or exc))
         try:
             state = StateFile.model_validate_json(raw)
             missing = [r.source_sha256 for r in state.slots.values()
-                       if r.source_sha256 and not self._artifact_path(r.source_sha256, r.dialect).is_file()]
+                       if r.source_sha256 and not self._has_artifact(r.source_sha256, r.dialect)]
             if state.version != STATE_VERSION or missing:
                 raise ValueError(f"version {state.version}" if state.version != STATE_VERSION
                                  else f"missing sources {', '.join(m[:12] for m in missing)}")
         except (ValidationError, ValueError) as exc:
-            aside = self.path.with_name(f"state.json.corrupt-{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
-            os.replace(self.path, aside)
-            reason = str(exc).splitlines()[0][:300]
-            return LoadedState(state=StateFile(), found=False,
-                               problem=f"{self.path} is unreadable ({reason}); moved to {aside}")
+            return self._set_aside(str(exc).splitlines()[0][:300])
         return LoadedState(state=state, found=True)
 
+    def _set_aside(self, reason: str) -> LoadedState:
+        aside = self.keep_aside("corrupt", move=True)
+        return LoadedState(state=StateFile(), found=False,
+                           problem=f"{self.path} is unreadable ({reason}); moved to {aside}")
+
+    def keep_aside(self, why: str, move: bool = False) -> Path:
+        """Keep the state file as ``state.json.<why>-<time>``, moved or copied (for a file that
+        is about to be rewritten); never deleted."""
+        dir_fd, _ = self._fds
+        name = f"{self.path.name}.{why}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+        if move:
+            os.replace(self.path.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        else:
+            _atomic_write(dir_fd, name, self.state_dir / name, _read(dir_fd, self.path.name))
+        return self.state_dir / name
+
     def save(self, state: StateFile) -> None:
-        _atomic_write(self.path, state.model_dump_json(indent=2).encode() + b"\n")
+        dir_fd, _ = self._fds
+        _atomic_write(dir_fd, self.path.name, self.path, state.model_dump_json(indent=2).encode() + b"\n")
         self._collect_sources(state)
 
     def put_artifact(self, artifact: Artifact) -> str:
-        path = self._artifact_path(artifact.sha256, artifact.dialect)
-        if not path.exists():
-            _atomic_write(path, artifact.data)
+        _, sources_fd = self._fds
+        name = self._artifact_name(artifact.sha256, artifact.dialect)
+        if not self._has_artifact(artifact.sha256, artifact.dialect):
+            _atomic_write(sources_fd, name, self.sources / name, artifact.data)
         return artifact.sha256
 
     def artifact(self, sha: str, dialect: Dialect) -> Artifact:
-        found = Artifact(dialect, self._artifact_path(sha, dialect).read_bytes())
+        _, sources_fd = self._fds
+        found = Artifact(dialect, _read(sources_fd, self._artifact_name(sha, dialect)))
         if found.sha256 != sha:
             raise ValueError(f"saved handler {sha[:12]} does not match its hash")
         return found
 
-    def _artifact_path(self, sha: str, dialect: Dialect) -> Path:
-        return self.sources / f"{sha}{'.o' if dialect == 'object' else '.c'}"
+    def _has_artifact(self, sha: str, dialect: Dialect) -> bool:
+        _, sources_fd = self._fds
+        try:
+            st = os.stat(self._artifact_name(sha, dialect), dir_fd=sources_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode)
+
+    @staticmethod
+    def _artifact_name(sha: str, dialect: Dialect) -> str:
+        return f"{sha}{'.o' if dialect == 'object' else '.c'}"
 
     def _collect_sources(self, state: StateFile) -> None:
-        """Drop sources no slot refers to any more."""
-        wanted = {r.source_sha256 for r in state.slots.values()}
-        for path in self.sources.glob("*.[co]"):
-            if path.stem not in wanted:
+        """Drop sources no slot refers to any more: only names tailcalld gives them, only in the
+        held folder (unlinkat never follows a link, it removes the link itself)."""
+        _, sources_fd = self._fds
+        wanted = {self._artifact_name(r.source_sha256, r.dialect) for r in state.slots.values() if r.source_sha256}
+        for name in os.listdir(sources_fd):
+            if _ARTIFACT_NAME.fullmatch(name) and name not in wanted:
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                    os.unlink(name, dir_fd=sources_fd)

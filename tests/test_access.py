@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -208,3 +209,84 @@ def test_second_daemon_and_foreign_pins_refuse_to_start(tmp_path: Path, pin_root
     assert r.returncode == 1 and str(foreign / "link") in r.stderr
     assert bpfsys.map_info(fd := bpfsys.obj_get(str(foreign / "link"))).name == "notours"  # untouched
     os.close(fd)
+
+
+HOLDER_SCRIPT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+lines = s.makefile()
+for n in (1, 2):
+    if n == 2:
+        sys.stdin.readline()  # the test reloads the daemon in between
+    try:
+        s.sendall(b'{"id": %d, "command": "list"}\\n' % n)
+        print(lines.readline().strip() or json.dumps({"closed": True}), flush=True)
+    except OSError as e:
+        print(json.dumps({"closed": e.errno}), flush=True)
+"""
+
+
+def test_a_reload_that_drops_allowed_group_closes_that_groups_open_connections(tmp_path: Path, pin_root: Path,
+                                                                               public_dir: Path) -> None:
+    group = grp.getgrgid(NOBODY).gr_name
+    d = start_daemon(tmp_path, pin_root / "daemon", allowed_group=group, socket=public_dir / "s.sock")
+    holder = subprocess.Popen(["/usr/bin/python3", "-c", HOLDER_SCRIPT, str(d.socket)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY, extra_groups=[])
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert json.loads(holder.stdout.readline())["result"] == {"slots": []}  # admitted, connection open
+        write_config(d.config, socket=d.socket, pin_dir=d.pin_dir, state_dir=tmp_path / "state")
+        os.kill(d.pid, signal.SIGHUP)
+        for _ in range(200):  # the reload's reactions run together: the socket's mode is the sign
+            if os.stat(d.socket).st_gid == 0:
+                break
+            time.sleep(0.05)
+        assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        second = json.loads(holder.stdout.readline())
+        assert "closed" in second, f"the dropped group's open connection was still served: {second}"
+        with d.client() as c:
+            assert c.call("list") == {"slots": []}  # root, on a new connection, is served
+    finally:
+        holder.kill()
+        holder.wait(10)
+        d.stop()
+
+
+def test_a_second_daemon_on_a_taken_socket_or_state_dir_touches_nothing(tmp_path: Path, pin_root: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d, _ = start_counting(tmp_path, pin_root, counter)
+    saved = (tmp_path / "state" / "state.json").read_bytes()
+    try:
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        cases = {"socket": dict(socket=d.socket, state_dir=other / "state", pin_dir=pin_root / "second"),
+                 "state_dir": dict(socket=other / "s.sock", state_dir=tmp_path / "state", pin_dir=pin_root / "third")}
+        for what, paths in cases.items():
+            r = run_tailcalld(write_config(other / f"{what}.toml", **paths))
+            assert r.returncode == 1 and "another" in r.stderr, (what, r.stderr)
+            assert not list(Path(paths["pin_dir"]).glob("link*")), f"{what}: a second dispatcher was attached"
+            assert (tmp_path / "state" / "state.json").read_bytes() == saved, f"{what}: the state was rewritten"
+        fchmodat(10)
+        assert read_counter(counter) == 10  # one dispatcher: the handler runs once per call
+        assert d.proc.poll() is None
+    finally:
+        d.stop()
+
+
+def test_purge_is_refused_while_a_daemon_uses_its_state_dir(tmp_path: Path, pin_root: Path) -> None:
+    d, _ = start_counting(tmp_path, pin_root, pin_root / "maps" / "count")
+    saved = (tmp_path / "state" / "state.json").read_bytes()
+    try:
+        config = write_config(tmp_path / "other.toml", socket=tmp_path / "other.sock",
+                              state_dir=tmp_path / "state", pin_dir=pin_root / "other")
+        r = run_tailcalld(config, "--purge")
+        assert r.returncode == 1 and f"another tailcalld already owns {tmp_path / 'state'}" in r.stderr
+        assert (tmp_path / "state" / "state.json").read_bytes() == saved
+    finally:
+        d.stop()
+    r = run_tailcalld(d.config, "--purge")  # once it is stopped, the purge goes through
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["slots"] == {}

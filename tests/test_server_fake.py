@@ -16,7 +16,7 @@ from tailcalld.commands import CommandContext, StopReason
 from tailcalld.config import LiveSettings, Settings
 from tailcalld.misses import MissMonitor
 from tailcalld.protocol import ListResult, StatusResult, response_adapter
-from tailcalld.server import ControlServer, bind_unix_socket
+from tailcalld.server import ControlServer, SocketPlace
 from tailcalld.slots import SlotManager
 from tailcalld.syscalls import SyscallTable
 
@@ -54,7 +54,8 @@ def serve(tmp_path: Path, scenario: Callable[[Served], Awaitable[None]], **setti
         live = LiveSettings(Settings(socket=tmp_path / "s.sock", state_dir=tmp_path / "state", **settings))
         stops: list[StopReason] = []
         server = ControlServer(CommandContext(manager, live, stops.append, str(live.current.socket)))
-        sock = bind_unix_socket(live.current.socket, None)
+        place = SocketPlace(live.current.socket)
+        sock = place.bind(None)
         await server.start(sock)
         reader, writer = await asyncio.open_unix_connection(str(live.current.socket))
         try:
@@ -63,6 +64,7 @@ def serve(tmp_path: Path, scenario: Callable[[Served], Awaitable[None]], **setti
             writer.close()
             await server.close()
             sock.close()
+            place.close()
             manager.close()
     asyncio.run(main())
 

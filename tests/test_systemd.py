@@ -8,6 +8,7 @@ here and the counting handler's map is read from here.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -29,6 +30,7 @@ CANDIDATES = [os.environ.get("TAILCALLD_CI_SYSTEMD", ""), str(REPO.parent / "sha
 CI_SYSTEMD = next((Path(p) for p in CANDIDATES if p and Path(p).is_file()), None)
 CONFIG = Path("/etc/tailcalld/tailcalld.toml")
 DROP_IN = Path("/etc/systemd/system/tailcalld.service.d/50-test.conf")
+SERIAL_LOCK = Path("/tmp/tailcalld-test-systemd.lock")
 
 pytestmark = pytest.mark.skipif(CI_SYSTEMD is None, reason="ci-systemd.sh (../shared/systemd) not found")
 
@@ -74,7 +76,18 @@ def make(target: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def systemd(machine: None) -> Iterator[Systemd]:
+def one_at_a_time() -> Iterator[None]:
+    """These tests share the machine's /opt/tailcalld, /etc/tailcalld and /var/lib/tailcalld
+    (ci-systemd shares /etc and /var with the host), so two runs of them (two worktrees) would
+    install over each other and run two daemons on one state_dir, which the second refuses.
+    A machine-wide lock makes a second run wait for the first."""
+    with open(SERIAL_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module")
+def systemd(machine: None, one_at_a_time: None) -> Iterator[Systemd]:
     env = {**os.environ, "CI_SYSTEMD_DIR": f"/tmp/ci-systemd-tailcalld-{secrets.token_hex(3)}"}
     pin_root = new_pin_root()
     had_config = CONFIG.exists()
@@ -192,3 +205,28 @@ def test_watchdog_restarts_a_stuck_daemon(systemd: Systemd) -> None:
     assert sd.show("MainPID") != pid
     assert "tailcalld" in sd.ctl("ping").stdout
     assert any("watchdog timeout" in e.get("MESSAGE", "").lower() for e in sd.journal())
+
+
+SOCKET = "/run/tailcalld/tailcalld.sock"
+
+
+def test_allowed_group_works_under_the_hardened_unit(systemd: Systemd) -> None:
+    """Giving the socket to allowed_group is a chown: the unit's capabilities must allow it,
+    whether the daemon binds the socket itself or systemd's socket unit made it."""
+    sd = systemd
+    sd.run("systemctl", "stop", "tailcalld.socket", "tailcalld.service")
+    CONFIG.write_text(f'pin_dir = "{sd.pin_dir}"\nmiss_log_interval = 1\nallowed_group = "nogroup"\n')
+    as_nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "tailcallctl")
+    try:
+        sd.run("systemctl", "start", "tailcalld.service")
+        assert sd.run("stat", "-c", "%a %U %G", SOCKET).stdout.split() == ["660", "root", "nogroup"]
+        assert "tailcalld" in sd.run(*as_nobody, "ping").stdout  # a member of the group is served
+
+        sd.run("systemctl", "stop", "tailcalld.service")
+        sd.run("systemctl", "start", "tailcalld.socket")
+        assert "tailcalld" in sd.ctl("ping").stdout  # activates the service on systemd's 0600 socket
+        assert sd.run("stat", "-c", "%a %U %G", SOCKET).stdout.split() == ["660", "root", "nogroup"]
+        assert "tailcalld" in sd.run(*as_nobody, "ping").stdout
+    finally:
+        sd.run("systemctl", "stop", "tailcalld.socket", "tailcalld.service", check=False)
+        write_config(sd.pin_dir, 1)
