@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -180,6 +180,21 @@ def start_daemon(tmp: Path, pin_dir: Path, prefix: Sequence[str] = (), **setting
         time.sleep(0.05)
     d.stop()
     raise AssertionError(f"tailcalld did not answer within 60 s:\n{d.output()}")
+
+
+@contextlib.contextmanager
+def own_daemon(tmp: Path, **settings: object) -> Iterator[DaemonProcess]:
+    """A daemon on a pin folder of its own (for a module-scoped fixture): stopped, and its pins
+    removed, whatever happens."""
+    pin_root = new_pin_root()
+    try:
+        d = start_daemon(tmp, pin_root / "daemon", **settings)
+        try:
+            yield d
+        finally:
+            d.stop()
+    finally:
+        remove_pin_tree(pin_root)
 
 
 def start_counting(tmp: Path, pin_root: Path, counter: Path, **settings: object) -> tuple[DaemonProcess, int]:

@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 
-from harness import (NR_FCHMODAT, DaemonProcess, children_of, kernel_slots, new_pin_root, pin_foreign_map,
-                     remove_pin_tree, start_daemon)
+from harness import (NR_FCHMODAT, DaemonProcess, children_of, kernel_slots, own_daemon, pin_foreign_map)
 from tailcalld.client import Client, RemoteError
 from tailcalld.compile_worker import RESULT_FILE
 
@@ -35,15 +34,8 @@ SECRET = f"SECRET_{secrets.token_hex(6)} = root only;"
 
 @pytest.fixture(scope="module")
 def served(machine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    pin_root = new_pin_root()
-    try:
-        d = start_daemon(tmp_path_factory.mktemp("hostile"), pin_root / "daemon")
-        try:
-            yield d
-        finally:
-            d.stop()
-    finally:
-        remove_pin_tree(pin_root)
+    with own_daemon(tmp_path_factory.mktemp("hostile")) as d:
+        yield d
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DaemonProcess, children_of, kernel_slots, new_pin_root, remove_pin_tree, start_daemon
+from harness import DaemonProcess, children_of, kernel_slots, own_daemon
 from tailcalld.client import RemoteError
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -67,16 +67,8 @@ def subreaper() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def served(machine: None, subreaper: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    pin_root = new_pin_root()
-    try:
-        d = start_daemon(tmp_path_factory.mktemp("resources"), pin_root / "daemon", compile_timeout=8.0,
-                         compile_memory_max=512 << 20)
-        try:
-            yield d
-        finally:
-            d.stop()
-    finally:
-        remove_pin_tree(pin_root)
+    with own_daemon(tmp_path_factory.mktemp("resources"), compile_timeout=8.0, compile_memory_max=512 << 20) as d:
+        yield d
 
 
 def leftovers(d: DaemonProcess) -> list[str]:
