@@ -110,6 +110,7 @@ class SlotManager:
         self.syscalls = syscalls
         self.misses = misses
         self.calls = Counters(kernel.call_totals, misses.clock)  # hits = calls - misses
+        self._calls_seen: tuple[list[int], list[int]] | None = None  # (misses snapshot, calls read with it)
         self.registry = Registry(kernel, store, syscalls)
         self.started_at = datetime.now(UTC)
         self._on_change = on_change  # e.g. to refresh systemd's STATUS=
@@ -256,17 +257,25 @@ class SlotManager:
         refilled behind our back shows as such before the next drift repair.  Slots whose
         handler could not be rebuilt at start are listed too (their kernel slot is empty or
         holds what was found there)."""
-        missed, called = self.misses.recent_totals(), self.calls.recent_totals()
+        missed, called = self._recent_counts()
         label = self.syscalls.label
         reg = self.registry
         wanted = {**reg.unrestored, **{s: h.record for s, h in reg.handlers.items()}}
-        views = []
-        for slot, record in sorted(wanted.items()):
-            misses = self.misses.since_start(slot, missed)
-            hits = max(0, self.calls.since_start(slot, called) - misses)  # the two maps are read one after the other
-            views.append(SlotView(record, label(slot), self.kernel.slot(slot), hits, misses,
-                                  restored=slot not in reg.unrestored))
-        return views
+        return [SlotView(record, label(slot), self.kernel.slot(slot), self._hits(slot, missed, called),
+                         self.misses.since_start(slot, missed), restored=slot not in reg.unrestored)
+                for slot, record in sorted(wanted.items())]
+
+    def _recent_counts(self) -> tuple[list[int], list[int]]:
+        """Misses and calls as one snapshot, shared by list and status like the miss counters
+        alone were.  The calls are read right after the misses: a miss between the two reads
+        can only make calls - misses one too high, never negative or stale by a whole interval."""
+        missed = self.misses.recent_totals()
+        if self._calls_seen is None or self._calls_seen[0] is not missed:
+            self._calls_seen = (missed, self.calls.read())
+        return missed, self._calls_seen[1]
+
+    def _hits(self, slot: int, missed: list[int], called: list[int]) -> int:
+        return max(0, self.calls.since_start(slot, called) - self.misses.since_start(slot, missed))
 
     def syscall_table(self, pattern: str | None) -> list[SyscallView]:
         handlers = self.registry.handlers
@@ -274,10 +283,12 @@ class SlotManager:
                 for abi, nr, name, slot in self.syscalls.matching(pattern)]
 
     def status(self) -> Status:
-        missed = sum(self.misses.recent_totals()) - sum(self.misses.baseline)
-        called = sum(self.calls.recent_totals()) - sum(self.calls.baseline)
-        return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, max(0, called - missed),
-                      missed, list(self.registry.corrections))
+        missed, called = self._recent_counts()
+        # Hits of the slots tailcalld fills: elsewhere calls and misses are equal, and summing
+        # two racing totals over every syscall of the machine would only add noise.
+        hits = sum(self._hits(slot, missed, called) for slot in self.registry.handlers)
+        return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, hits,
+                      sum(missed) - sum(self.misses.baseline), list(self.registry.corrections))
 
     def close(self) -> None:
         """Drop our program fds and the state folder; the pinned prog array keeps every handler running."""

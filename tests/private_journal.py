@@ -45,7 +45,9 @@ class PrivateJournal:
     @property
     def prefix(self) -> list[str]:
         """A command that execs its arguments inside the namespace."""
-        return ["nsenter", "-t", str(self._holder.pid), "-m", "--"]
+        # --root/--wd: entering a mount namespace resets the root to the namespace's; in a chroot
+        # (fresh-machine.sh) that is the host's, where this checkout is not.
+        return ["nsenter", "-t", str(self._holder.pid), "-m", "--root", "--wd", "--"]
 
     def run(self, *command: str) -> str:
         return subprocess.run([*self.prefix, *command], capture_output=True, text=True, check=True,

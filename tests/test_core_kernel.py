@@ -271,6 +271,6 @@ def test_hits_and_misses_are_exact_per_slot(pin_root: Path, tmp_path: Path) -> N
         [view] = m.list_slots()
         assert (view.hits, view.misses, view.state) == (1000, 300, "kernel-empty")
         status = m.status()
-        assert status.hits_total >= 1000 and status.misses_total >= 300
+        assert status.hits_total == 1000 and status.misses_total >= 300  # hits: of the slots tailcalld fills
 
     run(pin_root / "daemon", tmp_path / "state", scenario)

@@ -7,6 +7,7 @@ import configparser
 import contextlib
 import grp
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -21,6 +22,9 @@ from tailcalld.daemon import NOFILE_NEEDED
 NOBODY = 65534
 STRANGER = 4242  # a uid with no account, whose primary group is nobody's (the allowed group)
 REPO = Path(__file__).resolve().parent.parent
+# The helpers below need the standard library only; the venv's python may sit in a folder other
+# users cannot enter (a checkout under /root), the interpreter it links to does not.
+PYTHON = os.path.realpath(sys.executable)
 
 # Holds N silent connections until its stdin closes; says "held" once they are all connected.
 HOLDER_SCRIPT = """
@@ -43,7 +47,7 @@ print(s.makefile().readline().strip())
 @contextlib.contextmanager
 def silent_connections(d: DaemonProcess, uid: int, count: int) -> Iterator[None]:
     """``count`` connections from ``uid`` that never say a word, held open for the block."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(d.socket), str(count)], user=uid,
+    proc = subprocess.Popen([PYTHON, "-c", HOLDER_SCRIPT, str(d.socket), str(count)], user=uid,
                             group=NOBODY, extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "held\n"
@@ -53,7 +57,7 @@ def silent_connections(d: DaemonProcess, uid: int, count: int) -> Iterator[None]
 
 
 def ask_as(d: DaemonProcess, uid: int) -> dict:
-    r = subprocess.run([sys.executable, "-c", ASK_SCRIPT, str(d.socket)], user=uid, group=NOBODY, extra_groups=[],
+    r = subprocess.run([PYTHON, "-c", ASK_SCRIPT, str(d.socket)], user=uid, group=NOBODY, extra_groups=[],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
