@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 from tabulate import tabulate
 
-from . import __version__
+from . import __version__, top
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
@@ -265,6 +265,18 @@ def _add_handler_arguments(p: argparse.ArgumentParser) -> None:
                    help="C dialect (default: auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf)")
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value < 1e9:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
@@ -288,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", parents=[common], help="show the filled slots")
     ls.add_argument("--no-legend", action="store_true", help="no header and footer")
     sub.add_parser("status", parents=[common], help="show the daemon's state")
+    t = sub.add_parser("top", parents=[common], help="live per-slot hits and misses per second (Ctrl-C to stop)")
+    t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
+                   help="between refreshes (default: 1)")
+    t.add_argument("--iterations", type=_positive(int), default=None, metavar="N", help="stop after N refreshes")
     sc = sub.add_parser("syscalls", parents=[common],
                         help="syscall numbers and names of this machine (and ia32 on x86_64), with their slots")
     sc.add_argument("pattern", metavar="PATTERN", nargs="?", help="a shell pattern on names ('open*'), or a number")
@@ -323,18 +339,35 @@ def _reply_problems(err: ValidationError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verb == "top":  # client side: samples `list`, sends no command of its own
+        return _talking(args, lambda client: top.run(client, args, printable))
     verb = VERBS[args.verb]
     try:
         fields = verb.request(args)  # inputs first: see the request builders
     except UsageError as err:
         _complain(str(err))
         return EXIT_USAGE
+    return _talking(args, lambda client: _call(client, args, verb, fields))
+
+
+def _call(client: Client, args: argparse.Namespace, verb: Verb[Any], fields: dict[str, Any]) -> int:
+    raw = client.call(args.verb, **fields)
+    # Validated for --json too: a reply that does not fit the protocol is not a success.
+    result = verb.result.model_validate(raw)
+    if args.json:
+        print(json.dumps(raw, indent=2))  # as received, fields this tailcallctl does not know included
+    else:
+        verb.show(result, args)
+    return 0
+
+
+def _talking(args: argparse.Namespace, work: Callable[[Client], int]) -> int:
+    """Run ``work`` on a connection to the daemon; every way that can fail becomes a message
+    and an exit code."""
     path = args.socket or default_socket()
     try:
         with Client(path, timeout=args.timeout) as client:
-            raw = client.call(args.verb, **fields)
-        # Validated for --json too: a reply that does not fit the protocol is not a success.
-        result = verb.result.model_validate(raw)
+            return work(client)
     except RemoteError as err:
         _print_error(err)
         return CHECK_EXIT.get(err.code, EXIT_FAILURE) if args.verb == "check" else EXIT_FAILURE
@@ -349,11 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ConnectionError) as err:
         _complain(f"cannot talk to tailcalld at {path}: {err} (is tailcalld running?)")
         return EXIT_FAILURE
-    if args.json:
-        print(json.dumps(raw, indent=2))  # as received, fields this tailcallctl does not know included
-    else:
-        verb.show(result, args)
-    return 0
 
 
 if __name__ == "__main__":

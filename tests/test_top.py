@@ -1,0 +1,80 @@
+"""tailcallctl top: rates from two `list` samples, and a live run against a real daemon."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import DaemonProcess, start_daemon
+from tailcalld import ctl
+from tailcalld.protocol import ListResult, SlotInfo
+from tailcalld.top import SlotRate, rates
+
+UNUSED_NR = 1000  # past every syscall table, but sys_enter still fires: only this test calls it
+
+
+def sample(hits: int, misses: int, slot: int = 268) -> ListResult:
+    return ListResult(slots=[SlotInfo(slot=slot, syscall="fchmodat", function="h", prog_id=1, filename=None,
+                                      source_sha256=None, attached_at=None, hits=hits, misses=misses)])
+
+
+def test_rates_are_the_change_per_second() -> None:
+    assert rates(sample(100, 10), sample(300, 30), 2.0) == [SlotRate(268, "fchmodat", "h", 100.0, 10.0)]
+
+
+def test_a_new_slot_counts_from_zero_and_a_reset_counter_from_its_new_value() -> None:
+    assert rates(ListResult(slots=[]), sample(50, 0), 1.0)[0].hits_per_s == 50.0
+    assert rates(sample(500, 5), sample(20, 1), 2.0)[0] == SlotRate(268, "fchmodat", "h", 10.0, 0.5)
+
+
+def test_the_busiest_slot_comes_first() -> None:
+    before = ListResult(slots=sample(0, 0, 1).slots + sample(0, 0, 2).slots)
+    after = ListResult(slots=sample(1, 0, 1).slots + sample(9, 0, 2).slots)
+    assert [r.slot for r in rates(before, after, 1.0)] == [2, 1]
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "x"])
+def test_interval_must_be_positive(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        ctl.build_parser().parse_args(["top", "--interval", bad])
+    assert exit_.value.code == 2
+
+
+@pytest.fixture
+def busy(tmp_path: Path, pin_root: Path) -> Iterator[DaemonProcess]:
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        d.call("attach", slot=UNUSED_NR, source="int busy(struct bpf_raw_tracepoint_args *c) { return 0; }")
+        yield d
+    finally:
+        d.stop()
+
+
+def test_top_shows_a_busy_slot_live(busy: DaemonProcess) -> None:
+    d, stop = busy, threading.Event()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def call_forever() -> None:
+        while not stop.is_set():
+            for _ in range(1000):
+                libc.syscall(UNUSED_NR)
+
+    caller = threading.Thread(target=call_forever)
+    caller.start()
+    try:
+        r = d.ctl("top", "--json", "--interval", "0.5")
+        assert r.returncode == 0, r.stderr
+        [slot] = json.loads(r.stdout)["slots"]
+        assert (slot["slot"], slot["function"], slot["misses_per_s"]) == (UNUSED_NR, "busy", 0)
+        assert slot["hits_per_s"] > 1000
+        shown = d.ctl("top", "--iterations", "2", "--interval", "0.2")
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count("HITS/S") == 2 and "\x1b" not in shown.stdout  # no screen clearing into a pipe
+    finally:
+        stop.set()
+        caller.join()
