@@ -64,8 +64,12 @@ MISSES = _MapSpec("misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
 CALLS = _MapSpec("calls", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
 COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR)
 COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR)
+ALL_MAPS = (PROG_ARRAY, MISSES, CALLS, COMPAT_SLOTS, COMPAT_MISSES)
 LINK_PIN = "link"
 NEW_LINK_PIN = "link_new"  # bpffs refuses names with dots
+# Maps a libbpf handler pins by name (LIBBPF_PIN_BY_NAME) go to pin_dir/handlers/<sha256>/,
+# one folder per handler source, removed when the handler leaves its last slot.
+HANDLERS_PINS = "handlers"
 
 logger = logging.getLogger("tailcalld")
 
@@ -367,15 +371,39 @@ async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str, com
     return link_fd
 
 
+def handler_pin_dir(pin_dir: Path, sha256: str) -> Path:
+    return pin_dir / HANDLERS_PINS / sha256
+
+
+def remove_handler_pins(folder: Path) -> list[str]:
+    """Unpin every map beneath ``folder`` (a bpffs folder holds pins and folders only); returns
+    the pins removed."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+                removed.append(str(path))
+    with contextlib.suppress(FileNotFoundError):
+        folder.rmdir()
+    return sorted(removed)
+
+
 def remove_pins(pin_dir: Path) -> list[str]:
     """Unpin everything tailcalld made under ``pin_dir``, the link first (that detaches the
-    dispatcher once no fd holds it), then the maps, then the folder if it is empty."""
+    dispatcher once no fd holds it), then the maps and the handlers' pinned maps, then the
+    folder if it is empty.  Both unload-all and ``--purge`` come here."""
     removed = []
-    for name in (LINK_PIN, NEW_LINK_PIN, PROG_ARRAY.pin, MISSES.pin, CALLS.pin, COMPAT_SLOTS.pin, COMPAT_MISSES.pin):
+    for name in (LINK_PIN, NEW_LINK_PIN, *(spec.pin for spec in ALL_MAPS)):
         path = pin_dir / name
         if path.exists():
             path.unlink()
             removed.append(str(path))
+    removed += remove_handler_pins(pin_dir / HANDLERS_PINS)
     with contextlib.suppress(OSError):
         pin_dir.rmdir()
     return removed

@@ -8,7 +8,6 @@ of the core is exercised without a kernel that misbehaves exactly then.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,30 +16,7 @@ from typing import Protocol
 from . import bpfsys
 from .compiler import Compiler, Program
 from .dialects import Artifact
-from .dispatcher import Dispatcher, PinDirLock, remove_pins
-
-
-# Maps a libbpf handler pins by name (LIBBPF_PIN_BY_NAME) go to pin_dir/handlers/<sha256>/,
-# one folder per handler source, removed when the handler leaves its last slot.
-HANDLERS_PINS = "handlers"
-
-
-def handler_pin_dir(pin_dir: Path, sha256: str) -> Path:
-    return pin_dir / HANDLERS_PINS / sha256
-
-
-def _remove_pin_folder(folder: Path) -> None:
-    """Unpin every map beneath ``folder`` (a bpffs folder holds pins and folders only)."""
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(FileNotFoundError):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-    with contextlib.suppress(FileNotFoundError):
-        folder.rmdir()
+from .dispatcher import Dispatcher, PinDirLock, handler_pin_dir, remove_handler_pins, remove_pins
 
 
 @dataclass(frozen=True)
@@ -129,7 +105,7 @@ class BpfKernel:
         return await self._compiler.load_artifact(artifact, function, handler_pin_dir(self.info.pin_dir, artifact.sha256))
 
     def release_handler_pins(self, sha256: str) -> None:
-        _remove_pin_folder(handler_pin_dir(self.info.pin_dir, sha256))
+        remove_handler_pins(handler_pin_dir(self.info.pin_dir, sha256))
 
     def prog_name(self, prog_id: int) -> str | None:
         try:
@@ -151,10 +127,7 @@ class BpfKernel:
         return self._dispatcher.compat_miss_totals()
 
     def remove_pins(self) -> list[str]:
-        handlers = self._dispatcher.pin_dir / HANDLERS_PINS
-        removed = [str(p) for p in sorted(handlers.rglob("*"))] if handlers.is_dir() else []
-        _remove_pin_folder(handlers)
-        return remove_pins(self._dispatcher.pin_dir) + removed
+        return remove_pins(self._dispatcher.pin_dir)
 
     def restore_pins(self) -> list[str]:
         return self._dispatcher.restore_pins()

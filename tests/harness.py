@@ -293,6 +293,24 @@ def _le(hex_bytes: list[str]) -> int:
     return int.from_bytes(bytes(int(b, 16) for b in hex_bytes), "little")
 
 
+def libbpf_pinned_handler(map_name: str) -> str:
+    """libbpf C for a handler whose map libbpf pins by name (LIBBPF_PIN_BY_NAME)."""
+    return f"""#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct {{
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 16);
+    __type(key, u32);
+    __type(value, u32);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+}} {map_name} SEC(".maps");
+
+SEC("raw_tracepoint/sys_enter")
+int h(struct bpf_raw_tracepoint_args *ctx) {{ u32 k = 0; u32 *v = bpf_map_lookup_elem(&{map_name}, &k); return v ? 0 : 1; }}
+char _license[] SEC("license") = "GPL";
+"""
+
+
 def read_counter(pin: Path) -> int:
     """Read a pinned u64 array entry 0 with bpftool, independently of tailcalld's own code."""
     return _le(_bpftool_map_dump(pin)[0]["value"])

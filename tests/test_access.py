@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (NR_FCHMODAT, DaemonProcess, JournalEntry, counting_handler, fchmodat, journal, pin_foreign_map,
+from harness import (NR_FCHMODAT, DaemonProcess, JournalEntry, counting_handler, fchmodat, journal,
+                     libbpf_pinned_handler, pin_foreign_map,
                      read_counter, run_tailcalld, start_counting, start_daemon, wait_journal, write_config)
 from tailcalld import bpfsys
 from tailcalld.server import ROOT_RESERVE
@@ -186,6 +187,17 @@ def test_purge_offline_and_refused_while_running(tmp_path: Path, pin_root: Path)
     assert r.returncode == 0, r.stderr
     assert not (pin_root / "daemon").exists()
     assert json.loads((tmp_path / "state" / "state.json").read_text())["slots"] == {}
+
+
+def test_purge_removes_the_maps_handlers_pinned_by_name(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    with d.client() as c:
+        c.call("attach", slot=301, source=libbpf_pinned_handler("tcdpurge"), dialect="libbpf")
+    assert d.stop() == 0
+    assert list((pin_root / "daemon" / "handlers").glob("*/tcdpurge"))  # pinned by name, kept by a stop
+    r = run_tailcalld(d.config, "--purge")
+    assert r.returncode == 0, r.stderr
+    assert not (pin_root / "daemon").exists()  # handlers/ included: nothing of tailcalld is left
 
 
 def test_second_daemon_and_foreign_pins_refuse_to_start(tmp_path: Path, pin_root: Path) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from harness import (NR_FCHMODAT, DaemonProcess, children_of, kernel_slots, own_daemon, pin_foreign_map)
+from harness import (NR_FCHMODAT, DaemonProcess, children_of, kernel_slots, libbpf_pinned_handler, own_daemon,
+                     pin_foreign_map)
 from tailcalld.client import Client, RemoteError
 from tailcalld.compile_worker import RESULT_FILE
 
@@ -110,22 +111,6 @@ def test_the_confined_worker_cannot_open_the_file_at_all(machine: None, secret_f
     assert "Permission denied" in output, output
 
 
-def libbpf_pinned(name: str) -> str:
-    return LIBBPF_HEAD + f"""
-struct {{
-    __uint(type, BPF_MAP_TYPE_ARRAY);
-    __uint(max_entries, 16);
-    __type(key, u32);
-    __type(value, u32);
-    __uint(pinning, LIBBPF_PIN_BY_NAME);
-}} {name} SEC(".maps");
-
-SEC("raw_tracepoint/sys_enter")
-int h(struct bpf_raw_tracepoint_args *ctx) {{ u32 k = 0; u32 *v = bpf_map_lookup_elem(&{name}, &k); return v ? 0 : 1; }}
-char _license[] SEC("license") = "GPL";
-"""
-
-
 def map_ids_of(prog_id: int) -> list[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True,
                          check=True).stdout
@@ -145,12 +130,12 @@ def test_pinned_by_name_maps_live_in_the_handlers_folder_and_leave_with_it(serve
     foreign = Path("/sys/fs/bpf") / name  # where libbpf pins by default: someone else's map is there
     pin_foreign_map(foreign)
     try:
-        attached = served.call("attach", slot=301, source=libbpf_pinned(name), dialect="libbpf")
+        attached = served.call("attach", slot=301, source=libbpf_pinned_handler(name), dialect="libbpf")
         handlers = served.pin_dir / "handlers"
         [pin] = list(handlers.glob(f"*/{name}"))
         assert pinned_map_id(pin) in map_ids_of(attached["prog_id"])
         assert pinned_map_id(foreign) not in map_ids_of(attached["prog_id"]), "a foreign map was reused"
-        served.call("attach", slot=302, source=libbpf_pinned(name), dialect="libbpf")  # shares the handler
+        served.call("attach", slot=302, source=libbpf_pinned_handler(name), dialect="libbpf")  # shares the handler
         served.call("detach", slot=301)
         assert pin.exists(), "the handler still runs in slot 302"
         served.call("detach", slot=302)
