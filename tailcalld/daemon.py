@@ -97,11 +97,12 @@ class Daemon:
             # leaves the state_dir file system unable to go read-only for a while (Landlock keeps
             # the removed folder referenced), and a full state_dir must not stop compiles.
             compiler = Compiler(self.live, cache_dir=s.state_dir / "cache", work_root=place.path.parent / "compile")
-            kernel = await BpfKernel.open(s.pin_dir, compiler, self.syscalls.compat_table(), pin_lock)
+            compat = self.syscalls.compat_table()
+            kernel = await BpfKernel.open(s.pin_dir, compiler, compat, pin_lock)
             held.callback(kernel.close)
             compiler.remove_leftovers()  # the pins are ours now, so are the compile folders
             misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch)
-            if kernel.compat_miss_totals():
+            if compat is not None:
                 # ia32-only syscalls can never hold a handler: all of them are logged, the
                 # volume stays one entry per syscall per interval.
                 self._compat_misses = MissMonitor(kernel.compat_miss_totals, self.syscalls.ia32_label,

@@ -53,17 +53,18 @@ class _MapSpec:
     type: int
     value_size: int
     entries: int = NR_SLOTS
+    prefix: str = "tailcalld_"  # of the map's name, which the kernel cuts at 15 characters
 
     @property
     def name(self) -> str:
-        return f"tailcalld_{self.pin}"[:15] if self.entries == NR_SLOTS else f"tcd_{self.pin}"[:15]
+        return f"{self.prefix}{self.pin}"[:15]
 
 
 PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
 MISSES = _MapSpec("misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
 CALLS = _MapSpec("calls", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
-COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR)
-COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR)
+COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR, prefix="tcd_")
+COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR, prefix="tcd_")
 ALL_MAPS = (PROG_ARRAY, MISSES, CALLS, COMPAT_SLOTS, COMPAT_MISSES)
 LINK_PIN = "link"
 NEW_LINK_PIN = "link_new"  # bpffs refuses names with dots

@@ -88,8 +88,12 @@ class Registry:
 
     # -- persistence ----------------------------------------------------------------------------
 
+    def wanted(self) -> dict[int, SlotRecord]:
+        """Every slot tailcalld wants filled: those it runs, and those it could not rebuild yet."""
+        return {**self.unrestored, **{s: h.record for s, h in self.handlers.items()}}
+
     def desired(self) -> StateFile:
-        return StateFile(slots={**self.unrestored, **{s: h.record for s, h in self.handlers.items()}})
+        return StateFile(slots=self.wanted())
 
     def save(self) -> None:
         """Write the desired state.  Raises StateUnwritable (the file on disk is then the previous one)."""
@@ -153,6 +157,6 @@ class Registry:
         try:
             self.save()
         except StateUnwritable as err:
-            self._stale_state = True
+            self.save_later()
             logger.error("slot %s: the change was undone in the kernel, but the state file could not be "
                          "rolled back (%s); it is rewritten at the next chance", self.label(slot), err.message)

@@ -260,10 +260,9 @@ class SlotManager:
         missed, called = self._recent_counts()
         label = self.syscalls.label
         reg = self.registry
-        wanted = {**reg.unrestored, **{s: h.record for s, h in reg.handlers.items()}}
         return [SlotView(record, label(slot), self.kernel.slot(slot), self._hits(slot, missed, called),
                          self.misses.since_start(slot, missed), restored=slot not in reg.unrestored)
-                for slot, record in sorted(wanted.items())]
+                for slot, record in sorted(reg.wanted().items())]
 
     def _recent_counts(self) -> tuple[list[int], list[int]]:
         """Misses and calls as one snapshot, shared by list and status like the miss counters
