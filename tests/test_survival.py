@@ -191,7 +191,7 @@ def test_hand_made_changes_are_corrected_at_start(tmp_path: Path, pin_root: Path
         c.call("detach", slot="getppid")
     assert d.stop() == 0
     prog_array = str(pin_root / "daemon" / "prog_array")
-    subprocess.run(["bpftool", "map", "delete", "pinned", prog_array, "key", *_key(NR_FCHMODAT)], check=True)
+    bpftool_empty(prog_array, NR_FCHMODAT)
     assert kernel_slots(pin_root / "daemon" / "prog_array") == {}
     d = start_daemon(tmp_path, pin_root / "daemon")
     try:
@@ -208,6 +208,17 @@ def test_hand_made_changes_are_corrected_at_start(tmp_path: Path, pin_root: Path
 
 def _key(slot: int) -> list[str]:
     return [str(b) for b in slot.to_bytes(4, "little")]
+
+
+def bpftool_empty(prog_array: Path | str, slot: int) -> None:
+    """Empty a slot by hand, behind tailcalld's back, as an operator with bpftool would."""
+    subprocess.run(["bpftool", "map", "delete", "pinned", str(prog_array), "key", *_key(slot)], check=True)
+
+
+def bpftool_fill(prog_array: Path | str, slot: int, prog_id: int) -> None:
+    """Put program ``prog_id`` in a slot by hand, behind tailcalld's back."""
+    subprocess.run(["bpftool", "map", "update", "pinned", str(prog_array), "key", *_key(slot),
+                    "value", "id", str(prog_id)], check=True)
 
 
 def test_an_older_dispatcher_is_upgraded_without_losing_calls(tmp_path: Path, pin_root: Path) -> None:
@@ -304,10 +315,8 @@ def test_hand_made_changes_are_repaired_while_running(tmp_path: Path, pin_root: 
             ours = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(counter))["prog_id"]
             stray = c.call("attach", slot="getppid", source=trivial_handler(3))["prog_id"]
         # By hand: empty our slot, and move the getppid program into a slot tailcalld never used.
-        subprocess.run(["bpftool", "map", "delete", "pinned", str(prog_array), "key", *_key(NR_FCHMODAT)],
-                       check=True)
-        subprocess.run(["bpftool", "map", "update", "pinned", str(prog_array), "key", *_key(301),
-                        "value", "id", str(stray)], check=True)
+        bpftool_empty(prog_array, NR_FCHMODAT)
+        bpftool_fill(prog_array, 301, stray)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and kernel_slots(prog_array) != {NR_FCHMODAT: ours, 110: stray}:
             time.sleep(0.1)
@@ -362,12 +371,10 @@ def test_list_shows_the_kernels_truth_before_any_repair(tmp_path: Path, pin_root
             other = c.call("attach", slot="getppid", source=trivial_handler(5))["prog_id"]
             [entry, _] = sorted(c.call("list")["slots"], key=lambda s: s["slot"] != NR_FCHMODAT)
             assert (entry["state"], entry["kernel_prog_id"]) == ("in-sync", ours)
-            subprocess.run(["bpftool", "map", "delete", "pinned", str(prog_array), "key", *_key(NR_FCHMODAT)],
-                           check=True)
+            bpftool_empty(prog_array, NR_FCHMODAT)
             [entry] = [s for s in c.call("list")["slots"] if s["slot"] == NR_FCHMODAT]
             assert (entry["state"], entry["kernel_prog_id"], entry["prog_id"]) == ("kernel-empty", None, ours)
-            subprocess.run(["bpftool", "map", "update", "pinned", str(prog_array), "key", *_key(NR_FCHMODAT),
-                            "value", "id", str(other)], check=True)
+            bpftool_fill(prog_array, NR_FCHMODAT, other)
             [entry] = [s for s in c.call("list")["slots"] if s["slot"] == NR_FCHMODAT]
             assert (entry["state"], entry["kernel_prog_id"]) == ("kernel-other", other)
         shown = d.ctl("list").stdout
