@@ -29,7 +29,7 @@ from tailcalld.dispatcher import NR_SLOTS
 from tailcalld.syscalls import SyscallTable
 from tests.harness import DaemonProcess, DaemonStuck, children_of, remove_pin_tree, start_daemon
 
-from .util import PinDirs, percentile, pinned_link_prog, status_kib, wait_progs_gone
+from .util import PinDirs, percentile, pinned_link_progs, status_kib, wait_progs_gone
 
 TIMED_SLOT = "getppid"  # cold/warm attaches go here; an empty handler on getppid bothers nobody
 SECOND_SLOT = "getpgid"  # for "the same source into another slot"
@@ -89,7 +89,7 @@ def running_daemon(pins: PinDirs, workdir: Path) -> Iterator[DaemonProcess]:
             with contextlib.suppress(DaemonStuck):  # killed instead: the numbers are taken already
                 d.stop()
     finally:
-        dispatcher = pinned_link_prog(pin_dir)  # a stop leaves the pins by design: they are ours to remove
+        dispatcher = pinned_link_progs(pin_dir)  # a stop leaves the pins by design: they are ours to remove
         remove_pin_tree(pin_dir)
         wait_progs_gone(dispatcher)
 

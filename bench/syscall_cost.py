@@ -30,7 +30,7 @@ from tailcalld.dispatcher import MISSES, NR_SLOTS, Dispatcher
 from tailcalld.syscalls import SyscallTable
 from tests.harness import pinned_percpu_u64_sum, remove_pin_tree
 
-from .util import (LinkWatch, PinDirs, median, perf_progs_of, perf_tracepoint_programs, pinned_link_prog,
+from .util import (LinkWatch, PinDirs, median, perf_progs_of, perf_tracepoint_programs, pinned_link_progs,
                    prog_id_of_fd, raw_tp_link_progs, wait_progs_gone)
 
 LOOP_SOURCE = Path(__file__).with_name("getppid_loop.c")
@@ -177,7 +177,7 @@ def tailcalld_dispatcher(fill: Callable[[Env], list[int]]) -> Attacher:
             # Read from the pin, the way anyone but the daemon would see the counter.
             yield Attached(ids, getppid_misses=lambda: pinned_percpu_u64_sum(pin_dir / MISSES.pin, env.getppid_nr))
         finally:
-            ids = ids or pinned_link_prog(pin_dir)
+            ids = ids or pinned_link_progs(pin_dir)
             remove_pin_tree(pin_dir)  # the link pin first: that detaches the dispatcher
             if dispatcher is not None:
                 dispatcher.close()  # our fds were the last references

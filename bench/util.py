@@ -17,8 +17,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from tailcalld import bpfsys
-from tailcalld.dispatcher import LINK_PIN
-from tests.harness import libbpf, pin_path, remove_pin_tree
+from tests.harness import libbpf, pin_path, pinned_link_prog, remove_pin_tree
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -104,16 +103,10 @@ def prog_id_of_fd(fd: int) -> int:
     return bpfsys.prog_info(fd).id
 
 
-def pinned_link_prog(pin_dir: Path) -> set[int]:
+def pinned_link_progs(pin_dir: Path) -> set[int]:
     """The program behind a pinned link (empty if there is none): what to wait for after unpinning."""
-    try:
-        fd = bpfsys.obj_get(str(pin_dir / LINK_PIN))
-    except OSError:
-        return set()
-    try:
-        return {bpfsys.link_info(fd).prog_id}
-    finally:
-        os.close(fd)
+    prog_id = pinned_link_prog(pin_dir)
+    return set() if prog_id is None else {prog_id}
 
 
 # -- other programs on sys_enter -------------------------------------------------------------

@@ -367,6 +367,18 @@ def pinned_fd(pin: Path) -> int:
     return _checked(libbpf().bpf_obj_get(str(pin).encode()), f"open {pin}")
 
 
+def pinned_link_prog(pin_dir: Path) -> int | None:
+    """The id of the program behind the pinned dispatcher link of ``pin_dir``; None without one."""
+    try:
+        fd = bpfsys.obj_get(str(pin_dir / "link"))
+    except OSError:
+        return None
+    try:
+        return bpfsys.link_info(fd).prog_id
+    finally:
+        os.close(fd)
+
+
 def map_lookup_u64(map_fd: int, key: int) -> int:
     """Entry ``key`` of a u32 -> u64 map (not per-CPU)."""
     k, value = ctypes.c_uint32(key), ctypes.c_uint64()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 
-from harness import (NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, kernel_slots, read_counter,
+from harness import (pinned_link_prog, NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, kernel_slots, read_counter,
                      remove_pin_tree, saved_slots, start_counting, start_daemon)
 from tailcalld import bpfsys
 from tailcalld.client import Client, RemoteError
@@ -267,11 +267,9 @@ def _pin_old_dispatcher(pin_dir: Path) -> int:
 
 
 def _link_prog_name(pin_dir: Path) -> str:
-    fd = bpfsys.obj_get(str(pin_dir / "link"))
-    try:
-        prog_fd = bpfsys.prog_get_fd_by_id(bpfsys.link_info(fd).prog_id)
-    finally:
-        os.close(fd)
+    prog_id = pinned_link_prog(pin_dir)
+    assert prog_id is not None, f"no dispatcher link pinned in {pin_dir}"
+    prog_fd = bpfsys.prog_get_fd_by_id(prog_id)
     try:
         return bpfsys.prog_info(prog_fd).name
     finally:
@@ -332,26 +330,18 @@ def test_hand_made_changes_are_repaired_while_running(tmp_path: Path, pin_root: 
         d.stop()
 
 
-def _link_prog(link_pin: Path) -> int:
-    fd = bpfsys.obj_get(str(link_pin))
-    try:
-        return bpfsys.link_info(fd).prog_id
-    finally:
-        os.close(fd)
-
-
 def test_pins_removed_while_running_are_pinned_again(tmp_path: Path, pin_root: Path) -> None:
     """rm -rf pin_dir under a running daemon: tracing must not end when the daemon does."""
     counter = pin_root / "maps" / "count"
     d, prog_id = start_counting(tmp_path, pin_root, counter, miss_log_interval=0.3)
     pin_dir = d.pin_dir
     try:
-        dispatcher = _link_prog(pin_dir / "link")
+        dispatcher = pinned_link_prog(pin_dir)
         subprocess.run(["rm", "-rf", str(pin_dir)], check=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (pin_dir / "link").exists():
             time.sleep(0.1)
-        assert _link_prog(pin_dir / "link") == dispatcher
+        assert dispatcher is not None and pinned_link_prog(pin_dir) == dispatcher
         assert kernel_slots(pin_dir / "prog_array") == {NR_FCHMODAT: prog_id}
         with d.client() as c:
             assert any("pinned again" in line for line in c.call("status")["corrections"])
