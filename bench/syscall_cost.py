@@ -26,9 +26,9 @@ from typing import Any
 
 from tailcalld.compiler import Compiler, Program
 from tailcalld.config import LiveSettings, Settings
-from tailcalld.dispatcher import MISSES, NR_SLOTS, Dispatcher
+from tailcalld.dispatcher import NR_SLOTS, Dispatcher
 from tailcalld.syscalls import SyscallTable
-from tests.harness import pinned_percpu_u64_sum, remove_pin_tree
+from tests.harness import remove_pin_tree, slot_misses
 
 from .util import (LinkWatch, PinDirs, median, perf_progs_of, perf_tracepoint_programs, pinned_link_progs,
                    prog_id_of_fd, raw_tp_link_progs, wait_progs_gone)
@@ -175,7 +175,7 @@ def tailcalld_dispatcher(fill: Callable[[Env], list[int]]) -> Attacher:
             for slot in fill(env):
                 dispatcher.set_slot(slot, env.handler().fd)
             # Read from the pin, the way anyone but the daemon would see the counter.
-            yield Attached(ids, getppid_misses=lambda: pinned_percpu_u64_sum(pin_dir / MISSES.pin, env.getppid_nr))
+            yield Attached(ids, getppid_misses=lambda: slot_misses(pin_dir, env.getppid_nr))
         finally:
             ids = ids or pinned_link_progs(pin_dir)
             remove_pin_tree(pin_dir)  # the link pin first: that detaches the dispatcher

@@ -3,8 +3,8 @@
 Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops):
 
     prog_array     BPF_MAP_TYPE_PROG_ARRAY, NR_SLOTS entries: the handler slots
-    misses         per-CPU u64 array, NR_SLOTS entries: tail-call misses per slot
-    calls          per-CPU u64 array, NR_SLOTS entries: calls per slot (hits = calls - misses)
+    counts         per-CPU array of {u64 calls, u64 misses}, NR_SLOTS entries: every call of
+                   a slot's syscall, and those that fell through an empty slot (hits = calls - misses)
     compat_slots   (x86_64) u32 array, COMPAT_NR entries: ia32 number -> 64-bit slot + 1
     compat_misses  (x86_64) per-CPU u64 array: calls of ia32-only syscalls, by ia32 number
     link           the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
@@ -61,11 +61,13 @@ class _MapSpec:
 
 
 PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
-MISSES = _MapSpec("misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
-CALLS = _MapSpec("calls", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8)
+COUNTS = _MapSpec("counts", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 16)
+COUNT_FIELDS = ("calls", "misses")  # struct slot_counts in dispatcher.bpf.c, u64 each
 COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR, prefix="tcd_")
 COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR, prefix="tcd_")
-ALL_MAPS = (PROG_ARRAY, MISSES, CALLS, COMPAT_SLOTS, COMPAT_MISSES)
+ALL_MAPS = (PROG_ARRAY, COUNTS, COMPAT_SLOTS, COMPAT_MISSES)
+# Pins of older tailcalld layouts: an upgrade removes them once the old dispatcher is gone.
+LEGACY_PINS = ("misses", "calls")
 LINK_PIN = "link"
 NEW_LINK_PIN = "link_new"  # bpffs refuses names with dots
 # Maps a libbpf handler pins by name (LIBBPF_PIN_BY_NAME) go to pin_dir/handlers/<sha256>/,
@@ -151,7 +153,7 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
 
 
 def _map_specs(compat: dict[int, int] | None) -> list[_MapSpec]:
-    return [PROG_ARRAY, MISSES, CALLS] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
+    return [PROG_ARRAY, COUNTS] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
 
 
 def _fill_compat_slots(fd: int, compat: dict[int, int]) -> None:
@@ -205,6 +207,7 @@ class Dispatcher:
                 link_fd = await _upgrade(pin_dir, compiler, old_prog, compat is not None)
             finally:
                 os.close(old_fd)  # with the pin replaced, this was the old link's last reference
+            _remove_legacy_pins(pin_dir)
             return cls(pin_dir, lock, maps, link_fd, adopted=True, upgraded_from=old_prog.id)
         except BaseException:
             for fd in maps.values():
@@ -242,11 +245,15 @@ class Dispatcher:
 
     def miss_totals(self) -> list[int]:
         """Misses per slot since the counters were created (they survive daemon restarts)."""
-        return bpfsys.percpu_u64_sums(self._maps[MISSES.pin], self.nr_slots)
+        return self._count_column("misses")
 
     def call_totals(self) -> list[int]:
         """Calls per slot (dispatched or missed) since the counters were created."""
-        return bpfsys.percpu_u64_sums(self._maps[CALLS.pin], self.nr_slots)
+        return self._count_column("calls")
+
+    def _count_column(self, field: str) -> list[int]:
+        columns = bpfsys.percpu_u64_columns(self._maps[COUNTS.pin], self.nr_slots, len(COUNT_FIELDS))
+        return columns[COUNT_FIELDS.index(field)]
 
     def compat_miss_totals(self) -> list[int]:
         """Calls of ia32-only syscalls by ia32 number (empty where there is no compat table)."""
@@ -340,6 +347,15 @@ async def _upgrade(pin_dir: Path, compiler: Compiler, old: bpfsys.ProgInfo, comp
     return link_fd
 
 
+def _remove_legacy_pins(pin_dir: Path) -> None:
+    """The maps only an older dispatcher used: it holds them for as long as the kernel keeps
+    it, so unpinning them now loses none of its counts that anyone still reads."""
+    for name in LEGACY_PINS:
+        with contextlib.suppress(FileNotFoundError):
+            (pin_dir / name).unlink()
+            logger.info("removed %s, used only by the older dispatcher", pin_dir / name)
+
+
 def _compat_cflags(pin_dir: Path) -> list[str]:
     return [f"-DTAILCALLD_COMPAT_NR={COMPAT_NR}",
             f'-DTAILCALLD_COMPAT_SLOTS="{pin_dir / COMPAT_SLOTS.pin}"',
@@ -353,8 +369,7 @@ async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str, com
     cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
               f"-DTAILCALLD_DISPATCH={function}",
               f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"',
-              f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"',
-              f'-DTAILCALLD_CALLS="{pin_dir / CALLS.pin}"']
+              f'-DTAILCALLD_COUNTS="{pin_dir / COUNTS.pin}"']
     if compat:
         cflags += _compat_cflags(pin_dir)
     prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, cflags)
@@ -399,7 +414,7 @@ def remove_pins(pin_dir: Path) -> list[str]:
     dispatcher once no fd holds it), then the maps and the handlers' pinned maps, then the
     folder if it is empty.  Both unload-all and ``--purge`` come here."""
     removed = []
-    for name in (LINK_PIN, NEW_LINK_PIN, *(spec.pin for spec in ALL_MAPS)):
+    for name in (LINK_PIN, NEW_LINK_PIN, *(spec.pin for spec in ALL_MAPS), *LEGACY_PINS):
         path = pin_dir / name
         if path.exists():
             path.unlink()

@@ -32,7 +32,7 @@ class FakeKernel:
         self.misses = [0] * NR_SLOTS
         self.calls = [0] * NR_SLOTS
         self.loads = 0
-        self.pins: list[str] = [str(pin_dir / "link"), str(pin_dir / "prog_array"), str(pin_dir / "misses")]
+        self.pins: list[str] = [str(pin_dir / "link"), str(pin_dir / "prog_array"), str(pin_dir / "counts")]
         self.fail_load: TailcalldError | None = None
         self.fail_set = False
         self.fail_clear = False

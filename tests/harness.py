@@ -393,15 +393,25 @@ def possible_cpus() -> int:
     return sum(int(r.split("-")[-1]) - int(r.split("-")[0]) + 1 for r in text.split(","))
 
 
-def pinned_percpu_u64_sum(pin: Path, key: int) -> int:
-    """Entry ``key`` of a pinned per-CPU u64 array, summed over the CPUs (tailcalld's miss counters)."""
+def pinned_percpu_u64_sum(pin: Path, key: int, width: int = 1, field: int = 0) -> int:
+    """Field ``field`` of entry ``key`` of a pinned per-CPU array of ``width`` u64s, summed over
+    the CPUs (tailcalld's compat_misses: width 1; its counts: see ``slot_misses``)."""
     fd = pinned_fd(pin)
     try:
-        k, values = ctypes.c_uint32(key), (ctypes.c_uint64 * possible_cpus())()
+        k, values = ctypes.c_uint32(key), (ctypes.c_uint64 * (possible_cpus() * width))()
         _checked(libbpf().bpf_map_lookup_elem(fd, ctypes.byref(k), ctypes.byref(values)), f"read {pin} key {key}")
-        return sum(values)
+        return sum(values[field::width])
     finally:
         os.close(fd)
+
+
+def slot_misses(pin_dir: Path, slot: int) -> int:
+    """The dispatcher's miss counter of ``slot`` (pin_dir/counts: {calls, misses} per slot)."""
+    return pinned_percpu_u64_sum(pin_dir / "counts", slot, width=2, field=1)
+
+
+def slot_calls(pin_dir: Path, slot: int) -> int:
+    return pinned_percpu_u64_sum(pin_dir / "counts", slot, width=2, field=0)
 
 
 # -- the journal -----------------------------------------------------------------------------

@@ -15,12 +15,12 @@ from pathlib import Path
 
 
 from harness import (pinned_link_prog, NR_FCHMODAT, DaemonProcess, Workload, counting_handler, fchmodat, kernel_slots, read_counter,
-                     remove_pin_tree, saved_slots, start_counting, start_daemon)
+                     remove_pin_tree, saved_slots, slot_calls, start_counting, start_daemon)
 from tailcalld import bpfsys
 from tailcalld.client import Client, RemoteError
 from tailcalld.config import LiveSettings, Settings
-from tailcalld.compiler import Compiler, bpf_source
-from tailcalld.dispatcher import CALLS, MISSES, NR_SLOTS, PROG_ARRAY, dispatcher_function
+from tailcalld.compiler import Compiler
+from tailcalld.dispatcher import LEGACY_PINS, NR_SLOTS, PROG_ARRAY, dispatcher_function
 
 CHURN_SLOTS = [300, 301, 302]  # fanotify_init.., rarely called: handlers there just return 0
 
@@ -243,18 +243,33 @@ def test_an_older_dispatcher_is_upgraded_without_losing_calls(tmp_path: Path, pi
         counted = read_counter(counter)
         assert work.made <= counted, (work.made, counted)
         assert kernel_slots(pin_dir / "prog_array") == saved_slots(tmp_path / "state")
+        # The older layout's counter maps went with it; the new counters count the slot's calls.
+        assert not any((pin_dir / name).exists() for name in LEGACY_PINS)
+        before = slot_calls(pin_dir, NR_FCHMODAT)
+        fchmodat(50)
+        assert slot_calls(pin_dir, NR_FCHMODAT) - before >= 50
     finally:
         d.stop()
 
 
+OLD_DISPATCHER = Path(__file__).with_name("data") / "dispatcher_calls_misses.bpf.c"
+
+
 def _pin_old_dispatcher(pin_dir: Path) -> int:
-    """tailcalld's dispatcher code under another version's name, pinned on the same maps."""
+    """The previous release's dispatcher (separate calls and misses maps) under another
+    version's name, pinned on the same prog array."""
     name = "tcd_00000000000"
+    for legacy in LEGACY_PINS:
+        fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, f"tailcalld_{legacy}", 4, 8, NR_SLOTS)
+        try:
+            bpfsys.obj_pin(fd, str(pin_dir / legacy))
+        finally:
+            os.close(fd)
     cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}", f"-DTAILCALLD_DISPATCH={name}",
-              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"', f'-DTAILCALLD_MISSES="{pin_dir / MISSES.pin}"',
-              f'-DTAILCALLD_CALLS="{pin_dir / CALLS.pin}"']
+              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"', f'-DTAILCALLD_MISSES="{pin_dir / "misses"}"',
+              f'-DTAILCALLD_CALLS="{pin_dir / "calls"}"']
     compiler = Compiler(LiveSettings(Settings(compile_timeout=60.0)))
-    prog = asyncio.run(compiler.load(bpf_source("dispatcher.bpf.c"), name, cflags))
+    prog = asyncio.run(compiler.load(OLD_DISPATCHER.read_text(), name, cflags))
     try:
         link = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
     finally:
