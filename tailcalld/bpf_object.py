@@ -63,6 +63,11 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_object__next_map.restype = vp
     lib.bpf_map__name.argtypes = [vp]
     lib.bpf_map__name.restype = ctypes.c_char_p
+    lib.bpf_object__find_map_by_name.argtypes = [vp, ctypes.c_char_p]
+    lib.bpf_object__find_map_by_name.restype = vp
+    lib.bpf_map__reuse_fd.argtypes = [vp, ctypes.c_int]
+    lib.bpf_map__fd.argtypes = [vp]
+    lib.bpf_program__set_attach_target.argtypes = [vp, ctypes.c_int, ctypes.c_char_p]
     for field in ("type", "key_size", "value_size", "max_entries"):
         getattr(lib, f"bpf_map__{field}").argtypes = [vp]
         getattr(lib, f"bpf_map__{field}").restype = ctypes.c_uint32
@@ -128,6 +133,36 @@ class BpfObject:
         if lib.bpf_object__load(self._obj) != 0:
             raise VerifierRejected(f"the kernel refused {name!r} (see libbpf's log and the verifier's below)")
         return lib.bpf_program__fd(self._progs[name])
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        """Make the object's map ``name`` the existing map ``fd`` (a pinned one, opened by path)
+        instead of creating it; libbpf checks that type, sizes and entries agree."""
+        lib = _lib()
+        m = lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise ObjectError(f"the object declares no map {name!r}")
+        if lib.bpf_map__reuse_fd(m, fd) != 0:
+            raise ObjectError(f"cannot use map fd {fd} as {name!r} (errno {ctypes.get_errno()})")
+
+    def set_attach_target(self, program: str, target_prog_fd: int, function: str) -> None:
+        """For fentry/fexit programs: attach to ``function`` of the loaded program ``target_prog_fd``."""
+        if _lib().bpf_program__set_attach_target(self._progs[program], target_prog_fd, function.encode()) != 0:
+            raise ObjectError(f"cannot set {function!r} as the attach target of {program!r} "
+                              f"(errno {ctypes.get_errno()})")
+
+    def load_all(self) -> dict[str, int]:
+        """Load every program of the object; their fds by name (valid until close())."""
+        lib = _lib()
+        if lib.bpf_object__load(self._obj) != 0:
+            raise VerifierRejected(f"the kernel refused the object (errno {ctypes.get_errno()}); see libbpf's log")
+        return {name: lib.bpf_program__fd(prog) for name, prog in self._progs.items()}
+
+    def map_fd(self, name: str) -> int:
+        lib = _lib()
+        m = lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise ObjectError(f"the object declares no map {name!r}")
+        return int(lib.bpf_map__fd(m))
 
     def close(self) -> None:
         _lib().bpf_object__close(self._obj)

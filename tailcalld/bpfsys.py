@@ -154,6 +154,11 @@ def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:
                   f"attach raw_tracepoint/{tracepoint}")
 
 
+def tracing_attach(prog_fd: int) -> int:
+    """Attach an fentry/fexit program to the target it was loaded for; returns the link fd."""
+    return _check(_lib().bpf_raw_tracepoint_open(None, prog_fd), "attach the fentry/fexit program")
+
+
 def _info(fd: int, struct: type[ctypes.Structure], what: str) -> ctypes.Structure:
     info = struct()
     size = ctypes.c_uint32(ctypes.sizeof(info))
@@ -211,6 +216,15 @@ def map_delete(map_fd: int, slot: int) -> bool:
             return False
         _check(ret, f"delete slot {slot}")
     return True
+
+
+def percpu_array_set(map_fd: int, key: int, value: bytes) -> None:
+    """Set entry ``key`` of a per-CPU array to ``value`` on every possible CPU at once."""
+    ncpu = num_possible_cpus()
+    stride = (len(value) + 7) // 8 * 8  # per-CPU values are 8-byte aligned
+    buf = ctypes.create_string_buffer(b"".join(value.ljust(stride, b"\0") for _ in range(ncpu)), stride * ncpu)
+    k = ctypes.c_uint32(key)
+    _check(_lib().bpf_map_update_elem(map_fd, ctypes.byref(k), buf, 0), f"write entry {key} on every CPU")
 
 
 def percpu_u64_sums(map_fd: int, max_entries: int) -> list[int]:

@@ -19,13 +19,15 @@ from pydantic import BaseModel
 from . import __version__
 from .config import LiveSettings
 from .dialects import Artifact, detect
-from .errors import BadRequest, SourceTooLarge
+from .errors import BadRequest, SourceTooLarge, TimingUnavailable
 from .peers import Peer
 from .protocol import (AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest, DetachResult,
                        ListRequest, PingRequest, PingResult, Request, SlotInfo, StatusRequest, StatusResult,
-                       SyscallEntry, SyscallsRequest, SyscallsResult, UnloadAllRequest, UnloadResult)
+                       SyscallEntry, SyscallsRequest, SyscallsResult, TimingRequest, TimingResult, UnloadAllRequest,
+                       UnloadResult)
 from .slots import SlotManager, SlotView, Status
 from .state import SlotRecord
+from .timing import OnDemandTiming, SlotTimes
 
 
 class StopReason(enum.Enum):
@@ -43,6 +45,7 @@ class CommandContext:
     socket_path: str = ""
     connections: Callable[[], int] = lambda: 0
     list_cache: ListCache = field(default_factory=lambda: ListCache())
+    timing: OnDemandTiming | None = None  # None: this daemon cannot time handlers (tests' fake kernel)
 
 
 def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
@@ -76,27 +79,31 @@ def slot_info(view: SlotView) -> SlotInfo:
 class ListCache:
     """``list`` replies serialised fast: list is the hottest request, and a slot's entry only
     changes when its record does, so each entry is serialised once (by the SlotInfo model) and
-    only its last four fields (state, kernel program, hits, misses) are written per request."""
+    only its last fields (state, kernel program, hits, misses, timing) are written per request."""
 
-    _TAIL = b',"state":"kernel-empty","kernel_prog_id":null,"hits":0,"misses":0}'
+    _TAIL = b',"state":"kernel-empty","kernel_prog_id":null,"hits":0,"misses":0,"timed_runs":null,"timed_ns":null}'
 
     def __init__(self) -> None:
         self._heads: dict[int, tuple[SlotRecord, bytes]] = {}
 
-    def reply(self, views: list[SlotView]) -> bytes:
-        entries = [self._head(v) + self._tail(v) for v in views]
+    def reply(self, views: list[SlotView], times: SlotTimes | None = None) -> bytes:
+        entries = [self._head(v) + self._tail(v, times) for v in views]
         return b'{"slots":[' + b",".join(entries) + b"]}"
 
-    def _tail(self, v: SlotView) -> bytes:
+    def _tail(self, v: SlotView, times: SlotTimes | None) -> bytes:
         kernel = b"null" if v.kernel_prog_id is None else b"%d" % v.kernel_prog_id
-        return b'"%s","kernel_prog_id":%s,"hits":%d,"misses":%d}' % (v.state.encode(), kernel, v.hits, v.misses)
+        slot = v.record.slot
+        timed = (b"null,\"timed_ns\":null" if times is None
+                 else b"%d,\"timed_ns\":%d" % (times.hits[slot], times.hit_ns[slot]))
+        return b'"%s","kernel_prog_id":%s,"hits":%d,"misses":%d,"timed_runs":%s}' % (
+            v.state.encode(), kernel, v.hits, v.misses, timed)
 
     def _head(self, view: SlotView) -> bytes:
         cached = self._heads.get(view.record.slot)
         if cached is not None and cached[0] is view.record:
             return cached[1]
         text = slot_info(SlotView(view.record, view.syscall, None, 0, 0)).model_dump_json().encode()
-        assert text.endswith(self._TAIL), "state, kernel_prog_id, hits and misses must stay SlotInfo's last fields"
+        assert text.endswith(self._TAIL), "state ... timed_ns must stay SlotInfo's last fields"
         head = text[:-len(self._TAIL)] + b',"state":'
         self._heads[view.record.slot] = (view.record, head)
         return head
@@ -109,7 +116,7 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
         upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots,
         hits_total=status.hits_total, misses_total=status.misses_total, miss_log_interval=s.miss_log_interval,
-        connections=ctx.connections(),
+        connections=ctx.connections(), timing_seconds_left=ctx.timing.seconds_left() if ctx.timing else 0.0,
         corrections=status.corrections)
 
 
@@ -133,7 +140,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             d = await m.detach(request.slot, peer)
             return DetachResult(slot=d.slot, syscall=d.syscall, prog_id=d.prog_id)
         case ListRequest():
-            return ctx.list_cache.reply(m.list_slots())
+            return ctx.list_cache.reply(m.list_slots(), ctx.timing.read() if ctx.timing else None)
         case StatusRequest():
             return status_result(m.status(), ctx)
         case SyscallsRequest():
@@ -142,7 +149,15 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
                              prog_id=v.record.prog_id if v.record else None,
                              function=v.record.function if v.record else None)
                 for v in m.syscall_table(request.pattern)])
+        case TimingRequest():
+            if ctx.timing is None:
+                raise TimingUnavailable("this daemon cannot time handlers")
+            left = await ctx.timing.request(request.seconds)
+            times = ctx.timing.read()
+            return TimingResult(on=ctx.timing.on, seconds_left=left, dispatch_ns=times.dispatch_ns() if times else None)
         case UnloadAllRequest():
+            if ctx.timing is not None:
+                ctx.timing.stop()  # its program reads the dispatcher's maps, about to be unpinned
             u = await m.unload_all(peer)
             ctx.request_stop(StopReason.UNLOADED)
             return UnloadResult(slots_emptied=u.slots, pins_removed=u.pins)

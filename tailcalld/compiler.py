@@ -33,9 +33,8 @@ from . import bpfsys, confine, dialects
 from .compile_worker import OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
 from .dialects import Artifact, Dialect
-from .errors import (BadRequest, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude, StateUnwritable,
-                     TailcalldError,
-                     error_class)
+from .errors import (BadRequest, CompileError, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude,
+                     StateUnwritable, TailcalldError, ToolFailed, error_class)
 
 logger = logging.getLogger("tailcalld")
 
@@ -186,6 +185,38 @@ class Compiler:
         if artifact.dialect == "object":
             return await self.load(function=function, dialect="object", object_bytes=artifact.data, pin_root=pin_root)
         return await self.load(artifact.source, function, dialect=artifact.dialect, pin_root=pin_root)
+
+    async def build_own_object(self, source_name: str, cflags: Sequence[str] = ()) -> bytes:
+        """Compile one of tailcalld's own libbpf sources (tailcalld/bpf/``source_name``) to a
+        BPF ELF object.  Trusted code, so no confined worker; still clang runs in a process
+        group of its own, killed whole at ``compile_timeout``, in a folder removed after."""
+        work_dir = self._new_work_dir()
+        output = work_dir / "out.o"
+        cmd = dialects.clang_command([bpf_include_dir()], str(output))
+        cmd[1:1] = list(cflags)
+        timeout = self._settings.current.compile_timeout
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, cwd=work_dir, start_new_session=True)
+            try:
+                said, _ = await asyncio.wait_for(proc.communicate(bpf_source(source_name).encode()), timeout)
+            except TimeoutError:
+                raise CompileTimeout(f"compiling tailcalld's {source_name} took longer than {timeout:g} s; "
+                                     "clang was killed", {"timeout": timeout}) from None
+            finally:
+                _kill_group(proc.pid)
+                if proc.returncode is None:
+                    await proc.wait()
+            if proc.returncode != 0:
+                raise CompileError(f"clang could not compile tailcalld's {source_name} "
+                                   f"(exit status {proc.returncode})", {"log": _tidy(said)})
+            return output.read_bytes()
+        except FileNotFoundError as exc:
+            raise ToolFailed(f"cannot run clang to build tailcalld's {source_name}: {exc.strerror} "
+                             "(apt-get install clang)") from None
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
     async def _run_worker(self, request: dict[str, object]) -> tuple[dict[str, Any], int | None, str]:
         s = self._settings.current

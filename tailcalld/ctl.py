@@ -28,7 +28,7 @@ from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
 from .protocol import (MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult, PingResult, SlotInfo,
-                       StatusResult, SyscallsResult, UnloadResult)
+                       StatusResult, SyscallsResult, TimingResult, UnloadResult)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -145,6 +145,10 @@ def syscalls_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"pattern": args.pattern}
 
 
+def timing_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {"seconds": args.seconds}
+
+
 # Result printers: each takes its verb's result model, so a field renamed in protocol.py is a
 # mypy error here rather than a KeyError in front of the user.
 
@@ -176,10 +180,17 @@ def _prog(s: SlotInfo) -> str:
     return f"{s.prog_id} (kernel: {'empty' if s.kernel_prog_id is None else s.kernel_prog_id})"
 
 
+def _avg_ns(s: SlotInfo) -> str:
+    return "-" if not s.timed_runs or s.timed_ns is None else f"{s.timed_ns / s.timed_runs:.0f}"
+
+
 def show_list(r: ListResult, args: argparse.Namespace) -> None:
+    timed = any(s.timed_runs is not None for s in r.slots)  # the column only while timing is on
     rows = [[s.slot, printable(s.syscall), printable(s.function or "?"), s.dialect or "?", _prog(s),
-             printable(s.filename or "-"), _since(s.attached_at), s.hits, s.misses] for s in r.slots]
+             printable(s.filename or "-"), _since(s.attached_at), s.hits, s.misses] + ([_avg_ns(s)] if timed else [])
+            for s in r.slots]
     headers = ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
+    headers += ["AVG NS"] if timed else []
     if rows:
         print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
                        disable_numparse=True))
@@ -199,6 +210,7 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
     ]
     if r.upgraded_from:
         rows.append(("Upgraded", f"from dispatcher program {r.upgraded_from} at this start"))
+    rows.append(("Timing", f"on for {r.timing_seconds_left:.0f} s more" if r.timing_seconds_left else "off"))
     print(tabulate([(name, printable(str(value))) for name, value in rows], tablefmt="plain", disable_numparse=True))
     if r.corrections:
         print("\nCorrections (kernel and saved state disagreed, at start or while running):")
@@ -216,6 +228,14 @@ def show_syscalls(r: SyscallsResult, args: argparse.Namespace) -> None:
         print(f"\n{len(rows)} syscall{'s' if len(rows) != 1 else ''} listed"
               + ("; SLOT - means never dispatched (no 64-bit syscall of that name)."
                  if any(e.slot is None for e in r.syscalls) else "."))
+
+
+def show_timing(r: TimingResult, args: argparse.Namespace) -> None:
+    if not r.on:
+        print("handler timing is off")
+        return
+    dispatch = "" if r.dispatch_ns is None else f"; a call that falls through takes {r.dispatch_ns:.0f} ns"
+    print(f"handler timing is on for {r.seconds_left:.0f} s more (see list, top){dispatch}")
 
 
 def show_unload_all(r: UnloadResult, args: argparse.Namespace) -> None:
@@ -254,6 +274,7 @@ VERBS: Mapping[str, Verb[Any]] = {
     "status": _verb(no_fields, StatusResult, show_status),
     "ping": _verb(no_fields, PingResult, show_ping),
     "syscalls": _verb(syscalls_request, SyscallsResult, show_syscalls),
+    "timing": _verb(timing_request, TimingResult, show_timing),
     "unload-all": _verb(no_fields, UnloadResult, show_unload_all),
 }
 
@@ -304,10 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
                    help="between refreshes (default: 1)")
     t.add_argument("--iterations", type=_positive(int), default=None, metavar="N", help="stop after N refreshes")
+    t.add_argument("--no-time", action="store_true",
+                   help="do not switch handler timing on (it costs every syscall while top runs; see README)")
     sc = sub.add_parser("syscalls", parents=[common],
                         help="syscall numbers and names of this machine (and ia32 on x86_64), with their slots")
     sc.add_argument("pattern", metavar="PATTERN", nargs="?", help="a shell pattern on names ('open*'), or a number")
     sc.add_argument("--no-legend", action="store_true", help="no header and footer")
+    tm = sub.add_parser("timing", parents=[common],
+                        help="time the handlers for SECONDS more (list and top show it); 0 only asks")
+    tm.add_argument("seconds", metavar="SECONDS", nargs="?", type=float, default=60.0,
+                    help="how long timing stays on unless renewed (default: 60, at most 600)")
     sub.add_parser("ping", parents=[common], help="check that the daemon answers")
     sub.add_parser("unload-all", parents=[common],
                    help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")
@@ -339,7 +366,7 @@ def _reply_problems(err: ValidationError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.verb == "top":  # client side: samples `list`, sends no command of its own
+    if args.verb == "top":  # client side: samples `list` (and renews `timing`)
         return _talking(args, lambda client: top.run(client, args, printable))
     verb = VERBS[args.verb]
     try:

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__, notify
+from . import __version__, notify, timing
 from .commands import CommandContext, StopReason
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, LiveSettings, Settings, bounds, load_settings
@@ -35,6 +35,7 @@ from .server import ROOT_RESERVE, ControlServer, SocketPlace
 from .slots import SlotManager
 from .state import StateFile, StateStore
 from .syscalls import SyscallTable
+from .timing import OnDemandTiming
 
 logger = logging.getLogger("tailcalld")
 
@@ -69,6 +70,7 @@ class Daemon:
         self._maintenance: asyncio.Task[None] | None = None
         self._compat_misses: MissMonitor | None = None
         self._misses_per_min = 0.0
+        self._timing: OnDemandTiming | None = None
 
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
         self.stop_reason = reason
@@ -100,6 +102,10 @@ class Daemon:
             compat = self.syscalls.compat_table()
             kernel = await BpfKernel.open(s.pin_dir, compiler, compat, pin_lock)
             held.callback(kernel.close)
+            timing_target = kernel.timing_target()
+            timing.switch_off(timing_target)  # left on by a daemon killed while someone timed handlers
+            self._timing = OnDemandTiming(lambda cflags: compiler.build_own_object(timing.SOURCE, cflags), timing_target)
+            held.callback(self._timing.stop)  # before the kernel's handles close (ExitStack: reverse order)
             compiler.remove_leftovers()  # the pins are ours now, so are the compile folders
             misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch)
             if compat is not None:
@@ -121,7 +127,8 @@ class Daemon:
             sock = passed
             place.set_access(s.allowed_gid)
         self._place = place
-        server = ControlServer(CommandContext(manager, self.live, self.request_stop, str(place.path)))
+        server = ControlServer(CommandContext(manager, self.live, self.request_stop, str(place.path),
+                                              timing=self._timing))
         watchdog = _start_watchdog()
         try:
             await server.start(sock)

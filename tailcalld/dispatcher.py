@@ -5,6 +5,7 @@ Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops)
     prog_array     BPF_MAP_TYPE_PROG_ARRAY, NR_SLOTS entries: the handler slots
     counts         per-CPU array of {u64 calls, u64 misses}, NR_SLOTS entries: every call of
                    a slot's syscall, and those that fell through an empty slot (hits = calls - misses)
+    timing         per-CPU {on, start, misses_before, slot}, 1 entry: handler timing (timing.py)
     compat_slots   (x86_64) u32 array, COMPAT_NR entries: ia32 number -> 64-bit slot + 1
     compat_misses  (x86_64) per-CPU u64 array: calls of ia32-only syscalls, by ia32 number
     link           the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
@@ -63,9 +64,10 @@ class _MapSpec:
 PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
 COUNTS = _MapSpec("counts", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 16)
 COUNT_FIELDS = ("calls", "misses")  # struct slot_counts in dispatcher.bpf.c, u64 each
+TIMING = _MapSpec("timing", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 32, 1)
 COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR, prefix="tcd_")
 COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR, prefix="tcd_")
-ALL_MAPS = (PROG_ARRAY, COUNTS, COMPAT_SLOTS, COMPAT_MISSES)
+ALL_MAPS = (PROG_ARRAY, COUNTS, TIMING, COMPAT_SLOTS, COMPAT_MISSES)
 # Pins of older tailcalld layouts: an upgrade removes them once the old dispatcher is gone.
 LEGACY_PINS = ("misses", "calls")
 LINK_PIN = "link"
@@ -153,7 +155,7 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
 
 
 def _map_specs(compat: dict[int, int] | None) -> list[_MapSpec]:
-    return [PROG_ARRAY, COUNTS] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
+    return [PROG_ARRAY, COUNTS, TIMING] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
 
 
 def _fill_compat_slots(fd: int, compat: dict[int, int]) -> None:
@@ -218,6 +220,15 @@ class Dispatcher:
     @property
     def prog_id(self) -> int:
         return self.link.prog_id
+
+    @property
+    def compat(self) -> bool:
+        """Whether the dispatcher translates ia32 syscall numbers (x86_64)."""
+        return COMPAT_SLOTS.pin in self._maps
+
+    def map_fd(self, spec: _MapSpec) -> int | None:
+        """Our fd on one of the dispatcher's maps (borrowed: valid until close())."""
+        return self._maps.get(spec.pin)
 
     def set_slot(self, slot: int, prog_fd: int) -> None:
         try:
@@ -364,15 +375,18 @@ def _compat_cflags(pin_dir: Path) -> list[str]:
             f"-DTAILCALLD_TS_COMPAT={TS_COMPAT:#x}"]
 
 
+def _cflags(pin_dir: Path, compat: bool) -> list[str]:
+    cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
+              f"-DTAILCALLD_DISPATCH={dispatcher_function()}",
+              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"',
+              f'-DTAILCALLD_COUNTS="{pin_dir / COUNTS.pin}"',
+              f'-DTAILCALLD_TIMING="{pin_dir / TIMING.pin}"']
+    return cflags + (_compat_cflags(pin_dir) if compat else [])
+
+
 async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str, compat: bool) -> int:
     function = dispatcher_function()
-    cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
-              f"-DTAILCALLD_DISPATCH={function}",
-              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"',
-              f'-DTAILCALLD_COUNTS="{pin_dir / COUNTS.pin}"']
-    if compat:
-        cflags += _compat_cflags(pin_dir)
-    prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, cflags)
+    prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, _cflags(pin_dir, compat))
     try:
         link_fd = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
     finally:

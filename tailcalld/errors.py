@@ -159,6 +159,11 @@ class UnsafePath(TailcalldError):
     code = "unsafe_path"
 
 
+class TimingUnavailable(TailcalldError):
+    """Handler timing could not be switched on (no BPF trampoline for the dispatcher here)."""
+    code = "timing_unavailable"
+
+
 class RequestError(Exception):
     """A request that failed before it could run, with the id its reply must echo."""
 

@@ -17,6 +17,7 @@ from . import bpfsys
 from .compiler import Compiler, Program
 from .dialects import Artifact
 from .dispatcher import Dispatcher, PinDirLock, handler_pin_dir, remove_handler_pins, remove_pins
+from .timing import TimingTarget, target_of
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,9 @@ class BpfKernel:
 
     def restore_pins(self) -> list[str]:
         return self._dispatcher.restore_pins()
+
+    def timing_target(self) -> TimingTarget:
+        return target_of(self._dispatcher)
 
     def close(self) -> None:
         """Drop our handles; the pins keep the dispatcher attached and the slots filled."""

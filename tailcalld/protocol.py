@@ -83,14 +83,20 @@ class SyscallsRequest(_Request):
         None, description="a shell pattern on names ('open*'), or a number; None: every syscall")
 
 
+class TimingRequest(_Request):
+    """Time the handlers for at least ``seconds`` more (a lease: top renews it); 0 only asks."""
+    command: Literal["timing"]
+    seconds: Annotated[float, Field(ge=0, le=600)] = 10.0
+
+
 class UnloadAllRequest(_Request):
     """Empty every slot, remove the dispatcher and every pin, forget the state, then exit."""
     command: Literal["unload-all"]
 
 
 Request = Annotated[PingRequest | AttachRequest | CheckRequest | DetachRequest | ListRequest | StatusRequest
-                    | SyscallsRequest | UnloadAllRequest, Field(discriminator="command")]
-COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "syscalls", "unload-all")
+                    | SyscallsRequest | TimingRequest | UnloadAllRequest, Field(discriminator="command")]
+COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "syscalls", "timing", "unload-all")
 _request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
 
 
@@ -111,14 +117,17 @@ class SlotInfo(BaseModel):
     source_sha256: str | None
     attached_at: datetime | None
     attached_by_uid: int | None = None
-    # Keep these four last, in this order: commands.ListCache serialises the rest once per
-    # record and writes only these per request.
+    # Keep these last, in this order: commands.ListCache serialises the rest once per record
+    # and writes only these per request.
     state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"] = Field(
         "in-sync", description="the kernel's slot compared with what tailcalld wants there; not-restored: the "
                                "recorded handler could not be rebuilt at start (retried at the next start)")
     kernel_prog_id: int | None = Field(None, description="the program the kernel's slot holds now")
     hits: int = Field(0, description="times the slot's handler ran since the daemon started")
     misses: int = Field(description="tail-call misses of this slot since the daemon started")
+    timed_runs: int | None = Field(None, description="handler runs timed since timing was switched on; "
+                                                     "None: timing is off (see the timing command)")
+    timed_ns: int | None = Field(None, description="their nanoseconds, dispatcher entry to handler return")
 
 
 class AttachResult(BaseModel):
@@ -164,8 +173,16 @@ class StatusResult(BaseModel):
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
     miss_log_interval: float
     connections: int = Field(0, description="control connections open now, this one included")
+    timing_seconds_left: float = Field(0.0, description="handler timing stays on this long (0: off)")
     corrections: list[str] = Field(default_factory=list,
                                    description="what the start-up reconcile changed to make kernel and state agree")
+
+
+class TimingResult(BaseModel):
+    on: bool
+    seconds_left: float = Field(description="how long timing stays on unless someone renews it")
+    dispatch_ns: float | None = Field(None, description="mean time of a call that fell through (the "
+                                                        "dispatcher's share of every timed run)")
 
 
 class SyscallEntry(BaseModel):

@@ -123,6 +123,7 @@ class DaemonProcess:
     pin_dir: Path
     config: Path
     log: Path
+    started: float = 0.0  # time.time() at its start: pids come round again (pid_max 32768), entries stay
 
     @property
     def pid(self) -> int:
@@ -166,10 +167,11 @@ def start_daemon(tmp: Path, pin_dir: Path, prefix: Sequence[str] = (), **setting
     config = write_config(tmp / "tailcalld.toml", pin_dir=pin_dir, state_dir=tmp / "state", **settings)
     sock = Path(str(settings["socket"]))
     log = tmp / "daemon.log"
+    started = time.time()
     with log.open("w") as out:
         proc = subprocess.Popen([*prefix, str(VENV_BIN / "tailcalld"), "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
-    d = DaemonProcess(proc, sock, pin_dir, config, log)
+    d = DaemonProcess(proc, sock, pin_dir, config, log, started)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

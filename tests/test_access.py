@@ -41,9 +41,11 @@ def as_user(sock: Path, uid: int, gid: int) -> dict:
     return json.loads(r.stdout)
 
 
-def audit_entries(pid: int, action: str) -> list[JournalEntry]:
-    """The audit entries of one daemon for ``action``, once at least one is in the journal."""
-    return wait_journal(lambda: journal(_PID=str(pid), TAILCALLD_ACTION=action))
+def audit_entries(d: DaemonProcess, action: str) -> list[JournalEntry]:
+    """The audit entries of one daemon for ``action``, once at least one is in the journal.  Its
+    pid alone could also match an older daemon's entries: pids come round again in a long day."""
+    return wait_journal(lambda: journal(f"--since=@{d.started - 1:.0f}", _PID=str(d.pid),
+                                        TAILCALLD_ACTION=action))
 
 
 @pytest.mark.usefixtures("journald")
@@ -56,7 +58,7 @@ def test_non_root_peers_are_refused_and_audited(tmp_path: Path, pin_root: Path, 
         os.chmod(d.socket, 0o666)  # an admin's mistake: SO_PEERCRED still stands in the way
         reply = as_user(d.socket, NOBODY, NOBODY)
         assert reply["id"] == 7 and reply["error"]["code"] == "permission_denied"
-        refused = audit_entries(d.proc.pid, "refused")
+        refused = audit_entries(d, "refused")
         assert refused and refused[0]["PEER_UID"] == str(NOBODY) and refused[0]["PEER_COMM"] == "python3"
         with d.client() as c:
             assert c.call("list") == {"slots": []}  # root still served
@@ -79,14 +81,14 @@ def test_allowed_group_gets_access_and_changes_are_audited(tmp_path: Path, pin_r
         with d.client() as c:
             attached = c.call("attach", slot=NR_FCHMODAT, source=counting_handler(pin_root / "maps" / "c"))
             c.call("detach", slot=NR_FCHMODAT)
-        audit = audit_entries(d.proc.pid, "attach")
+        audit = audit_entries(d, "attach")
         assert audit, "no audit entry for the attach"
         entry = audit[0]
         assert entry["PEER_UID"] == "0" and entry["PEER_PID"] == str(os.getpid())
         assert entry["SLOT"] == "268" and entry["SYSCALL_NAME"] == "fchmodat"
         assert entry["PROG_ID"] == str(attached["prog_id"]) and len(entry["SOURCE_SHA256"]) == 64
         assert entry["PEER_COMM"]
-        detach = audit_entries(d.proc.pid, "detach")
+        detach = audit_entries(d, "detach")
         assert detach and detach[0]["PROG_ID"] == str(attached["prog_id"])
     finally:
         d.stop()

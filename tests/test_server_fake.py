@@ -96,6 +96,15 @@ def test_errors_are_values_and_the_connection_goes_on(tmp_path: Path) -> None:
     serve(tmp_path, scenario)
 
 
+def test_timing_where_it_cannot_be_had_is_a_clear_error(tmp_path: Path) -> None:
+    async def scenario(s: Served) -> None:
+        reply = await s.call("timing", seconds=5)
+        assert reply["error"]["code"] == "timing_unavailable"
+        assert (await s.call("status"))["result"]["timing_seconds_left"] == 0
+
+    serve(tmp_path, scenario)
+
+
 def test_a_reload_reaches_the_commands_at_once(tmp_path: Path) -> None:
     async def scenario(s: Served) -> None:
         too_big = await s.call("attach", slot=268, source=SOURCE)

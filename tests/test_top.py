@@ -18,18 +18,33 @@ from tailcalld.top import SlotRate, rates
 UNUSED_NR = 1000  # past every syscall table, but sys_enter still fires: only this test calls it
 
 
-def sample(hits: int, misses: int, slot: int = 268) -> ListResult:
+def sample(hits: int, misses: int, slot: int = 268, timed: tuple[int, int] | None = None) -> ListResult:
+    runs, ns = timed if timed else (None, None)
     return ListResult(slots=[SlotInfo(slot=slot, syscall="fchmodat", function="h", prog_id=1, filename=None,
-                                      source_sha256=None, attached_at=None, hits=hits, misses=misses)])
+                                      source_sha256=None, attached_at=None, hits=hits, misses=misses,
+                                      timed_runs=runs, timed_ns=ns)])
 
 
 def test_rates_are_the_change_per_second() -> None:
-    assert rates(sample(100, 10), sample(300, 30), 2.0) == [SlotRate(268, "fchmodat", "h", 100.0, 10.0)]
+    assert rates(sample(100, 10), sample(300, 30), 2.0) == [SlotRate(268, "fchmodat", "h", 100.0, 10.0, None, None)]
 
 
 def test_a_new_slot_counts_from_zero_and_a_reset_counter_from_its_new_value() -> None:
     assert rates(ListResult(slots=[]), sample(50, 0), 1.0)[0].hits_per_s == 50.0
-    assert rates(sample(500, 5), sample(20, 1), 2.0)[0] == SlotRate(268, "fchmodat", "h", 10.0, 0.5)
+    assert rates(sample(500, 5), sample(20, 1), 2.0)[0] == SlotRate(268, "fchmodat", "h", 10.0, 0.5, None, None)
+
+
+def test_handler_time_is_the_mean_of_the_runs_between_samples_and_their_cpu_share() -> None:
+    [r] = rates(sample(0, 0, timed=(1000, 50_000)), sample(0, 0, timed=(3000, 250_000)), 2.0, cpus=4)
+    assert r.avg_ns == 100.0  # 200 000 ns over 2000 runs
+    assert r.cpu_percent == pytest.approx(100 * 200_000 / (2.0 * 1e9 * 4))
+
+
+def test_timing_switched_on_between_samples_counts_from_zero() -> None:
+    [r] = rates(sample(0, 0), sample(0, 0, timed=(10, 5000)), 1.0, cpus=1)
+    assert r.avg_ns == 500.0
+    [idle] = rates(sample(0, 0, timed=(10, 5000)), sample(0, 0, timed=(10, 5000)), 1.0, cpus=1)
+    assert (idle.avg_ns, idle.cpu_percent) == (None, 0.0)
 
 
 def test_the_busiest_slot_comes_first() -> None:
@@ -72,6 +87,8 @@ def test_top_shows_a_busy_slot_live(busy: DaemonProcess) -> None:
         [slot] = json.loads(r.stdout)["slots"]
         assert (slot["slot"], slot["function"], slot["misses_per_s"]) == (UNUSED_NR, "busy", 0)
         assert slot["hits_per_s"] > 1000
+        assert slot["avg_ns"] > 0 and 0 < slot["cpu_percent"] <= 100  # top switched timing on for itself
+        assert d.call("timing", seconds=0)["on"]
         shown = d.ctl("top", "--iterations", "2", "--interval", "0.2")
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.count("HITS/S") == 2 and "\x1b" not in shown.stdout  # no screen clearing into a pipe

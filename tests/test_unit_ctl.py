@@ -27,7 +27,7 @@ from tailcalld import ctl
 from tailcalld.client import SOCKET_ENV, RemoteError
 from tailcalld.errors import CompileError, SlotEmpty, TailcalldError, VerifierRejected
 from tailcalld.protocol import (COMMANDS, SyscallEntry, SyscallsResult, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
-                                PingResult, Request, RequestId, SlotInfo, StatusResult, UnloadResult, encode_error,
+                                PingResult, Request, RequestId, SlotInfo, StatusResult, TimingResult, UnloadResult, encode_error,
                                 encode_ok, parse_request)
 
 NOBODY = 65534
@@ -345,6 +345,7 @@ REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
                "Hits        9 handler runs since start\n"
                "Misses      3 since start, logged every 60 s\n"
                "Upgraded    from dispatcher program 5 at this start\n"
+               "Timing      off\n"
                "\n"
                "Corrections (kernel and saved state disagreed, at start or while running):\n"
                "  slot 110: emptied\n", ""),
@@ -359,6 +360,8 @@ REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
                  "ia32    268   statfs64  -       -\n"
                  "\n"
                  "3 syscalls listed; SLOT - means never dispatched (no 64-bit syscall of that name).\n", ""),
+    "timing": (["30"], TimingResult(on=True, seconds_left=30.0, dispatch_ns=41.6),
+               "handler timing is on for 30 s more (see list, top); a call that falls through takes 42 ns\n", ""),
     "unload-all": ([], UnloadResult(slots_emptied=[110, 268], pins_removed=["a", "b", "c"]),
                    "emptied 2 slots, removed 3 pins; tailcalld has stopped and left nothing in the kernel\n", ""),
 }

@@ -26,6 +26,19 @@ struct slot_counts {
 };
 BPF_TABLE_PINNED("percpu_array", u32, struct slot_counts, counts, TAILCALLD_SLOTS, TAILCALLD_COUNTS);
 
+// Handler timing, on demand (tailcalld/timing.py): while `on` is set (on every CPU, by the
+// daemon), the call in flight is stamped here and a second program attached after this one
+// (bpf/timing.bpf.c) takes the time once the handler has returned. Off, this is one per-CPU
+// lookup of a constant key and a branch: the price of having no BPF trampoline to lean on
+// (fentry/fexit on this program would cost nothing when off, but kernels without them exist).
+struct timing_run {
+    u64 on;
+    u64 start;          // bpf_ktime_get_ns() before the tail call; 0: nothing in flight
+    u64 misses_before;  // the slot's miss count then: unchanged afterwards means it was dispatched
+    u64 slot;
+};
+BPF_TABLE_PINNED("percpu_array", u32, struct timing_run, timing, 1, TAILCALLD_TIMING);
+
 #ifdef TAILCALLD_COMPAT_NR
 // Values are slot + 1: an entry left at zero means "no 64-bit namesake".
 BPF_TABLE_PINNED("array", u32, u32, compat_slots, TAILCALLD_COMPAT_NR, TAILCALLD_COMPAT_SLOTS);
@@ -66,6 +79,14 @@ int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
         return 0;  // out of range: no slot could hold it either
     // Counted before the jump: a tail call that lands never comes back.
     count->calls += 1;
+
+    u32 zero = 0;
+    struct timing_run *run = timing.lookup(&zero);
+    if (run && run->on) {
+        run->slot = nr;
+        run->misses_before = count->misses;
+        run->start = bpf_ktime_get_ns();
+    }
 
     handlers.call(ctx, nr);
 
