@@ -70,7 +70,7 @@ def slot_info(view: SlotView) -> SlotInfo:
     # model_construct: these values come from our own validated records; list is the
     # hottest request and validation would double its cost.
     return SlotInfo.model_construct(
-        slot=r.slot, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
+        slot=view.nr, hook=view.hook, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
         attached_by_uid=r.attached_by_uid, state=view.state,
         kernel_prog_id=view.kernel_prog_id, hits=view.hits, misses=view.misses)
@@ -93,7 +93,8 @@ class ListCache:
     def _tail(self, v: SlotView, times: SlotTimes | None) -> bytes:
         kernel = b"null" if v.kernel_prog_id is None else b"%d" % v.kernel_prog_id
         slot = v.record.slot
-        timed = (b"null,\"timed_ns\":null" if times is None
+        # Exit slots are not timed (the stamp is the enter dispatcher's): null, as with timing off.
+        timed = (b"null,\"timed_ns\":null" if times is None or slot >= len(times.hits)
                  else b"%d,\"timed_ns\":%d" % (times.hits[slot], times.hit_ns[slot]))
         return b'"%s","kernel_prog_id":%s,"hits":%d,"misses":%d,"timed_runs":%s}' % (
             v.state.encode(), kernel, v.hits, v.misses, timed)
@@ -102,7 +103,8 @@ class ListCache:
         cached = self._heads.get(view.record.slot)
         if cached is not None and cached[0] is view.record:
             return cached[1]
-        text = slot_info(SlotView(view.record, view.syscall, None, 0, 0)).model_dump_json().encode()
+        text = slot_info(SlotView(view.record, view.syscall, None, 0, 0, nr=view.nr, hook=view.hook)
+                         ).model_dump_json().encode()
         assert text.endswith(self._TAIL), "state ... timed_ns must stay SlotInfo's last fields"
         head = text[:-len(self._TAIL)] + b',"state":'
         self._heads[view.record.slot] = (view.record, head)
@@ -129,16 +131,18 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
             a = await m.attach(request.slot, artifact_of(request, max_bytes), request.function, request.filename,
-                               peer, request.fresh)
-            return AttachResult(slot=a.slot, syscall=a.syscall, function=a.function, prog_id=a.prog_id,
-                                insns=a.insns, replaced_prog_id=a.replaced_prog_id)
+                               peer, request.fresh, request.hook)
+            return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
+                                function=a.function, prog_id=a.prog_id, insns=a.insns,
+                                replaced_prog_id=a.replaced_prog_id)
         case CheckRequest():
             c = await m.check(artifact_of(request, max_bytes), request.function)
             return CheckResult(function=c.function, dialect=c.dialect, prog_type="raw_tracepoint", insns=c.insns,
                                log=c.log)
         case DetachRequest():
-            d = await m.detach(request.slot, peer)
-            return DetachResult(slot=d.slot, syscall=d.syscall, prog_id=d.prog_id)
+            d = await m.detach(request.slot, peer, request.hook)
+            return DetachResult(slot=m.syscalls.split(d.slot)[0], hook=request.hook, syscall=d.syscall,
+                                prog_id=d.prog_id)
         case ListRequest():
             return ctx.list_cache.reply(m.list_slots(), ctx.timing.read() if ctx.timing else None)
         case StatusRequest():

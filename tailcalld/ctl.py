@@ -126,7 +126,7 @@ def _since(value: datetime | None) -> str:
 
 def attach_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None,
-            **_read_handler(args.file, args.dialect)}
+            "hook": "exit" if args.exit else None, **_read_handler(args.file, args.dialect)}
 
 
 def check_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def check_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def detach_request(args: argparse.Namespace) -> dict[str, Any]:
-    return {"slot": args.slot}
+    return {"slot": args.slot, "hook": "exit" if args.exit else None}
 
 
 def no_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,8 +158,12 @@ def show_check(r: CheckResult, args: argparse.Namespace) -> None:
     print(printable(f"{r.function} ({r.dialect}) verified: {r.prog_type} program, {r.insns} instructions"))
 
 
+def _where(syscall: str, slot: int, hook: str) -> str:
+    return f"{syscall}{' exit' if hook == 'exit' else ''} ({slot})"
+
+
 def show_attach(r: AttachResult, args: argparse.Namespace) -> None:
-    where = f"{r.syscall} ({r.slot})"
+    where = _where(r.syscall, r.slot, r.hook)
     if r.replaced_prog_id is not None:
         print(printable(f"replaced program {r.replaced_prog_id} in {where} with {r.function}: "
                         f"program {r.prog_id}, {r.insns} instructions"))
@@ -168,7 +172,7 @@ def show_attach(r: AttachResult, args: argparse.Namespace) -> None:
 
 
 def show_detach(r: DetachResult, args: argparse.Namespace) -> None:
-    print(printable(f"detached program {r.prog_id} from {r.syscall} ({r.slot})"))
+    print(printable(f"detached program {r.prog_id} from {_where(r.syscall, r.slot, r.hook)}"))
 
 
 def _prog(s: SlotInfo) -> str:
@@ -186,10 +190,10 @@ def _avg_ns(s: SlotInfo) -> str:
 
 def show_list(r: ListResult, args: argparse.Namespace) -> None:
     timed = any(s.timed_runs is not None for s in r.slots)  # the column only while timing is on
-    rows = [[s.slot, printable(s.syscall), printable(s.function or "?"), s.dialect or "?", _prog(s),
+    rows = [[s.slot, printable(s.syscall), s.hook, printable(s.function or "?"), s.dialect or "?", _prog(s),
              printable(s.filename or "-"), _since(s.attached_at), s.hits, s.misses] + ([_avg_ns(s)] if timed else [])
             for s in r.slots]
-    headers = ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
+    headers = ["SLOT", "SYSCALL", "HOOK", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     headers += ["AVG NS"] if timed else []
     if rows:
         print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
@@ -310,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
     a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
     _add_handler_arguments(a)
+    a.add_argument("--exit", action="store_true",
+                   help="the syscall's exit slot: the handler runs on sys_exit and sees the return value")
     a.add_argument("--fresh", action="store_true",
                    help="compile and load anew, with maps of its own (default: reuse the program of a slot "
                         "that already runs the same handler)")
@@ -318,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no compiler warnings on success")
     d = sub.add_parser("detach", parents=[common], help="empty SLOT")
     d.add_argument("slot", metavar="SLOT")
+    d.add_argument("--exit", action="store_true", help="empty the syscall's exit slot")
     ls = sub.add_parser("list", parents=[common], help="show the filled slots")
     ls.add_argument("--no-legend", action="store_true", help="no header and footer")
     sub.add_parser("status", parents=[common], help="show the daemon's state")

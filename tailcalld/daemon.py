@@ -107,7 +107,8 @@ class Daemon:
             self._timing = OnDemandTiming(lambda cflags: compiler.build_own_object(timing.SOURCE, cflags), timing_target)
             held.callback(self._timing.stop)  # before the kernel's handles close (ExitStack: reverse order)
             compiler.remove_leftovers()  # the pins are ours now, so are the compile folders
-            misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch)
+            misses = MissMonitor(kernel.miss_totals, self.syscalls.label, watch_all, watch,
+                                 split=self.syscalls.split)
             if compat is not None:
                 # ia32-only syscalls can never hold a handler: all of them are logged, the
                 # volume stays one entry per syscall per interval.

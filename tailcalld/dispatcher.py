@@ -9,6 +9,8 @@ Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops)
     compat_slots   (x86_64) u32 array, COMPAT_NR entries: ia32 number -> 64-bit slot + 1
     compat_misses  (x86_64) per-CPU u64 array: calls of ia32-only syscalls, by ia32 number
     link           the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
+    exit/          the exit dispatcher's own prog_array, counts and (while an exit slot is
+                   filled) link, on raw_tracepoint/sys_exit; it reads the compat table above
 
 The maps are created and pinned here before the dispatcher is compiled, so the
 dispatcher's BPF_TABLE_PINNED only opens them.  A pinned link already present is adopted,
@@ -31,18 +33,34 @@ from . import bpfsys, btf
 from .compiler import Compiler, bpf_source
 from .errors import KernelError, NoBpffs, PinConflict
 from .paths import open_trusted_dir
-from .syscalls import COMPAT_NR
+from .syscalls import COMPAT_NR, Hook
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
-DISPATCH_PREFIX = "tcd_"
 BPF_FS_MAGIC = 0xCAFE4A11
 
 
-def dispatcher_function() -> str:
-    """``tcd_`` + 11 hex digits of a hash of the dispatcher's code and layout: the kernel keeps
-    15 characters of a program's name, which is how a restart recognises an older dispatcher."""
-    code = bpf_source("dispatcher.bpf.c") + bpf_source("tailcalld.h") + f"slots={NR_SLOTS}"
-    return DISPATCH_PREFIX + hashlib.sha256(code.encode()).hexdigest()[:11]
+@dataclass(frozen=True)
+class HookSpec:
+    """One of the two dispatchers: where in a syscall it runs, and where its pins live."""
+
+    hook: Hook
+    tracepoint: str
+    subdir: str  # beneath pin_dir ("": pin_dir itself)
+    prefix: str  # of its program's name, by which a start recognises it (and its version)
+
+
+ENTER = HookSpec("enter", "sys_enter", "", "tcd_")
+# Attached only while some exit slot is filled: with none, the exit path runs no program at all.
+EXIT = HookSpec("exit", "sys_exit", "exit", "tcx_")
+DISPATCH_PREFIX = ENTER.prefix
+
+
+def dispatcher_function(hook: HookSpec = ENTER) -> str:
+    """``tcd_`` (``tcx_`` on exit) + 11 hex digits of a hash of the dispatcher's code and layout:
+    the kernel keeps 15 characters of a program's name, which is how a restart recognises an
+    older dispatcher."""
+    code = bpf_source("dispatcher.bpf.c") + bpf_source("tailcalld.h") + f"slots={NR_SLOTS} hook={hook.hook}"
+    return hook.prefix + hashlib.sha256(code.encode()).hexdigest()[:11]
 
 
 TS_COMPAT = 0x0002  # arch/x86/include/asm/thread_info.h: "32bit syscall active"
@@ -154,7 +172,9 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
     return fd
 
 
-def _map_specs(compat: dict[int, int] | None) -> list[_MapSpec]:
+def _map_specs(compat: dict[int, int] | None, hook: HookSpec) -> list[_MapSpec]:
+    if hook is EXIT:  # no timing; the compat table is the enter dispatcher's (kept in step by it)
+        return [PROG_ARRAY, COUNTS]
     return [PROG_ARRAY, COUNTS, TIMING] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
 
 
@@ -170,8 +190,10 @@ class Dispatcher:
     """Handles on the pinned objects; the kernel side keeps running when this is closed."""
 
     def __init__(self, pin_dir: Path, lock: PinDirLock, maps: dict[str, int], link_fd: int, adopted: bool,
-                 upgraded_from: int | None = None) -> None:
-        self.pin_dir = pin_dir
+                 upgraded_from: int | None = None, hook: HookSpec = ENTER, compat: bool = False) -> None:
+        self.pin_dir = pin_dir  # this dispatcher's own folder (pin_dir/exit for the exit one)
+        self.hook = hook
+        self.compat = compat  # it translates ia32 syscall numbers (x86_64)
         self.nr_slots = NR_SLOTS
         self.adopted = adopted
         self.upgraded_from = upgraded_from
@@ -183,34 +205,38 @@ class Dispatcher:
 
     @classmethod
     async def open_or_load(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None = None,
-                           lock: PinDirLock | None = None) -> Dispatcher:
+                           lock: PinDirLock | None = None, hook: HookSpec = ENTER) -> Dispatcher:
         """Adopt the pinned dispatcher if it is this version's, upgrade it if it is an older
         one, load and pin a new one if there is none.  ``compat`` (x86_64: ia32 number -> 64-bit
-        slot) is written to the compat table before any dispatcher that reads it attaches.
-        ``lock``: the pin_dir's, taken already (the daemon takes every lock before it touches
-        anything); the dispatcher releases it."""
-        lock = lock or PinDirLock(pin_dir)
+        slot) is written to the compat table before any dispatcher that reads it attaches (the
+        exit dispatcher only reads the enter one's).  ``lock``: the pin_dir's, taken already (the
+        daemon takes every lock before it touches anything); the dispatcher releases it.
+        ``pin_dir`` is tailcalld's; the exit dispatcher's pins go to its ``exit`` folder."""
+        own_dir = pin_dir / hook.subdir if hook.subdir else pin_dir
+        lock = lock or PinDirLock(own_dir)
         maps: dict[str, int] = {}
+        uses_compat = compat is not None
         try:
-            for spec in _map_specs(compat):
-                maps[spec.pin] = _open_or_create_map(pin_dir, spec)
-            if compat is not None:
+            for spec in _map_specs(compat, hook):
+                maps[spec.pin] = _open_or_create_map(own_dir, spec)
+            if compat is not None and hook is ENTER:
                 _fill_compat_slots(maps[COMPAT_SLOTS.pin], compat)
-            if (pin_dir / NEW_LINK_PIN).exists():
-                (pin_dir / NEW_LINK_PIN).unlink()  # left by an upgrade that died before its rename
-            link_pin = pin_dir / LINK_PIN
+            if (own_dir / NEW_LINK_PIN).exists():
+                (own_dir / NEW_LINK_PIN).unlink()  # left by an upgrade that died before its rename
+            link_pin = own_dir / LINK_PIN
             if not link_pin.exists():
-                link_fd = await _load_and_attach(pin_dir, compiler, LINK_PIN, compat is not None)
-                return cls(pin_dir, lock, maps, link_fd, adopted=False)
-            old_fd, old_prog = _adopt_link(link_pin)
-            if old_prog.name == dispatcher_function():
-                return cls(pin_dir, lock, maps, old_fd, adopted=True)
+                link_fd = await _load_and_attach(pin_dir, compiler, LINK_PIN, uses_compat, hook)
+                return cls(own_dir, lock, maps, link_fd, adopted=False, hook=hook, compat=uses_compat)
+            old_fd, old_prog = _adopt_link(link_pin, hook)
+            if old_prog.name == dispatcher_function(hook):
+                return cls(own_dir, lock, maps, old_fd, adopted=True, hook=hook, compat=uses_compat)
             try:
-                link_fd = await _upgrade(pin_dir, compiler, old_prog, compat is not None)
+                link_fd = await _upgrade(pin_dir, compiler, old_prog, uses_compat, hook)
             finally:
                 os.close(old_fd)  # with the pin replaced, this was the old link's last reference
-            _remove_legacy_pins(pin_dir)
-            return cls(pin_dir, lock, maps, link_fd, adopted=True, upgraded_from=old_prog.id)
+            _remove_legacy_pins(own_dir)
+            return cls(own_dir, lock, maps, link_fd, adopted=True, upgraded_from=old_prog.id, hook=hook,
+                       compat=uses_compat)
         except BaseException:
             for fd in maps.values():
                 os.close(fd)
@@ -221,14 +247,16 @@ class Dispatcher:
     def prog_id(self) -> int:
         return self.link.prog_id
 
-    @property
-    def compat(self) -> bool:
-        """Whether the dispatcher translates ia32 syscall numbers (x86_64)."""
-        return COMPAT_SLOTS.pin in self._maps
-
     def map_fd(self, spec: _MapSpec) -> int | None:
         """Our fd on one of the dispatcher's maps (borrowed: valid until close())."""
         return self._maps.get(spec.pin)
+
+    def unpin_link(self) -> None:
+        """Detach for good (the exit dispatcher with no exit slot left): unpin the link and drop
+        our handles.  The maps stay pinned, counters included, for the next attach."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.pin_dir / LINK_PIN).unlink()
+        self.close()
 
     def set_slot(self, slot: int, prog_fd: int) -> None:
         try:
@@ -326,7 +354,7 @@ def _check_pinned_is(path: Path, fd: int) -> None:
                           {"path": str(path)})
 
 
-def _adopt_link(path: Path) -> tuple[int, bpfsys.ProgInfo]:
+def _adopt_link(path: Path, hook: HookSpec) -> tuple[int, bpfsys.ProgInfo]:
     try:
         fd = bpfsys.obj_get(str(path))
         link = bpfsys.link_info(fd)
@@ -338,23 +366,24 @@ def _adopt_link(path: Path) -> tuple[int, bpfsys.ProgInfo]:
         prog = bpfsys.prog_info(prog_fd)
     finally:
         os.close(prog_fd)
-    if link.type != bpfsys.BPF_LINK_TYPE_RAW_TRACEPOINT or not prog.name.startswith(DISPATCH_PREFIX):
+    if link.type != bpfsys.BPF_LINK_TYPE_RAW_TRACEPOINT or not prog.name.startswith(hook.prefix):
         os.close(fd)
         raise PinConflict(f"{path} is a link to program {prog.name!r}, not tailcalld's dispatcher; "
                           "it is left alone", {"path": str(path)})
     return fd, prog
 
 
-async def _upgrade(pin_dir: Path, compiler: Compiler, old: bpfsys.ProgInfo, compat: bool) -> int:
+async def _upgrade(pin_dir: Path, compiler: Compiler, old: bpfsys.ProgInfo, compat: bool, hook: HookSpec) -> int:
     """Replace an older dispatcher without a gap: attach the new one first (same prog array,
     so the slots need no moving), then swap the pin.  Until the kernel drops the old link,
     both run: a syscall in that window is dispatched twice (handlers run twice, a miss counts
     twice).  raw_tp links cannot be updated in place, so a window of either a gap or a double
     is unavoidable; a double loses nothing."""
-    logger.warning("upgrading the dispatcher: program %d (%s) -> %s; handlers keep their slots",
-                   old.id, old.name, dispatcher_function())
-    link_fd = await _load_and_attach(pin_dir, compiler, NEW_LINK_PIN, compat)
-    os.rename(pin_dir / NEW_LINK_PIN, pin_dir / LINK_PIN)  # atomic: the old pin is gone with it
+    logger.warning("upgrading the %s dispatcher: program %d (%s) -> %s; handlers keep their slots",
+                   hook.hook, old.id, old.name, dispatcher_function(hook))
+    link_fd = await _load_and_attach(pin_dir, compiler, NEW_LINK_PIN, compat, hook)
+    own_dir = pin_dir / hook.subdir if hook.subdir else pin_dir
+    os.rename(own_dir / NEW_LINK_PIN, own_dir / LINK_PIN)  # atomic: the old pin is gone with it
     return link_fd
 
 
@@ -375,28 +404,33 @@ def _compat_cflags(pin_dir: Path) -> list[str]:
             f"-DTAILCALLD_TS_COMPAT={TS_COMPAT:#x}"]
 
 
-def _cflags(pin_dir: Path, compat: bool) -> list[str]:
+def _cflags(pin_dir: Path, compat: bool, hook: HookSpec) -> list[str]:
+    own_dir = pin_dir / hook.subdir if hook.subdir else pin_dir
     cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
-              f"-DTAILCALLD_DISPATCH={dispatcher_function()}",
-              f'-DTAILCALLD_PROG_ARRAY="{pin_dir / PROG_ARRAY.pin}"',
-              f'-DTAILCALLD_COUNTS="{pin_dir / COUNTS.pin}"',
-              f'-DTAILCALLD_TIMING="{pin_dir / TIMING.pin}"']
+              f"-DTAILCALLD_DISPATCH={dispatcher_function(hook)}",
+              f'-DTAILCALLD_PROG_ARRAY="{own_dir / PROG_ARRAY.pin}"',
+              f'-DTAILCALLD_COUNTS="{own_dir / COUNTS.pin}"']
+    if hook is EXIT:
+        cflags.append("-DTAILCALLD_EXIT")
+    else:
+        cflags.append(f'-DTAILCALLD_TIMING="{pin_dir / TIMING.pin}"')
     return cflags + (_compat_cflags(pin_dir) if compat else [])
 
 
-async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str, compat: bool) -> int:
-    function = dispatcher_function()
-    prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, _cflags(pin_dir, compat))
+async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str, compat: bool, hook: HookSpec) -> int:
+    function = dispatcher_function(hook)
+    prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, _cflags(pin_dir, compat, hook))
     try:
-        link_fd = bpfsys.raw_tracepoint_open("sys_enter", prog.fd)
+        link_fd = bpfsys.raw_tracepoint_open(hook.tracepoint, prog.fd)
     finally:
         prog.close()  # the link holds the program from here on
+    pin = (pin_dir / hook.subdir if hook.subdir else pin_dir) / pin_name
     try:
-        bpfsys.obj_pin(link_fd, str(pin_dir / pin_name))
+        bpfsys.obj_pin(link_fd, str(pin))
     except OSError as exc:
         os.close(link_fd)  # detaches: nothing half-made stays behind
         if exc.errno == errno.EEXIST:
-            raise PinConflict(f"{pin_dir / pin_name} appeared while loading", {"path": str(pin_dir / pin_name)}) from None
+            raise PinConflict(f"{pin} appeared while loading", {"path": str(pin)}) from None
         raise
     return link_fd
 
@@ -423,16 +457,25 @@ def remove_handler_pins(folder: Path) -> list[str]:
     return sorted(removed)
 
 
-def remove_pins(pin_dir: Path) -> list[str]:
-    """Unpin everything tailcalld made under ``pin_dir``, the link first (that detaches the
-    dispatcher once no fd holds it), then the maps and the handlers' pinned maps, then the
-    folder if it is empty.  Both unload-all and ``--purge`` come here."""
+def _remove_dispatcher_pins(folder: Path) -> list[str]:
     removed = []
     for name in (LINK_PIN, NEW_LINK_PIN, *(spec.pin for spec in ALL_MAPS), *LEGACY_PINS):
-        path = pin_dir / name
+        path = folder / name
         if path.exists():
             path.unlink()
             removed.append(str(path))
+    return removed
+
+
+def remove_pins(pin_dir: Path) -> list[str]:
+    """Unpin everything tailcalld made under ``pin_dir``, the links first (that detaches a
+    dispatcher once no fd holds it), then the maps and the handlers' pinned maps, then the
+    folders if they are empty.  Both unload-all and ``--purge`` come here."""
+    exit_dir = pin_dir / EXIT.subdir
+    removed = _remove_dispatcher_pins(exit_dir)
+    with contextlib.suppress(OSError):
+        exit_dir.rmdir()
+    removed += _remove_dispatcher_pins(pin_dir)
     removed += remove_handler_pins(pin_dir / HANDLERS_PINS)
     with contextlib.suppress(OSError):
         pin_dir.rmdir()

@@ -164,4 +164,6 @@ def log_misses(reports: list[MissReport]) -> None:
         }
         if r.abi is not None:
             fields["SYSCALL_ABI"] = r.abi
+        if r.hook != "enter":
+            fields["SLOT_HOOK"] = r.hook
         logger.info(r.message, extra=fields)

@@ -8,6 +8,8 @@ of the core is exercised without a kernel that misbehaves exactly then.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,12 @@ from typing import Protocol
 from . import bpfsys
 from .compiler import Compiler, Program
 from .dialects import Artifact
-from .dispatcher import Dispatcher, PinDirLock, handler_pin_dir, remove_handler_pins, remove_pins
+from .dispatcher import (COUNT_FIELDS, COUNTS, EXIT, LINK_PIN, Dispatcher, PinDirLock, handler_pin_dir,
+                         remove_handler_pins, remove_pins)
+from .errors import KernelError
 from .timing import TimingTarget, target_of
+
+logger = logging.getLogger("tailcalld")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,14 @@ class Kernel(Protocol):
     def clear_slot(self, slot: int) -> bool:
         """Empty ``slot``; False if it was empty already.  Raises KernelError."""
 
+    async def prepare(self, slot: int) -> None:
+        """Make ``slot`` ready to be filled: the exit dispatcher is attached before the first
+        exit slot (a compile).  A no-op for enter slots."""
+
+    def release_idle(self) -> None:
+        """Detach the exit dispatcher once no exit slot is filled: no exit handler, no cost on
+        the exit path."""
+
     async def load(self, artifact: Artifact, function: str | None) -> Program:
         """Compile (if need be) and load ``function`` of ``artifact`` as a raw_tp program."""
 
@@ -75,11 +89,23 @@ class Kernel(Protocol):
 
 
 class BpfKernel:
-    """The real kernel: the pinned dispatcher's prog array and counters, and the compiler."""
+    """The real kernel: the pinned dispatchers' prog arrays and counters, and the compiler.
 
-    def __init__(self, dispatcher: Dispatcher, compiler: Compiler) -> None:
+    Slots are keys (``SyscallTable.key``): below ``nr_slots`` the enter dispatcher's, above it
+    the exit dispatcher's.  The exit dispatcher is attached only while an exit slot is filled:
+    ``prepare`` attaches it before the first, ``release_idle`` detaches it after the last."""
+
+    def __init__(self, dispatcher: Dispatcher, compiler: Compiler, compat: dict[int, int] | None = None,
+                 exit_dispatcher: Dispatcher | None = None) -> None:
         self._dispatcher = dispatcher
         self._compiler = compiler
+        self._compat = compat
+        self._exit = exit_dispatcher
+        self._exit_loading = asyncio.Lock()  # two first exit attaches at once load it once
+        self._nr = dispatcher.nr_slots
+        # The exit counters while no exit dispatcher is attached (they stay pinned, and go on
+        # from these values when it is attached again).
+        self._exit_totals = _pinned_counts(dispatcher.pin_dir / EXIT.subdir, self._nr)
         d = dispatcher
         self.info = DispatcherInfo(d.pin_dir, d.prog_id, d.link.id, d.nr_slots, d.adopted, d.upgraded_from)
 
@@ -87,20 +113,62 @@ class BpfKernel:
     async def open(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None,
                    lock: PinDirLock | None = None) -> BpfKernel:
         """``compat``: ia32 number -> 64-bit slot on x86_64 (SyscallTable.compat_slots), None elsewhere.
-        ``lock``: the pin_dir's, if the caller took it already."""
-        return cls(await Dispatcher.open_or_load(pin_dir, compiler, compat, lock), compiler)
+        ``lock``: the pin_dir's, if the caller took it already.  An exit dispatcher still pinned
+        (exit slots filled before this start) is adopted too."""
+        enter = await Dispatcher.open_or_load(pin_dir, compiler, compat, lock)
+        exit_dispatcher = None
+        if (pin_dir / EXIT.subdir / LINK_PIN).exists():
+            try:
+                exit_dispatcher = await Dispatcher.open_or_load(pin_dir, compiler, compat, hook=EXIT)
+            except BaseException:
+                enter.close()
+                raise
+        return cls(enter, compiler, compat, exit_dispatcher)
+
+    def _where(self, key: int) -> tuple[Dispatcher | None, int]:
+        if key < self._nr:
+            return self._dispatcher, key
+        return self._exit, key - self._nr
 
     def slot(self, slot: int) -> int | None:
-        return self._dispatcher.slot_prog_id(slot)
+        dispatcher, index = self._where(slot)
+        return None if dispatcher is None else dispatcher.slot_prog_id(index)
 
     def occupied(self) -> dict[int, int]:
-        return self._dispatcher.occupied()
+        found = self._dispatcher.occupied()
+        if self._exit is not None:
+            found |= {self._nr + nr: prog_id for nr, prog_id in self._exit.occupied().items()}
+        return found
 
     def set_slot(self, slot: int, prog: Program) -> None:
-        self._dispatcher.set_slot(slot, prog.fd)
+        dispatcher, index = self._where(slot)
+        if dispatcher is None:
+            raise KernelError(f"exit slot {index}: the exit dispatcher is not attached (prepare first)")
+        dispatcher.set_slot(index, prog.fd)
 
     def clear_slot(self, slot: int) -> bool:
-        return self._dispatcher.clear_slot(slot)
+        dispatcher, index = self._where(slot)
+        return False if dispatcher is None else dispatcher.clear_slot(index)
+
+    async def prepare(self, slot: int) -> None:
+        if slot < self._nr or self._exit is not None:
+            return
+        async with self._exit_loading:
+            if self._exit is not None:
+                return
+            self._exit = await Dispatcher.open_or_load(self._dispatcher.pin_dir, self._compiler, self._compat,
+                                                       hook=EXIT)
+            logger.info("exit dispatcher attached to raw_tracepoint/sys_exit (program %d) for the first exit slot",
+                        self._exit.prog_id)
+
+    def release_idle(self) -> None:
+        if self._exit is None or self._exit.occupied():
+            return
+        self._exit_totals = (self._exit.call_totals(), self._exit.miss_totals())
+        prog_id = self._exit.prog_id
+        self._exit.unpin_link()
+        self._exit = None
+        logger.info("exit dispatcher (program %d) detached: no exit slot is filled", prog_id)
 
     async def load(self, artifact: Artifact, function: str | None) -> Program:
         return await self._compiler.load_artifact(artifact, function, handler_pin_dir(self.info.pin_dir, artifact.sha256))
@@ -119,10 +187,10 @@ class BpfKernel:
             os.close(fd)
 
     def miss_totals(self) -> list[int]:
-        return self._dispatcher.miss_totals()
+        return self._dispatcher.miss_totals() + (self._exit.miss_totals() if self._exit else self._exit_totals[1])
 
     def call_totals(self) -> list[int]:
-        return self._dispatcher.call_totals()
+        return self._dispatcher.call_totals() + (self._exit.call_totals() if self._exit else self._exit_totals[0])
 
     def compat_miss_totals(self) -> list[int]:
         return self._dispatcher.compat_miss_totals()
@@ -131,11 +199,26 @@ class BpfKernel:
         return remove_pins(self._dispatcher.pin_dir)
 
     def restore_pins(self) -> list[str]:
-        return self._dispatcher.restore_pins()
+        return self._dispatcher.restore_pins() + (self._exit.restore_pins() if self._exit else [])
 
     def timing_target(self) -> TimingTarget:
         return target_of(self._dispatcher)
 
     def close(self) -> None:
-        """Drop our handles; the pins keep the dispatcher attached and the slots filled."""
+        """Drop our handles; the pins keep the dispatchers attached and the slots filled."""
+        if self._exit is not None:
+            self._exit.close()
         self._dispatcher.close()
+
+
+def _pinned_counts(folder: Path, nr_slots: int) -> tuple[list[int], list[int]]:
+    """(calls, misses) of a dispatcher's pinned counts map, zeros when there is none."""
+    try:
+        fd = bpfsys.obj_get(str(folder / COUNTS.pin))
+    except OSError:
+        return [0] * nr_slots, [0] * nr_slots
+    try:
+        calls, misses = bpfsys.percpu_u64_columns(fd, nr_slots, len(COUNT_FIELDS))
+        return calls, misses
+    finally:
+        os.close(fd)

@@ -17,13 +17,15 @@ class MissReport:
     misses: int
     seconds: float
     abi: str | None = None  # "ia32": 32-bit calls of a syscall with no 64-bit slot, never dispatched
+    hook: str = "enter"  # "exit": misses of the syscall's exit slot
 
     @property
     def message(self) -> str:
         if self.abi is not None:
             return (f"{self.syscall} ({self.abi} {self.nr}): {self.misses} calls in the last {self.seconds:.0f} s, "
                     f"not dispatched (no 64-bit syscall of that name)")
-        return f"{self.syscall} ({self.nr}): {self.misses} tail-call misses in the last {self.seconds:.0f} s"
+        where = " exit" if self.hook == "exit" else ""
+        return f"{self.syscall}{where} ({self.nr}): {self.misses} tail-call misses in the last {self.seconds:.0f} s"
 
 
 class Counters:
@@ -57,15 +59,18 @@ class MissMonitor(Counters):
     """Remembers the counters at the previous poll; each poll yields at most one report per
     watched slot, however many syscalls happened, so the journal volume stays bounded.
 
-    Watched: every slot that held a handler since start, plus ``extra`` (or all slots).
+    Watched: every slot that held a handler since start, plus ``extra`` (or all enter slots).
+    ``split`` turns a slot key into (syscall number, hook) for the reports.
     """
 
     def __init__(self, read_totals: Callable[[], list[int]], label: Callable[[int], str],
                  watch_all: bool = False, extra: Iterable[int] = (),
-                 clock: Callable[[], float] = time.monotonic, abi: str | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, abi: str | None = None,
+                 split: Callable[[int], tuple[int, str]] = lambda key: (key, "enter")) -> None:
         super().__init__(read_totals, clock)
         self._label = label
         self._abi = abi
+        self._split = split
         self._held: set[int] = set()
         self.configure(watch_all, extra)
         self._last = list(self.baseline)
@@ -78,8 +83,11 @@ class MissMonitor(Counters):
     def held_handler(self, nr: int) -> None:
         self._held.add(nr)
 
-    def watched(self, nr: int) -> bool:
-        return self._watch_all or nr in self._held or nr in self._extra
+    def watched(self, key: int) -> bool:
+        return (self._watch_all and self._split(key)[1] == "enter") or key in self._held or key in self._extra
+
+    def _number(self, key: int) -> tuple[int, str]:
+        return self._split(key)[0], self._label(key)
 
     def poll(self, totals: list[int] | None = None) -> list[MissReport]:
         """What changed since the previous poll, from ``totals`` (read now if not given)."""
@@ -88,8 +96,8 @@ class MissMonitor(Counters):
         now = self.clock()
         self._snapshot, self._snapshot_time = totals, now
         seconds = now - self._last_time
-        reports = [MissReport(nr, self._label(nr), total - last, seconds, self._abi)
-                   for nr, (total, last) in enumerate(zip(totals, self._last, strict=True))
-                   if total > last and self.watched(nr)]
+        reports = [MissReport(*self._number(key), total - last, seconds, self._abi, self._split(key)[1])
+                   for key, (total, last) in enumerate(zip(totals, self._last, strict=True))
+                   if total > last and self.watched(key)]
         self._last, self._last_time = totals, now
         return reports

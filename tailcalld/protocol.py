@@ -51,9 +51,15 @@ class _HandlerSpec(_Request):
         return self
 
 
+HookField = Literal["enter", "exit"]
+_HOOK_HELP = ("enter: on sys_enter, the handler sees the arguments; exit: on sys_exit, it sees the return "
+              "value (ctx->args[1])")
+
+
 class AttachRequest(_HandlerSpec):
     command: Literal["attach"]
     slot: Slot
+    hook: HookField = Field("enter", description=_HOOK_HELP)
     fresh: StrictBool = Field(False, description="compile anew even if a slot already runs the same handler "
                                                  "(by default that program is reused, maps included)")
 
@@ -66,6 +72,7 @@ class CheckRequest(_HandlerSpec):
 class DetachRequest(_Request):
     command: Literal["detach"]
     slot: Slot
+    hook: HookField = "enter"
 
 
 class ListRequest(_Request):
@@ -117,6 +124,7 @@ class SlotInfo(BaseModel):
     source_sha256: str | None
     attached_at: datetime | None
     attached_by_uid: int | None = None
+    hook: HookField = Field("enter", description=_HOOK_HELP)
     # Keep these last, in this order: commands.ListCache serialises the rest once per record
     # and writes only these per request.
     state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"] = Field(
@@ -137,6 +145,7 @@ class AttachResult(BaseModel):
     prog_id: int
     insns: int
     replaced_prog_id: int | None
+    hook: HookField = "enter"
 
 
 class CheckResult(BaseModel):
@@ -151,6 +160,7 @@ class DetachResult(BaseModel):
     slot: int
     syscall: str
     prog_id: int
+    hook: HookField = "enter"
 
 
 class ListResult(BaseModel):

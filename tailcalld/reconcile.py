@@ -16,7 +16,7 @@ from __future__ import annotations
 from .compiler import Program
 from .errors import StateUnwritable, TailcalldError
 from .registry import Handler, Registry
-from .state import SlotRecord
+from .state import SlotRecord, StateFile
 
 # What makes two records one program: the same handler (source, dialect, function) that ran
 # as the same program before.  Slots attached with --fresh ran separate programs: they stay apart.
@@ -35,7 +35,7 @@ async def restore(registry: Registry) -> None:
     loaded = registry.store.load()
     if loaded.problem:
         registry.correct(loaded.problem, error=True)
-    records = _usable_records(registry, loaded.state.slots) if loaded.found else {}
+    records = _usable_records(registry, loaded.state) if loaded.found else {}
     kernel = registry.kernel.occupied()
     if not loaded.found:
         for slot, prog_id in sorted(kernel.items()):
@@ -58,22 +58,31 @@ async def restore(registry: Registry) -> None:
         registry.correct(f"{err.message}; tailcalld runs on and writes the state at the next chance", error=True)
 
 
-def _usable_records(registry: Registry, slots: dict[int, SlotRecord]) -> dict[int, SlotRecord]:
-    """The records that name a slot the dispatcher has.  Any other (slot 5000, or a key that
-    disagrees with its record) is set aside: logged, kept in a copy of the state file, and
-    left out, so one bad entry does not stop the start or the other slots."""
+def _usable_records(registry: Registry, state: StateFile) -> dict[int, SlotRecord]:
+    """The records that name a slot the dispatchers have, by slot key (``SyscallTable.key``).
+    Any other (slot 5000, or a key that disagrees with its record) is set aside: logged, kept in
+    a copy of the state file, and left out, so one bad entry does not stop the start or the
+    other slots."""
     nr_slots = registry.kernel.info.nr_slots
-    bad = {key: r for key, r in slots.items() if not 0 <= key < nr_slots or r.slot != key}
-    if not bad:
-        return slots
-    try:
-        kept = f"a copy of the file is kept as {registry.store.keep_aside('set-aside')}"
-    except (StateUnwritable, OSError) as exc:
-        kept = f"no copy of the file could be kept ({exc})"
-    for key, r in sorted(bad.items()):
-        registry.correct(f"state file entry {key} (slot {r.slot}, {r.function} from {r.filename}) names no slot "
-                         f"of 0..{nr_slots - 1}; it is set aside ({kept})", error=True)
-    return {key: r for key, r in slots.items() if key not in bad}
+    usable: dict[int, SlotRecord] = {}
+    bad: list[tuple[str, int, SlotRecord]] = []
+    for hook, slots in (("enter", state.slots), ("exit", state.exit_slots)):
+        for nr, r in sorted(slots.items()):
+            if not 0 <= nr < nr_slots or r.slot != nr:
+                bad.append((hook, nr, r))
+                continue
+            key = registry.syscalls.key(nr, "enter" if hook == "enter" else "exit")
+            usable[key] = r.model_copy(update={"slot": key}) if key != nr else r
+    if bad:
+        try:
+            kept = f"a copy of the file is kept as {registry.store.keep_aside('set-aside')}"
+        except (StateUnwritable, OSError) as exc:
+            kept = f"no copy of the file could be kept ({exc})"
+        for hook, nr, r in bad:
+            where = "exit " if hook == "exit" else ""
+            registry.correct(f"state file {where}entry {nr} (slot {r.slot}, {r.function} from {r.filename}) names "
+                             f"no slot of 0..{nr_slots - 1}; it is set aside ({kept})", error=True)
+    return usable
 
 
 async def _restore_slot(registry: Registry, slot: int, running: int | None, record: SlotRecord | None,
@@ -100,6 +109,7 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
     key: ShareKey = (record.source_sha256, record.dialect, record.function, record.prog_id)
     shared = rebuilt.get(key)
     try:
+        await registry.kernel.prepare(slot)  # an exit slot's dispatcher, gone with a reboot
         if shared is not None:
             prog = shared.dup()
         else:

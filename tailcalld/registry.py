@@ -64,7 +64,7 @@ class Registry:
         self._stale_state = False
 
     def label(self, slot: int) -> str:
-        return f"{self.syscalls.label(slot)} ({slot})"
+        return self.syscalls.slot_label(slot)
 
     def busy(self, slot: int) -> bool:
         lock = self.locks.get(slot)
@@ -93,7 +93,16 @@ class Registry:
         return {**self.unrestored, **{s: h.record for s, h in self.handlers.items()}}
 
     def desired(self) -> StateFile:
-        return StateFile(slots=self.wanted())
+        """The state file's form: enter and exit slots apart, each under its syscall number."""
+        enter: dict[int, SlotRecord] = {}
+        exit_: dict[int, SlotRecord] = {}
+        for key, record in self.wanted().items():
+            nr, hook = self.syscalls.split(key)
+            if hook == "enter":
+                enter[nr] = record
+            else:
+                exit_[nr] = record.model_copy(update={"slot": nr})
+        return StateFile(slots=enter, exit_slots=exit_)
 
     def save(self) -> None:
         """Write the desired state.  Raises StateUnwritable (the file on disk is then the previous one)."""

@@ -25,7 +25,7 @@ from .misses import Counters, MissMonitor
 from .peers import Peer
 from .registry import Handler, Registry
 from .state import SlotRecord, StateFile, StateStore
-from .syscalls import SyscallTable
+from .syscalls import Hook, SyscallTable
 
 logger = logging.getLogger("tailcalld")
 
@@ -73,6 +73,8 @@ class SlotView:
     hits: int  # times the slot's handler ran since this daemon started
     misses: int  # tail-call misses of the slot since this daemon started
     restored: bool = True  # False: recorded, but its handler could not be rebuilt at start
+    nr: int = -1  # the syscall number (record.slot is the slot key, SyscallTable.key)
+    hook: Hook = "enter"
 
     @property
     def state(self) -> SlotState:
@@ -121,6 +123,7 @@ class SlotManager:
     async def restore(self) -> None:
         """Rebuild the slot table at start (see ``reconcile``)."""
         await reconcile.restore(self.registry)
+        self.kernel.release_idle()  # an exit dispatcher whose slots all went away
         for slot in self.registry.handlers:
             self.misses.held_handler(slot)
 
@@ -131,6 +134,7 @@ class SlotManager:
         kernel = await asyncio.to_thread(self.kernel.occupied)
         if not self._unloading:
             reconcile.repair_drift(self.registry, kernel, generation)
+            self.kernel.release_idle()
             self.registry.flush()
 
     def restore_pins(self) -> None:
@@ -149,16 +153,23 @@ class SlotManager:
             raise Unloading("tailcalld is unloading everything; no more changes")
 
     async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
-                     peer: Peer, fresh: bool = False) -> Attached:
-        """Put the handler in the slot.  Unless ``fresh``, a program already loaded from the same
-        artifact and function is reused (no compile): it then shares its maps with its other slots."""
-        slot = self.syscalls.resolve(slot_spec)
+                     peer: Peer, fresh: bool = False, hook: Hook = "enter") -> Attached:
+        """Put the handler in the slot (its exit slot for ``hook="exit"``).  Unless ``fresh``, a
+        program already loaded from the same artifact and function is reused (no compile): it then
+        shares its maps with its other slots."""
+        slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
         async with reg.locks[slot]:
             self._check_open()
             prog = (None if fresh else self._already_loaded(artifact, function)) \
                 or await self.kernel.load(artifact, function)
+            try:
+                await self.kernel.prepare(slot)  # the exit dispatcher, before the first exit slot
+            except BaseException:
+                prog.close()
+                reg.release_unused_pins(artifact.sha256)
+                raise
             # From here to the kernel update nothing awaits: no other change interleaves.
             try:
                 replaced = self.kernel.slot(slot)
@@ -169,6 +180,7 @@ class SlotManager:
             except BaseException:
                 prog.close()
                 reg.release_unused_pins(artifact.sha256)
+                self.kernel.release_idle()
                 raise
             if old is not None:
                 old.close()
@@ -197,8 +209,8 @@ class SlotManager:
         self.registry.release_unused_pins(artifact.sha256)
         return Checked(prog.function, artifact.dialect, prog.insns, prog.log)
 
-    async def detach(self, slot_spec: int | str, peer: Peer) -> Detached:
-        slot = self.syscalls.resolve(slot_spec)
+    async def detach(self, slot_spec: int | str, peer: Peer, hook: Hook = "enter") -> Detached:
+        slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
         async with reg.locks[slot]:
@@ -212,6 +224,7 @@ class SlotManager:
             if old is not None:
                 old.close()
                 reg.release_unused_pins(old.record.source_sha256)
+            self.kernel.release_idle()  # the last exit slot: the exit path runs no program again
             if prog_id is None:
                 raise SlotEmpty(f"slot {reg.label(slot)} holds no handler", {"slot": slot})
         self._on_change()
@@ -241,7 +254,8 @@ class SlotManager:
     def _audit(self, action: str, peer: Peer, slot: int | None, prog_id: int, sha: str | None, what: str) -> None:
         fields: dict[str, object] = {"TAILCALLD_ACTION": action, "PROG_ID": prog_id, **peer.journal_fields()}
         if slot is not None:
-            fields |= {"SLOT": slot, "SYSCALL_NAME": self.syscalls.label(slot)}
+            nr, hook = self.syscalls.split(slot)
+            fields |= {"SLOT": nr, "SLOT_HOOK": hook, "SYSCALL_NAME": self.syscalls.label(slot)}
         if sha is not None:
             fields["SOURCE_SHA256"] = sha
         logger.info("%s %s (by uid %d, pid %d, %s)", action, what, peer.uid, peer.pid, peer.comm, extra=fields)
@@ -261,7 +275,8 @@ class SlotManager:
         label = self.syscalls.label
         reg = self.registry
         return [SlotView(record, label(slot), self.kernel.slot(slot), self._hits(slot, missed, called),
-                         self.misses.since_start(slot, missed), restored=slot not in reg.unrestored)
+                         self.misses.since_start(slot, missed), slot not in reg.unrestored,
+                         *self.syscalls.split(slot))
                 for slot, record in sorted(reg.wanted().items())]
 
     def _recent_counts(self) -> tuple[list[int], list[int]]:

@@ -1,6 +1,6 @@
 """Persisted desired state: which handler should sit in which slot, and where it came from.
 
-    state_dir/state.json            {"version": 1, "slots": {"268": SlotRecord, ...}}
+    state_dir/state.json            {"version": 1, "slots": {"268": SlotRecord, ...}, "exit_slots": {...}}
     state_dir/sources/<sha256>.c|.o each handler's source (or ELF object), content-addressed
 
 Every write is atomic (temp file, fsync, rename, fsync of the folder), and a source is
@@ -47,7 +47,12 @@ class StateFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: int = STATE_VERSION
-    slots: dict[int, SlotRecord] = {}
+    slots: dict[int, SlotRecord] = {}  # enter slots (raw_tracepoint/sys_enter), by syscall number
+    exit_slots: dict[int, SlotRecord] = {}  # exit slots (raw_tracepoint/sys_exit), by syscall number
+
+    def records(self) -> list[SlotRecord]:
+        """Every record, enter and exit slots alike."""
+        return [*self.slots.values(), *self.exit_slots.values()]
 
 
 class LoadedState(BaseModel):
@@ -148,7 +153,7 @@ class StateStore:
             return self._set_aside(str(getattr(exc, "strerror", None) or exc))
         try:
             state = StateFile.model_validate_json(raw)
-            missing = [r.source_sha256 for r in state.slots.values()
+            missing = [r.source_sha256 for r in state.records()
                        if r.source_sha256 and not self._has_artifact(r.source_sha256, r.dialect)]
             if state.version != STATE_VERSION or missing:
                 raise ValueError(f"version {state.version}" if state.version != STATE_VERSION
@@ -208,7 +213,7 @@ class StateStore:
         """Drop sources no slot refers to any more: only names tailcalld gives them, only in the
         held folder (unlinkat never follows a link, it removes the link itself)."""
         _, sources_fd = self._fds
-        wanted = {self._artifact_name(r.source_sha256, r.dialect) for r in state.slots.values() if r.source_sha256}
+        wanted = {self._artifact_name(r.source_sha256, r.dialect) for r in state.records() if r.source_sha256}
         for name in os.listdir(sources_fd):
             if _ARTIFACT_NAME.fullmatch(name) and name not in wanted:
                 with contextlib.suppress(FileNotFoundError):

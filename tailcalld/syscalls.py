@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .errors import SlotOutOfRange, UnknownSyscall
 
@@ -54,9 +55,18 @@ def _from_bcc() -> dict[str, int]:
     return {name.decode(): nr for nr, name in syscalls.items()}
 
 
+# Where in a syscall a slot's handler runs: on entry (raw_tracepoint/sys_enter, arguments) or
+# on exit (raw_tracepoint/sys_exit, return value).
+Hook = Literal["enter", "exit"]
+
+
 @dataclass
 class SyscallTable:
-    """Resolves a slot given as a number or a syscall name; ``nr_slots`` bounds numbers."""
+    """Resolves a slot given as a number or a syscall name; ``nr_slots`` bounds numbers.
+
+    Inside tailcalld a slot is one int key: an enter slot is its syscall number, an exit slot
+    ``nr_slots`` + its number.  ``key`` and ``split`` convert; the wire and the state file say
+    the number and the hook instead."""
 
     nr_slots: int
     by_name: dict[str, int] = field(default_factory=dict)
@@ -96,13 +106,27 @@ class SyscallTable:
             rows = [r for r in rows if (str(r[1]) == text if text.isdigit() else fnmatch.fnmatchcase(r[2], text))]
         return sorted(rows, key=lambda r: (r[0] == "ia32", r[1]))
 
+    def key(self, nr: int, hook: Hook = "enter") -> int:
+        return nr if hook == "enter" else self.nr_slots + nr
+
+    def split(self, key: int) -> tuple[int, Hook]:
+        """(syscall number, hook) of a slot key."""
+        return (key, "enter") if key < self.nr_slots else (key - self.nr_slots, "exit")
+
+    def slot_label(self, key: int) -> str:
+        """How messages name a slot: 'openat (257)', 'openat exit (257)'."""
+        nr, hook = self.split(key)
+        return f"{self.label(nr)}{' exit' if hook == 'exit' else ''} ({nr})"
+
     def ia32_label(self, nr: int) -> str:
         return self.ia32_by_nr.get(nr) or f"syscall_{nr}"
 
     def name(self, nr: int) -> str | None:
         return self.by_nr.get(nr)
 
-    def label(self, nr: int) -> str:
+    def label(self, key: int) -> str:
+        """The syscall's name ('openat'), for an exit slot key too."""
+        nr = self.split(key)[0]
         return self.name(nr) or f"syscall_{nr}"
 
     def resolve(self, slot: int | str) -> int:

@@ -29,8 +29,9 @@ class FakeKernel:
                                    upgraded_from=None)
         self.slots: dict[int, int] = {}
         self.names: dict[int, str] = {}
-        self.misses = [0] * NR_SLOTS
-        self.calls = [0] * NR_SLOTS
+        self.misses = [0] * (2 * NR_SLOTS)  # enter slots, then exit slots (SyscallTable.key)
+        self.calls = [0] * (2 * NR_SLOTS)
+        self.exit_attached = False  # the exit dispatcher: attached only while an exit slot is filled
         self.loads = 0
         self.pins: list[str] = [str(pin_dir / "link"), str(pin_dir / "prog_array"), str(pin_dir / "counts")]
         self.fail_load: TailcalldError | None = None
@@ -48,6 +49,8 @@ class FakeKernel:
     def set_slot(self, slot: int, prog: Program) -> None:
         fd = prog.fd  # raises if the core hands over a program it already closed
         os.fstat(fd)
+        if slot >= NR_SLOTS and not self.exit_attached:
+            raise KernelError(f"exit slot {slot - NR_SLOTS}: the exit dispatcher is not attached (prepare first)")
         if self.fail_set:
             self.fail_set = False
             raise KernelError(f"could not put the program in slot {slot}: Argument list too long")
@@ -58,6 +61,13 @@ class FakeKernel:
             self.fail_clear = False
             raise KernelError(f"could not empty slot {slot}: Operation not permitted")
         return self.slots.pop(slot, None) is not None
+
+    async def prepare(self, slot: int) -> None:
+        self.exit_attached |= slot >= NR_SLOTS
+
+    def release_idle(self) -> None:
+        if not any(slot >= NR_SLOTS for slot in self.slots):
+            self.exit_attached = False
 
     async def load(self, artifact: Artifact, function: str | None) -> Program:
         self.loads += 1

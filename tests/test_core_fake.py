@@ -232,3 +232,33 @@ def test_a_handler_that_cannot_be_rebuilt_at_start_stays_wanted(tmp_path: Path) 
     broken.fail_load = CompileError("the headers changed")  # ...and the compile fails once
     run(tmp_path, after_reboot_broken, broken)
     run(tmp_path, after_reboot_fixed, FakeKernel())
+
+
+def test_exit_slots_are_their_own_slots_and_the_exit_dispatcher_follows_them(tmp_path: Path) -> None:
+    async def scenario(c: Core) -> None:
+        assert not c.kernel.exit_attached
+        enter = await attach(c, V1, GETPPID)
+        exit_ = (await c.manager.attach("getppid", V2, None, "r.c", ME, hook="exit")).prog_id
+        assert c.kernel.exit_attached and c.kernel.slots == {GETPPID: enter, NR_SLOTS + GETPPID: exit_}
+        saved = json.loads(c.store.path.read_text())
+        assert ({int(k): r["prog_id"] for k, r in saved["slots"].items()},
+                {int(k): (r["slot"], r["prog_id"]) for k, r in saved["exit_slots"].items()}) == (
+                    {GETPPID: enter}, {GETPPID: (GETPPID, exit_)})
+        views = {(v.nr, v.hook): v.record.prog_id for v in c.manager.list_slots()}
+        assert views == {(GETPPID, "enter"): enter, (GETPPID, "exit"): exit_}
+        await c.manager.detach("getppid", ME, hook="exit")
+        assert not c.kernel.exit_attached and c.kernel.slots == {GETPPID: enter}
+        assert json.loads(c.store.path.read_text())["exit_slots"] == {}
+
+    run(tmp_path, scenario)
+
+
+def test_a_failed_exit_attach_leaves_no_exit_dispatcher(tmp_path: Path) -> None:
+    async def scenario(c: Core) -> None:
+        before = c.snapshot()
+        c.kernel.fail_set = True
+        with pytest.raises(KernelError):
+            await c.manager.attach("getppid", V1, None, "r.c", ME, hook="exit")
+        assert c.snapshot() == before and not c.kernel.exit_attached
+
+    run(tmp_path, scenario)

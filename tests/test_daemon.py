@@ -46,8 +46,8 @@ def test_user_session_with_tailcallctl(daemon: DaemonProcess, pin_root: Path, tm
     r = daemon.ctl("list")
     assert r.returncode == 0, r.stderr
     header, row = r.stdout.splitlines()[:2]
-    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
-    assert row.split()[:6] == ["268", "fchmodat", "enter_fchmodat_v2", "bcc", row.split()[4], "fchmodat_v2.c"]
+    assert header.split() == ["SLOT", "SYSCALL", "HOOK", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
+    assert row.split()[:7] == ["268", "fchmodat", "enter", "enter_fchmodat_v2", "bcc", row.split()[5], "fchmodat_v2.c"]
     assert r.stdout.rstrip().endswith("1 slot listed.")
 
     listed = json.loads(daemon.ctl("list", "--json").stdout)

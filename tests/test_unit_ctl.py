@@ -112,10 +112,11 @@ def test_show_list_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     lines = out.splitlines()
     header, row1, row2 = lines[0], lines[1], lines[2]
-    assert header.split() == ["SLOT", "SYSCALL", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
+    assert header.split() == ["SLOT", "SYSCALL", "HOOK", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     assert header.startswith("SLOT")
     # every column starts at the same offset in the header and in both rows
-    for title, v1, v2 in [("SYSCALL", "getppid", "fchmodat"), ("FUNCTION", "?", "count_calls"),
+    for title, v1, v2 in [("SYSCALL", "getppid", "fchmodat"), ("HOOK", "enter", "enter"),
+                          ("FUNCTION", "?", "count_calls"),
                           ("DIALECT", "?", "libbpf"),
                           ("PROG", "7", "12345"), ("SOURCE", "-", "handler.c"), ("HITS", "0", "1200"),
                           ("MISSES", "0", "57")]:
@@ -137,8 +138,8 @@ def test_show_list_no_legend(capsys: pytest.CaptureFixture[str]) -> None:
     assert "SLOT" not in out and "listed" not in out
     lines = out.splitlines()
     assert len(lines) == 2
-    assert lines[0].split()[:3] == ["110", "getppid", "?"]
-    assert lines[1].split()[:3] == ["268", "fchmodat", "count_calls"]
+    assert lines[0].split()[:4] == ["110", "getppid", "enter", "?"]
+    assert lines[1].split()[:4] == ["268", "fchmodat", "enter", "count_calls"]
 
 
 def test_show_list_singular_and_empty(capsys: pytest.CaptureFixture[str]) -> None:
@@ -329,7 +330,7 @@ REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
              ListResult(slots=[SlotInfo(slot=268, syscall="fchmodat", function="h", dialect="bcc", prog_id=91,
                                         filename="h.c", source_sha256="ab" * 32, attached_at=None, hits=9,
                                         misses=3)]),
-             "268  fchmodat  h  bcc  91  h.c  -  9  3\n", ""),
+             "268  fchmodat  enter  h  bcc  91  h.c  -  9  3\n", ""),
     "status": ([],
                StatusResult(version="0.1.0", pid=4242, started_at=STARTED, pin_dir="/sys/fs/bpf/tailcalld",
                             socket="/run/tailcalld/control.sock", dispatcher_prog_id=7, dispatcher_link_id=8,

@@ -1,6 +1,8 @@
 // tailcalld's dispatcher: attached once to raw_tracepoint/sys_enter, it jumps into the
 // handler that sits in the prog-array slot of the syscall number. When the slot is empty
-// the tail call falls through and the miss is counted for that slot.
+// the tail call falls through and the miss is counted for that slot. Built with
+// -DTAILCALLD_EXIT it is the exit dispatcher: on raw_tracepoint/sys_exit, with prog array and
+// counters of its own, attached only while some exit slot is filled.
 //
 // This runs on every syscall of the machine: one per-CPU array lookup, whose entry holds
 // both counters of the slot (calls, and misses on the fall-through path, which reuses the
@@ -31,6 +33,7 @@ BPF_TABLE_PINNED("percpu_array", u32, struct slot_counts, counts, TAILCALLD_SLOT
 // (bpf/timing.bpf.c) takes the time once the handler has returned. Off, this is one per-CPU
 // lookup of a constant key and a branch: the price of having no BPF trampoline to lean on
 // (fentry/fexit on this program would cost nothing when off, but kernels without them exist).
+#ifdef TAILCALLD_TIMING
 struct timing_run {
     u64 on;
     u64 start;          // bpf_ktime_get_ns() before the tail call; 0: nothing in flight
@@ -38,6 +41,7 @@ struct timing_run {
     u64 slot;
 };
 BPF_TABLE_PINNED("percpu_array", u32, struct timing_run, timing, 1, TAILCALLD_TIMING);
+#endif
 
 #ifdef TAILCALLD_COMPAT_NR
 // Values are slot + 1: an entry left at zero means "no 64-bit namesake".
@@ -57,17 +61,38 @@ static __always_inline u32 in_ia32_syscall(void)
 }
 #endif
 
+// The syscall number: sys_enter passes it as args[1]; sys_exit passes the return value there,
+// so the exit dispatcher (-DTAILCALLD_EXIT) reads it from the task's saved registers, as the
+// kernel's own syscall_get_nr() does (one probe read: the exit path's only extra cost).
+static __always_inline u32 syscall_nr(struct bpf_raw_tracepoint_args *ctx)
+{
+#ifdef TAILCALLD_EXIT
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long nr = -1;
+#if defined(__TARGET_ARCH_arm64) || defined(__aarch64__)
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->syscallno);
+#else
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+#endif
+    return nr;
+#else
+    return ctx->args[1];
+#endif
+}
+
 int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
 {
-    u32 nr = ctx->args[1];
+    u32 nr = syscall_nr(ctx);
 
 #ifdef TAILCALLD_COMPAT_NR
     if (in_ia32_syscall()) {
         u32 *slot = compat_slots.lookup(&nr);
         if (!slot || *slot == 0) {
+#ifndef TAILCALLD_EXIT  // counted once per call: on entry
             u64 *compat_count = compat_misses.lookup(&nr);
             if (compat_count)
                 *compat_count += 1;
+#endif
             return 0;
         }
         nr = *slot - 1;
@@ -80,6 +105,7 @@ int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
     // Counted before the jump: a tail call that lands never comes back.
     count->calls += 1;
 
+#ifdef TAILCALLD_TIMING
     u32 zero = 0;
     struct timing_run *run = timing.lookup(&zero);
     if (run && run->on) {
@@ -87,6 +113,7 @@ int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
         run->misses_before = count->misses;
         run->start = bpf_ktime_get_ns();
     }
+#endif
 
     handlers.call(ctx, nr);
 
