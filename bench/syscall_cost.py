@@ -26,7 +26,9 @@ from typing import Any
 
 from tailcalld.compiler import Compiler, Program
 from tailcalld.config import LiveSettings, Settings
-from tailcalld.dispatcher import NR_SLOTS, Dispatcher
+from tailcalld.dispatcher import EXIT, NR_SLOTS, Dispatcher
+from tailcalld.timing import SOURCE as TIMING_SOURCE
+from tailcalld.timing import HandlerTimer, target_of
 from tailcalld.syscalls import SyscallTable
 from tests.harness import remove_pin_tree, slot_misses
 
@@ -160,27 +162,43 @@ def tracepoint_getppid(_env: Env) -> Iterator[Attached]:
         wait_progs_gone(ids)
 
 
-def tailcalld_dispatcher(fill: Callable[[Env], list[int]]) -> Attacher:
+def tailcalld_dispatcher(fill: Callable[[Env], list[int]], exit_fill: Callable[[Env], list[int]] | None = None,
+                         timed: bool = False) -> Attacher:
     """tailcalld's own dispatcher, loaded and pinned by tailcalld's code in a fresh pin folder,
-    with the empty handler in the slots ``fill`` names."""
+    with the empty handler in the slots ``fill`` names; with ``exit_fill``, the exit dispatcher
+    too, the empty handler in those exit slots; ``timed``: handler timing switched on."""
 
     @contextlib.contextmanager
     def attach(env: Env) -> Iterator[Attached]:
         pin_dir = env.pins.new("dispatcher")
-        dispatcher: Dispatcher | None = None
+        dispatchers: list[Dispatcher] = []
+        timer: HandlerTimer | None = None
         ids: set[int] = set()
         try:
-            dispatcher = env.loop.run_until_complete(Dispatcher.open_or_load(pin_dir, env.compiler, env.compat))
-            ids = {dispatcher.prog_id}
+            enter = env.loop.run_until_complete(Dispatcher.open_or_load(pin_dir, env.compiler, env.compat))
+            dispatchers.append(enter)
             for slot in fill(env):
-                dispatcher.set_slot(slot, env.handler().fd)
+                enter.set_slot(slot, env.handler().fd)
+            if exit_fill is not None:
+                exit_ = env.loop.run_until_complete(
+                    Dispatcher.open_or_load(pin_dir, env.compiler, env.compat, hook=EXIT))
+                dispatchers.append(exit_)
+                for slot in exit_fill(env):
+                    exit_.set_slot(slot, env.handler().fd)
+            if timed:
+                target = target_of(enter)
+                build = env.compiler.build_own_object(TIMING_SOURCE, target.cflags)
+                timer = HandlerTimer.attach(env.loop.run_until_complete(build), target)
+            ids = {d.prog_id for d in dispatchers} | (timer.prog_ids() if timer else set())
             # Read from the pin, the way anyone but the daemon would see the counter.
             yield Attached(ids, getppid_misses=lambda: slot_misses(pin_dir, env.getppid_nr))
         finally:
+            if timer is not None:
+                timer.close()
             ids = ids or pinned_link_progs(pin_dir)
-            remove_pin_tree(pin_dir)  # the link pin first: that detaches the dispatcher
-            if dispatcher is not None:
-                dispatcher.close()  # our fds were the last references
+            remove_pin_tree(pin_dir)  # the link pins first: that detaches the dispatchers
+            for d in dispatchers:
+                d.close()  # our fds were the last references
             wait_progs_gone(ids)
 
     return attach
@@ -252,6 +270,9 @@ def configurations() -> list[Configuration]:
         Configuration("miss", "tailcalld, getppid slot empty (miss)", tailcalld_dispatcher(lambda env: []), "miss"),
         Configuration("hit", "tailcalld, empty handler in getppid slot (hit)", tailcalld_dispatcher(getppid), "hit"),
         Configuration("other", f"tailcalld, handler on {OTHER_SYSCALL} only", tailcalld_dispatcher(other), "miss"),
+        Configuration("exit", "tailcalld, empty handler in getppid exit slot (both dispatchers)",
+                      tailcalld_dispatcher(lambda env: [], exit_fill=getppid), "miss"),
+        Configuration("timed", "tailcalld, hit, handler timing on", tailcalld_dispatcher(getppid, timed=True), "hit"),
         Configuration("bpftrace", "bpftrace raw_syscalls:sys_enter count by id", bpftrace_counting,
                       unavailable=_bpftrace_missing),
         Configuration("tracepoint", "tracepoint syscalls:sys_enter_getppid (bcc)", tracepoint_getppid),

@@ -105,6 +105,10 @@ class HandlerTimer:
             obj.close()
             raise
 
+    def prog_ids(self) -> set[int]:
+        """The timing program's id (the benchmark tells its own programs from others' by id)."""
+        return {bpfsys.link_info(self._link_fd).prog_id} if self._link_fd is not None else set()
+
     def read(self) -> SlotTimes:
         columns = bpfsys.percpu_u64_columns(self._times_fd, self._target.nr_slots, len(SLOT_TIME_FIELDS))
         return SlotTimes(*columns)

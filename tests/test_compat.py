@@ -145,3 +145,15 @@ def test_syscalls_shows_both_abis_and_where_they_go(counting: tuple[DaemonProces
             ("x86_64", 268, 268, "count_comm"), ("ia32", I386_FCHMODAT, 268, "count_comm")}
     finally:
         d.stop()
+
+
+def test_a_32_bit_call_reaches_the_exit_slot_of_its_own_name(tmp_path: Path, pin_root: Path, program: Path) -> None:
+    counter = pin_root / "maps" / "count"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        d.call("attach", slot=NR_FCHMODAT, hook="exit", source=comm_counting_handler(counter), filename="count32.c")
+        call32(program, I386_FCHMODAT, 300)  # fchmodat's exit slot, found through the compat table
+        call32(program, I386_STATFS64, 200)  # statfs64 is i386 268, fchmodat's x86_64 number: not it
+        assert read_counter(counter) == 300
+    finally:
+        d.stop()
