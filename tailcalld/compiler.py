@@ -6,13 +6,15 @@ log arrive on the child's stderr, and when the worker is done or runs past
 ``compile_timeout`` the whole group (clang included) is killed and the folder removed.  The
 worker confines itself (Landlock) and limits its memory (``compile_memory_max``).  The
 program fd comes back over a socketpair (SCM_RIGHTS), the result as a file in the folder.
+
+tailcalld's own dispatcher is compiled here too (``build_object``), by clang alone: its source
+is ours, so no worker and no Landlock, but the same folder, time bound and group kill.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import errno
 import json
 import os
@@ -20,7 +22,6 @@ import logging
 import math
 import re
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -29,12 +30,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import bpfsys, confine, dialects
+from . import bpfsys, children, confine, dialects
 from .compile_worker import OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
 from .dialects import Artifact, Dialect
 from .errors import (BadRequest, CompileError, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude,
-                     StateUnwritable, TailcalldError, ToolFailed, error_class)
+                     StateUnwritable, TailcalldError, error_class)
 
 logger = logging.getLogger("tailcalld")
 
@@ -164,7 +165,7 @@ class Compiler:
             if pin_root:
                 pin_root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # libbpf makes pin_root itself
         if dialect == "libbpf":
-            vmlinux = await dialects.vmlinux_header(self._cache_dir)
+            vmlinux = await dialects.vmlinux_header(self._cache_dir, self._settings.current.compile_timeout)
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
         async with self._parallel_compiles:
             result, fd, output = await self._run_worker(request)
@@ -188,33 +189,21 @@ class Compiler:
 
     async def build_own_object(self, source_name: str, cflags: Sequence[str] = ()) -> bytes:
         """Compile one of tailcalld's own libbpf sources (tailcalld/bpf/``source_name``) to a
-        BPF ELF object.  Trusted code, so no confined worker; still clang runs in a process
-        group of its own, killed whole at ``compile_timeout``, in a folder removed after."""
-        work_dir = self._new_work_dir()
-        output = work_dir / "out.o"
-        cmd = dialects.clang_command([bpf_include_dir()], str(output))
-        cmd[1:1] = list(cflags)
+        BPF ELF object, against this kernel's vmlinux.h.  Trusted code, so no confined worker;
+        still clang runs in a process group of its own, killed whole at ``compile_timeout``, in
+        a folder removed after.  Raises CompileError (clang's output as details["log"]) or
+        ToolFailed (no clang, or past compile_timeout)."""
         timeout = self._settings.current.compile_timeout
+        vmlinux = await dialects.vmlinux_header(self._cache_dir, timeout)
+        work_dir = self._new_work_dir()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, cwd=work_dir, start_new_session=True)
-            try:
-                said, _ = await asyncio.wait_for(proc.communicate(bpf_source(source_name).encode()), timeout)
-            except TimeoutError:
-                raise CompileTimeout(f"compiling tailcalld's {source_name} took longer than {timeout:g} s; "
-                                     "clang was killed", {"timeout": timeout}) from None
-            finally:
-                _kill_group(proc.pid)
-                if proc.returncode is None:
-                    await proc.wait()
-            if proc.returncode != 0:
-                raise CompileError(f"clang could not compile tailcalld's {source_name} "
-                                   f"(exit status {proc.returncode})", {"log": _tidy(said)})
-            return output.read_bytes()
-        except FileNotFoundError as exc:
-            raise ToolFailed(f"cannot run clang to build tailcalld's {source_name}: {exc.strerror} "
-                             "(apt-get install clang)") from None
+            out = work_dir / "object.bpf.o"
+            cmd = dialects.clang_command([str(vmlinux), bpf_include_dir()], str(out), cflags)
+            done = await children.run(cmd, timeout, input=bpf_source(source_name).encode(), cwd=work_dir)
+            if done.returncode != 0:
+                raise CompileError(f"clang could not compile tailcalld's {source_name} (exit status {done.returncode})",
+                                   {"log": _tidy(done.stdout + done.stderr)})
+            return out.read_bytes()
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -260,7 +249,7 @@ class Compiler:
             finally:
                 # The worker leads a process group of its own: this ends clang too, which a
                 # kill of the worker alone would leave running.
-                _kill_group(proc.pid)
+                children.kill_group(proc.pid)
                 if proc.returncode is None:
                     await proc.wait()
             output = _tidy(out)
@@ -285,11 +274,6 @@ def _unsaid(work_dir: Path) -> str:
         return _tidy((work_dir / STDERR_COPY).read_bytes())
     except OSError:
         return ""
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the worker and all it started are gone already
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def _died(status: int | None, output: str, memory_max: int) -> TailcalldError:

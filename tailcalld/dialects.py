@@ -9,14 +9,17 @@ object:    a prebuilt BPF ELF object, loaded with libbpf as is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import platform
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from . import children
 from .errors import ToolFailed
 
 Dialect = Literal["bcc", "libbpf", "object"]
@@ -53,19 +56,19 @@ def target_arch() -> str:
     return _TARGET_ARCH.get(machine, machine)
 
 
-def clang_command(include_dirs: list[str], output: str) -> list[str]:
+def clang_command(include_dirs: list[str], output: str, cflags: Sequence[str] = ()) -> list[str]:
     """clang, as libbpf-tools build their .bpf.o: the source comes on stdin."""
     multiarch = f"/usr/include/{platform.machine()}-linux-gnu"
-    cmd = ["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{target_arch()}"]
+    cmd = ["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{target_arch()}", *cflags]
     cmd += [f"-I{d}" for d in include_dirs]
     if os.path.isdir(multiarch):
         cmd.append(f"-I{multiarch}")  # <asm/types.h> for <linux/bpf.h>
     return [*cmd, "-x", "c", "-c", "-", "-o", output]
 
 
-async def vmlinux_header(cache_dir: Path) -> Path:
+async def vmlinux_header(cache_dir: Path, timeout: float) -> Path:
     """A folder holding vmlinux.h for the running kernel, generated once per BTF (that is, per
-    kernel) with bpftool and kept under ``cache_dir``."""
+    kernel) with bpftool and kept under ``cache_dir``.  bpftool gets ``timeout`` seconds."""
     try:
         btf = await asyncio.to_thread(BTF_VMLINUX.read_bytes)
     except OSError as exc:
@@ -77,16 +80,16 @@ async def vmlinux_header(cache_dir: Path) -> Path:
         return folder
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            "bpftool", "btf", "dump", "file", str(BTF_VMLINUX), "format", "c",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    except OSError as exc:
-        raise ToolFailed(f"cannot run bpftool to make vmlinux.h for libbpf handlers: {exc.strerror} "
-                         "(apt-get install bpftool)") from None
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise ToolFailed(f"bpftool could not dump {BTF_VMLINUX}: {err.decode(errors='replace').strip()}")
+        done = await children.run(["bpftool", "btf", "dump", "file", str(BTF_VMLINUX), "format", "c"], timeout)
+    except ToolFailed as err:
+        raise ToolFailed(f"making vmlinux.h: {err.message} (apt-get install bpftool)", err.details) from None
+    if done.returncode != 0:
+        raise ToolFailed(f"bpftool could not dump {BTF_VMLINUX}: {done.stderr.decode(errors='replace').strip()}")
     tmp = folder / f".vmlinux.h.{os.getpid()}"
-    tmp.write_bytes(out)
-    os.replace(tmp, header)
+    try:
+        tmp.write_bytes(done.stdout)
+        os.replace(tmp, header)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # only left when the write failed (a full disk)
     return folder
