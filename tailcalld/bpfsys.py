@@ -148,6 +148,17 @@ def prog_get_fd_by_id(prog_id: int) -> int:
     return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
 
 
+def fd_kind(fd: int) -> str:
+    """"map", "prog" or "link" (what a pin holds, from the anon inode behind the fd), or "" for
+    anything else.  bpf_obj_get_info_by_fd fills the info of the object's real kind whatever
+    struct it is given, so the kind has to be known before an id is compared."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+    return {"anon_inode:bpf-map": "map", "anon_inode:bpf-prog": "prog", "anon_inode:bpf-link": "link"}.get(target, "")
+
+
 def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:
     """Attach a raw_tp program; the returned fd is a bpf_link (pin it to outlive us)."""
     return _check(_lib().bpf_raw_tracepoint_open(tracepoint.encode(), prog_fd),

@@ -11,6 +11,8 @@ Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops)
     link           the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
     exit/          the exit dispatcher's own prog_array, counts and (while an exit slot is
                    filled) link, on raw_tracepoint/sys_exit; it reads the compat table above
+    handlers/      what handlers leave: <sha256>/ the maps a libbpf handler pins by name,
+                   progs/<id> each program a slot runs (enter and exit slots alike)
 
 The maps are created and pinned here before the dispatcher is compiled, so the
 dispatcher's BPF_TABLE_PINNED only opens them.  A pinned link already present is adopted,
@@ -26,6 +28,7 @@ import errno
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +96,9 @@ NEW_LINK_PIN = "link_new"  # bpffs refuses names with dots
 # Maps a libbpf handler pins by name (LIBBPF_PIN_BY_NAME) go to pin_dir/handlers/<sha256>/,
 # one folder per handler source, removed when the handler leaves its last slot.
 HANDLERS_PINS = "handlers"
+# pin_dir/handlers/progs/<id>: each program a slot runs, so that a restart can read its name
+# and hold it by fd (opening a program by id needs CAP_SYS_ADMIN).
+PROGRAM_PINS = "progs"
 
 logger = logging.getLogger("tailcalld")
 
@@ -439,6 +445,41 @@ def handler_pin_dir(pin_dir: Path, sha256: str) -> Path:
     return pin_dir / HANDLERS_PINS / sha256
 
 
+def program_pin_dir(pin_dir: Path) -> Path:
+    return pin_dir / HANDLERS_PINS / PROGRAM_PINS
+
+
+def open_program_pin(pin_dir: Path, prog_id: int) -> int | None:
+    """An fd of the handler program ``prog_id`` from its pin, None when it has none (attached by
+    an older tailcalld, or by someone else) or the pin holds anything but that program."""
+    try:
+        fd = bpfsys.obj_get(str(program_pin_dir(pin_dir) / str(prog_id)))
+    except OSError:
+        return None
+    try:
+        if bpfsys.fd_kind(fd) == "prog" and bpfsys.prog_info(fd).id == prog_id:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def keep_program_pins(pin_dir: Path, progs: Mapping[int, int | None]) -> None:
+    """Make pin_dir/handlers/progs/ hold exactly the programs the slots run: ``progs`` maps each
+    program id to an fd of it (None: we hold none; its pin, if any, is kept).  A pin keeps its
+    program loaded, so one no slot runs any more is removed.  Raises OSError."""
+    folder = program_pin_dir(pin_dir)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pinned = set(os.listdir(folder))
+    for name in pinned - {str(prog_id) for prog_id in progs}:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    for prog_id, fd in progs.items():
+        if fd is not None and str(prog_id) not in pinned:
+            bpfsys.obj_pin(fd, str(folder / str(prog_id)))
+
+
 def remove_handler_pins(folder: Path) -> list[str]:
     """Unpin every map beneath ``folder`` (a bpffs folder holds pins and folders only); returns
     the pins removed."""
@@ -469,8 +510,8 @@ def _remove_dispatcher_pins(folder: Path) -> list[str]:
 
 def remove_pins(pin_dir: Path) -> list[str]:
     """Unpin everything tailcalld made under ``pin_dir``, the links first (that detaches a
-    dispatcher once no fd holds it), then the maps and the handlers' pinned maps, then the
-    folders if they are empty.  Both unload-all and ``--purge`` come here."""
+    dispatcher once no fd holds it), then the maps, the handlers' pinned maps and programs,
+    then the folders if they are empty.  Both unload-all and ``--purge`` come here."""
     exit_dir = pin_dir / EXIT.subdir
     removed = _remove_dispatcher_pins(exit_dir)
     with contextlib.suppress(OSError):

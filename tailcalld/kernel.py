@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +20,7 @@ from . import bpfsys
 from .compiler import Compiler, Program
 from .dialects import Artifact
 from .dispatcher import (COUNT_FIELDS, COUNTS, EXIT, LINK_PIN, Dispatcher, PinDirLock, handler_pin_dir,
-                         remove_handler_pins, remove_pins)
+                         keep_program_pins, open_program_pin, remove_handler_pins, remove_pins)
 from .errors import KernelError
 from .timing import TimingTarget, target_of
 
@@ -66,7 +67,18 @@ class Kernel(Protocol):
         """Compile (if need be) and load ``function`` of ``artifact`` as a raw_tp program."""
 
     def prog_name(self, prog_id: int) -> str | None:
-        """The kernel's name of a program (15 characters at most), None if it is gone."""
+        """The kernel's name of a program a slot runs (15 characters at most), from the pin
+        ``keep_programs`` made; None without one (gone, or pinned by nobody: see ``program``)."""
+
+    def program(self, prog_id: int, function: str | None = None) -> Program | None:
+        """A handle of our own on a program a slot runs (found at a restart), from its pin; None
+        when there is none (a program attached by an older tailcalld or by someone else):
+        then only its id is known, since opening a program by id needs CAP_SYS_ADMIN.
+        ``function``: the name to give it (else the kernel's, cut at 15 characters)."""
+
+    def keep_programs(self, progs: Mapping[int, Program | None]) -> None:
+        """Pin each program of ``progs`` (id -> our handle, None if we have none) that is not
+        pinned yet, and unpin every other: a pin keeps its program loaded.  Raises OSError."""
 
     def miss_totals(self) -> list[int]:
         """Tail-call misses per slot since the counters were created."""
@@ -177,14 +189,25 @@ class BpfKernel:
         remove_handler_pins(handler_pin_dir(self.info.pin_dir, sha256))
 
     def prog_name(self, prog_id: int) -> str | None:
-        try:
-            fd = bpfsys.prog_get_fd_by_id(prog_id)
-        except OSError:
+        prog = self.program(prog_id)
+        if prog is None:
+            return None
+        prog.close()
+        return prog.function
+
+    def program(self, prog_id: int, function: str | None = None) -> Program | None:
+        fd = open_program_pin(self.info.pin_dir, prog_id)
+        if fd is None:
             return None
         try:
-            return bpfsys.prog_info(fd).name
-        finally:
+            info = bpfsys.prog_info(fd)
+        except OSError:
             os.close(fd)
+            return None
+        return Program(fd, prog_id, function or info.name, info.xlated_insns)
+
+    def keep_programs(self, progs: Mapping[int, Program | None]) -> None:
+        keep_program_pins(self.info.pin_dir, {prog_id: p.fd if p is not None else None for prog_id, p in progs.items()})
 
     def miss_totals(self) -> list[int]:
         return self._dispatcher.miss_totals() + (self._exit.miss_totals() if self._exit else self._exit_totals[1])

@@ -9,6 +9,13 @@ The rule, per slot, when the state file is readable (it is the desired state):
 
 With no state file, or an unreadable one (moved aside), the kernel wins: what runs is adopted
 and recorded with its source unknown.  Every correction is logged and kept for status.
+
+A program found running is adopted by id.  tailcalld pins each program it puts in a slot
+(pin_dir/handlers/progs/<id>), so an adopted one is held by fd again (a slot emptied behind
+our back gets it back without a compile, a warm attach reuses it) and named; a program without
+that pin (put there by an older tailcalld or by someone else) is adopted by id alone, since
+opening a program by id needs CAP_SYS_ADMIN: its name is unknown and an emptied slot cannot
+get it back.
 """
 
 from __future__ import annotations
@@ -29,6 +36,16 @@ def unknown_record(registry: Registry, slot: int, prog_id: int) -> SlotRecord:
                       source_sha256=None, filename=None, attached_by_uid=None, attached_at=None)
 
 
+def adopted(registry: Registry, record: SlotRecord) -> Handler:
+    """The handler of a program found running as ``record`` says, held by fd when it is pinned."""
+    prog = registry.kernel.program(record.prog_id, record.function)
+    return Handler(record, prog, requested_function=record.function)
+
+
+def adopted_unknown(registry: Registry, slot: int, prog_id: int) -> Handler:
+    return adopted(registry, unknown_record(registry, slot, prog_id))
+
+
 async def restore(registry: Registry) -> None:
     """At start, before anything is served: no lock is needed, nothing else runs."""
     registry.store.prepare()
@@ -39,7 +56,7 @@ async def restore(registry: Registry) -> None:
     kernel = registry.kernel.occupied()
     if not loaded.found:
         for slot, prog_id in sorted(kernel.items()):
-            registry.handlers[slot] = Handler(unknown_record(registry, slot, prog_id))
+            registry.handlers[slot] = adopted_unknown(registry, slot, prog_id)
             if loaded.problem:
                 registry.correct(f"slot {registry.label(slot)}: kept program {prog_id} found in the kernel "
                                  "(source unknown: it cannot be rebuilt after a reboot)")
@@ -47,6 +64,7 @@ async def restore(registry: Registry) -> None:
         rebuilt: dict[ShareKey, Program] = {}
         for slot in sorted(set(kernel) | set(records)):
             await _restore_slot(registry, slot, kernel.get(slot), records.get(slot), rebuilt)
+    registry.keep_programs()
     if loaded.found and registry.desired() == loaded.state:
         return  # nothing to write: a read-only state_dir is no reason not to start
     try:
@@ -96,14 +114,14 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
         registry.correct(f"slot {label}: removed program {running}, which is not in the desired state")
         return
     if running == record.prog_id:
-        registry.handlers[slot] = Handler(record)
+        registry.handlers[slot] = adopted(registry, record)
         return
     if record.source_sha256 is None:
         if running is None:
             registry.correct(f"slot {label}: program {record.prog_id} is gone and its source "
                              "is unknown; the slot stays empty", error=True)
         else:
-            registry.handlers[slot] = Handler(unknown_record(registry, slot, running))
+            registry.handlers[slot] = adopted_unknown(registry, slot, running)
             registry.correct(f"slot {label}: kept program {running} found in the kernel")
         return
     key: ShareKey = (record.source_sha256, record.dialect, record.function, record.prog_id)
@@ -120,7 +138,7 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
             registry.unrestored[slot] = record
             outcome = "the slot stays empty until a start can rebuild it"
         else:  # something runs there: keep it rather than trace nothing
-            registry.handlers[slot] = Handler(unknown_record(registry, slot, running))
+            registry.handlers[slot] = adopted_unknown(registry, slot, running)
             outcome = f"program {running}, found in the slot, is kept"
         registry.correct(f"slot {label}: could not rebuild {record.function} from "
                          f"{record.filename} ({err}); {outcome}", error=True)
@@ -166,11 +184,11 @@ def _repair_slot(registry: Registry, slot: int, running: int | None, ours: Handl
         registry.kernel.set_slot(slot, ours.prog)
         registry.correct(f"slot {label} {what} outside tailcalld: put program {ours.prog.id} "
                          f"({ours.record.function}) back")
-    elif running is None:  # adopted, source unknown: nothing to put back
+    elif running is None:  # adopted by id alone: no handle to put back
         registry.commit(slot, None, already_in_kernel=True)
         registry.correct(f"slot {label} {what} outside tailcalld; its program {ours.record.prog_id} "
-                         "cannot be put back (source unknown)", error=True)
+                         "cannot be put back (adopted by id alone: tailcalld holds no handle on it)", error=True)
     else:
-        registry.commit(slot, Handler(unknown_record(registry, slot, running)), already_in_kernel=True)
+        registry.commit(slot, adopted_unknown(registry, slot, running), already_in_kernel=True)
         registry.correct(f"slot {label} {what} outside tailcalld; kept it (the program it replaced, "
                          f"{ours.record.prog_id}, has an unknown source)")

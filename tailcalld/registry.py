@@ -86,6 +86,19 @@ class Registry:
         except OSError as exc:
             logger.warning("the pinned maps of handler %s could not be removed: %s", sha256[:16], exc)
 
+    def keep_programs(self) -> None:
+        """Pin the programs the slots run, unpin those none runs any more (Kernel.keep_programs),
+        so that a restart can name them and hold them by fd.  A failure is logged, not raised:
+        it costs a later start only the name and handle of a program, never a slot."""
+        progs: dict[int, Program | None] = {}
+        for h in self.handlers.values():
+            if progs.get(h.record.prog_id) is None:
+                progs[h.record.prog_id] = h.prog
+        try:
+            self.kernel.keep_programs(progs)
+        except OSError as exc:
+            logger.warning("the handler programs could not be pinned under the pin folder: %s", exc)
+
     # -- persistence ----------------------------------------------------------------------------
 
     def wanted(self) -> dict[int, SlotRecord]:
@@ -147,6 +160,7 @@ class Registry:
             self._undo(slot, old, unrestored)
             self._save_undo(slot)
             raise
+        self.keep_programs()
         return old
 
     def _put(self, slot: int, handler: Handler | None) -> None:

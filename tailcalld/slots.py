@@ -135,6 +135,7 @@ class SlotManager:
         if not self._unloading:
             reconcile.repair_drift(self.registry, kernel, generation)
             self.kernel.release_idle()
+            self.registry.keep_programs()  # also pins again what an `rm -rf pin_dir` took
             self.registry.flush()
 
     def restore_pins(self) -> None:

@@ -9,6 +9,7 @@ shows up as an fd count that does not return to where it was.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from tailcalld.compiler import Program
@@ -38,6 +39,7 @@ class FakeKernel:
         self.fail_set = False
         self.fail_clear = False
         self.released: list[str] = []  # sha256 of handlers whose pinned maps were released
+        self.pinned: set[int] = set()  # programs pinned by keep_programs
         self._next_id = 100
 
     def slot(self, slot: int) -> int | None:
@@ -89,6 +91,14 @@ class FakeKernel:
 
     def prog_name(self, prog_id: int) -> str | None:
         return self.names.get(prog_id)
+
+    def program(self, prog_id: int, function: str | None = None) -> Program | None:
+        if prog_id not in self.pinned:
+            return None
+        return Program(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), prog_id, function or self.names[prog_id], 10)
+
+    def keep_programs(self, progs: Mapping[int, Program | None]) -> None:
+        self.pinned = {prog_id for prog_id, prog in progs.items() if prog is not None or prog_id in self.pinned}
 
     def miss_totals(self) -> list[int]:
         return list(self.misses)

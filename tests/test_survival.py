@@ -174,6 +174,7 @@ def test_corrupt_state_is_moved_aside_and_the_pins_are_kept(tmp_path: Path, pin_
             [slot] = c.call("list")["slots"]
             status = c.call("status")
         assert (slot["slot"], slot["prog_id"], slot["source_sha256"]) == (NR_FCHMODAT, prog_id, None)
+        assert slot["function"] == "count_calls"  # read through the program's pin, not by id
         assert any("unreadable" in line for line in status["corrections"])
         assert saved_slots(tmp_path / "state") == {NR_FCHMODAT: prog_id}
         fchmodat(5)
@@ -345,6 +346,42 @@ def test_hand_made_changes_are_repaired_while_running(tmp_path: Path, pin_root: 
         d.stop()
 
 
+def test_a_restart_holds_the_programs_it_finds_through_their_pins(tmp_path: Path, pin_root: Path) -> None:
+    """Each program a slot runs is pinned (handlers/progs/<id>), so a restart holds it by fd
+    without opening it by id (that needs CAP_SYS_ADMIN): a slot emptied behind its back gets
+    it back with no compile.  A program with no such pin (left by an older tailcalld) is
+    adopted by id alone, and an emptied slot of it cannot be refilled."""
+    counter = pin_root / "maps" / "count"
+    d, ours = start_counting(tmp_path, pin_root, counter)
+    with d.client() as c:
+        other = c.call("attach", slot="getppid", source=trivial_handler(9))["prog_id"]
+        c.call("attach", slot=301, source=trivial_handler(4))
+        c.call("detach", slot=301)
+    assert d.stop() == 0
+    progs = pin_root / "daemon" / "handlers" / "progs"
+    assert sorted(int(p.name) for p in progs.iterdir()) == sorted([ours, other])  # none for the detached one
+    (progs / str(other)).unlink()  # as an older tailcalld left it
+    d = start_daemon(tmp_path, pin_root / "daemon", miss_log_interval=0.3)
+    prog_array = d.pin_dir / "prog_array"
+    try:
+        assert listed(d) == {NR_FCHMODAT: ours, 110: other}
+        bpftool_empty(prog_array, NR_FCHMODAT)
+        bpftool_empty(prog_array, 110)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (kernel_slots(prog_array), listed(d)) != ({NR_FCHMODAT: ours},) * 2:
+            time.sleep(0.1)
+        assert kernel_slots(prog_array) == listed(d) == {NR_FCHMODAT: ours}
+        with d.client() as c:
+            corrections = c.call("status")["corrections"]
+        assert any(f"put program {ours} (count_calls) back" in line for line in corrections), corrections
+        assert any(f"its program {other} cannot be put back (adopted by id alone" in line for line in corrections)
+        fchmodat(3)
+        assert read_counter(counter) == 3
+        assert [p.name for p in progs.iterdir()] == [str(ours)]
+    finally:
+        d.stop()
+
+
 def test_pins_removed_while_running_are_pinned_again(tmp_path: Path, pin_root: Path) -> None:
     """rm -rf pin_dir under a running daemon: tracing must not end when the daemon does."""
     counter = pin_root / "maps" / "count"
@@ -358,6 +395,9 @@ def test_pins_removed_while_running_are_pinned_again(tmp_path: Path, pin_root: P
             time.sleep(0.1)
         assert dispatcher is not None and pinned_link_prog(pin_dir) == dispatcher
         assert kernel_slots(pin_dir / "prog_array") == {NR_FCHMODAT: prog_id}
+        while time.monotonic() < deadline and not (pin_dir / "handlers" / "progs" / str(prog_id)).exists():
+            time.sleep(0.1)
+        assert (pin_dir / "handlers" / "progs" / str(prog_id)).exists()
         with d.client() as c:
             assert any("pinned again" in line for line in c.call("status")["corrections"])
     finally:
