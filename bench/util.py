@@ -17,7 +17,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from tailcalld import bpfsys
-from tests.harness import libbpf, pin_path, pinned_link_prog, remove_pin_tree
+from tests.harness import libbpf, pin_path, pinned_link_prog, prog_fd_by_id, remove_pin_tree
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ class PinDirs:
 
 def prog_exists(prog_id: int) -> bool:
     try:
-        fd = bpfsys.prog_get_fd_by_id(prog_id)
+        fd = prog_fd_by_id(prog_id)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return False

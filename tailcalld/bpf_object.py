@@ -6,6 +6,9 @@ attaches it.  Maps the object declares for itself are created, after their sizes
 against the map budget.  Maps declared with LIBBPF_PIN_BY_NAME are pinned under the pin root
 the daemon gives (a folder of the handler's own under ``pin_dir``), never at libbpf's default
 /sys/fs/bpf/<name>, where a foreign map of the same name would be reused.
+
+The dispatcher is loaded the same way, in the daemon itself, with each of its maps replaced
+by the pinned map the daemon opened (``reuse_map``) rather than created.
 """
 
 from __future__ import annotations
@@ -136,7 +139,9 @@ class BpfObject:
 
     def reuse_map(self, name: str, fd: int) -> None:
         """Make the object's map ``name`` the existing map ``fd`` (a pinned one, opened by path)
-        instead of creating it; libbpf checks that type, sizes and entries agree."""
+        instead of creating it; libbpf keeps a dup of ``fd``.  libbpf 1.1 takes the map's type
+        and sizes from the kernel without comparing them with the declaration, so a caller
+        that needs them to agree checks first (the dispatcher: check_declared_maps)."""
         lib = _lib()
         m = lib.bpf_object__find_map_by_name(self._obj, name.encode())
         if not m:

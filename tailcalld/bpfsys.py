@@ -1,9 +1,12 @@
 """Thin ctypes layer over libbpf's low-level bpf() wrappers.
 
-The daemon never compiles BPF itself (that happens in a worker process, see
-``tailcalld.compiler``); what it needs is to create, pin, open and update maps and
-links by fd.  libbpf.so.1 is on every host that has bcc, and its syscall wrappers are
-stable ABI, so this module is all the daemon needs of the kernel.
+Handlers are compiled and loaded in a worker process (``tailcalld.compiler``); what the
+daemon needs itself is to create, pin, open and update maps, programs and links by fd.
+libbpf.so.1 is on every host that has bcc, and its syscall wrappers are stable ABI.
+
+Every object is reached through a pin (BPF_OBJ_GET) or an fd we were given, never by id:
+BPF_*_GET_FD_BY_ID and BPF_*_GET_NEXT_ID need CAP_SYS_ADMIN, and the daemon runs with
+CAP_BPF and CAP_PERFMON (contrib/tailcalld.service).
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ class _LinkInfo(ctypes.Structure):
         ("type", ctypes.c_uint32),
         ("id", ctypes.c_uint32),
         ("prog_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        # The union's raw_tracepoint member: the kernel copies the name into our buffer.
+        ("tp_name", ctypes.c_uint64),
+        ("tp_name_len", ctypes.c_uint32),
+        ("_pad2", ctypes.c_uint32),
     ]
 
 
@@ -96,6 +104,7 @@ class LinkInfo:
     type: int
     id: int
     prog_id: int
+    tracepoint: str  # of a raw_tracepoint link ("sys_enter"); "" for other kinds
 
 
 @cache
@@ -113,7 +122,6 @@ def _lib() -> ctypes.CDLL:
                                          ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.libbpf_num_possible_cpus.argtypes = []
     return lib
 
@@ -144,8 +152,9 @@ def obj_get(path: str) -> int:
     return _check(_lib().bpf_obj_get(path.encode()), f"open pin {path}")
 
 
-def prog_get_fd_by_id(prog_id: int) -> int:
-    return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+# The kernel names a link's inode "bpf_link" when it makes the link, "bpf-link" when a pin is opened.
+_FD_KINDS = {"anon_inode:bpf-map": "map", "anon_inode:bpf-prog": "prog", "anon_inode:bpf-link": "link",
+             "anon_inode:bpf_link": "link"}
 
 
 def fd_kind(fd: int) -> str:
@@ -156,7 +165,7 @@ def fd_kind(fd: int) -> str:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return ""
-    return {"anon_inode:bpf-map": "map", "anon_inode:bpf-prog": "prog", "anon_inode:bpf-link": "link"}.get(target, "")
+    return _FD_KINDS.get(target, "")
 
 
 def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:
@@ -189,7 +198,14 @@ def prog_info(fd: int) -> ProgInfo:
 
 def link_info(fd: int) -> LinkInfo:
     i = _info(fd, _LinkInfo, "link info")
-    return LinkInfo(i.type, i.id, i.prog_id)
+    if i.type != BPF_LINK_TYPE_RAW_TRACEPOINT:
+        return LinkInfo(i.type, i.id, i.prog_id, "")
+    # Asked again with a buffer for the name only now: other kinds of link read other pointers there.
+    name = ctypes.create_string_buffer(64)
+    named = _LinkInfo(tp_name=ctypes.addressof(name), tp_name_len=len(name))
+    size = ctypes.c_uint32(ctypes.sizeof(named))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(named), ctypes.byref(size)), "link info")
+    return LinkInfo(i.type, i.id, i.prog_id, name.value.decode(errors="replace"))
 
 
 def array_set_u32(map_fd: int, key: int, value: int) -> None:

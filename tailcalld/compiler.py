@@ -194,9 +194,9 @@ class Compiler:
         a folder removed after.  Raises CompileError (clang's output as details["log"]) or
         ToolFailed (no clang, or past compile_timeout)."""
         timeout = self._settings.current.compile_timeout
-        vmlinux = await dialects.vmlinux_header(self._cache_dir, timeout)
         work_dir = self._new_work_dir()
         try:
+            vmlinux = await dialects.vmlinux_header(self._cache_dir, timeout, fallback=work_dir)
             out = work_dir / "object.bpf.o"
             cmd = dialects.clang_command([str(vmlinux), bpf_include_dir()], str(out), cflags)
             done = await children.run(cmd, timeout, input=bpf_source(source_name).encode(), cwd=work_dir)

@@ -66,30 +66,48 @@ def clang_command(include_dirs: list[str], output: str, cflags: Sequence[str] = 
     return [*cmd, "-x", "c", "-c", "-", "-o", output]
 
 
-async def vmlinux_header(cache_dir: Path, timeout: float) -> Path:
+async def vmlinux_header(cache_dir: Path, timeout: float, fallback: Path | None = None) -> Path:
     """A folder holding vmlinux.h for the running kernel, generated once per BTF (that is, per
-    kernel) with bpftool and kept under ``cache_dir``.  bpftool gets ``timeout`` seconds."""
+    kernel) with bpftool and kept under ``cache_dir``.  bpftool gets ``timeout`` seconds.
+    When the cache cannot be written (a full or read-only state_dir) and ``fallback`` (an
+    existing folder) is given, the header is made there, for one use: the dispatcher needs it
+    at every start, and such a disk must not stop one (it takes bpftool ~0.15 s)."""
     try:
         btf = await asyncio.to_thread(BTF_VMLINUX.read_bytes)
     except OSError as exc:
-        raise ToolFailed(f"libbpf handlers need the kernel's BTF, and {BTF_VMLINUX} cannot be read: "
+        raise ToolFailed(f"libbpf C needs the kernel's BTF, and {BTF_VMLINUX} cannot be read: "
                          f"{exc.strerror}") from None
     folder = cache_dir / f"vmlinux-{hashlib.sha256(btf).hexdigest()[:16]}"
-    header = folder / "vmlinux.h"
-    if header.exists():
+    if (folder / "vmlinux.h").exists():
         return folder
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    header = await _dump_vmlinux(timeout)
+    try:
+        _write_header(folder, header)
+    except OSError:
+        if fallback is None:
+            raise
+        _write_header(fallback, header)
+        return fallback
+    return folder
+
+
+async def _dump_vmlinux(timeout: float) -> bytes:
     try:
         done = await children.run(["bpftool", "btf", "dump", "file", str(BTF_VMLINUX), "format", "c"], timeout)
     except ToolFailed as err:
         raise ToolFailed(f"making vmlinux.h: {err.message} (apt-get install bpftool)", err.details) from None
     if done.returncode != 0:
         raise ToolFailed(f"bpftool could not dump {BTF_VMLINUX}: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
+
+
+def _write_header(folder: Path, header: bytes) -> None:
+    """folder/vmlinux.h, renamed into place: a concurrent compile never reads half of one."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = folder / f".vmlinux.h.{os.getpid()}"
     try:
-        tmp.write_bytes(done.stdout)
-        os.replace(tmp, header)
+        tmp.write_bytes(header)
+        os.replace(tmp, folder / "vmlinux.h")
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # only left when the write failed (a full disk)
-    return folder

@@ -1,4 +1,4 @@
-"""The pinned dispatcher: its prog array, its miss counters and its sys_enter link.
+"""The pinned dispatcher: its prog array, its miss counters, its program and its sys_enter link.
 
 Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops):
 
@@ -9,14 +9,19 @@ Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops)
     compat_slots   (x86_64) u32 array, COMPAT_NR entries: ia32 number -> 64-bit slot + 1
     compat_misses  (x86_64) per-CPU u64 array: calls of ia32-only syscalls, by ia32 number
     link           the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
+    prog           the dispatcher program behind the link, named tcd_<hash of its code>
     exit/          the exit dispatcher's own prog_array, counts and (while an exit slot is
-                   filled) link, on raw_tracepoint/sys_exit; it reads the compat table above
+                   filled) link and prog (tcx_<hash>), on raw_tracepoint/sys_exit; it reads the
+                   compat table above
     handlers/      what handlers leave: <sha256>/ the maps a libbpf handler pins by name,
                    progs/<id> each program a slot runs (enter and exit slots alike)
 
-The maps are created and pinned here before the dispatcher is compiled, so the
-dispatcher's BPF_TABLE_PINNED only opens them.  A pinned link already present is adopted,
-never duplicated: a second dispatcher would count every syscall twice.
+Everything is opened through these pins, never by id: BPF_{MAP,PROG}_GET_FD_BY_ID needs
+CAP_SYS_ADMIN, which the daemon does not have (contrib/tailcalld.service).  That is why the
+program is pinned beside its link (a link gives only its program's id, and the name is how a
+restart tells an older dispatcher), and why the maps are created and pinned here before the
+dispatcher is loaded: libbpf is handed their fds (bpf_map__reuse_fd).  A pinned link already
+present is adopted, never duplicated: a second dispatcher would count every syscall twice.
 """
 
 from __future__ import annotations
@@ -32,14 +37,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bpfsys, btf
+from . import bpfsys
+from .bpf_object import BpfObject
 from .compiler import Compiler, bpf_source
-from .errors import KernelError, NoBpffs, PinConflict
+from .errors import KernelError, NoBpffs, ObjectError, PinConflict
 from .paths import open_trusted_dir
 from .syscalls import COMPAT_NR, Hook
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
 BPF_FS_MAGIC = 0xCAFE4A11
+SOURCE = "dispatcher.bpf.c"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,9 @@ class HookSpec:
     tracepoint: str
     subdir: str  # beneath pin_dir ("": pin_dir itself)
     prefix: str  # of its program's name, by which a start recognises it (and its version)
+
+    def folder(self, pin_dir: Path) -> Path:
+        return pin_dir / self.subdir if self.subdir else pin_dir
 
 
 ENTER = HookSpec("enter", "sys_enter", "", "tcd_")
@@ -62,7 +72,7 @@ def dispatcher_function(hook: HookSpec = ENTER) -> str:
     """``tcd_`` (``tcx_`` on exit) + 11 hex digits of a hash of the dispatcher's code and layout:
     the kernel keeps 15 characters of a program's name, which is how a restart recognises an
     older dispatcher."""
-    code = bpf_source("dispatcher.bpf.c") + bpf_source("tailcalld.h") + f"slots={NR_SLOTS} hook={hook.hook}"
+    code = bpf_source(SOURCE) + f"slots={NR_SLOTS} hook={hook.hook}"
     return hook.prefix + hashlib.sha256(code.encode()).hexdigest()[:11]
 
 
@@ -71,15 +81,20 @@ TS_COMPAT = 0x0002  # arch/x86/include/asm/thread_info.h: "32bit syscall active"
 
 @dataclass(frozen=True)
 class _MapSpec:
-    pin: str
+    pin: str  # also the map's name in dispatcher.bpf.c
     type: int
     value_size: int
     entries: int = NR_SLOTS
     prefix: str = "tailcalld_"  # of the map's name, which the kernel cuts at 15 characters
+    key_size: int = 4
 
     @property
     def name(self) -> str:
         return f"{self.prefix}{self.pin}"[:15]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.type, self.key_size, self.value_size, self.entries)
 
 
 PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
@@ -92,7 +107,12 @@ ALL_MAPS = (PROG_ARRAY, COUNTS, TIMING, COMPAT_SLOTS, COMPAT_MISSES)
 # Pins of older tailcalld layouts: an upgrade removes them once the old dispatcher is gone.
 LEGACY_PINS = ("misses", "calls")
 LINK_PIN = "link"
-NEW_LINK_PIN = "link_new"  # bpffs refuses names with dots
+PROG_PIN = "prog"
+# Where an upgrade pins the new dispatcher before it renames it into place (bpffs refuses
+# names with dots).
+NEW_LINK_PIN = "link_new"
+NEW_PROG_PIN = "prog_new"
+DISPATCHER_PINS = (LINK_PIN, NEW_LINK_PIN, PROG_PIN, NEW_PROG_PIN)
 # Maps a libbpf handler pins by name (LIBBPF_PIN_BY_NAME) go to pin_dir/handlers/<sha256>/,
 # one folder per handler source, removed when the handler leaves its last slot.
 HANDLERS_PINS = "handlers"
@@ -154,7 +174,7 @@ class PinDirLock:
 def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
     path = pin_dir / spec.pin
     if not path.exists():
-        fd = bpfsys.map_create(spec.type, spec.name, 4, spec.value_size, spec.entries)
+        fd = bpfsys.map_create(spec.type, spec.name, spec.key_size, spec.value_size, spec.entries)
         try:
             bpfsys.obj_pin(fd, str(path))
         except OSError:
@@ -163,22 +183,26 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
         return fd
     try:
         fd = bpfsys.obj_get(str(path))
-        info = bpfsys.map_info(fd)
     except OSError as exc:
         raise PinConflict(f"{path} exists but is not a BPF map tailcalld can open ({exc}); "
                           "remove it or choose another pin_dir", {"path": str(path)}) from None
-    want = (spec.type, 4, spec.value_size, spec.entries)
+    if bpfsys.fd_kind(fd) != "map":
+        os.close(fd)
+        raise PinConflict(f"{path} is not a BPF map; it was not created by this tailcalld, so it is left alone",
+                          {"path": str(path)})
+    info = bpfsys.map_info(fd)
     have = (info.type, info.key_size, info.value_size, info.max_entries)
-    if have != want:
+    if have != spec.shape:
         os.close(fd)
         raise PinConflict(
-            f"{path} is not tailcalld's {spec.pin}: map type/key/value/entries are {have}, expected {want}; "
+            f"{path} is not tailcalld's {spec.pin}: map type/key/value/entries are {have}, expected {spec.shape}; "
             "it was not created by this tailcalld, so it is left alone",
-            {"path": str(path), "found": have, "expected": want})
+            {"path": str(path), "found": have, "expected": spec.shape})
     return fd
 
 
 def _map_specs(compat: dict[int, int] | None, hook: HookSpec) -> list[_MapSpec]:
+    """The maps of the dispatcher's own folder."""
     if hook is EXIT:  # no timing; the compat table is the enter dispatcher's (kept in step by it)
         return [PROG_ARRAY, COUNTS]
     return [PROG_ARRAY, COUNTS, TIMING] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
@@ -192,10 +216,37 @@ def _fill_compat_slots(fd: int, compat: dict[int, int]) -> None:
         bpfsys.array_set_u32(fd, ia32_nr, 0 if slot is None else slot + 1)
 
 
+@dataclass(frozen=True)
+class _Build:
+    """What loading one of the dispatchers needs."""
+
+    hook: HookSpec
+    pin_dir: Path  # tailcalld's (the exit dispatcher's folder is beneath it)
+    maps: Mapping[str, int]  # the pinned maps of its own folder, by pin name
+    compat: bool  # it translates ia32 syscall numbers (x86_64), with the enter dispatcher's table
+
+    @property
+    def folder(self) -> Path:
+        return self.hook.folder(self.pin_dir)
+
+
+@dataclass
+class _Attached:
+    """A dispatcher's link and program, by fd (ours to close)."""
+
+    link_fd: int
+    prog_fd: int
+
+    def close(self) -> None:
+        for fd in (self.link_fd, self.prog_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Dispatcher:
     """Handles on the pinned objects; the kernel side keeps running when this is closed."""
 
-    def __init__(self, pin_dir: Path, lock: PinDirLock, maps: dict[str, int], link_fd: int, adopted: bool,
+    def __init__(self, pin_dir: Path, lock: PinDirLock, maps: dict[str, int], attached: _Attached, adopted: bool,
                  upgraded_from: int | None = None, hook: HookSpec = ENTER, compat: bool = False) -> None:
         self.pin_dir = pin_dir  # this dispatcher's own folder (pin_dir/exit for the exit one)
         self.hook = hook
@@ -206,8 +257,8 @@ class Dispatcher:
         self._lock = lock
         self._maps = maps  # pin name -> fd
         self._prog_array_fd = maps[PROG_ARRAY.pin]
-        self._link_fd = link_fd
-        self.link = bpfsys.link_info(link_fd)
+        self._attached = attached
+        self.link = bpfsys.link_info(attached.link_fd)
 
     @classmethod
     async def open_or_load(cls, pin_dir: Path, compiler: Compiler, compat: dict[int, int] | None = None,
@@ -218,31 +269,16 @@ class Dispatcher:
         exit dispatcher only reads the enter one's).  ``lock``: the pin_dir's, taken already (the
         daemon takes every lock before it touches anything); the dispatcher releases it.
         ``pin_dir`` is tailcalld's; the exit dispatcher's pins go to its ``exit`` folder."""
-        own_dir = pin_dir / hook.subdir if hook.subdir else pin_dir
+        own_dir = hook.folder(pin_dir)
         lock = lock or PinDirLock(own_dir)
         maps: dict[str, int] = {}
-        uses_compat = compat is not None
         try:
             for spec in _map_specs(compat, hook):
                 maps[spec.pin] = _open_or_create_map(own_dir, spec)
             if compat is not None and hook is ENTER:
                 _fill_compat_slots(maps[COMPAT_SLOTS.pin], compat)
-            if (own_dir / NEW_LINK_PIN).exists():
-                (own_dir / NEW_LINK_PIN).unlink()  # left by an upgrade that died before its rename
-            link_pin = own_dir / LINK_PIN
-            if not link_pin.exists():
-                link_fd = await _load_and_attach(pin_dir, compiler, LINK_PIN, uses_compat, hook)
-                return cls(own_dir, lock, maps, link_fd, adopted=False, hook=hook, compat=uses_compat)
-            old_fd, old_prog = _adopt_link(link_pin, hook)
-            if old_prog.name == dispatcher_function(hook):
-                return cls(own_dir, lock, maps, old_fd, adopted=True, hook=hook, compat=uses_compat)
-            try:
-                link_fd = await _upgrade(pin_dir, compiler, old_prog, uses_compat, hook)
-            finally:
-                os.close(old_fd)  # with the pin replaced, this was the old link's last reference
-            _remove_legacy_pins(own_dir)
-            return cls(own_dir, lock, maps, link_fd, adopted=True, upgraded_from=old_prog.id, hook=hook,
-                       compat=uses_compat)
+            attached, adopted, upgraded_from = await _attach(_Build(hook, pin_dir, maps, compat is not None), compiler)
+            return cls(own_dir, lock, maps, attached, adopted, upgraded_from, hook, compat is not None)
         except BaseException:
             for fd in maps.values():
                 os.close(fd)
@@ -258,10 +294,12 @@ class Dispatcher:
         return self._maps.get(spec.pin)
 
     def unpin_link(self) -> None:
-        """Detach for good (the exit dispatcher with no exit slot left): unpin the link and drop
-        our handles.  The maps stay pinned, counters included, for the next attach."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.pin_dir / LINK_PIN).unlink()
+        """Detach for good (the exit dispatcher with no exit slot left): unpin the link and the
+        program, and drop our handles.  The maps stay pinned, counters included, for the next
+        attach."""
+        for name in (LINK_PIN, PROG_PIN):
+            with contextlib.suppress(FileNotFoundError):
+                (self.pin_dir / name).unlink()
         self.close()
 
     def set_slot(self, slot: int, prog_fd: int) -> None:
@@ -307,10 +345,10 @@ class Dispatcher:
 
     def restore_pins(self) -> list[str]:
         """Pin again what was unpinned behind our back (``rm -rf pin_dir``) while we run.  Our fds
-        still hold the link, the prog array and the counters, so tracing goes on for now, but it
-        would end with this process.  Returns the pins made; a pin path now holding another
-        object is left alone (PinConflict)."""
-        held = {LINK_PIN: self._link_fd, **self._maps}
+        still hold the link, the program, the prog array and the counters, so tracing goes on
+        for now, but it would end with this process.  Returns the pins made; a pin path now
+        holding another object is left alone (PinConflict)."""
+        held = {LINK_PIN: self._attached.link_fd, PROG_PIN: self._attached.prog_fd, **self._maps}
         missing = [name for name in held if not (self.pin_dir / name).exists()]
         if not self._lock.holds(self.pin_dir):
             lock = PinDirLock(self.pin_dir)  # made again, checked, and ours alone too
@@ -328,19 +366,51 @@ class Dispatcher:
 
     def close(self) -> None:
         """Drop our handles; the pins keep the dispatcher attached and the slots filled."""
-        for fd in (*self._maps.values(), self._link_fd):
+        for fd in self._maps.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._attached.close()
         self._lock.release()
 
 
-def _object_id(path: Path, fd: int) -> tuple[str, int]:
-    """What kind of object ``fd`` is, and its id (map and link ids are separate number spaces).
-    bpf_obj_get_info_by_fd fills the info of the object's real kind, whatever struct we pass;
-    so the kind comes from the name we pinned it under."""
-    if path.name.startswith(LINK_PIN):
-        return "link", bpfsys.link_info(fd).id
-    return "map", bpfsys.map_info(fd).id
+async def _attach(build: _Build, compiler: Compiler) -> tuple[_Attached, bool, int | None]:
+    """The dispatcher's link and program: the pinned one adopted if it is this version's, an
+    older one upgraded, a first one loaded.  Returns (them, adopted, the upgraded program's id)."""
+    own_dir = build.folder
+    _remove_unfinished_upgrade(own_dir)
+    pinned = _pinned_dispatcher_prog(own_dir / PROG_PIN, build.hook)
+    try:
+        if not (own_dir / LINK_PIN).exists():
+            attached = await _load_and_attach(build, compiler, LINK_PIN)
+            # The program pin last: a start that dies before this leaves a link whose program
+            # is not the pinned one, which the next start upgrades (safe).
+            os.rename(own_dir / NEW_PROG_PIN, own_dir / PROG_PIN)
+            return attached, False, None
+        link_fd, link = _adopt_link(own_dir / LINK_PIN, build.hook)
+        running = pinned if pinned is not None and pinned[1].id == link.prog_id else None
+        if running is not None and running[1].name == dispatcher_function(build.hook):
+            pinned = None  # the dispatcher keeps the fd
+            return _Attached(link_fd, running[0]), True, None
+        try:
+            attached = await _upgrade(build, compiler, link.prog_id, running[1].name if running is not None else None)
+        finally:
+            os.close(link_fd)  # with the pin replaced, this was the old link's last reference
+    finally:
+        if pinned is not None:
+            os.close(pinned[0])
+    _remove_legacy_pins(own_dir)
+    return attached, True, link.prog_id
+
+
+def _object_id(fd: int) -> tuple[str, int]:
+    """What kind of object ``fd`` is, and its id (map, program and link ids are separate
+    number spaces)."""
+    kind = bpfsys.fd_kind(fd)
+    if kind == "link":
+        return kind, bpfsys.link_info(fd).id
+    if kind == "prog":
+        return kind, bpfsys.prog_info(fd).id
+    return kind, bpfsys.map_info(fd).id if kind == "map" else 0
 
 
 def _check_pinned_is(path: Path, fd: int) -> None:
@@ -350,7 +420,7 @@ def _check_pinned_is(path: Path, fd: int) -> None:
     except OSError as exc:
         raise PinConflict(f"{path} is not a BPF object tailcalld can open ({exc})", {"path": str(path)}) from None
     try:
-        same = _object_id(path, pinned) == _object_id(path, fd)
+        same = _object_id(pinned) == _object_id(fd)
     except OSError:
         same = False
     finally:
@@ -360,37 +430,66 @@ def _check_pinned_is(path: Path, fd: int) -> None:
                           {"path": str(path)})
 
 
-def _adopt_link(path: Path, hook: HookSpec) -> tuple[int, bpfsys.ProgInfo]:
+def _pinned_dispatcher_prog(path: Path, hook: HookSpec) -> tuple[int, bpfsys.ProgInfo] | None:
+    """The dispatcher program pinned at ``path`` (fd, info), None when there is no pin (a
+    layout older than the program pin).  Raises PinConflict when the pin holds anything but a
+    dispatcher of tailcalld's: it is left alone."""
     try:
         fd = bpfsys.obj_get(str(path))
-        link = bpfsys.link_info(fd)
-        prog_fd = bpfsys.prog_get_fd_by_id(link.prog_id)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise PinConflict(f"{path} exists but is not a BPF object tailcalld can open ({exc}); "
+                          "remove it or choose another pin_dir", {"path": str(path)}) from None
+    info = bpfsys.prog_info(fd) if bpfsys.fd_kind(fd) == "prog" else None
+    if info is None or not info.name.startswith(hook.prefix):
+        os.close(fd)
+        what = f"program {info.name!r}" if info is not None else "not a program"
+        raise PinConflict(f"{path} is {what}, not tailcalld's dispatcher; it is left alone", {"path": str(path)})
+    return fd, info
+
+
+def _adopt_link(path: Path, hook: HookSpec) -> tuple[int, bpfsys.LinkInfo]:
+    """The pinned link: it must be a raw_tracepoint link on the hook's tracepoint.  Which
+    program it runs is known from the program pin beside it; without one (an older layout) a
+    raw_tp link on that tracepoint at our pin path in our own folder is taken for an older
+    dispatcher."""
+    try:
+        fd = bpfsys.obj_get(str(path))
     except OSError as exc:
         raise PinConflict(f"{path} exists but is not a BPF link ({exc}); remove it or choose another pin_dir",
                           {"path": str(path)}) from None
-    try:
-        prog = bpfsys.prog_info(prog_fd)
-    finally:
-        os.close(prog_fd)
-    if link.type != bpfsys.BPF_LINK_TYPE_RAW_TRACEPOINT or not prog.name.startswith(hook.prefix):
+    link = bpfsys.link_info(fd) if bpfsys.fd_kind(fd) == "link" else None
+    if link is None or link.type != bpfsys.BPF_LINK_TYPE_RAW_TRACEPOINT or link.tracepoint != hook.tracepoint:
         os.close(fd)
-        raise PinConflict(f"{path} is a link to program {prog.name!r}, not tailcalld's dispatcher; "
-                          "it is left alone", {"path": str(path)})
-    return fd, prog
+        what = "not a BPF link" if link is None else f"a link of type {link.type} on {link.tracepoint or '?'!r}"
+        raise PinConflict(f"{path} is {what}, not tailcalld's {hook.tracepoint} dispatcher; it is left alone",
+                          {"path": str(path)})
+    return fd, link
 
 
-async def _upgrade(pin_dir: Path, compiler: Compiler, old: bpfsys.ProgInfo, compat: bool, hook: HookSpec) -> int:
+async def _upgrade(build: _Build, compiler: Compiler, old_id: int, old_name: str | None) -> _Attached:
     """Replace an older dispatcher without a gap: attach the new one first (same prog array,
-    so the slots need no moving), then swap the pin.  Until the kernel drops the old link,
+    so the slots need no moving), then swap the pins.  Until the kernel drops the old link,
     both run: a syscall in that window is dispatched twice (handlers run twice, a miss counts
     twice).  raw_tp links cannot be updated in place, so a window of either a gap or a double
     is unavoidable; a double loses nothing."""
-    logger.warning("upgrading the %s dispatcher: program %d (%s) -> %s; handlers keep their slots",
-                   hook.hook, old.id, old.name, dispatcher_function(hook))
-    link_fd = await _load_and_attach(pin_dir, compiler, NEW_LINK_PIN, compat, hook)
-    own_dir = pin_dir / hook.subdir if hook.subdir else pin_dir
+    logger.warning("upgrading the %s dispatcher: program %d (%s) -> %s; handlers keep their slots", build.hook.hook,
+                   old_id, old_name or "no program pin: a layout older than this tailcalld",
+                   dispatcher_function(build.hook))
+    attached = await _load_and_attach(build, compiler, NEW_LINK_PIN)
+    own_dir = build.folder
     os.rename(own_dir / NEW_LINK_PIN, own_dir / LINK_PIN)  # atomic: the old pin is gone with it
-    return link_fd
+    os.rename(own_dir / NEW_PROG_PIN, own_dir / PROG_PIN)  # last, as at a first start
+    return attached
+
+
+def _remove_unfinished_upgrade(pin_dir: Path) -> None:
+    """The new pins of an upgrade (or start) that died before its renames: unpinning the link
+    detaches what it attached, since the process that held it is gone."""
+    for name in (NEW_LINK_PIN, NEW_PROG_PIN):
+        with contextlib.suppress(FileNotFoundError):
+            (pin_dir / name).unlink()
 
 
 def _remove_legacy_pins(pin_dir: Path) -> None:
@@ -402,43 +501,71 @@ def _remove_legacy_pins(pin_dir: Path) -> None:
             logger.info("removed %s, used only by the older dispatcher", pin_dir / name)
 
 
-def _compat_cflags(pin_dir: Path) -> list[str]:
-    return [f"-DTAILCALLD_COMPAT_NR={COMPAT_NR}",
-            f'-DTAILCALLD_COMPAT_SLOTS="{pin_dir / COMPAT_SLOTS.pin}"',
-            f'-DTAILCALLD_COMPAT_MISSES="{pin_dir / COMPAT_MISSES.pin}"',
-            f"-DTAILCALLD_TI_STATUS={btf.thread_info_status_offset()}",
-            f"-DTAILCALLD_TS_COMPAT={TS_COMPAT:#x}"]
-
-
-def _cflags(pin_dir: Path, compat: bool, hook: HookSpec) -> list[str]:
-    own_dir = pin_dir / hook.subdir if hook.subdir else pin_dir
-    cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}",
-              f"-DTAILCALLD_DISPATCH={dispatcher_function(hook)}",
-              f'-DTAILCALLD_PROG_ARRAY="{own_dir / PROG_ARRAY.pin}"',
-              f'-DTAILCALLD_COUNTS="{own_dir / COUNTS.pin}"']
+def dispatcher_cflags(compat: bool, hook: HookSpec = ENTER) -> list[str]:
+    flags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}", f"-DTAILCALLD_DISPATCH={dispatcher_function(hook)}"]
     if hook is EXIT:
-        cflags.append("-DTAILCALLD_EXIT")
-    else:
-        cflags.append(f'-DTAILCALLD_TIMING="{pin_dir / TIMING.pin}"')
-    return cflags + (_compat_cflags(pin_dir) if compat else [])
+        flags.append("-DTAILCALLD_EXIT")
+    if compat:
+        flags += [f"-DTAILCALLD_COMPAT_NR={COMPAT_NR}", f"-DTAILCALLD_TS_COMPAT={TS_COMPAT:#x}"]
+    return flags
 
 
-async def _load_and_attach(pin_dir: Path, compiler: Compiler, pin_name: str, compat: bool, hook: HookSpec) -> int:
-    function = dispatcher_function(hook)
-    prog = await compiler.load(bpf_source("dispatcher.bpf.c"), function, _cflags(pin_dir, compat, hook))
+def check_declared_maps(declared: list[tuple[str, tuple[int, int, int, int]]], maps: Mapping[str, int]) -> None:
+    """Raise ObjectError unless the object declares each map we hand it as its _MapSpec says:
+    libbpf takes a reused map as it is, so a struct changed on one side only would go unseen."""
+    specs = {spec.pin: spec.shape for spec in ALL_MAPS if spec.pin in maps}
+    found = dict(declared)  # one it declares beyond these would be created unpinned: refused too
+    if found != specs:
+        raise ObjectError(f"{SOURCE} declares its maps as {found}, but the pinned maps are {specs} "
+                          "(tailcalld/dispatcher.py's _MapSpecs)")
+
+
+def _load(data: bytes, build: _Build) -> int:
+    """Load the dispatcher of the object ``data`` on its pinned maps (by fd); its program fd."""
+    maps = dict(build.maps)
+    borrowed = None
+    if build.compat and COMPAT_SLOTS.pin not in maps:  # the exit dispatcher reads the enter one's table
+        borrowed = maps[COMPAT_SLOTS.pin] = _open_or_create_map(build.pin_dir, COMPAT_SLOTS)
+    obj = BpfObject(data)
     try:
-        link_fd = bpfsys.raw_tracepoint_open(hook.tracepoint, prog.fd)
+        check_declared_maps([(m.name, (m.type, m.key_size, m.value_size, m.max_entries)) for m in obj.maps()], maps)
+        for name, fd in maps.items():
+            obj.reuse_map(name, fd)
+        # libbpf closes its own fd with the object; the loaded program holds its maps.
+        return os.dup(obj.load_only(dispatcher_function(build.hook)))
     finally:
-        prog.close()  # the link holds the program from here on
-    pin = (pin_dir / hook.subdir if hook.subdir else pin_dir) / pin_name
+        obj.close()
+        if borrowed is not None:
+            os.close(borrowed)
+
+
+async def _load_and_attach(build: _Build, compiler: Compiler, link_pin: str) -> _Attached:
+    """Build, load and attach this version's dispatcher; pin its link at ``link_pin`` and its
+    program at NEW_PROG_PIN (in its own folder), for the caller to rename into place."""
+    own_dir = build.folder
+    data = await compiler.build_own_object(SOURCE, dispatcher_cflags(build.compat, build.hook))
+    prog_fd = _load(data, build)
+    try:
+        bpfsys.obj_pin(prog_fd, str(own_dir / NEW_PROG_PIN))
+        try:
+            link_fd = bpfsys.raw_tracepoint_open(build.hook.tracepoint, prog_fd)
+        except BaseException:
+            (own_dir / NEW_PROG_PIN).unlink()
+            raise
+    except BaseException:
+        os.close(prog_fd)
+        raise
+    attached = _Attached(link_fd, prog_fd)
+    pin = own_dir / link_pin
     try:
         bpfsys.obj_pin(link_fd, str(pin))
     except OSError as exc:
-        os.close(link_fd)  # detaches: nothing half-made stays behind
+        attached.close()  # detaches: nothing half-made stays behind
+        (own_dir / NEW_PROG_PIN).unlink()
         if exc.errno == errno.EEXIST:
             raise PinConflict(f"{pin} appeared while loading", {"path": str(pin)}) from None
         raise
-    return link_fd
+    return attached
 
 
 def handler_pin_dir(pin_dir: Path, sha256: str) -> Path:
@@ -500,7 +627,7 @@ def remove_handler_pins(folder: Path) -> list[str]:
 
 def _remove_dispatcher_pins(folder: Path) -> list[str]:
     removed = []
-    for name in (LINK_PIN, NEW_LINK_PIN, *(spec.pin for spec in ALL_MAPS), *LEGACY_PINS):
+    for name in (*DISPATCHER_PINS, *(spec.pin for spec in ALL_MAPS), *LEGACY_PINS):
         path = folder / name
         if path.exists():
             path.unlink()
@@ -510,9 +637,10 @@ def _remove_dispatcher_pins(folder: Path) -> list[str]:
 
 def remove_pins(pin_dir: Path) -> list[str]:
     """Unpin everything tailcalld made under ``pin_dir``, the links first (that detaches a
-    dispatcher once no fd holds it), then the maps, the handlers' pinned maps and programs,
-    then the folders if they are empty.  Both unload-all and ``--purge`` come here."""
-    exit_dir = pin_dir / EXIT.subdir
+    dispatcher once no fd holds it), then the programs, the maps, the handlers' pinned maps
+    and programs, then the folders if they are empty.  Both unload-all and ``--purge`` come
+    here."""
+    exit_dir = EXIT.folder(pin_dir)
     removed = _remove_dispatcher_pins(exit_dir)
     with contextlib.suppress(OSError):
         exit_dir.rmdir()

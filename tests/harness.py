@@ -9,6 +9,7 @@ tailcalld's own code, so that a test checks the daemon against something it did 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -30,6 +31,9 @@ from typing import Any
 
 from tailcalld import bpfsys
 from tailcalld.client import Client
+from tailcalld.compiler import Compiler
+from tailcalld.config import LiveSettings, Settings
+from tailcalld.dispatcher import COUNTS, EXIT, LEGACY_PINS, NR_SLOTS, PROG_ARRAY, TIMING
 
 BPFFS = Path("/sys/fs/bpf")
 # Every pin folder of a test or benchmark run is named tailcalld-test-<pid>-...: a sweep spares
@@ -340,13 +344,15 @@ def pin_foreign_map(path: Path) -> None:
 
 # -- kernel objects, read with libbpf --------------------------------------------------------
 # For what bpftool cannot reach: a map only our fd still holds (its program is gone), or a
-# counter read too often for a process per read.
+# counter read too often for a process per read.  The tests run as root with CAP_SYS_ADMIN,
+# so they may open objects by id; tailcalld itself never does (see tailcalld/bpfsys.py).
 
 @cache
 def libbpf() -> ctypes.CDLL:
     lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
     lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
     lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
@@ -365,6 +371,18 @@ def map_fd_by_id(map_id: int) -> int:
     return _checked(libbpf().bpf_map_get_fd_by_id(map_id), f"open map {map_id}")
 
 
+def prog_fd_by_id(prog_id: int) -> int:
+    return _checked(libbpf().bpf_prog_get_fd_by_id(prog_id), f"open program {prog_id}")
+
+
+def prog_name_by_id(prog_id: int) -> str:
+    fd = prog_fd_by_id(prog_id)
+    try:
+        return bpfsys.prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
 def pinned_fd(pin: Path) -> int:
     return _checked(libbpf().bpf_obj_get(str(pin).encode()), f"open {pin}")
 
@@ -377,6 +395,61 @@ def pinned_link_prog(pin_dir: Path) -> int | None:
         return None
     try:
         return bpfsys.link_info(fd).prog_id
+    finally:
+        os.close(fd)
+
+
+# The dispatchers of earlier releases (tests/data), by what an upgrade from each must handle.
+OLD_DISPATCHERS = {
+    "calls_misses": "dispatcher_calls_misses.bpf.c",  # two counter maps, now LEGACY_PINS
+    "bcc": "dispatcher_bcc.bpf.c",  # the last one bcc built (counts, timing, exit); no program pin beside its link
+}
+
+
+def pin_old_dispatcher(pin_dir: Path, release: str, exit: bool = False) -> int:
+    """An earlier release's dispatcher (``OLD_DISPATCHERS``), built by bcc under another
+    version's name, attached on the prog array of ``pin_dir`` (its maps made there as that
+    release would) and its link pinned at pin_dir/link, which must be free.  ``exit``: the
+    last bcc release's exit dispatcher instead, on the maps of pin_dir/exit.  Returns its
+    program id."""
+    folder = pin_dir / EXIT.subdir if exit else pin_dir
+    name = "tcx_00000000000" if exit else "tcd_00000000000"
+    cflags = [f"-DTAILCALLD_SLOTS={NR_SLOTS}", f"-DTAILCALLD_DISPATCH={name}",
+              f'-DTAILCALLD_PROG_ARRAY="{folder / PROG_ARRAY.pin}"']
+    if release == "calls_misses":
+        for legacy in LEGACY_PINS:
+            fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, f"tailcalld_{legacy}", 4, 8, NR_SLOTS)
+            try:
+                bpfsys.obj_pin(fd, str(pin_dir / legacy))
+            finally:
+                os.close(fd)
+        cflags += [f'-DTAILCALLD_MISSES="{pin_dir / "misses"}"', f'-DTAILCALLD_CALLS="{pin_dir / "calls"}"']
+    elif exit:
+        cflags += [f'-DTAILCALLD_COUNTS="{folder / COUNTS.pin}"', "-DTAILCALLD_EXIT"]
+    else:
+        cflags += [f'-DTAILCALLD_COUNTS="{pin_dir / COUNTS.pin}"', f'-DTAILCALLD_TIMING="{pin_dir / TIMING.pin}"']
+    compiler = Compiler(LiveSettings(Settings(compile_timeout=60.0)))
+    source = (Path(__file__).with_name("data") / OLD_DISPATCHERS[release]).read_text()
+    prog = asyncio.run(compiler.load(source, name, cflags))
+    try:
+        link = bpfsys.raw_tracepoint_open(EXIT.tracepoint if exit else "sys_enter", prog.fd)
+    finally:
+        prog.close()
+    try:
+        bpfsys.obj_pin(link, str(folder / "link"))
+    finally:
+        os.close(link)
+    return prog.id
+
+
+def pinned_prog(pin: Path) -> int | None:
+    """The id of the program pinned at ``pin``; None without one."""
+    try:
+        fd = bpfsys.obj_get(str(pin))
+    except OSError:
+        return None
+    try:
+        return bpfsys.prog_info(fd).id
     finally:
         os.close(fd)
 

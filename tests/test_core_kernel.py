@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots, pin_foreign_map, read_counter
-from tailcalld import bpfsys
+from harness import (DIRFD_MAGIC, NR_FCHMODAT, counting_handler, fchmodat, kernel_slots, pin_foreign_map,
+                     prog_fd_by_id, read_counter)
 from tailcalld.commands import ListCache, slot_info
 from tailcalld.compiler import Compiler
 from tailcalld.config import LiveSettings, Settings
@@ -114,7 +114,7 @@ def test_replace_is_one_update_and_frees_the_old_program(pin_root: Path, tmp_pat
         # Nothing holds v1 any more: the kernel freed it (freeing is deferred, so wait for it).
         for _ in range(200):
             try:
-                os.close(bpfsys.prog_get_fd_by_id(first.prog_id))
+                os.close(prog_fd_by_id(first.prog_id))
             except OSError:
                 return
             await asyncio.sleep(0.05)
@@ -247,6 +247,24 @@ def test_one_owner_per_pin_dir_and_foreign_pins_are_refused(pin_root: Path, tmp_
         run(foreign, tmp_path / "state", lambda m: asyncio.sleep(0))
     assert str(foreign / "prog_array") in conflict.value.message
     assert not (foreign / "link").exists()  # nothing attached
+
+    # The dispatcher's program pin is tailcalld's too: a map there is refused before any load.
+    (foreign / "prog_array").unlink()
+    pin_foreign_map(foreign / "prog")
+    with pytest.raises(PinConflict) as conflict:
+        run(foreign, tmp_path / "state", lambda m: asyncio.sleep(0))
+    assert str(foreign / "prog") in conflict.value.message
+    assert not (foreign / "link").exists()
+
+
+def test_every_pin_is_found_to_be_the_object_held(pin_root: Path, tmp_path: Path) -> None:
+    """The upkeep's check of the pins (restore_pins) accepts its own, freshly loaded or adopted:
+    a link fd the kernel just made and one opened from the pin are both links."""
+    async def scenario(m: SlotManager) -> None:
+        assert m.kernel.restore_pins() == []
+
+    run(pin_root / "daemon", tmp_path / "state", scenario)  # loaded
+    run(pin_root / "daemon", tmp_path / "state", scenario)  # adopted
 
 
 UNUSED_NR = 1000  # past every syscall table (ENOSYS), but sys_enter still fires: nobody else calls it

@@ -4,19 +4,16 @@ survive restart, kill -9 and reboot, and are repaired like enter slots."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
-from harness import DaemonProcess, kernel_slots, pinned_fd, remove_pin_tree, start_daemon
+from harness import (DaemonProcess, kernel_slots, pin_old_dispatcher, pinned_fd, pinned_prog, prog_name_by_id,
+                     remove_pin_tree, start_daemon)
 from tailcalld import bpfsys
-from tailcalld.compiler import Compiler, bpf_source
-from tailcalld.config import LiveSettings, Settings
-from tailcalld.dispatcher import EXIT, NR_SLOTS, _cflags, dispatcher_function
-from tailcalld.syscalls import SyscallTable
+from tailcalld.dispatcher import EXIT, dispatcher_function
 
 NR_GETPPID = 110
 
@@ -156,41 +153,21 @@ def test_the_exit_dispatcher_is_named_for_its_version() -> None:
     assert len(dispatcher_function(EXIT)) == 15
 
 
-def _pin_old_exit_dispatcher(pin_dir: Path) -> int:
-    """The exit dispatcher under another version's name, pinned on the same exit maps."""
-    old_name = "tcx_00000000000"
-    compat = SyscallTable.for_this_machine(NR_SLOTS).compat_table()
-    cflags = [f"-DTAILCALLD_DISPATCH={old_name}" if f.startswith("-DTAILCALLD_DISPATCH=") else f
-              for f in _cflags(pin_dir, compat is not None, EXIT)]
-    compiler = Compiler(LiveSettings(Settings(compile_timeout=60.0)))
-    prog = asyncio.run(compiler.load(bpf_source("dispatcher.bpf.c"), old_name, cflags))
-    try:
-        link = bpfsys.raw_tracepoint_open("sys_exit", prog.fd)
-    finally:
-        prog.close()
-    try:
-        bpfsys.obj_pin(link, str(pin_dir / EXIT.subdir / "link"))
-    finally:
-        os.close(link)
-    return prog.id
-
-
 def test_an_older_exit_dispatcher_is_upgraded(tmp_path: Path, pin_root: Path) -> None:
     seen = pin_root / "maps" / "seen"
     d = start_daemon(tmp_path, pin_root / "daemon")
     d.call("attach", slot=NR_GETPPID, hook="exit", source=exit_handler(seen))
     assert d.stop() == 0
-    (d.pin_dir / EXIT.subdir / "link").unlink()  # as if an older tailcalld had left its exit dispatcher
-    old = _pin_old_exit_dispatcher(d.pin_dir)
+    # As the last bcc release left its exit dispatcher: a link and no program pin beside it.
+    (d.pin_dir / EXIT.subdir / "link").unlink()
+    (d.pin_dir / EXIT.subdir / "prog").unlink()
+    old = pin_old_dispatcher(d.pin_dir, "bcc", exit=True)
     d = start_daemon(tmp_path, pin_root / "daemon")
     try:
         new = exit_link_prog(d)
         assert new is not None and new != old
-        fd = bpfsys.prog_get_fd_by_id(new)
-        try:
-            assert bpfsys.prog_info(fd).name == dispatcher_function(EXIT)
-        finally:
-            os.close(fd)
+        assert prog_name_by_id(new) == dispatcher_function(EXIT)
+        assert pinned_prog(d.pin_dir / EXIT.subdir / "prog") == new
         before = read_seen(seen)[1]
         for _ in range(20):
             os.getppid()

@@ -9,67 +9,103 @@
 // pointer: two separate maps cost the miss path a second lookup, ~2 ns here); no atomics,
 // no helper call the verifier cannot inline. A slot's handler ran calls - misses times.
 //
-// Compiled by BCC with -DTAILCALLD_SLOTS=<n> -DTAILCALLD_PROG_ARRAY="<pin>"
-// -DTAILCALLD_COUNTS="<pin>": the maps are created and pinned by the daemon before this
-// is compiled, so BPF_TABLE_PINNED only opens them. -DTAILCALLD_DISPATCH=tcd_<hash> names
-// the program after a hash of this code, so a restart can tell an older dispatcher.
+// libbpf C, compiled by clang (CO-RE, against the running kernel's vmlinux.h) with
+// -DTAILCALLD_SLOTS=<n> -DTAILCALLD_DISPATCH=tcd_<hash> (tcx_ on exit): the program is named
+// after a hash of this code, so a restart can tell an older dispatcher. The maps declared here are never
+// created from the object: the daemon creates and pins them first, opens the pins and hands
+// libbpf those fds (bpf_map__reuse_fd), so nothing opens a map by id (that needs
+// CAP_SYS_ADMIN). Their types and sizes are tailcalld/dispatcher.py's _MapSpecs.
 //
 // On x86_64 (-DTAILCALLD_COMPAT_NR=<n>): sys_enter hands over the *ia32* number of a
 // 32-bit caller (i386 268 is statfs64, x86_64 268 is fchmodat), so such a call is first
 // translated to the 64-bit slot of the syscall of the same name (compat_slots, filled by
 // the daemon from the kernel's syscall tables). An ia32 syscall with no 64-bit namesake is
 // never dispatched; it is counted in compat_misses under its ia32 number.
-#include "tailcalld.h"
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
 
-BPF_TABLE_PINNED("prog", u32, u32, handlers, TAILCALLD_SLOTS, TAILCALLD_PROG_ARRAY);
+struct {
+    __uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+    __uint(max_entries, TAILCALLD_SLOTS);
+    __uint(key_size, sizeof(u32));
+    __uint(value_size, sizeof(u32));  // a prog array has no BTF value type: sizes only
+} prog_array SEC(".maps");
+
 struct slot_counts {
     u64 calls;   // every call of the slot's syscall, dispatched or not
     u64 misses;  // calls that fell through because the slot was empty
 };
-BPF_TABLE_PINNED("percpu_array", u32, struct slot_counts, counts, TAILCALLD_SLOTS, TAILCALLD_COUNTS);
 
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, TAILCALLD_SLOTS);
+    __type(key, u32);
+    __type(value, struct slot_counts);
+} counts SEC(".maps");
+
+#ifndef TAILCALLD_EXIT
 // Handler timing, on demand (tailcalld/timing.py): while `on` is set (on every CPU, by the
 // daemon), the call in flight is stamped here and a second program attached after this one
 // (bpf/timing.bpf.c) takes the time once the handler has returned. Off, this is one per-CPU
 // lookup of a constant key and a branch: the price of having no BPF trampoline to lean on
 // (fentry/fexit on this program would cost nothing when off, but kernels without them exist).
-#ifdef TAILCALLD_TIMING
 struct timing_run {
     u64 on;
     u64 start;          // bpf_ktime_get_ns() before the tail call; 0: nothing in flight
     u64 misses_before;  // the slot's miss count then: unchanged afterwards means it was dispatched
     u64 slot;
 };
-BPF_TABLE_PINNED("percpu_array", u32, struct timing_run, timing, 1, TAILCALLD_TIMING);
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, struct timing_run);
+} timing SEC(".maps");
 #endif
 
 #ifdef TAILCALLD_COMPAT_NR
 // Values are slot + 1: an entry left at zero means "no 64-bit namesake".
-BPF_TABLE_PINNED("array", u32, u32, compat_slots, TAILCALLD_COMPAT_NR, TAILCALLD_COMPAT_SLOTS);
-BPF_TABLE_PINNED("percpu_array", u32, u64, compat_misses, TAILCALLD_COMPAT_NR, TAILCALLD_COMPAT_MISSES);
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, TAILCALLD_COMPAT_NR);
+    __type(key, u32);
+    __type(value, u32);
+} compat_slots SEC(".maps");
+
+#ifndef TAILCALLD_EXIT  // counted once per call: on entry
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, TAILCALLD_COMPAT_NR);
+    __type(key, u32);
+    __type(value, u64);
+} compat_misses SEC(".maps");
+#endif
 
 // The kernel's own in_ia32_syscall(): current_thread_info()->status & TS_COMPAT. That is
 // true for every ia32 entry (int 0x80 from 64-bit code included), which the user code
-// segment in pt_regs would miss. The offset comes from the running kernel's BTF
-// (-DTAILCALLD_TI_STATUS), not from kernel headers that may be another version's.
+// segment in pt_regs would miss. vmlinux.h marks every struct preserve_access_index, so
+// libbpf relocates the field's offset to the running kernel's (CO-RE), whatever kernel the
+// header was made from.
 // Cost: through the BTF-typed task pointer this is one direct load the verifier checks
-// against the kernel's BTF; bpf_probe_read_kernel() here cost 13 ns more per syscall.
+// against the kernel's BTF; bpf_probe_read_kernel() (BPF_CORE_READ) cost 13 ns more per syscall.
 static __always_inline u32 in_ia32_syscall(void)
 {
-    void *task = (void *)bpf_get_current_task_btf();
-    return *(volatile u32 *)(task + TAILCALLD_TI_STATUS) & TAILCALLD_TS_COMPAT;
+    struct task_struct *task = bpf_get_current_task_btf();
+    return task->thread_info.status & TAILCALLD_TS_COMPAT;
 }
 #endif
 
 // The syscall number: sys_enter passes it as args[1]; sys_exit passes the return value there,
-// so the exit dispatcher (-DTAILCALLD_EXIT) reads it from the task's saved registers, as the
-// kernel's own syscall_get_nr() does (one probe read: the exit path's only extra cost).
+// so the exit dispatcher reads it from the task's saved registers, as the kernel's own
+// syscall_get_nr() does (one probe read, at the offset CO-RE gives: the exit path's only
+// extra cost).
 static __always_inline u32 syscall_nr(struct bpf_raw_tracepoint_args *ctx)
 {
 #ifdef TAILCALLD_EXIT
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long nr = -1;
-#if defined(__TARGET_ARCH_arm64) || defined(__aarch64__)
+#if defined(__TARGET_ARCH_arm64)
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->syscallno);
 #else
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
@@ -80,16 +116,21 @@ static __always_inline u32 syscall_nr(struct bpf_raw_tracepoint_args *ctx)
 #endif
 }
 
+#ifdef TAILCALLD_EXIT
+SEC("raw_tp/sys_exit")
+#else
+SEC("raw_tp/sys_enter")
+#endif
 int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
 {
     u32 nr = syscall_nr(ctx);
 
 #ifdef TAILCALLD_COMPAT_NR
     if (in_ia32_syscall()) {
-        u32 *slot = compat_slots.lookup(&nr);
+        u32 *slot = bpf_map_lookup_elem(&compat_slots, &nr);
         if (!slot || *slot == 0) {
-#ifndef TAILCALLD_EXIT  // counted once per call: on entry
-            u64 *compat_count = compat_misses.lookup(&nr);
+#ifndef TAILCALLD_EXIT
+            u64 *compat_count = bpf_map_lookup_elem(&compat_misses, &nr);
             if (compat_count)
                 *compat_count += 1;
 #endif
@@ -99,15 +140,15 @@ int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
     }
 #endif
 
-    struct slot_counts *count = counts.lookup(&nr);
+    struct slot_counts *count = bpf_map_lookup_elem(&counts, &nr);
     if (!count)
         return 0;  // out of range: no slot could hold it either
     // Counted before the jump: a tail call that lands never comes back.
     count->calls += 1;
 
-#ifdef TAILCALLD_TIMING
+#ifndef TAILCALLD_EXIT
     u32 zero = 0;
-    struct timing_run *run = timing.lookup(&zero);
+    struct timing_run *run = bpf_map_lookup_elem(&timing, &zero);
     if (run && run->on) {
         run->slot = nr;
         run->misses_before = count->misses;
@@ -115,9 +156,11 @@ int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
     }
 #endif
 
-    handlers.call(ctx, nr);
+    bpf_tail_call(ctx, &prog_array, nr);
 
     // Only reached when slot `nr` is empty.
     count->misses += 1;
     return 0;
 }
+
+char _license[] SEC("license") = "GPL";  // bpf_get_current_task_btf() is GPL-only

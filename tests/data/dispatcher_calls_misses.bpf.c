@@ -1,3 +1,6 @@
+// The release before the counts map (separate calls and misses maps), kept as it was for the
+// upgrade tests.
+//
 // tailcalld's dispatcher: attached once to raw_tracepoint/sys_enter, it jumps into the
 // handler that sits in the prog-array slot of the syscall number. When the slot is empty
 // the tail call falls through and the miss is counted for that slot.
