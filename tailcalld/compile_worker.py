@@ -51,6 +51,8 @@ STDERR_COPY = "stderr.log"  # what libbcc/libbpf print while the worker watches 
 OUT_OF_MEMORY = re.compile(r"out of memory|std::bad_alloc|MemoryError|Cannot allocate memory", re.IGNORECASE)
 # How bcc and libbpf say that a map could not be created (before any program is verified).
 _MAP_FAILED = re.compile(r"could not open bpf map: .*|map '[^']*': failed to create.*")
+# bcc's words when it may not reopen a pinned map by id (BPF_MAP_GET_FD_BY_ID: CAP_SYS_ADMIN).
+_PINNED_BY_ID = re.compile(r"could not open bpf map: .*Operation not permitted")
 PR_SET_PDEATHSIG = 1
 
 # A raw_tracepoint program takes `struct bpf_raw_tracepoint_args *`; bcc's
@@ -112,7 +114,13 @@ def stderr_copy(work_dir: Path) -> Iterator[Said]:
 
 def _map_failure(said: Said) -> MapError | None:
     match = _MAP_FAILED.search(said.text)
-    return MapError(f"the kernel refused to create a map: {match.group(0).strip()}") if match else None
+    if match is None:
+        return None
+    message = f"the kernel refused to create a map: {match.group(0).strip()}"
+    if _PINNED_BY_ID.search(match.group(0)):
+        message += ("; when that map is pinned already (BPF_TABLE_PINNED), libbcc opens it by its id, which needs "
+                    "CAP_SYS_ADMIN, and tailcalld runs without it (see README, Privileges)")
+    return MapError(message)
 
 
 def _bcc_maps(b: Any) -> list[mapbudget.MapSpec]:

@@ -164,16 +164,18 @@ class DaemonProcess:
         return self.log.read_text()
 
 
-def start_daemon(tmp: Path, pin_dir: Path, prefix: Sequence[str] = (), **settings: object) -> DaemonProcess:
+def start_daemon(tmp: Path, pin_dir: Path, prefix: Sequence[str] = (), args: Sequence[str] = (),
+                 **settings: object) -> DaemonProcess:
     """A tailcalld with its config, socket, state and log in ``tmp``, once it answers a ping.
-    ``prefix`` runs it through another command that execs it (nsenter), so its pid stays ours."""
+    ``prefix`` runs it through another command that execs it (nsenter), so its pid stays ours;
+    ``args`` go after its --config."""
     settings.setdefault("socket", tmp / "tailcalld.sock")
     config = write_config(tmp / "tailcalld.toml", pin_dir=pin_dir, state_dir=tmp / "state", **settings)
     sock = Path(str(settings["socket"]))
     log = tmp / "daemon.log"
     started = time.time()
     with log.open("w") as out:
-        proc = subprocess.Popen([*prefix, str(VENV_BIN / "tailcalld"), "--config", str(config)],
+        proc = subprocess.Popen([*prefix, str(VENV_BIN / "tailcalld"), "--config", str(config), *args],
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
     d = DaemonProcess(proc, sock, pin_dir, config, log, started)
     deadline = time.monotonic() + 60
@@ -228,6 +230,32 @@ def _process_state(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None
+
+
+# -- privileges ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "contrib" / "tailcalld.service"
+CAP_CHOWN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 0, 21, 38, 39
+
+
+def unit_capabilities() -> list[str]:
+    """The unit's CapabilityBoundingSet=, as written: ["CAP_BPF", ...]."""
+    [line] = [ln for ln in UNIT.read_text().splitlines() if ln.startswith("CapabilityBoundingSet=")]
+    return line.split("=", 1)[1].split()
+
+
+def with_unit_capabilities() -> list[str]:
+    """A command prefix that runs what follows (exec'd: the pid stays) with the unit's bounding
+    set only, as systemd would: root keeps no capability outside it."""
+    allowed = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in unit_capabilities())
+    return ["setpriv", f"--bounding-set=-all,{allowed}", "--"]
+
+
+def effective_capabilities(pid: int) -> set[int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    [mask] = [ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")]
+    return {bit for bit in range(64) if int(mask, 16) >> bit & 1}
 
 
 # -- the workload ----------------------------------------------------------------------------
@@ -325,6 +353,21 @@ def read_counter(pin: Path) -> int:
 def kernel_slots(prog_array: Path) -> dict[int, int]:
     """slot -> program id of a pinned prog array, as bpftool sees it."""
     return {_le(e["key"]): _le(e["value"]) for e in _bpftool_map_dump(prog_array)}
+
+
+def _key(slot: int) -> list[str]:
+    return [str(b) for b in slot.to_bytes(4, "little")]
+
+
+def bpftool_empty(prog_array: Path | str, slot: int) -> None:
+    """Empty a slot by hand, behind tailcalld's back, as an operator with bpftool would."""
+    subprocess.run(["bpftool", "map", "delete", "pinned", str(prog_array), "key", *_key(slot)], check=True)
+
+
+def bpftool_fill(prog_array: Path | str, slot: int, prog_id: int) -> None:
+    """Put program ``prog_id`` in a slot by hand, behind tailcalld's back."""
+    subprocess.run(["bpftool", "map", "update", "pinned", str(prog_array), "key", *_key(slot),
+                    "value", "id", str(prog_id)], check=True)
 
 
 def saved_slots(state_dir: Path) -> dict[int, int]:
@@ -504,6 +547,14 @@ def journal(*args: str, **match: str) -> list[JournalEntry]:
     out = subprocess.run(["journalctl", "--no-pager", "-o", "json", *args, *[f"{k}={v}" for k, v in match.items()]],
                          capture_output=True, text=True, check=True).stdout
     return parse_journal(out)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10, period: float = 0.1) -> None:
+    """Poll ``condition`` until it holds; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not so after {timeout:g} s"
+        time.sleep(period)
 
 
 def wait_journal(read: Callable[[], list[JournalEntry]], minimum: int = 1, timeout: float = 10,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import (NR_FCHMODAT, OLD_DISPATCHERS, DaemonProcess, Workload, counting_handler, fchmodat, kernel_slots,
-                     pin_old_dispatcher, pinned_link_prog, pinned_prog, prog_name_by_id, read_counter, remove_pin_tree,
-                     saved_slots, slot_calls, start_counting, start_daemon)
+from harness import (NR_FCHMODAT, OLD_DISPATCHERS, DaemonProcess, Workload, bpftool_empty, bpftool_fill,
+                     counting_handler, fchmodat, kernel_slots, pin_old_dispatcher, pinned_link_prog, pinned_prog,
+                     prog_name_by_id, read_counter, remove_pin_tree, saved_slots, slot_calls, start_counting,
+                     start_daemon)
 from tailcalld.client import Client, RemoteError
 from tailcalld.dispatcher import LEGACY_PINS, dispatcher_function
 
@@ -202,21 +203,6 @@ def test_hand_made_changes_are_corrected_at_start(tmp_path: Path, pin_root: Path
         assert extra not in kernel_slots(pin_root / "daemon" / "prog_array").values()
     finally:
         d.stop()
-
-
-def _key(slot: int) -> list[str]:
-    return [str(b) for b in slot.to_bytes(4, "little")]
-
-
-def bpftool_empty(prog_array: Path | str, slot: int) -> None:
-    """Empty a slot by hand, behind tailcalld's back, as an operator with bpftool would."""
-    subprocess.run(["bpftool", "map", "delete", "pinned", str(prog_array), "key", *_key(slot)], check=True)
-
-
-def bpftool_fill(prog_array: Path | str, slot: int, prog_id: int) -> None:
-    """Put program ``prog_id`` in a slot by hand, behind tailcalld's back."""
-    subprocess.run(["bpftool", "map", "update", "pinned", str(prog_array), "key", *_key(slot),
-                    "value", "id", str(prog_id)], check=True)
 
 
 @pytest.mark.parametrize("release", sorted(OLD_DISPATCHERS))

@@ -1,6 +1,7 @@
 """tailcalld as a service under a real systemd (../shared/systemd/ci-systemd.sh boots one as
 PID 1 of private namespaces): make install, Type=notify start, reload, journal, socket
-activation, watchdog, and the hardened unit running the whole attach/detach cycle.
+activation, watchdog, and the hardened unit running the whole cycle with the capabilities it
+is bounded to (CAP_BPF CAP_PERFMON CAP_CHOWN, no CAP_SYS_ADMIN), each of which is needed.
 
 The host shares /etc, /opt, /tmp and /sys/fs/bpf with that systemd, so `make install` runs
 here and the counting handler's map is read from here.
@@ -12,7 +13,9 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (NR_FCHMODAT, JournalEntry, counting_handler, fchmodat, new_pin_root, parse_journal, read_counter,
-                     remove_pin_tree, wait_journal)
+from harness import (CAP_SYS_ADMIN, NR_FCHMODAT, JournalEntry, counting_handler, fchmodat, libbpf_pinned_handler,
+                     new_pin_root, parse_journal, read_counter, remove_pin_tree, unit_capabilities, wait_journal)
 from tailcalld.journal import MISS_MESSAGE_ID
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +43,12 @@ class Systemd:
     env: dict[str, str]
     pin_dir: Path
     maps: Path
+    files: Path  # handler sources, in /tmp: shared with the booted systemd, where tailcallctl runs
+
+    def source_file(self, text: str, suffix: str = ".c") -> str:
+        path = self.files / f"handler-{secrets.token_hex(3)}{suffix}"
+        path.write_text(text)
+        return str(path)
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(["bash", str(CI_SYSTEMD), "exec", *cmd], capture_output=True, text=True,
@@ -57,6 +66,15 @@ class Systemd:
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run("tailcallctl", *args, check=check)
 
+    def capabilities(self) -> set[int]:
+        """The running daemon's effective capabilities (its /proc is the booted systemd's)."""
+        status = self.run("cat", f"/proc/{self.show('MainPID')}/status").stdout
+        [mask] = [ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")]
+        return {bit for bit in range(64) if int(mask, 16) >> bit & 1}
+
+    def listed(self) -> dict[int, int]:
+        return {s["slot"]: s["prog_id"] for s in json.loads(self.ctl("list", "--json").stdout)["slots"]}
+
     def journal(self, *match: str) -> list[JournalEntry]:
         """The unit's entries in the booted systemd's journal (not the host's)."""
         return parse_journal(self.run("journalctl", "--no-pager", "-o", "json", "-u", "tailcalld", *match).stdout)
@@ -66,8 +84,13 @@ class Systemd:
         return wait_journal(lambda: [e for e in self.journal(*match) if predicate(e)], timeout=timeout, period=0.3)
 
 
-def write_config(pin_dir: Path, interval: float) -> None:
-    CONFIG.write_text(f'pin_dir = "{pin_dir}"\nmiss_log_interval = {interval}\n')
+# Each run's state_dir of its own, inside the unit's StateDirectory (the only place it may write
+# below /var): a run that failed half-way leaves no recorded handlers for the next one to rebuild.
+STATE_DIR = Path(f"/var/lib/tailcalld/test-{secrets.token_hex(3)}")
+
+
+def write_config(pin_dir: Path, interval: float, extra: str = "") -> None:
+    CONFIG.write_text(f'pin_dir = "{pin_dir}"\nstate_dir = "{STATE_DIR}"\nmiss_log_interval = {interval}\n{extra}')
 
 
 def make(target: str) -> None:
@@ -90,6 +113,8 @@ def one_at_a_time() -> Iterator[None]:
 def systemd(machine: None, one_at_a_time: None) -> Iterator[Systemd]:
     env = {**os.environ, "CI_SYSTEMD_DIR": f"/tmp/ci-systemd-tailcalld-{secrets.token_hex(3)}"}
     pin_root = new_pin_root()
+    files = Path(tempfile.mkdtemp(prefix="tailcalld-test-systemd-"))
+    files.chmod(0o755)
     had_config = CONFIG.exists()
     up = subprocess.run(["bash", str(CI_SYSTEMD), "up"], capture_output=True, text=True, env=env, timeout=120)
     try:
@@ -99,10 +124,12 @@ def systemd(machine: None, one_at_a_time: None) -> Iterator[Systemd]:
         # Quick watchdog for the test: the shipped 10 s works the same, only slower.
         DROP_IN.parent.mkdir(parents=True, exist_ok=True)
         DROP_IN.write_text("[Service]\nWatchdogSec=2s\nTimeoutAbortSec=2s\n")
-        sd = Systemd(env, pin_root / "daemon", pin_root / "maps")
+        sd = Systemd(env, pin_root / "daemon", pin_root / "maps", files)
         sd.run("systemctl", "daemon-reload")
         yield sd
     finally:
+        shutil.rmtree(files, ignore_errors=True)
+        shutil.rmtree(STATE_DIR, ignore_errors=True)
         subprocess.run(["bash", str(CI_SYSTEMD), "exec", "systemctl", "stop", "tailcalld.socket", "tailcalld.service"],
                        env=env, capture_output=True, timeout=120)
         DROP_IN.unlink(missing_ok=True)
@@ -123,20 +150,31 @@ def test_start_reload_journal_stop(systemd: Systemd) -> None:
     assert "tailcalld" in sd.ctl("ping").stdout
     assert sd.show("StatusText").startswith("0 slots in use")
 
+    # Bounded to the unit's set, without CAP_SYS_ADMIN: everything below works with that.
+    assert sd.show("CapabilityBoundingSet").split() == ["cap_chown", "cap_perfmon", "cap_bpf"]
+    assert sd.capabilities() == CAPS and CAP_SYS_ADMIN not in sd.capabilities()
+
     # The hardened unit compiles, loads and swaps handlers.
     counter = sd.maps / "count"
-    handler = Path(f"/tmp/tailcalld-test-handler-{secrets.token_hex(3)}.c")
-    handler.write_text(counting_handler(counter))
-    try:
-        attach = sd.ctl("attach", str(NR_FCHMODAT), str(handler))
-    finally:
-        handler.unlink()
+    attach = sd.ctl("attach", str(NR_FCHMODAT), sd.source_file(counting_handler(counter)))
     assert "attached count_calls to fchmodat (268)" in attach.stdout
-    # libbpf C too: clang, bpftool's vmlinux.h and libbpf all work inside the sandbox.
+    # libbpf C too: clang, bpftool's vmlinux.h and libbpf all work inside the sandbox, also
+    # for a map libbpf pins by name, and timing the handlers.
     check = sd.ctl("check", str(REPO / "examples/fchmodat_libbpf.bpf.c"), "--function", "enter_fchmodat")
     assert "enter_fchmodat (libbpf) verified" in check.stdout
+    sd.ctl("attach", str(LIBBPF_SLOT), str(REPO / "examples/fchmodat_libbpf.bpf.c"), "--function", "enter_fchmodat")
+    sd.ctl("attach", str(PINNED_SLOT), sd.source_file(libbpf_pinned_handler("byname_hits"), ".bpf.c"))
+    assert list((sd.pin_dir / "handlers").glob("*/byname_hits"))
+    sd.ctl("timing", "5")
     fchmodat(100)
     assert read_counter(counter) == 100
+    sd.ctl("detach", str(LIBBPF_SLOT))
+
+    # A restart adopts the pins: the same programs, nothing corrected, nothing opened by id.
+    before = sd.listed()
+    sd.run("systemctl", "restart", "tailcalld.service")
+    status = json.loads(sd.ctl("status", "--json").stdout)
+    assert status["adopted"] and status["corrections"] == [] and sd.listed() == before
 
     # Reload with a new interval: the handler keeps counting through it.
     write_config(sd.pin_dir, 2)
@@ -145,7 +183,7 @@ def test_start_reload_journal_stop(systemd: Systemd) -> None:
     fchmodat(50)
     assert read_counter(counter) == 200
     status = json.loads(sd.ctl("status", "--json").stdout)
-    assert status["miss_log_interval"] == 2 and status["slots_used"] == 1
+    assert status["miss_log_interval"] == 2 and status["slots_used"] == 2
 
     # A broken config on reload: refused, logged, the old one stays in force.
     CONFIG.write_text('pin_dir = "/sys/fs/bpf/elsewhere"\nmiss_log_interval = -5\n')
@@ -158,6 +196,7 @@ def test_start_reload_journal_stop(systemd: Systemd) -> None:
     sd.run("systemctl", "reload", "tailcalld.service")
 
     # Misses after a detach reach the journal with their fields and MESSAGE_ID.
+    sd.ctl("detach", str(PINNED_SLOT))
     sd.ctl("detach", "fchmodat")
     fchmodat(300)
     misses = sd.wait_journal(lambda e: e.get("SYSCALL_NAME") == "fchmodat", 30, f"MESSAGE_ID={MISS_MESSAGE_ID}")
@@ -176,6 +215,10 @@ def test_start_reload_journal_stop(systemd: Systemd) -> None:
     assert not any("no Landlock" in m for m in messages), messages
     # Stopped, yet the pins keep the dispatcher running: tracing does not depend on the daemon.
     assert (sd.pin_dir / "link").exists()
+
+
+CAPS = {0, 38, 39}  # CAP_CHOWN, CAP_PERFMON, CAP_BPF
+LIBBPF_SLOT, PINNED_SLOT = 300, 301  # fanotify_init, fanotify_mark: rarely called
 
 
 def test_socket_activation_starts_the_service(systemd: Systemd) -> None:
@@ -215,7 +258,7 @@ def test_allowed_group_works_under_the_hardened_unit(systemd: Systemd) -> None:
     whether the daemon binds the socket itself or systemd's socket unit made it."""
     sd = systemd
     sd.run("systemctl", "stop", "tailcalld.socket", "tailcalld.service")
-    CONFIG.write_text(f'pin_dir = "{sd.pin_dir}"\nmiss_log_interval = 1\nallowed_group = "nogroup"\n')
+    write_config(sd.pin_dir, 1, 'allowed_group = "nogroup"\n')
     as_nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "tailcallctl")
     try:
         sd.run("systemctl", "start", "tailcalld.service")
@@ -229,4 +272,34 @@ def test_allowed_group_works_under_the_hardened_unit(systemd: Systemd) -> None:
         assert "tailcalld" in sd.run(*as_nobody, "ping").stdout
     finally:
         sd.run("systemctl", "stop", "tailcalld.socket", "tailcalld.service", check=False)
+        write_config(sd.pin_dir, 1)
+
+
+CAPS_DROP_IN = DROP_IN.with_name("60-capabilities.conf")
+# What a first start without each capability of the unit's set runs into, as its journal says.
+WITHOUT = {"CAP_BPF": "create map", "CAP_PERFMON": "the kernel refused 'tcd_", "CAP_CHOWN": "tailcalld.sock"}
+
+
+@pytest.mark.parametrize("dropped", sorted(WITHOUT))
+def test_each_capability_of_the_set_is_needed(systemd: Systemd, dropped: str) -> None:
+    """The measurement behind the unit's CapabilityBoundingSet=: a first start (a pin folder of
+    its own, nothing to adopt, allowed_group set) fails without any one of them."""
+    sd = systemd
+    assert set(WITHOUT) == set(unit_capabilities())
+    sd.run("systemctl", "stop", "tailcalld.socket", "tailcalld.service")
+    kept = " ".join(cap for cap in unit_capabilities() if cap != dropped)
+    CAPS_DROP_IN.write_text(f"[Service]\nCapabilityBoundingSet=\nCapabilityBoundingSet={kept}\nRestart=no\n")
+    pin_dir = sd.pin_dir.parent / f"first-start-without-{dropped.lower()}"
+    write_config(pin_dir, 1, 'allowed_group = "nogroup"\n')
+    try:
+        sd.run("systemctl", "daemon-reload")
+        assert sd.run("systemctl", "start", "tailcalld.service", check=False).returncode != 0
+        pid = sd.show("ExecMainPID")
+        said = [e.get("MESSAGE", "") for e in sd.wait_journal(lambda e: "cannot start" in e.get("MESSAGE", ""),
+                                                              10, f"_PID={pid}")]
+        assert said and WITHOUT[dropped] in said[0], said
+    finally:
+        CAPS_DROP_IN.unlink(missing_ok=True)
+        sd.run("systemctl", "daemon-reload")
+        sd.run("systemctl", "reset-failed", "tailcalld.service", check=False)
         write_config(sd.pin_dir, 1)

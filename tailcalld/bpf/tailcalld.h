@@ -1,4 +1,4 @@
-// What the dispatcher and handlers share.
+// What bcc handlers may include; the dispatcher (libbpf C) does not.
 #ifndef TAILCALLD_H
 #define TAILCALLD_H
 
