@@ -1,11 +1,11 @@
 # tailcalld in a container: the daemon in the foreground, no systemd inside.
-# It needs the host's kernel: run it privileged (or with CAP_SYS_ADMIN), with the host's
+# It needs the host's kernel: run it privileged (or with CAP_BPF and CAP_PERFMON), with the host's
 # /sys/fs/bpf, /lib/modules and /usr/src (BCC compiles against the host's headers); see README.
 FROM debian:bookworm-slim
 
 # Debian's python3-bpfcc is bcc's binding (not on PyPI); gcc + libsystemd-dev build
 # systemd-python, and gcc's preprocessor also gives tailcalld the syscall table; clang,
-# libbpf-dev and bpftool compile libbpf-style handlers against the host's BTF.
+# libbpf-dev and bpftool compile the dispatcher and libbpf-style handlers against the host's BTF.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
