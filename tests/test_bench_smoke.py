@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGURATIONS = {"floor", "raw_tp", "miss", "hit", "other", "bpftrace", "tracepoint"}
+CONFIGURATIONS = {"floor", "raw_tp", "miss", "hit", "other", "bpftrace", "tracepoint", "exit", "timed"}
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
