@@ -1,5 +1,8 @@
 """Dispatcher designs side by side: ``.venv/bin/python -m bench.dispatch_variants [ROUNDS]``.
 
+``--mixed`` times 16 cheap syscalls in random order instead of getppid alone (one call in 16
+is then a hit): what a compare tree costs when branch prediction sees a mix.
+
 An experiment, not part of ``make bench``: it loads stand-alone variants of the dispatcher with
 bcc (own maps, nothing pinned), attaches each alone to sys_enter, and times getppid(2) with the
 slot empty (miss) and with an empty handler in it (hit), interleaved in rounds, minimum of
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import re
 import statistics
 import subprocess
 import sys
@@ -23,9 +27,9 @@ from typing import Any
 
 from bench.syscall_cost import LOOP_SOURCE
 from bench.util import LinkWatch, prog_id_of_fd
-from tailcalld import btf
 
 GETPPID = 110  # x86_64
+MIXED_SOURCE = Path(__file__).with_name("mixed_loop.c")
 MAX_TRIES = 30
 CASES = 464  # x86_64 syscall numbers: the switch of the direct variant covers them all
 
@@ -66,6 +70,22 @@ VARIANTS = {
 }
 
 
+def thread_info_status_offset() -> int:
+    """Where current->thread_info.status is in task_struct, from the running kernel's BTF (the
+    bcc variants read TS_COMPAT there as the real dispatcher does through CO-RE)."""
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
+                          capture_output=True, text=True, check=True).stdout
+
+    def member(struct: str, name: str) -> int:
+        body = re.search(rf"^\[\d+\] STRUCT '{struct}' size=\d+ vlen=\d+\n((?:\t.*\n)*)", dump, re.MULTILINE)
+        assert body is not None, f"no struct {struct} in the kernel's BTF"
+        found = re.search(rf"^\t'{name}' type_id=\d+ bits_offset=(\d+)", body.group(1), re.MULTILINE)
+        assert found is not None, f"no member {name} in struct {struct}"
+        return int(found.group(1)) // 8
+
+    return member("task_struct", "thread_info") + member("thread_info", "status")
+
+
 def run_loop(binary: Path, ours: set[int] | None = None) -> float:
     """The fastest of 10 runs of 300 000 calls; redone while another user's program sat on a
     syscall tracepoint meanwhile (test suites attach dispatchers of their own)."""
@@ -98,11 +118,13 @@ def measure(bcc: Any, source: str, hit: bool, binary: Path) -> float:
 def main() -> int:
     import bcc  # noqa: PLC0415 - libbcc only for this experiment
 
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    header = HEADER.replace("TI_STATUS", str(btf.thread_info_status_offset()))
+    args = [a for a in sys.argv[1:] if a != "--mixed"]
+    rounds = int(args[0]) if args else 5
+    source = MIXED_SOURCE if "--mixed" in sys.argv else LOOP_SOURCE
+    header = HEADER.replace("TI_STATUS", str(thread_info_status_offset()))
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "getppid_loop"
-        subprocess.run(["cc", "-O2", "-o", str(binary), str(LOOP_SOURCE)], check=True)
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
         results: dict[str, list[float]] = {}
         for _ in range(rounds):
             results.setdefault("floor", []).append(run_loop(binary))
