@@ -52,7 +52,7 @@ def resolve_watch(settings: Settings, syscalls: SyscallTable) -> tuple[bool, set
     if settings.watch_misses == "all":
         return True, set()
     try:
-        return False, {syscalls.resolve(s) for s in settings.watch_misses}
+        return False, {syscalls.resolve_key(s) for s in settings.watch_misses}
     except TailcalldError as err:
         raise ConfigError(f"watch_misses: {err.message}") from None
 
@@ -71,6 +71,7 @@ class Daemon:
         self._compat_misses: MissMonitor | None = None
         self._misses_per_min = 0.0
         self._timing: OnDemandTiming | None = None
+        self._reload_tasks: set[asyncio.Task[None]] = set()
 
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
         self.stop_reason = reason
@@ -118,6 +119,7 @@ class Daemon:
             self._manager = manager
             held.callback(manager.close)
             await manager.restore()
+            await self._watch_exit_misses(watch)
             await self._serve(manager, place, passed)
 
     async def _serve(self, manager: SlotManager, place: SocketPlace, passed: socket.socket | None) -> None:
@@ -181,6 +183,16 @@ class Daemon:
             log_misses(await _poll(self._compat_misses))
         return reports
 
+    async def _watch_exit_misses(self, watch: set[int]) -> None:
+        """Misses of an exit slot are counted only while the exit dispatcher is attached: a
+        watched exit slot keeps it attached (and its cost on every syscall's exit)."""
+        if self._manager is None:
+            return
+        try:
+            await self._manager.kernel.watch_exit(any(key >= NR_SLOTS for key in watch))
+        except (OSError, TailcalldError) as err:
+            logger.error("watch_misses: could not attach the exit dispatcher for the watched exit slots: %s", err)
+
     def _status_line(self) -> str:
         used = self._manager.slots_in_use if self._manager else 0
         return f"STATUS={used} slot{'s' if used != 1 else ''} in use, {self._misses_per_min:.0f} misses/min"
@@ -223,7 +235,10 @@ class Daemon:
                 logger.error("reload: could not give %s to group %s: %s", self._place.path, new.allowed_group, exc)
         if self._manager is not None:
             if "watch_misses" in changed:
-                self._manager.misses.configure(*resolve_watch(new, self.syscalls))
+                watch_all, watch = resolve_watch(new, self.syscalls)
+                self._manager.misses.configure(watch_all, watch)
+                self._reload_tasks.add(task := asyncio.get_running_loop().create_task(self._watch_exit_misses(watch)))
+                task.add_done_callback(self._reload_tasks.discard)
             if "miss_log_interval" in changed and self._maintenance is not None:
                 self._maintenance.cancel()  # the next summary comes one new interval from now
                 self._maintenance = asyncio.create_task(self._maintain(self._manager))

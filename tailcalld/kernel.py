@@ -60,8 +60,12 @@ class Kernel(Protocol):
         exit slot (a compile).  A no-op for enter slots."""
 
     def release_idle(self) -> None:
-        """Detach the exit dispatcher once no exit slot is filled: no exit handler, no cost on
-        the exit path."""
+        """Detach the exit dispatcher once no exit slot is filled or watched: no exit handler,
+        no cost on the exit path."""
+
+    async def watch_exit(self, on: bool) -> None:
+        """Keep the exit dispatcher attached (``watch_misses`` names an exit slot), or no
+        longer.  Raises what attaching it raises."""
 
     async def load(self, artifact: Artifact, function: str | None) -> Program:
         """Compile (if need be) and load ``function`` of ``artifact`` as a raw_tp program."""
@@ -114,6 +118,7 @@ class BpfKernel:
         self._compat = compat
         self._exit = exit_dispatcher
         self._exit_loading = asyncio.Lock()  # two first exit attaches at once load it once
+        self._exit_watched = False  # watch_misses names an exit slot: keep it attached
         self._nr = dispatcher.nr_slots
         # The exit counters while no exit dispatcher is attached (they stay pinned, and go on
         # from these values when it is attached again).
@@ -174,13 +179,20 @@ class BpfKernel:
                         self._exit.prog_id)
 
     def release_idle(self) -> None:
-        if self._exit is None or self._exit.occupied():
+        if self._exit is None or self._exit_watched or self._exit.occupied():
             return
         self._exit_totals = (self._exit.call_totals(), self._exit.miss_totals())
         prog_id = self._exit.prog_id
         self._exit.unpin_link()
         self._exit = None
         logger.info("exit dispatcher (program %d) detached: no exit slot is filled", prog_id)
+
+    async def watch_exit(self, on: bool) -> None:
+        self._exit_watched = on
+        if on:
+            await self.prepare(self._nr)
+        else:
+            self.release_idle()
 
     async def load(self, artifact: Artifact, function: str | None) -> Program:
         return await self._compiler.load_artifact(artifact, function, handler_pin_dir(self.info.pin_dir, artifact.sha256))

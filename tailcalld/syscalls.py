@@ -143,6 +143,14 @@ class SyscallTable:
                                  {"slot": slot, "max": self.nr_slots - 1})
         return slot
 
+    def resolve_key(self, spec: int | str) -> int:
+        """A slot key from a slot spec that may name the hook: 'openat', 257, 'openat:exit',
+        '257:exit' (config files, where a slot is one value)."""
+        if isinstance(spec, str) and spec.strip().lower().endswith((":exit", ":enter")):
+            text, _, hook = spec.strip().rpartition(":")
+            return self.key(self.resolve(text), "exit" if hook.lower() == "exit" else "enter")
+        return self.resolve(spec)
+
     def _by_name(self, text: str) -> int:
         name = text.lower().removeprefix("sys_")
         if name in self.by_name:

@@ -33,6 +33,7 @@ class FakeKernel:
         self.misses = [0] * (2 * NR_SLOTS)  # enter slots, then exit slots (SyscallTable.key)
         self.calls = [0] * (2 * NR_SLOTS)
         self.exit_attached = False  # the exit dispatcher: attached only while an exit slot is filled
+        self.exit_watched = False
         self.loads = 0
         self.pins: list[str] = [str(pin_dir / "link"), str(pin_dir / "prog_array"), str(pin_dir / "counts")]
         self.fail_load: TailcalldError | None = None
@@ -68,8 +69,15 @@ class FakeKernel:
         self.exit_attached |= slot >= NR_SLOTS
 
     def release_idle(self) -> None:
-        if not any(slot >= NR_SLOTS for slot in self.slots):
+        if not self.exit_watched and not any(slot >= NR_SLOTS for slot in self.slots):
             self.exit_attached = False
+
+    async def watch_exit(self, on: bool) -> None:
+        self.exit_watched = on
+        if on:
+            await self.prepare(NR_SLOTS)
+        else:
+            self.release_idle()
 
     async def load(self, artifact: Artifact, function: str | None) -> Program:
         self.loads += 1

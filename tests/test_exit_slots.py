@@ -10,10 +10,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from harness import (DaemonProcess, kernel_slots, pin_old_dispatcher, pinned_fd, pinned_prog, prog_name_by_id,
-                     remove_pin_tree, start_daemon)
+                     remove_pin_tree, start_daemon, journal, wait_journal)
 from tailcalld import bpfsys
-from tailcalld.dispatcher import EXIT, dispatcher_function
+from tailcalld.dispatcher import EXIT, NR_SLOTS, dispatcher_function
+from tailcalld.journal import MISS_MESSAGE_ID
+from tailcalld.syscalls import SyscallTable
 
 NR_GETPPID = 110
 
@@ -175,3 +179,29 @@ def test_an_older_exit_dispatcher_is_upgraded(tmp_path: Path, pin_root: Path) ->
         assert {s["state"] for s in d.call("list")["slots"]} == {"in-sync"}
     finally:
         d.stop()
+
+
+@pytest.mark.usefixtures("journald")
+def test_a_watched_exit_slot_keeps_the_exit_dispatcher_and_logs_its_misses(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon", watch_misses=["getppid:exit"], miss_log_interval=0.5)
+    try:
+        watching = exit_link_prog(d)
+        assert watching is not None  # no exit slot filled, but one watched
+        for _ in range(100):
+            os.getppid()
+        entries = wait_journal(lambda: journal(f"--since=@{d.started - 1:.0f}", _PID=str(d.pid),
+                                               MESSAGE_ID=MISS_MESSAGE_ID, SLOT_HOOK="exit"))
+        assert entries and entries[0]["SYSCALL_NR"] == str(NR_GETPPID) and int(entries[0]["MISSES"]) >= 100
+        assert "getppid exit (110)" in entries[0]["MESSAGE"]
+        # A filled exit slot emptied again: still watched, so the exit dispatcher stays.
+        d.call("attach", slot=NR_GETPPID, hook="exit", source=exit_handler(pin_root / "maps" / "seen"))
+        d.call("detach", slot=NR_GETPPID, hook="exit")
+        assert exit_link_prog(d) == watching
+    finally:
+        d.stop()
+
+
+def test_a_config_names_exit_slots_with_a_suffix() -> None:
+    table = SyscallTable(NR_SLOTS, {"getppid": NR_GETPPID})
+    assert [table.resolve_key(s) for s in ("getppid", NR_GETPPID, "getppid:exit", "110:exit", "GETPPID:Enter")] == [
+        NR_GETPPID, NR_GETPPID, NR_SLOTS + NR_GETPPID, NR_SLOTS + NR_GETPPID, NR_GETPPID]
