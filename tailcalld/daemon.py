@@ -25,7 +25,8 @@ from . import __version__, notify, timing
 from .commands import CommandContext, StopReason
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, LiveSettings, Settings, bounds, load_settings
-from .dispatcher import NR_SLOTS, PinDirLock, remove_pins
+from .dispatcher import NR_SLOTS, remove_pins
+from .pins import PinDirLock
 from .errors import ConfigError, TailcalldError, UnsafePath
 from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
 from .kernel import BpfKernel

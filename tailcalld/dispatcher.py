@@ -27,8 +27,6 @@ present is adopted, never duplicated: a second dispatcher would count every sysc
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import logging
@@ -40,12 +38,11 @@ from pathlib import Path
 from . import bpfsys
 from .bpf_object import BpfObject
 from .compiler import Compiler, bpf_source
-from .errors import KernelError, NoBpffs, ObjectError, PinConflict
-from .paths import open_trusted_dir
+from .errors import KernelError, ObjectError, PinConflict
+from .pins import HANDLERS_PINS, PinDirLock, check_pinned_is, remove_handler_pins
 from .syscalls import COMPAT_NR, Hook
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
-BPF_FS_MAGIC = 0xCAFE4A11
 SOURCE = "dispatcher.bpf.c"
 
 
@@ -113,62 +110,8 @@ PROG_PIN = "prog"
 NEW_LINK_PIN = "link_new"
 NEW_PROG_PIN = "prog_new"
 DISPATCHER_PINS = (LINK_PIN, NEW_LINK_PIN, PROG_PIN, NEW_PROG_PIN)
-# Maps a libbpf handler pins by name (LIBBPF_PIN_BY_NAME) go to pin_dir/handlers/<sha256>/,
-# one folder per handler source, removed when the handler leaves its last slot.
-HANDLERS_PINS = "handlers"
-# pin_dir/handlers/progs/<id>: each program a slot runs, so that a restart can read its name
-# and hold it by fd (opening a program by id needs CAP_SYS_ADMIN).
-PROGRAM_PINS = "progs"
 
 logger = logging.getLogger("tailcalld")
-
-
-def _fs_type(path: Path) -> int:
-    # os.statvfs has no f_type; struct statfs starts with it (a long) on Linux.
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    buf = ctypes.create_string_buffer(256)
-    if libc.statfs(str(path).encode(), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
-
-
-def _check_bpffs(pin_dir: Path) -> None:
-    parent = pin_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if _fs_type(parent) != BPF_FS_MAGIC:
-        raise NoBpffs(
-            f"{parent} is not on a BPF filesystem, so {pin_dir} cannot hold pins; "
-            "mount it first: mount -t bpf bpf /sys/fs/bpf")
-
-
-class PinDirLock:
-    """One daemon per pin_dir: the folder checked (``paths``: root's alone, no links) and an
-    exclusive flock on it (bpffs supports it).  ``create``: make a missing folder (a start);
-    otherwise a missing one raises UnsafePath (a purge checks that it exists first)."""
-
-    def __init__(self, pin_dir: Path, create: bool = True) -> None:
-        if create:
-            _check_bpffs(pin_dir)
-        self._dir = open_trusted_dir(pin_dir, "pin_dir", create_mode=0o700 if create else None)
-        try:
-            self._dir.lock(str(pin_dir))
-        except BaseException:
-            self._dir.close()
-            raise
-
-    def holds(self, pin_dir: Path) -> bool:
-        """Whether the locked folder is still the one at ``pin_dir`` (not removed, not replaced)."""
-        try:
-            st = os.stat(pin_dir)
-        except FileNotFoundError:
-            return False
-        held = os.fstat(self._dir.fd)
-        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
-
-    def release(self) -> None:
-        self._dir.close()  # idempotent: the dispatcher and the daemon may both release it
 
 
 def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
@@ -356,7 +299,7 @@ class Dispatcher:
             self._lock = lock
         for name, fd in held.items():
             if name not in missing:
-                _check_pinned_is(self.pin_dir / name, fd)
+                check_pinned_is(self.pin_dir / name, fd)
         for name in missing:
             try:
                 bpfsys.obj_pin(held[name], str(self.pin_dir / name))
@@ -400,34 +343,6 @@ async def _attach(build: _Build, compiler: Compiler) -> tuple[_Attached, bool, i
             os.close(pinned[0])
     _remove_legacy_pins(own_dir)
     return attached, True, link.prog_id
-
-
-def _object_id(fd: int) -> tuple[str, int]:
-    """What kind of object ``fd`` is, and its id (map, program and link ids are separate
-    number spaces)."""
-    kind = bpfsys.fd_kind(fd)
-    if kind == "link":
-        return kind, bpfsys.link_info(fd).id
-    if kind == "prog":
-        return kind, bpfsys.prog_info(fd).id
-    return kind, bpfsys.map_info(fd).id if kind == "map" else 0
-
-
-def _check_pinned_is(path: Path, fd: int) -> None:
-    """Raise PinConflict unless the pin at ``path`` is the object we hold as ``fd``."""
-    try:
-        pinned = bpfsys.obj_get(str(path))
-    except OSError as exc:
-        raise PinConflict(f"{path} is not a BPF object tailcalld can open ({exc})", {"path": str(path)}) from None
-    try:
-        same = _object_id(pinned) == _object_id(fd)
-    except OSError:
-        same = False
-    finally:
-        os.close(pinned)
-    if not same:
-        raise PinConflict(f"{path} was replaced by another object while tailcalld runs; it is left alone",
-                          {"path": str(path)})
 
 
 def _pinned_dispatcher_prog(path: Path, hook: HookSpec) -> tuple[int, bpfsys.ProgInfo] | None:
@@ -566,63 +481,6 @@ async def _load_and_attach(build: _Build, compiler: Compiler, link_pin: str) -> 
             raise PinConflict(f"{pin} appeared while loading", {"path": str(pin)}) from None
         raise
     return attached
-
-
-def handler_pin_dir(pin_dir: Path, sha256: str) -> Path:
-    return pin_dir / HANDLERS_PINS / sha256
-
-
-def program_pin_dir(pin_dir: Path) -> Path:
-    return pin_dir / HANDLERS_PINS / PROGRAM_PINS
-
-
-def open_program_pin(pin_dir: Path, prog_id: int) -> int | None:
-    """An fd of the handler program ``prog_id`` from its pin, None when it has none (attached by
-    an older tailcalld, or by someone else) or the pin holds anything but that program."""
-    try:
-        fd = bpfsys.obj_get(str(program_pin_dir(pin_dir) / str(prog_id)))
-    except OSError:
-        return None
-    try:
-        if bpfsys.fd_kind(fd) == "prog" and bpfsys.prog_info(fd).id == prog_id:
-            return fd
-    except OSError:
-        pass
-    os.close(fd)
-    return None
-
-
-def keep_program_pins(pin_dir: Path, progs: Mapping[int, int | None]) -> None:
-    """Make pin_dir/handlers/progs/ hold exactly the programs the slots run: ``progs`` maps each
-    program id to an fd of it (None: we hold none; its pin, if any, is kept).  A pin keeps its
-    program loaded, so one no slot runs any more is removed.  Raises OSError."""
-    folder = program_pin_dir(pin_dir)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    pinned = set(os.listdir(folder))
-    for name in pinned - {str(prog_id) for prog_id in progs}:
-        with contextlib.suppress(FileNotFoundError):
-            (folder / name).unlink()
-    for prog_id, fd in progs.items():
-        if fd is not None and str(prog_id) not in pinned:
-            bpfsys.obj_pin(fd, str(folder / str(prog_id)))
-
-
-def remove_handler_pins(folder: Path) -> list[str]:
-    """Unpin every map beneath ``folder`` (a bpffs folder holds pins and folders only); returns
-    the pins removed."""
-    if not folder.is_dir():
-        return []
-    removed = []
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(FileNotFoundError):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-                removed.append(str(path))
-    with contextlib.suppress(FileNotFoundError):
-        folder.rmdir()
-    return sorted(removed)
 
 
 def _remove_dispatcher_pins(folder: Path) -> list[str]:

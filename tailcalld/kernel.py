@@ -19,8 +19,8 @@ from typing import Protocol
 from . import bpfsys
 from .compiler import Compiler, Program
 from .dialects import Artifact
-from .dispatcher import (COUNT_FIELDS, COUNTS, EXIT, LINK_PIN, Dispatcher, PinDirLock, handler_pin_dir,
-                         keep_program_pins, open_program_pin, remove_handler_pins, remove_pins)
+from .dispatcher import COUNT_FIELDS, COUNTS, EXIT, LINK_PIN, Dispatcher, remove_pins
+from .pins import PinDirLock, handler_pin_dir, keep_program_pins, open_program_pin, remove_handler_pins
 from .errors import KernelError
 from .timing import TimingTarget, target_of
 
