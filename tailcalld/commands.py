@@ -52,13 +52,13 @@ def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
     """The wire's source/object/dialect fields, as the core's Artifact."""
     if spec.object is not None:
         try:
-            artifact = Artifact("object", base64.b64decode(spec.object, validate=True))
+            artifact = Artifact("object", base64.b64decode(spec.object, validate=True), spec.filename)
         except binascii.Error as exc:
             raise BadRequest(f"object is not valid base64: {exc}") from None
     else:
         assert spec.source is not None
         dialect = detect(spec.source) if spec.dialect == "auto" else spec.dialect
-        artifact = Artifact(dialect, spec.source.encode())
+        artifact = Artifact(dialect, spec.source.encode(), spec.filename)
     if len(artifact.data) > max_bytes:
         raise SourceTooLarge(f"the {'object' if spec.object else 'source'} is {len(artifact.data)} bytes; "
                              f"the limit is {max_bytes}", {"size": len(artifact.data), "limit": max_bytes})
@@ -134,7 +134,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
                                peer, request.fresh, request.hook)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
-                                replaced_prog_id=a.replaced_prog_id)
+                                replaced_prog_id=a.replaced_prog_id, log=a.log)
         case CheckRequest():
             c = await m.check(artifact_of(request, max_bytes), request.function)
             return CheckResult(function=c.function, dialect=c.dialect, prog_type="raw_tracepoint", insns=c.insns,

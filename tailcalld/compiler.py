@@ -33,6 +33,7 @@ from typing import Any
 from . import bpfsys, children, confine, dialects
 from .compile_worker import OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
+from .diagnostics import name_the_file
 from .dialects import Artifact, Dialect
 from .errors import (BadRequest, CompileError, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude,
                      StateUnwritable, TailcalldError, error_class)
@@ -142,13 +143,14 @@ class Compiler:
             shutil.rmtree(self._work_root, ignore_errors=True)
 
     async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
-                   dialect: Dialect = "bcc", object_bytes: bytes | None = None, pin_root: Path | None = None) -> Program:
+                   dialect: Dialect = "bcc", object_bytes: bytes | None = None, pin_root: Path | None = None,
+                   filename: str | None = None) -> Program:
         """Compile ``source`` (bcc or libbpf C) or take ``object_bytes`` (a BPF ELF object), and
         load ``function`` (or the only raw_tp program) as a raw_tracepoint program.  Maps that
         libbpf pins by name go under ``pin_root``.  Raises CompileError, VerifierRejected,
         FunctionNotFound, FunctionAmbiguous, WrongProgramType, MapTooLarge, MapError,
         CompileTimeout, CompileOutOfMemory or CompilerCrashed, each with the worker's output
-        (clang, libbpf, verifier) as details."""
+        (clang, libbpf, verifier) as details, in which the source is called ``filename``."""
         request: dict[str, object] = {"dialect": dialect, "function": function}
         if dialect == "object":
             assert object_bytes is not None
@@ -169,6 +171,7 @@ class Compiler:
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
         async with self._parallel_compiles:
             result, fd, output = await self._run_worker(request)
+        output = name_the_file(output, filename, source)
         if not result.get("ok"):
             error = error_class(result.get("code", ""))
             details = {"log": output, "candidates": result.get("candidates", [])}
@@ -184,8 +187,10 @@ class Compiler:
 
     async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
         if artifact.dialect == "object":
-            return await self.load(function=function, dialect="object", object_bytes=artifact.data, pin_root=pin_root)
-        return await self.load(artifact.source, function, dialect=artifact.dialect, pin_root=pin_root)
+            return await self.load(function=function, dialect="object", object_bytes=artifact.data, pin_root=pin_root,
+                                   filename=artifact.filename)
+        return await self.load(artifact.source, function, dialect=artifact.dialect, pin_root=pin_root,
+                               filename=artifact.filename)
 
     async def build_own_object(self, source_name: str, cflags: Sequence[str] = ()) -> bytes:
         """Compile one of tailcalld's own libbpf sources (tailcalld/bpf/``source_name``) to a

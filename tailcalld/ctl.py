@@ -163,6 +163,8 @@ def _where(syscall: str, slot: int, hook: str) -> str:
 
 
 def show_attach(r: AttachResult, args: argparse.Namespace) -> None:
+    if r.log.strip() and not args.quiet:  # warnings, as clang prints them: on stderr
+        print(printable_block(r.log.rstrip("\n")), file=sys.stderr)
     where = _where(r.syscall, r.slot, r.hook)
     if r.replaced_prog_id is not None:
         print(printable(f"replaced program {r.replaced_prog_id} in {where} with {r.function}: "
@@ -314,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
     a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
     _add_handler_arguments(a)
+    a.add_argument("--quiet", action="store_true", help="no compiler warnings on success")
     a.add_argument("--exit", action="store_true",
                    help="the syscall's exit slot: the handler runs on sys_exit and sees the return value")
     a.add_argument("--fresh", action="store_true",

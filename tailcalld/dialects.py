@@ -15,7 +15,7 @@ import os
 import platform
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +41,8 @@ class Artifact:
 
     dialect: Dialect
     data: bytes
+    # What the user calls it (diagnostics name it); not part of what the handler is.
+    filename: str | None = field(default=None, compare=False)
 
     @property
     def source(self) -> str | None:

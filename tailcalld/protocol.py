@@ -146,6 +146,7 @@ class AttachResult(BaseModel):
     insns: int
     replaced_prog_id: int | None
     hook: HookField = "enter"
+    log: str = Field("", description="the compiler's warnings and the loader's messages, if any")
 
 
 class CheckResult(BaseModel):

@@ -20,6 +20,8 @@ get it back.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .compiler import Program
 from .errors import StateUnwritable, TailcalldError
 from .registry import Handler, Registry
@@ -131,7 +133,7 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
         if shared is not None:
             prog = shared.dup()
         else:
-            artifact = registry.store.artifact(record.source_sha256, record.dialect)
+            artifact = replace(registry.store.artifact(record.source_sha256, record.dialect), filename=record.filename)
             prog = await registry.kernel.load(artifact, record.function)
     except (TailcalldError, OSError, ValueError) as err:
         if running is None:  # nothing runs there: keep the record, the next start tries again

@@ -38,6 +38,7 @@ class Attached:
     prog_id: int
     insns: int
     replaced_prog_id: int | None
+    log: str = ""  # the compiler's warnings and the loader's messages (the user's file named)
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class SlotManager:
         self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
                     f"{prog.function} ({artifact.dialect}) in slot {reg.label(slot)}: program {prog.id}"
                     + (f", was {replaced}" if replaced is not None else ""))
-        return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced)
+        return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced, prog.log)
 
     def _already_loaded(self, artifact: Artifact, function: str | None) -> Program | None:
         """The program another slot (or this one) already runs for the same handler, with an fd
