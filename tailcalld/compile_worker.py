@@ -43,7 +43,7 @@ from tailcalld import bpfsys, confine, mapbudget
 from tailcalld.bpf_object import BpfObject
 from tailcalld.dialects import clang_command
 from tailcalld.errors import (CompileError, CompileOutOfMemory, CompilerCrashed, FunctionAmbiguous, FunctionNotFound,
-                              MapError, TailcalldError, VerifierRejected)
+                              MapError, TailcalldError, VerifierRejected, WrongProgramType)
 
 RESULT_FILE = "result.json"
 STDERR_COPY = "stderr.log"  # what libbcc/libbpf print while the worker watches (see stderr_copy)
@@ -57,14 +57,51 @@ PR_SET_PDEATHSIG = 1
 
 # A raw_tracepoint program takes `struct bpf_raw_tracepoint_args *`; bcc's
 # RAW_TRACEPOINT_PROBE(tp) macro declares `raw_tracepoint__<tp>` with that signature.
-_RAW_TP_SIGNATURE = re.compile(r"\b(\w+)\s*\(\s*struct\s+bpf_raw_tracepoint_args\s*\*")
+# `void *ctx` is accepted too: many handlers never look at the context.
+_RAW_TP_SIGNATURE = re.compile(r"\b(\w+)\s*\(\s*(?:struct\s+bpf_raw_tracepoint_args|void)\s*\*\s*\w*\s*\)")
 _RAW_TP_MACRO = re.compile(r"\bRAW_TRACEPOINT_PROBE\s*\(\s*(\w+)\s*\)")
+# bcc gives these prefixes (its macros write them: TRACEPOINT_PROBE makes tracepoint__cat__event,
+# KFUNC_PROBE kfunc__vmlinux__fn) to programs of other types, which it attaches by the name.
+# Tail-called from sys_enter they would run with a raw_tp context they do not expect: a
+# TRACEPOINT_PROBE's args->uid reads past the two raw_tp arguments.
+BCC_TYPE_PREFIXES = {"kprobe__": "kprobe", "kretprobe__": "kretprobe", "tracepoint__": "tracepoint",
+                     "kfunc__": "fentry (KFUNC_PROBE)", "kretfunc__": "fexit (KRETFUNC_PROBE)",
+                     "kmod_ret__": "fmod_ret", "lsm__": "LSM"}
+
+
+# The bcc macros that declare such programs: refused before the compile, which for
+# TRACEPOINT_PROBE could not even succeed (bcc reads the event's format from tracefs).
+_OTHER_TYPE_MACRO = re.compile(r"^[ \t]*(TRACEPOINT_PROBE|KFUNC_PROBE|KRETFUNC_PROBE|KMOD_RET|LSM_PROBE)\s*\(([^)]*)\)",
+                               re.MULTILINE)
+_MACRO_TYPES = {"TRACEPOINT_PROBE": "tracepoint", "KFUNC_PROBE": "fentry", "KRETFUNC_PROBE": "fexit",
+                "KMOD_RET": "fmod_ret", "LSM_PROBE": "LSM"}
+
+
+def other_type_macro(source: str) -> WrongProgramType | None:
+    """The first bcc macro in ``source`` that declares a program of another type, as the error."""
+    found = _OTHER_TYPE_MACRO.search(source)
+    if found is None:
+        return None
+    line = source.count("\n", 0, found.start()) + 1
+    return WrongProgramType(
+        f"line {line}: {found[1]}({found[2].strip()}) declares a {_MACRO_TYPES[found[1]]} program; the dispatcher can "
+        "only tail-call raw_tracepoint programs: `int NAME(struct bpf_raw_tracepoint_args *ctx)` or "
+        "RAW_TRACEPOINT_PROBE(sys_enter)", {"line": line})
+
+
+def bcc_program_type(function: str) -> str | None:
+    """The program type bcc gives ``function`` by its name; None for a raw_tracepoint one."""
+    return next((kind for prefix, kind in BCC_TYPE_PREFIXES.items() if function.startswith(prefix)), None)
 
 
 def raw_tp_candidates(source: str, functions: list[str]) -> list[str]:
     declared = set(_RAW_TP_SIGNATURE.findall(source))
     declared |= {f"raw_tracepoint__{tp}" for tp in _RAW_TP_MACRO.findall(source)}
-    return [f for f in functions if f in declared]
+    return [f for f in functions if f in declared and bcc_program_type(f) is None]
+
+
+def _with_types(functions: list[str]) -> list[str]:
+    return [f"{f} ({bcc_program_type(f) or 'raw_tracepoint'})" for f in functions]
 
 
 def signal_name(number: int) -> str:
@@ -150,6 +187,8 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
 
     source: str = request["source"]
     wanted: str | None = request.get("function")
+    if (wrong := other_type_macro(source)) is not None:
+        return _fail(wrong), None, None
     with stderr_copy(work_dir) as said:
         try:
             b = NoAutoAttach(text=source, cflags=list(request.get("cflags", [])))
@@ -177,9 +216,17 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
             what = "no function" if not candidates else "more than one function"
             error = FunctionAmbiguous if candidates else FunctionNotFound
             return _fail(error(f"{what} with the raw-tracepoint signature "
-                               "`int NAME(struct bpf_raw_tracepoint_args *ctx)`; choose one with --function",
+                               "`int NAME(struct bpf_raw_tracepoint_args *ctx)`; choose one with --function "
+                               f"({', '.join(_with_types(candidates or functions))})",
                                {"candidates": candidates or functions})), None, b
         chosen = candidates[0]
+    kind = bcc_program_type(chosen)
+    if kind is not None:
+        return _fail(WrongProgramType(
+            f"{chosen} is a {kind} program (bcc names it so and would attach it as one); the dispatcher can "
+            "only tail-call raw_tracepoint programs: `int NAME(struct bpf_raw_tracepoint_args *ctx)` or "
+            f"RAW_TRACEPOINT_PROBE(sys_enter); in this source: {', '.join(_with_types(functions))}",
+            {"candidates": raw_tp_candidates(source, functions)})), None, b
 
     try:
         fn = b.load_func(chosen, BPF.RAW_TRACEPOINT)

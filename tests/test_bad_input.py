@@ -123,7 +123,7 @@ CASES: dict[str, tuple[bytes, str]] = {
                             "compile_error"),
     "verifier rejection": (attach(slot=268, source="int h(struct bpf_raw_tracepoint_args *ctx) "
                                                    "{ u64 *p = (u64 *)ctx; return p[100]; }"), "verifier_rejected"),
-    "kprobe-style handler": (attach(slot=268, source=KPROBE_STYLE, function="kprobe__x"), "verifier_rejected"),
+    "kprobe-style handler": (attach(slot=268, source=KPROBE_STYLE, function="kprobe__x"), "wrong_program_type"),
     "no raw_tp function": (attach(slot=268, source="static int helper(void) { return 0; }\n"),
                            "function_not_found"),
     "two raw_tp functions": (attach(slot=268, source=GOOD_FN + GOOD_FN.replace(" h(", " g(")),
