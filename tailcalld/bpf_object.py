@@ -70,7 +70,6 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_object__find_map_by_name.restype = vp
     lib.bpf_map__reuse_fd.argtypes = [vp, ctypes.c_int]
     lib.bpf_map__fd.argtypes = [vp]
-    lib.bpf_program__set_attach_target.argtypes = [vp, ctypes.c_int, ctypes.c_char_p]
     for field in ("type", "key_size", "value_size", "max_entries"):
         getattr(lib, f"bpf_map__{field}").argtypes = [vp]
         getattr(lib, f"bpf_map__{field}").restype = ctypes.c_uint32
@@ -148,12 +147,6 @@ class BpfObject:
             raise ObjectError(f"the object declares no map {name!r}")
         if lib.bpf_map__reuse_fd(m, fd) != 0:
             raise ObjectError(f"cannot use map fd {fd} as {name!r} (errno {ctypes.get_errno()})")
-
-    def set_attach_target(self, program: str, target_prog_fd: int, function: str) -> None:
-        """For fentry/fexit programs: attach to ``function`` of the loaded program ``target_prog_fd``."""
-        if _lib().bpf_program__set_attach_target(self._progs[program], target_prog_fd, function.encode()) != 0:
-            raise ObjectError(f"cannot set {function!r} as the attach target of {program!r} "
-                              f"(errno {ctypes.get_errno()})")
 
     def load_all(self) -> dict[str, int]:
         """Load every program of the object; their fds by name (valid until close())."""

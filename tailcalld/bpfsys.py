@@ -174,11 +174,6 @@ def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:
                   f"attach raw_tracepoint/{tracepoint}")
 
 
-def tracing_attach(prog_fd: int) -> int:
-    """Attach an fentry/fexit program to the target it was loaded for; returns the link fd."""
-    return _check(_lib().bpf_raw_tracepoint_open(None, prog_fd), "attach the fentry/fexit program")
-
-
 def _info(fd: int, struct: type[ctypes.Structure], what: str) -> ctypes.Structure:
     info = struct()
     size = ctypes.c_uint32(ctypes.sizeof(info))
