@@ -44,6 +44,7 @@ from .syscalls import COMPAT_NR, Hook
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
 SOURCE = "dispatcher.bpf.c"
+MAPS_HEADER = "dispatcher_maps.h"  # included by the dispatcher: part of its code
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def dispatcher_function(hook: HookSpec = ENTER) -> str:
     """``tcd_`` (``tcx_`` on exit) + 11 hex digits of a hash of the dispatcher's code and layout:
     the kernel keeps 15 characters of a program's name, which is how a restart recognises an
     older dispatcher."""
-    code = bpf_source(SOURCE) + f"slots={NR_SLOTS} hook={hook.hook}"
+    code = bpf_source(SOURCE) + bpf_source(MAPS_HEADER) + f"slots={NR_SLOTS} hook={hook.hook}"
     return hook.prefix + hashlib.sha256(code.encode()).hexdigest()[:11]
 
 

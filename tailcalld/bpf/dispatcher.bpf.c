@@ -31,38 +31,11 @@ struct {
     __uint(value_size, sizeof(u32));  // a prog array has no BTF value type: sizes only
 } prog_array SEC(".maps");
 
-struct slot_counts {
-    u64 calls;   // every call of the slot's syscall, dispatched or not
-    u64 misses;  // calls that fell through because the slot was empty
-};
+#include "dispatcher_maps.h"  // counts, and (enter only) the timing switch
 
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, TAILCALLD_SLOTS);
-    __type(key, u32);
-    __type(value, struct slot_counts);
-} counts SEC(".maps");
-
-#ifndef TAILCALLD_EXIT
-// Handler timing, on demand (tailcalld/timing.py): while `on` is set (on every CPU, by the
-// daemon), the call in flight is stamped here and a second program attached after this one
-// (bpf/timing.bpf.c) takes the time once the handler has returned. Off, this is one per-CPU
-// lookup of a constant key and a branch: the price of having no BPF trampoline to lean on
-// (fentry/fexit on this program would cost nothing when off, but kernels without them exist).
-struct timing_run {
-    u64 on;
-    u64 start;          // bpf_ktime_get_ns() before the tail call; 0: nothing in flight
-    u64 misses_before;  // the slot's miss count then: unchanged afterwards means it was dispatched
-    u64 slot;
-};
-
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, u32);
-    __type(value, struct timing_run);
-} timing SEC(".maps");
-#endif
+// Timing off is one per-CPU lookup of a constant key and a branch (see the stamp below): the
+// price of having no BPF trampoline to lean on (fentry/fexit on this program would cost
+// nothing when off, but kernels without them exist).
 
 #ifdef TAILCALLD_COMPAT_NR
 // Values are slot + 1: an entry left at zero means "no 64-bit namesake".

@@ -14,24 +14,11 @@
 // CPU, one after the other, for the same syscall.
 //
 // Built by clang as a libbpf object; the daemon reuses the dispatcher's pinned maps (counts,
-// timing) for these declarations. -DTAILCALLD_SLOTS comes from the daemon.
-#include <linux/bpf.h>
+// timing, declared in dispatcher_maps.h) for these declarations. -DTAILCALLD_SLOTS comes from
+// the daemon.
+#include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
-
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-struct slot_counts {  // the dispatcher's, see dispatcher.bpf.c
-    u64 calls;
-    u64 misses;
-};
-
-struct timing_run {  // the dispatcher's, see dispatcher.bpf.c
-    u64 on;
-    u64 start;
-    u64 misses_before;
-    u64 slot;
-};
+#include "dispatcher_maps.h"  // the dispatcher's counts and timing switch
 
 struct slot_time {  // per slot, per CPU: what tailcalld reads
     u64 hit_ns;     // dispatcher (after its stamp) + handler, calls the handler ran for
@@ -39,20 +26,6 @@ struct slot_time {  // per slot, per CPU: what tailcalld reads
     u64 miss_ns;    // the same for calls that fell through: the dispatcher's share alone
     u64 misses;
 };
-
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, TAILCALLD_SLOTS);
-    __type(key, u32);
-    __type(value, struct slot_counts);
-} counts SEC(".maps");
-
-struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 1);
-    __type(key, u32);
-    __type(value, struct timing_run);
-} timing SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
