@@ -103,8 +103,7 @@ class ListCache:
         cached = self._heads.get(view.record.slot)
         if cached is not None and cached[0] is view.record:
             return cached[1]
-        text = slot_info(SlotView(view.record, view.syscall, None, 0, 0, nr=view.nr, hook=view.hook)
-                         ).model_dump_json().encode()
+        text = slot_info(SlotView(view.record, view.syscall, view.nr, view.hook, None, 0, 0)).model_dump_json().encode()
         assert text.endswith(self._TAIL), "state ... timed_ns must stay SlotInfo's last fields"
         head = text[:-len(self._TAIL)] + b',"state":'
         self._heads[view.record.slot] = (view.record, head)

@@ -190,7 +190,7 @@ class Daemon:
         if self._manager is None:
             return
         try:
-            await self._manager.kernel.watch_exit(any(key >= NR_SLOTS for key in watch))
+            await self._manager.kernel.watch_exit(any(self.syscalls.split(key)[1] == "exit" for key in watch))
         except (OSError, TailcalldError) as err:
             logger.error("watch_misses: could not attach the exit dispatcher for the watched exit slots: %s", err)
 

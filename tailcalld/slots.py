@@ -68,14 +68,14 @@ SlotState = Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"]
 
 @dataclass(frozen=True, slots=True)
 class SlotView:
-    record: SlotRecord
+    record: SlotRecord  # record.slot is the slot key (SyscallTable.key)
     syscall: str
+    nr: int  # the syscall number
+    hook: Hook
     kernel_prog_id: int | None  # what the kernel's slot holds now
     hits: int  # times the slot's handler ran since this daemon started
     misses: int  # tail-call misses of the slot since this daemon started
     restored: bool = True  # False: recorded, but its handler could not be rebuilt at start
-    nr: int = -1  # the syscall number (record.slot is the slot key, SyscallTable.key)
-    hook: Hook = "enter"
 
     @property
     def state(self) -> SlotState:
@@ -124,7 +124,7 @@ class SlotManager:
     async def restore(self) -> None:
         """Rebuild the slot table at start (see ``reconcile``)."""
         await reconcile.restore(self.registry)
-        self.kernel.release_idle()  # an exit dispatcher whose slots all went away
+        self._release_idle_exit()  # an exit dispatcher whose slots all went away
         for slot in self.registry.handlers:
             self.misses.held_handler(slot)
 
@@ -135,7 +135,7 @@ class SlotManager:
         kernel = await asyncio.to_thread(self.kernel.occupied)
         if not self._unloading:
             reconcile.repair_drift(self.registry, kernel, generation)
-            self.kernel.release_idle()
+            self._release_idle_exit()
             self.registry.keep_programs()  # also pins again what an `rm -rf pin_dir` took
             self.registry.flush()
 
@@ -147,6 +147,12 @@ class SlotManager:
         if restored:
             self.registry.correct(f"pins removed while tailcalld runs were pinned again from its handles: "
                                   f"{', '.join(restored)}", error=True)
+
+    def _release_idle_exit(self) -> None:
+        """Let the kernel detach the exit dispatcher once no exit slot is wanted.  While one is,
+        it stays, and the kernel's exit prog array (1024 lookups) need not be read to know it."""
+        if not any(self.syscalls.split(key)[1] == "exit" for key in self.registry.wanted()):
+            self.kernel.release_idle()
 
     # -- changes --------------------------------------------------------------------------------
 
@@ -182,7 +188,7 @@ class SlotManager:
             except BaseException:
                 prog.close()
                 reg.release_unused_pins(artifact.sha256)
-                self.kernel.release_idle()
+                self._release_idle_exit()
                 raise
             if old is not None:
                 old.close()
@@ -226,7 +232,7 @@ class SlotManager:
             if old is not None:
                 old.close()
                 reg.release_unused_pins(old.record.source_sha256)
-            self.kernel.release_idle()  # the last exit slot: the exit path runs no program again
+            self._release_idle_exit()  # the last exit slot: the exit path runs no program again
             if prog_id is None:
                 raise SlotEmpty(f"slot {reg.label(slot)} holds no handler", {"slot": slot})
         self._on_change()
@@ -276,9 +282,9 @@ class SlotManager:
         missed, called = self._recent_counts()
         label = self.syscalls.label
         reg = self.registry
-        return [SlotView(record, label(slot), self.kernel.slot(slot), self._hits(slot, missed, called),
-                         self.misses.since_start(slot, missed), slot not in reg.unrestored,
-                         *self.syscalls.split(slot))
+        return [SlotView(record, label(slot), *self.syscalls.split(slot), self.kernel.slot(slot),
+                         self._hits(slot, missed, called), self.misses.since_start(slot, missed),
+                         slot not in reg.unrestored)
                 for slot, record in sorted(reg.wanted().items())]
 
     def _recent_counts(self) -> tuple[list[int], list[int]]:

@@ -430,16 +430,21 @@ def pinned_fd(pin: Path) -> int:
     return _checked(libbpf().bpf_obj_get(str(pin).encode()), f"open {pin}")
 
 
-def pinned_link_prog(pin_dir: Path) -> int | None:
-    """The id of the program behind the pinned dispatcher link of ``pin_dir``; None without one."""
+def _read_pin(pin: Path, read: Callable[[int], int]) -> int | None:
+    """``read`` of the object pinned at ``pin``; None without a pin."""
     try:
-        fd = bpfsys.obj_get(str(pin_dir / "link"))
+        fd = bpfsys.obj_get(str(pin))
     except OSError:
         return None
     try:
-        return bpfsys.link_info(fd).prog_id
+        return read(fd)
     finally:
         os.close(fd)
+
+
+def pinned_link_prog(pin_dir: Path) -> int | None:
+    """The id of the program behind the pinned dispatcher link of ``pin_dir``; None without one."""
+    return _read_pin(pin_dir / "link", lambda fd: bpfsys.link_info(fd).prog_id)
 
 
 # The dispatchers of earlier releases (tests/data), by what an upgrade from each must handle.
@@ -487,14 +492,7 @@ def pin_old_dispatcher(pin_dir: Path, release: str, exit: bool = False) -> int:
 
 def pinned_prog(pin: Path) -> int | None:
     """The id of the program pinned at ``pin``; None without one."""
-    try:
-        fd = bpfsys.obj_get(str(pin))
-    except OSError:
-        return None
-    try:
-        return bpfsys.prog_info(fd).id
-    finally:
-        os.close(fd)
+    return _read_pin(pin, lambda fd: bpfsys.prog_info(fd).id)
 
 
 def map_lookup_u64(map_fd: int, key: int) -> int:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (DaemonProcess, kernel_slots, pin_old_dispatcher, pinned_fd, pinned_prog, prog_name_by_id,
+from harness import (DaemonProcess, kernel_slots, pin_old_dispatcher, pinned_link_prog, pinned_prog, prog_name_by_id,
                      remove_pin_tree, start_daemon, journal, wait_journal)
-from tailcalld import bpfsys
 from tailcalld.dispatcher import EXIT, NR_SLOTS, dispatcher_function
 from tailcalld.journal import MISS_MESSAGE_ID
 from tailcalld.syscalls import SyscallTable
@@ -59,14 +58,7 @@ def sys_exit_links() -> list[int]:
 
 
 def exit_link_prog(d: DaemonProcess) -> int | None:
-    pin = d.pin_dir / EXIT.subdir / "link"
-    if not pin.exists():
-        return None
-    fd = pinned_fd(pin)
-    try:
-        return bpfsys.link_info(fd).prog_id
-    finally:
-        os.close(fd)
+    return pinned_link_prog(EXIT.folder(d.pin_dir))
 
 
 def test_an_exit_handler_sees_the_return_value(tmp_path: Path, pin_root: Path) -> None:
