@@ -69,6 +69,10 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_object__find_map_by_name.argtypes = [vp, ctypes.c_char_p]
     lib.bpf_object__find_map_by_name.restype = vp
     lib.bpf_map__reuse_fd.argtypes = [vp, ctypes.c_int]
+    lib.bpf_object__btf.argtypes = [vp]
+    lib.bpf_object__btf.restype = vp
+    lib.btf__raw_data.argtypes = [vp, ctypes.POINTER(ctypes.c_uint32)]
+    lib.btf__raw_data.restype = vp
     lib.bpf_map__fd.argtypes = [vp]
     for field in ("type", "key_size", "value_size", "max_entries"):
         getattr(lib, f"bpf_map__{field}").argtypes = [vp]
@@ -161,6 +165,17 @@ class BpfObject:
         if not m:
             raise ObjectError(f"the object declares no map {name!r}")
         return int(lib.bpf_map__fd(m))
+
+    def btf(self) -> bytes | None:
+        """The object's BTF, as libbpf loaded it (types keep their ids): what decodes the
+        structs a handler emits (events.py)."""
+        lib = _lib()
+        btf = lib.bpf_object__btf(self._obj)
+        if not btf:
+            return None
+        size = ctypes.c_uint32()
+        data = lib.btf__raw_data(btf, ctypes.byref(size))
+        return ctypes.string_at(data, size.value) if data else None
 
     def close(self) -> None:
         _lib().bpf_object__close(self._obj)

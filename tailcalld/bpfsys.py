@@ -114,6 +114,7 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32,
                                    ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
     lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    lib.bpf_map_freeze.argtypes = [ctypes.c_int]
     lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
     lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
     lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
@@ -142,6 +143,33 @@ def num_possible_cpus() -> int:
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
     return _check(_lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None),
                   f"create map {name}")
+
+
+BPF_F_RDONLY_PROG = 1 << 7
+
+
+class _MapCreateOpts(ctypes.Structure):
+    """The head of libbpf's struct bpf_map_create_opts, up to map_flags."""
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
+
+
+def frozen_array(name: str, value: bytes) -> int:
+    """A one-entry array holding ``value``, read-only for programs and frozen: what
+    bpf_snprintf() accepts as a format (ARG_PTR_TO_CONST_STR)."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=BPF_F_RDONLY_PROG)
+    fd = _check(_lib().bpf_map_create(BPF_MAP_TYPE_ARRAY, name.encode(), 4, len(value), 1, ctypes.byref(opts)),
+                f"create map {name}")
+    try:
+        key = ctypes.c_uint32(0)
+        buf = ctypes.create_string_buffer(value, len(value))
+        _check(_lib().bpf_map_update_elem(fd, ctypes.byref(key), buf, BPF_ANY), f"fill map {name}")
+        _check(_lib().bpf_map_freeze(fd), f"freeze map {name}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def obj_pin(fd: int, path: str) -> None:

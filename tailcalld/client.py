@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from .config import DEFAULT_SOCKET
@@ -62,6 +63,14 @@ class Client:
         reply = json.loads(line)
         response_adapter.validate_python(reply)  # the wire format is the models', checked both ways
         return reply
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def stream(self) -> Iterator[dict[str, Any]]:
+        """The lines that follow a reply (``events`` with follow), until the daemon closes."""
+        while line := self._file.readline():
+            yield json.loads(line)
 
     def call(self, command: str, **fields: Any) -> dict[str, Any]:
         """Send one request; return its result or raise RemoteError."""

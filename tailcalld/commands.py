@@ -19,10 +19,11 @@ from pydantic import BaseModel
 from . import __version__
 from .config import LiveSettings
 from .dialects import Artifact, detect
-from .errors import BadRequest, SourceTooLarge, TimingUnavailable
+from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TimingUnavailable
+from .events import EventHub, EventStats
 from .peers import Peer
 from .protocol import (AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest, DetachResult,
-                       ListRequest, PingRequest, PingResult, Request, SlotInfo, StatusRequest, StatusResult,
+                       EventRecord, EventsRequest, EventsResult, ListRequest, PingRequest, PingResult, Request, SlotInfo, StatusRequest, StatusResult,
                        SyscallEntry, SyscallsRequest, SyscallsResult, TimingRequest, TimingResult, UnloadAllRequest,
                        UnloadResult)
 from .slots import SlotManager, SlotView, Status
@@ -46,6 +47,7 @@ class CommandContext:
     connections: Callable[[], int] = lambda: 0
     list_cache: ListCache = field(default_factory=lambda: ListCache())
     timing: OnDemandTiming | None = None  # None: this daemon cannot time handlers (tests' fake kernel)
+    events: EventHub | None = None  # None: no event channel (tests' fake kernel)
 
 
 def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
@@ -72,7 +74,7 @@ def slot_info(view: SlotView) -> SlotInfo:
     return SlotInfo.model_construct(
         slot=view.nr, hook=view.hook, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
-        attached_by_uid=r.attached_by_uid, state=view.state,
+        attached_by_uid=r.attached_by_uid, journal=r.journal, state=view.state,
         kernel_prog_id=view.kernel_prog_id, hits=view.hits, misses=view.misses)
 
 
@@ -81,23 +83,26 @@ class ListCache:
     changes when its record does, so each entry is serialised once (by the SlotInfo model) and
     only its last fields (state, kernel program, hits, misses, timing) are written per request."""
 
-    _TAIL = b',"state":"kernel-empty","kernel_prog_id":null,"hits":0,"misses":0,"timed_runs":null,"timed_ns":null}'
+    _TAIL = (b',"state":"kernel-empty","kernel_prog_id":null,"hits":0,"misses":0,"timed_runs":null,"timed_ns":null,'
+             b'"events_emitted":0,"events_lost":0,"events_delivered":0}')
 
     def __init__(self) -> None:
         self._heads: dict[int, tuple[SlotRecord, bytes]] = {}
 
-    def reply(self, views: list[SlotView], times: SlotTimes | None = None) -> bytes:
-        entries = [self._head(v) + self._tail(v, times) for v in views]
+    def reply(self, views: list[SlotView], times: SlotTimes | None = None, events: EventStats | None = None) -> bytes:
+        entries = [self._head(v) + self._tail(v, times, events) for v in views]
         return b'{"slots":[' + b",".join(entries) + b"]}"
 
-    def _tail(self, v: SlotView, times: SlotTimes | None) -> bytes:
+    def _tail(self, v: SlotView, times: SlotTimes | None, events: EventStats | None) -> bytes:
         kernel = b"null" if v.kernel_prog_id is None else b"%d" % v.kernel_prog_id
         slot = v.record.slot
         # Exit slots are not timed (the stamp is the enter dispatcher's): null, as with timing off.
         timed = (b"null,\"timed_ns\":null" if times is None or slot >= len(times.hits)
                  else b"%d,\"timed_ns\":%d" % (times.hits[slot], times.hit_ns[slot]))
-        return b'"%s","kernel_prog_id":%s,"hits":%d,"misses":%d,"timed_runs":%s}' % (
-            v.state.encode(), kernel, v.hits, v.misses, timed)
+        emitted, lost, delivered = events.of(slot) if events is not None else (0, 0, 0)
+        return (b'"%s","kernel_prog_id":%s,"hits":%d,"misses":%d,"timed_runs":%s,'
+                b'"events_emitted":%d,"events_lost":%d,"events_delivered":%d}') % (
+            v.state.encode(), kernel, v.hits, v.misses, timed, emitted, lost, delivered)
 
     def _head(self, view: SlotView) -> bytes:
         cached = self._heads.get(view.record.slot)
@@ -112,13 +117,25 @@ class ListCache:
 
 def status_result(status: Status, ctx: CommandContext) -> StatusResult:
     d, s = status.dispatcher, ctx.settings.current
+    events = ctx.events.stats() if ctx.events is not None else None
     return StatusResult(
+        events_emitted=sum(events.emitted) if events else 0, events_lost=sum(events.lost) if events else 0,
+        events_delivered=sum(events.delivered.values()) if events else 0,
+        events_subscribers=ctx.events.subscribers if ctx.events is not None else 0,
+        events_buffer_bytes=ctx.events.maps.size if ctx.events is not None else 0,
         version=__version__, pid=status.pid, started_at=status.started_at, pin_dir=str(d.pin_dir),
         socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
         upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots,
         hits_total=status.hits_total, misses_total=status.misses_total, miss_log_interval=s.miss_log_interval,
         connections=ctx.connections(), timing_seconds_left=ctx.timing.seconds_left() if ctx.timing else 0.0,
         corrections=status.corrections)
+
+
+def events_filter(request: EventsRequest, m: SlotManager) -> frozenset[int] | None:
+    """The slot keys an events request asks for; None: all."""
+    if request.slot is None:
+        return None
+    return frozenset({m.syscalls.key(m.syscalls.resolve(request.slot), request.hook)})
 
 
 async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseModel | bytes:
@@ -130,7 +147,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
             a = await m.attach(request.slot, artifact_of(request, max_bytes), request.function, request.filename,
-                               peer, request.fresh, request.hook)
+                               peer, request.fresh, request.hook, request.journal)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log)
@@ -143,7 +160,8 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             return DetachResult(slot=m.syscalls.split(d.slot)[0], hook=request.hook, syscall=d.syscall,
                                 prog_id=d.prog_id)
         case ListRequest():
-            return ctx.list_cache.reply(m.list_slots(), ctx.timing.read() if ctx.timing else None)
+            return ctx.list_cache.reply(m.list_slots(), ctx.timing.read() if ctx.timing else None,
+                                        ctx.events.stats() if ctx.events is not None else None)
         case StatusRequest():
             return status_result(m.status(), ctx)
         case SyscallsRequest():
@@ -158,6 +176,14 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             left = await ctx.timing.request(request.seconds)
             times = ctx.timing.read()
             return TimingResult(on=ctx.timing.on, seconds_left=left, dispatch_ns=times.dispatch_ns() if times else None)
+        case EventsRequest():
+            if ctx.events is None:
+                raise EventsUnavailable("this daemon has no event channel")
+            slots = events_filter(request, m)
+            last = request.last if request.last is not None else (10 if request.follow else None)
+            return EventsResult.model_construct(
+                events=[EventRecord.model_construct(**w) for w in ctx.events.backlog(slots, last)],
+                following=request.follow)
         case UnloadAllRequest():
             if ctx.timing is not None:
                 ctx.timing.stop()  # its program reads the dispatcher's maps, about to be unpinned

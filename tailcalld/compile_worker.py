@@ -15,6 +15,7 @@ on address space (compile_memory_max) and CPU time; the daemon kills its whole p
 Request (JSON on stdin):
     {"dialect": "bcc" | "libbpf" | "object", "source": str | null, "object_b64": str | null,
      "function": str | null, "cflags": [str], "include_dirs": [str], "pin_root": str | null,
+     "channel": {"events": str, "counts": str, "call": str} | null, "tag": int,
      "work_dir": str, "memory_max": int, "cpu_seconds": int, "max_map_bytes": int}
 Result: written to work_dir/result.json (any size), the fd (if any) sent as one datagram:
     {"ok": true, "function": str}, or
@@ -24,6 +25,7 @@ Usage: python -m tailcalld.compile_worker RESULT_FD PARENT_PID
 
 from __future__ import annotations
 
+import ast
 import base64
 import ctypes
 import json
@@ -189,9 +191,14 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
     wanted: str | None = request.get("function")
     if (wrong := other_type_macro(source)) is not None:
         return _fail(wrong), None, None
+    try:
+        source, formats = number_printfs(source)
+        cflags = [*request.get("cflags", []), *channel_cflags(request), *format_cflags(formats)]
+    except TailcalldError as err:
+        return _fail(err), None, None
     with stderr_copy(work_dir) as said:
         try:
-            b = NoAutoAttach(text=source, cflags=list(request.get("cflags", [])))
+            b = NoAutoAttach(text=source, cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for a failed compile
             b, failure = None, exc
     if b is None:
@@ -237,7 +244,7 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
 
 def compile_with_clang(request: dict[str, Any], work_dir: Path) -> bytes:
     out = work_dir / "handler.bpf.o"
-    r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out)),
+    r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out), channel_cflags(request)),
                        input=request["source"].encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     sys.stderr.buffer.write(r.stdout)
     sys.stderr.flush()
@@ -271,7 +278,11 @@ def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str,
             return _fail(_map_failure(said) or failure), None, obj
     except TailcalldError as err:
         return _fail(err), None, obj
-    return {"ok": True, "function": chosen.name}, fd, obj
+    result: dict[str, Any] = {"ok": True, "function": chosen.name}
+    btf = obj.btf()
+    if btf is not None:
+        result["btf_b64"] = base64.b64encode(btf).decode()
+    return result, fd, obj
 
 
 def compile_and_load(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:
@@ -291,6 +302,61 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def open_channel(request: dict[str, Any]) -> None:
+    """Open the event channel's pinned maps (before Landlock: bpffs is outside the ruleset),
+    for the handler's tailcalld.h to reach by fd (TC_EVENTS_FD...).  They stay open for the
+    worker's life: the fd numbers are written into the program, and the load resolves them."""
+    channel = request.get("channel")
+    if not channel:
+        return
+    fds = {name: bpfsys.obj_get(path) for name, path in channel.items()}
+    request["channel_fds"] = fds
+
+
+def channel_cflags(request: dict[str, Any]) -> list[str]:
+    fds = request.get("channel_fds")
+    if not fds:
+        return []
+    return [f"-DTC_EVENTS_FD={fds['events']}", f"-DTC_COUNTS_FD={fds['counts']}", f"-DTC_CALL_FD={fds['call']}",
+            f"-DTC_TAG={int(request.get('tag', 0)):#x}"]
+
+
+# bcc has no read-only data, and bpf_snprintf() takes its format from a frozen map only: each
+# TC_PRINTF(ctx, "literal", ...) of the source is numbered, on its own line, and its format put
+# in that map at the number (tailcalld.h's __TC_PRINTF_AT).
+_PRINTF_CALL = re.compile(r'\bTC_PRINTF\s*\(\s*([^,()]+?)\s*,\s*((?:"(?:[^"\\\n]|\\.)*"\s*)+)')
+_LITERAL = re.compile(r'"((?:[^"\\\n]|\\.)*)"')
+FORMAT_SLOT = 256  # bytes per format in the map: tailcalld.h's __TC_FMT_SLOT
+MAX_FORMATS = 64
+
+
+def number_printfs(source: str) -> tuple[str, list[bytes]]:
+    """The source with each TC_PRINTF numbered, and the formats in number order."""
+    formats: list[bytes] = []
+
+    def numbered(match: re.Match[str]) -> str:
+        line = source.count("\n", 0, match.start()) + 1
+        try:
+            text = b"".join(ast.literal_eval(f'b"{piece}"') for piece in _LITERAL.findall(match[2]))
+        except (ValueError, SyntaxError):
+            raise CompileError(f"line {line}: the TC_PRINTF format must be plain ASCII text") from None
+        if len(text) >= FORMAT_SLOT:
+            raise CompileError(f"line {line}: the TC_PRINTF format is {len(text)} bytes; at most {FORMAT_SLOT - 1}")
+        if len(formats) == MAX_FORMATS:
+            raise CompileError(f"line {line}: more than {MAX_FORMATS} TC_PRINTF calls in one handler")
+        formats.append(text)
+        return f"__TC_PRINTF_AT({len(formats) - 1}, {match[1]}, {match[2]}"
+
+    return _PRINTF_CALL.sub(numbered, source), formats
+
+
+def format_cflags(formats: list[bytes]) -> list[str]:
+    if not formats:
+        return []
+    fd = bpfsys.frozen_array("tailcalld_fmt", b"".join(f.ljust(FORMAT_SLOT, b"\0") for f in formats))
+    return [f"-DTC_FMT_FD={fd}"]
+
+
 def _prepare(request: dict[str, Any], work_dir: Path) -> None:
     """Limits, the compile's own folder, and Landlock: all before any source is looked at.
     clang inherits every one of them."""
@@ -302,6 +368,7 @@ def _prepare(request: dict[str, Any], work_dir: Path) -> None:
     os.chdir(work_dir)
     os.environ["TMPDIR"] = str(work_dir)  # clang's own temporary files
     bpfsys.num_possible_cpus()  # read (and cached) while /sys is still readable
+    open_channel(request)
     include_dirs = [*request.get("include_dirs", []),
                     *(flag[2:] for flag in request.get("cflags", []) if flag.startswith("-I"))]
     confine.restrict(confine.compile_ruleset(include_dirs, work_dir))

@@ -88,12 +88,13 @@ class Program:
     while any fd or map slot refers to it, so whoever owns a Program closes it exactly once
     (closing twice is a no-op: a recycled fd number must never be closed by mistake)."""
 
-    def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "") -> None:
+    def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "", btf: bytes | None = None) -> None:
         self._fd: int | None = fd
         self.id = id
         self.function = function
         self.insns = insns
         self.log = log  # what the compiler and loader said on the way (warnings)
+        self.btf = btf  # the handler's own BTF (libbpf): how its TC_EMIT structs are decoded
 
     @property
     def fd(self) -> int:
@@ -107,7 +108,7 @@ class Program:
 
     def dup(self) -> Program:
         """Another owner of the same program (a warm attach: no compile, no load)."""
-        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log)
+        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log, self.btf)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -132,6 +133,8 @@ class Compiler:
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
         # One folder per compile beneath this one (None: the system's temp folder).
         self._work_root = work_root
+        # The event channel's pins (events.py), which handlers reach by fd: None without one.
+        self.channel: dict[str, str] | None = None
         if confine.abi_version() == 0:
             logger.warning("this kernel has no Landlock: compiles run unconfined, and only the #include "
                            "check keeps handler sources from reading files outside the kernel headers")
@@ -144,14 +147,14 @@ class Compiler:
 
     async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
                    dialect: Dialect = "bcc", object_bytes: bytes | None = None, pin_root: Path | None = None,
-                   filename: str | None = None) -> Program:
+                   filename: str | None = None, tag: int = 0) -> Program:
         """Compile ``source`` (bcc or libbpf C) or take ``object_bytes`` (a BPF ELF object), and
         load ``function`` (or the only raw_tp program) as a raw_tracepoint program.  Maps that
         libbpf pins by name go under ``pin_root``.  Raises CompileError, VerifierRejected,
         FunctionNotFound, FunctionAmbiguous, WrongProgramType, MapTooLarge, MapError,
         CompileTimeout, CompileOutOfMemory or CompilerCrashed, each with the worker's output
         (clang, libbpf, verifier) as details, in which the source is called ``filename``."""
-        request: dict[str, object] = {"dialect": dialect, "function": function}
+        request: dict[str, object] = {"dialect": dialect, "function": function, "channel": self.channel, "tag": tag}
         if dialect == "object":
             assert object_bytes is not None
             request["object_b64"] = base64.b64encode(object_bytes).decode()
@@ -183,14 +186,16 @@ class Compiler:
         except OSError:
             os.close(fd)
             raise
-        return Program(fd, info.id, result["function"], info.xlated_insns, output)
+        btf = base64.b64decode(result["btf_b64"]) if result.get("btf_b64") else None
+        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf)
 
     async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
+        tag = artifact.tag
         if artifact.dialect == "object":
             return await self.load(function=function, dialect="object", object_bytes=artifact.data, pin_root=pin_root,
-                                   filename=artifact.filename)
+                                   filename=artifact.filename, tag=tag)
         return await self.load(artifact.source, function, dialect=artifact.dialect, pin_root=pin_root,
-                               filename=artifact.filename)
+                               filename=artifact.filename, tag=tag)
 
     async def build_own_object(self, source_name: str, cflags: Sequence[str] = ()) -> bytes:
         """Compile one of tailcalld's own libbpf sources (tailcalld/bpf/``source_name``) to a

@@ -70,6 +70,26 @@ class Settings(BaseModel):
     max_connections_per_uid: int = Field(16, ge=1, le=1024, strict=True, json_schema_extra=LIVE,
                                          description="control connections one user other than root may hold at once")
 
+    # The handlers' event channel (events.py).  The ring buffer is made once, at the first start
+    # with a pin_dir: handlers hold it, so a new size takes effect only after unload-all.
+    events_buffer_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30, strict=True,
+                                     description="size of the handlers' event ring buffer (a power of two)")
+    events_journal_rate: float = Field(50.0, ge=0.1, le=100000, strict=True, json_schema_extra=LIVE,
+                                       description="events per second one --journal slot may write to the journal; "
+                                                   "the rest are counted as suppressed")
+    events_backlog: int = Field(1000, ge=0, le=1000000, strict=True, json_schema_extra=LIVE,
+                                description="latest events kept in memory for `tailcallctl events`")
+    events_client_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30, strict=True, json_schema_extra=LIVE,
+                                     description="bytes of events a slow `events -f` client may have unread before "
+                                                 "its events are dropped (and counted)")
+
+    @field_validator("events_buffer_bytes")
+    @classmethod
+    def _power_of_two(cls, size: int) -> int:
+        if size & (size - 1):
+            raise ValueError(f"{size} is not a power of two (the kernel's ring buffers are)")
+        return size
+
     @field_validator("allowed_group")
     @classmethod
     def _group_exists(cls, name: str | None) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 from tabulate import tabulate
 
-from . import __version__, top
+from . import __version__, events_cli, top
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
@@ -125,7 +125,7 @@ def _since(value: datetime | None) -> str:
 # (exit 2), whether or not tailcalld runs.  A field left None is not sent.
 
 def attach_request(args: argparse.Namespace) -> dict[str, Any]:
-    return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None,
+    return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None, "journal": args.journal or None,
             "hook": "exit" if args.exit else None, **_read_handler(args.file, args.dialect)}
 
 
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--fresh", action="store_true",
                    help="compile and load anew, with maps of its own (default: reuse the program of a slot "
                         "that already runs the same handler)")
+    a.add_argument("--journal", action="store_true",
+                   help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
     c = sub.add_parser("check", parents=[common], help="compile and load FILE for the verifier only; attach nothing")
     _add_handler_arguments(c)
     c.add_argument("--quiet", action="store_true", help="no compiler warnings on success")
@@ -345,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time the handlers for SECONDS more (list and top show it); 0 only asks")
     tm.add_argument("seconds", metavar="SECONDS", nargs="?", type=float, default=60.0,
                     help="how long timing stays on unless renewed (default: 60, at most 600)")
+    ev = sub.add_parser("events", parents=[common],
+                        help="the handlers' latest events (TC_PRINTF, TC_EMIT); -f follows new ones")
+    ev.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
+    ev.add_argument("--slot", metavar="SLOT", help="only this syscall's events (number or name)")
+    ev.add_argument("--exit", action="store_true", help="with --slot: its exit slot's events")
+    ev.add_argument("-n", "--lines", type=int, metavar="N", default=None,
+                    help="at most N of the latest events first (default: all kept; 10 with -f)")
     sub.add_parser("ping", parents=[common], help="check that the daemon answers")
     sub.add_parser("unload-all", parents=[common],
                    help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")
@@ -378,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "top":  # client side: samples `list` (and renews `timing`)
         return _talking(args, lambda client: top.run(client, args, printable))
+    if args.verb == "events":  # a reply, then (with -f) a stream
+        return _talking(args, lambda client: events_cli.run(client, args, printable))
     verb = VERBS[args.verb]
     try:
         fields = verb.request(args)  # inputs first: see the request builders

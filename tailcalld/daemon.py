@@ -21,11 +21,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__, notify, timing
+from . import __version__, events, notify, timing
 from .commands import CommandContext, StopReason
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, LiveSettings, Settings, bounds, load_settings
-from .dispatcher import NR_SLOTS, remove_pins
+from .dispatcher import CALL, NR_SLOTS, remove_pins
 from .pins import PinDirLock
 from .errors import ConfigError, TailcalldError, UnsafePath
 from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
@@ -72,6 +72,7 @@ class Daemon:
         self._compat_misses: MissMonitor | None = None
         self._misses_per_min = 0.0
         self._timing: OnDemandTiming | None = None
+        self._events: events.EventHub | None = None
         self._reload_tasks: set[asyncio.Task[None]] = set()
 
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
@@ -116,10 +117,28 @@ class Daemon:
                 # volume stays one entry per syscall per interval.
                 self._compat_misses = MissMonitor(kernel.compat_miss_totals, self.syscalls.ia32_label,
                                                   watch_all=True, abi="ia32")
-            manager = SlotManager(kernel, store, self.syscalls, misses, on_change=self._publish_status)
+            channel = events.ChannelMaps.open(s.pin_dir, s.events_buffer_bytes, 2 * NR_SLOTS)
+            held.callback(channel.close)
+            compiler.channel = {"events": str(s.pin_dir / events.EVENTS_PIN), "counts": str(s.pin_dir / events.COUNTS_PIN),
+                                "call": str(s.pin_dir / CALL.pin)}
+            decoder = events.Decoder(lambda tag: manager.registry.btf_of(tag))
+
+            def changed() -> None:
+                decoder.forget()  # a tag's handler may have come or gone
+                self._publish_status()
+
+            manager = SlotManager(kernel, store, self.syscalls, misses, on_change=changed)
             self._manager = manager
             held.callback(manager.close)
+            self._events = events.EventHub(
+                channel, decoder, self._event_label, manager.registry.journaled,
+                lambda: self.live.current.events_journal_rate, lambda: self.live.current.events_backlog,
+                lambda: self.live.current.events_client_bytes)
+            held.callback(self._events.stop)
             await manager.restore()
+            # After the restore: what waits in the ring is decoded by the BTF of the handlers
+            # the restore put back.
+            self._events.start(asyncio.get_running_loop())
             await self._watch_exit_misses(watch)
             await self._serve(manager, place, passed)
 
@@ -132,7 +151,7 @@ class Daemon:
             place.set_access(s.allowed_gid)
         self._place = place
         server = ControlServer(CommandContext(manager, self.live, self.request_stop, str(place.path),
-                                              timing=self._timing))
+                                              timing=self._timing, events=self._events))
         watchdog = _start_watchdog()
         try:
             await server.start(sock)
@@ -144,7 +163,9 @@ class Daemon:
                         " (socket activation)" if passed is not None else "")
             notify.notify("READY=1", self._status_line())
             self._maintenance = asyncio.create_task(self._maintain(manager))
+            event_notices = asyncio.create_task(self._event_notices())
             await self._stopping.wait()
+            await _cancel(event_notices)
             notify.notify("STOPPING=1")
             if self.stop_reason is StopReason.UNLOADED:
                 logger.info("stopping after unload-all; nothing of tailcalld is left in the kernel")
@@ -175,6 +196,20 @@ class Daemon:
             seconds = reports[0].seconds if reports else 0.0
             self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0
             self._publish_status()
+
+    async def _event_notices(self) -> None:
+        """Every second: kernel losses told to the event subscribers, journal suppressions logged."""
+        while self._events is not None:
+            await asyncio.sleep(1.0)
+            try:
+                self._events.tell_losses()
+            except OSError as exc:
+                logger.error("could not read the event counters: %s", exc)
+            self._events.log_suppressed()
+
+    def _event_label(self, key: int) -> tuple[int, str, str]:
+        nr, hook = self.syscalls.split(key)
+        return nr, self.syscalls.label(key), hook
 
     async def _log_misses(self, manager: SlotManager) -> list[MissReport]:
         """The slots' misses (returned, for STATUS=) and the ia32-only calls, to the journal."""

@@ -52,6 +52,16 @@ class Artifact:
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
+    @property
+    def tag(self) -> int:
+        return tag_of(self.sha256)
+
+
+def tag_of(sha256: str) -> int:
+    """The number a handler compiled from an artifact stamps its events with (tailcalld.h's
+    TC_TAG): its BTF is found by it (events.py).  Never 0, which means "no tag"."""
+    return int(sha256[:8], 16) or 1
+
 
 def target_arch() -> str:
     machine = platform.machine()

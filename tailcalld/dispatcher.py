@@ -6,13 +6,16 @@ Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops)
     counts         per-CPU array of {u64 calls, u64 misses}, NR_SLOTS entries: every call of
                    a slot's syscall, and those that fell through an empty slot (hits = calls - misses)
     timing         per-CPU {on, start, misses_before, slot}, 1 entry: handler timing (timing.py)
+    call           per-CPU {slot, nr, flags}, 1 entry: what the dispatchers leave for the handler
+                   they jump into (tailcalld.h's TC_ARG, TC_NR and event stamps)
+    events, event_counts   the handlers' event channel (events.py)
     compat_slots   (x86_64) u32 array, COMPAT_NR entries: ia32 number -> 64-bit slot + 1
     compat_misses  (x86_64) per-CPU u64 array: calls of ia32-only syscalls, by ia32 number
     link           the raw_tracepoint/sys_enter bpf_link that keeps the dispatcher attached
     prog           the dispatcher program behind the link, named tcd_<hash of its code>
     exit/          the exit dispatcher's own prog_array, counts and (while an exit slot is
                    filled) link and prog (tcx_<hash>), on raw_tracepoint/sys_exit; it reads the
-                   compat table above
+                   compat table above and writes the call map above
     handlers/      what handlers leave: <sha256>/ the maps a libbpf handler pins by name,
                    progs/<id> each program a slot runs (enter and exit slots alike)
 
@@ -39,6 +42,7 @@ from . import bpfsys
 from .bpf_object import BpfObject
 from .compiler import Compiler, bpf_source
 from .errors import KernelError, ObjectError, PinConflict
+from .events import PINS as EVENT_PINS
 from .pins import HANDLERS_PINS, PinDirLock, check_pinned_is, remove_handler_pins
 from .syscalls import COMPAT_NR, Hook
 
@@ -99,9 +103,10 @@ PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
 COUNTS = _MapSpec("counts", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 16)
 COUNT_FIELDS = ("calls", "misses")  # struct slot_counts in dispatcher.bpf.c, u64 each
 TIMING = _MapSpec("timing", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 32, 1)
+CALL = _MapSpec("call", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 16, 1)
 COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR, prefix="tcd_")
 COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR, prefix="tcd_")
-ALL_MAPS = (PROG_ARRAY, COUNTS, TIMING, COMPAT_SLOTS, COMPAT_MISSES)
+ALL_MAPS = (PROG_ARRAY, COUNTS, TIMING, CALL, COMPAT_SLOTS, COMPAT_MISSES)
 # Pins of older tailcalld layouts: an upgrade removes them once the old dispatcher is gone.
 LEGACY_PINS = ("misses", "calls")
 LINK_PIN = "link"
@@ -147,9 +152,9 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
 
 def _map_specs(compat: dict[int, int] | None, hook: HookSpec) -> list[_MapSpec]:
     """The maps of the dispatcher's own folder."""
-    if hook is EXIT:  # no timing; the compat table is the enter dispatcher's (kept in step by it)
+    if hook is EXIT:  # no timing; the compat table and the call map are the enter dispatcher's
         return [PROG_ARRAY, COUNTS]
-    return [PROG_ARRAY, COUNTS, TIMING] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
+    return [PROG_ARRAY, COUNTS, TIMING, CALL] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
 
 
 def _fill_compat_slots(fd: int, compat: dict[int, int]) -> None:
@@ -439,9 +444,10 @@ def check_declared_maps(declared: list[tuple[str, tuple[int, int, int, int]]], m
 def _load(data: bytes, build: _Build) -> int:
     """Load the dispatcher of the object ``data`` on its pinned maps (by fd); its program fd."""
     maps = dict(build.maps)
-    borrowed = None
-    if build.compat and COMPAT_SLOTS.pin not in maps:  # the exit dispatcher reads the enter one's table
-        borrowed = maps[COMPAT_SLOTS.pin] = _open_or_create_map(build.pin_dir, COMPAT_SLOTS)
+    # The exit dispatcher reads the enter one's compat table and writes its call map.
+    shared = [CALL] + ([COMPAT_SLOTS] if build.compat else [])
+    borrowed = {spec.pin: _open_or_create_map(build.pin_dir, spec) for spec in shared if spec.pin not in maps}
+    maps |= borrowed
     obj = BpfObject(data)
     try:
         check_declared_maps([(m.name, (m.type, m.key_size, m.value_size, m.max_entries)) for m in obj.maps()], maps)
@@ -451,8 +457,8 @@ def _load(data: bytes, build: _Build) -> int:
         return os.dup(obj.load_only(dispatcher_function(build.hook)))
     finally:
         obj.close()
-        if borrowed is not None:
-            os.close(borrowed)
+        for fd in borrowed.values():
+            os.close(fd)
 
 
 async def _load_and_attach(build: _Build, compiler: Compiler, link_pin: str) -> _Attached:
@@ -486,7 +492,7 @@ async def _load_and_attach(build: _Build, compiler: Compiler, link_pin: str) -> 
 
 def _remove_dispatcher_pins(folder: Path) -> list[str]:
     removed = []
-    for name in (*DISPATCHER_PINS, *(spec.pin for spec in ALL_MAPS), *LEGACY_PINS):
+    for name in (*DISPATCHER_PINS, *(spec.pin for spec in ALL_MAPS), *LEGACY_PINS, *EVENT_PINS):
         path = folder / name
         if path.exists():
             path.unlink()

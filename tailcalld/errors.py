@@ -159,6 +159,11 @@ class UnsafePath(TailcalldError):
     code = "unsafe_path"
 
 
+class EventsUnavailable(TailcalldError):
+    """This daemon has no event channel to read."""
+    code = "events_unavailable"
+
+
 class TimingUnavailable(TailcalldError):
     """Handler timing could not be switched on (no BPF trampoline for the dispatcher here)."""
     code = "timing_unavailable"

@@ -62,6 +62,8 @@ class AttachRequest(_HandlerSpec):
     hook: HookField = Field("enter", description=_HOOK_HELP)
     fresh: StrictBool = Field(False, description="compile anew even if a slot already runs the same handler "
                                                  "(by default that program is reused, maps included)")
+    journal: StrictBool = Field(False, description="write the slot's events (TC_PRINTF, TC_EMIT) to the journal "
+                                                   "too, at most events_journal_rate per second")
 
 
 class CheckRequest(_HandlerSpec):
@@ -96,14 +98,26 @@ class TimingRequest(_Request):
     seconds: Annotated[float, Field(ge=0, le=600)] = 10.0
 
 
+class EventsRequest(_Request):
+    """The handlers' latest events (TC_PRINTF, TC_EMIT); with ``follow``, the reply is followed on
+    the same connection by a stream of EventStream lines until the client closes it."""
+    command: Literal["events"]
+    slot: Slot | None = Field(None, description="only this syscall's events; None: every slot's")
+    hook: HookField = Field("enter", description="with slot: its enter or its exit slot")
+    follow: StrictBool = Field(False, description="keep the connection open and stream new events")
+    last: Annotated[StrictInt, Field(ge=0, le=1_000_000)] | None = Field(
+        None, description="at most this many of the latest events in the reply; None: all kept "
+                          "(events_backlog), or 10 with follow")
+
+
 class UnloadAllRequest(_Request):
     """Empty every slot, remove the dispatcher and every pin, forget the state, then exit."""
     command: Literal["unload-all"]
 
 
 Request = Annotated[PingRequest | AttachRequest | CheckRequest | DetachRequest | ListRequest | StatusRequest
-                    | SyscallsRequest | TimingRequest | UnloadAllRequest, Field(discriminator="command")]
-COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "syscalls", "timing", "unload-all")
+                    | SyscallsRequest | TimingRequest | EventsRequest | UnloadAllRequest, Field(discriminator="command")]
+COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "syscalls", "timing", "events", "unload-all")
 _request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
 
 
@@ -125,6 +139,7 @@ class SlotInfo(BaseModel):
     attached_at: datetime | None
     attached_by_uid: int | None = None
     hook: HookField = Field("enter", description=_HOOK_HELP)
+    journal: bool = Field(False, description="its events go to the journal too (attach --journal)")
     # Keep these last, in this order: commands.ListCache serialises the rest once per record
     # and writes only these per request.
     state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"] = Field(
@@ -136,6 +151,55 @@ class SlotInfo(BaseModel):
     timed_runs: int | None = Field(None, description="handler runs timed since timing was switched on; "
                                                      "None: timing is off (see the timing command)")
     timed_ns: int | None = Field(None, description="their nanoseconds, dispatcher entry to handler return")
+    events_emitted: int = Field(0, description="TC_PRINTF/TC_EMIT calls of handlers in this slot, ever (pinned "
+                                               "counters)")
+    events_lost: int = Field(0, description="of them, lost in the kernel: the ring buffer was full")
+    events_delivered: int = Field(0, description="of them, read by this daemon since it started")
+
+
+class EventRecord(BaseModel):
+    """One event a handler sent (the daemon writes these by hand, in this shape: events.py)."""
+    time_ns: int = Field(description="when, in nanoseconds since the epoch")
+    slot: int = Field(description="the syscall number")
+    hook: HookField
+    syscall: str
+    pid: int
+    tid: int
+    uid: int
+    comm: str
+    compat: bool = Field(False, description="the caller was a 32-bit program")
+    message: str | None = Field(None, description="TC_PRINTF: the formatted line")
+    fields: Any = Field(None, description="TC_EMIT: the struct's fields, decoded from the handler's BTF; "
+                                          '{"bytes": hex} when the type is unknown (bcc)')
+
+
+class EventsResult(BaseModel):
+    events: list[EventRecord]
+    following: bool = Field(description="EventStream lines follow on this connection")
+
+
+class EventBatch(BaseModel):
+    events: list[EventRecord]
+
+
+class EventsDropped(BaseModel):
+    """Events this client did not get because it did not read fast enough."""
+    dropped: int
+    where: Literal["daemon"]
+    reason: str
+
+
+class EventsLost(BaseModel):
+    """Events a slot's handler could not send: the kernel's ring buffer was full."""
+    lost: int
+    slot: int
+    hook: HookField
+    syscall: str
+    where: Literal["kernel"]
+    reason: str
+
+
+EventStream = EventBatch | EventsDropped | EventsLost
 
 
 class AttachResult(BaseModel):
@@ -187,6 +251,11 @@ class StatusResult(BaseModel):
     timing_seconds_left: float = Field(0.0, description="handler timing stays on this long (0: off)")
     corrections: list[str] = Field(default_factory=list,
                                    description="what the start-up reconcile changed to make kernel and state agree")
+    events_emitted: int = Field(0, description="TC_PRINTF/TC_EMIT calls of all handlers, ever (pinned counters)")
+    events_lost: int = Field(0, description="of them, lost in the kernel: the ring buffer was full")
+    events_delivered: int = Field(0, description="events this daemon read from the ring buffer since it started")
+    events_subscribers: int = Field(0, description="`tailcallctl events -f` clients now")
+    events_buffer_bytes: int = Field(0, description="size of the event ring buffer")
 
 
 class TimingResult(BaseModel):

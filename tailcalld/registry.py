@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .compiler import Program
+from .dialects import tag_of
 from .errors import StateUnwritable
 from .kernel import Kernel
 from .state import SlotRecord, StateFile, StateStore
@@ -99,6 +100,21 @@ class Registry:
         except OSError as exc:
             logger.warning("the handler programs could not be pinned under the pin folder: %s", exc)
 
+    def btf_of(self, tag: int) -> bytes | None:
+        """The BTF of the handler whose events carry ``tag`` (events.py): the program's own, or
+        the one kept with its source (a program adopted from its pin)."""
+        for h in self.handlers.values():
+            sha = h.record.source_sha256
+            if sha and tag_of(sha) == tag:
+                if h.prog is not None and h.prog.btf:
+                    return h.prog.btf
+                return self.store.btf(sha)
+        return None
+
+    def journaled(self) -> set[int]:
+        """Slot keys whose events go to the journal (attach --journal)."""
+        return {slot for slot, h in self.handlers.items() if h.record.journal}
+
     # -- persistence ----------------------------------------------------------------------------
 
     def wanted(self) -> dict[int, SlotRecord]:
@@ -139,6 +155,8 @@ class Registry:
         ``already_in_kernel``: the kernel already holds it (adopting what runs); record only.
         Returns the handler it replaced, which the caller closes once it is done with it."""
         assert new is None or already_in_kernel or new.prog is not None, "a handler to apply needs its program"
+        if new is not None and new.prog is not None and new.prog.btf and new.record.source_sha256:
+            self.store.put_btf(new.record.source_sha256, new.prog.btf)  # before the state that needs it
         old = self.handlers.get(slot)
         unrestored = self.unrestored.pop(slot, None)
         self._put(slot, new)

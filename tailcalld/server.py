@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import protocol
-from .commands import CommandContext, execute
+from .commands import CommandContext, events_filter, execute
 from .config import Settings
 from .errors import (AlreadyRunning, PermissionDenied, RequestError, RequestTooLarge, TailcalldError,
                      TooManyConnections, UnsafePath)
@@ -43,6 +43,13 @@ class _Activity:
     peer: Peer
     since: float  # monotonic time of the last read or write; inf while a command runs
     expired: bool = False
+
+
+@dataclass(frozen=True)
+class _Follow:
+    """An events request that streams after its reply: the slot keys it wants (None: all)."""
+
+    slots: frozenset[int] | None
 
 
 def socket_mode(allowed_gid: int | None) -> tuple[int, int]:
@@ -162,6 +169,7 @@ class ControlServer:
         self._freed = asyncio.Condition()
         self._activity: dict[asyncio.Task[None], _Activity] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._followers: set[asyncio.Task[None]] = set()  # connections streaming events
         ctx.connections = lambda: self._admitted
         ctx.settings.on_reload(self._recheck_peers)
 
@@ -209,6 +217,8 @@ class ControlServer:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
+        for task in self._followers:
+            task.cancel()  # a stream has no end to wait for
         current = asyncio.current_task()
         others = {t for t in self._clients if t is not current}
         if others:
@@ -236,6 +246,8 @@ class ControlServer:
                 await self._converse(reader, writer, peer)
         except (ConnectionError, BrokenPipeError, TimeoutError):
             pass  # the client went away or went quiet; its last command (if any) has already run
+        except Exception:  # a bug: keep the traceback, close this connection, keep serving the others
+            logger.exception("internal error on a control connection")
         finally:
             if admitted is not None:
                 async with self._freed:
@@ -312,18 +324,22 @@ class ControlServer:
                 try:
                     line = await self._read_line(reader)
                 except RequestTooLarge as err:
-                    line, reply = b"", protocol.encode_error(None, err)
+                    line, reply, follow = b"", protocol.encode_error(None, err), None
                 else:
                     if line is None or activity.expired:
                         return
                     if not line.strip():
                         continue
                     activity.since = math.inf  # a running command (a compile) is not idleness
-                    reply = await self._answer(line, peer)
+                    reply, follow = await self._answer(line, peer)
                 activity.since = time.monotonic()
                 writer.write(reply)
                 await writer.drain()  # blocks only past the high-water mark; the sweeper bounds it
                 activity.since = time.monotonic()
+                if follow is not None:
+                    activity.since = math.inf  # a subscriber listens; it is not idle
+                    await self._follow_events(reader, writer, follow.slots)
+                    return
         finally:
             del self._activity[task]
 
@@ -343,19 +359,47 @@ class ControlServer:
             raise RequestTooLarge(f"request larger than {self.max_request_bytes} bytes; it was discarded",
                                   {"limit": self.max_request_bytes}) from None
 
-    async def _answer(self, line: bytes, peer: Peer) -> bytes:
+    async def _answer(self, line: bytes, peer: Peer) -> tuple[bytes, _Follow | None]:
+        """The reply, and for an ``events --follow`` what to stream after it."""
         rid: protocol.RequestId = None
         try:
             rid, request = protocol.parse_request(line)
             result = await execute(self.ctx, request, peer)
-            return protocol.encode_ok(rid, result)
+            follow = None
+            if isinstance(request, protocol.EventsRequest) and request.follow:
+                follow = _Follow(events_filter(request, self.ctx.manager))
+            return protocol.encode_ok(rid, result), follow
         except RequestError as bad:
-            return protocol.encode_error(bad.request_id, bad.error)
+            return protocol.encode_error(bad.request_id, bad.error), None
         except TailcalldError as err:
-            return protocol.encode_error(rid, err)
+            return protocol.encode_error(rid, err), None
         except Exception:  # a bug: say so on the wire, keep the traceback, keep serving
             logger.exception("internal error while serving a request")
-            return protocol.encode_error(rid, TailcalldError("internal error; see the daemon's log"))
+            return protocol.encode_error(rid, TailcalldError("internal error; see the daemon's log")), None
+
+    async def _follow_events(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             slots: frozenset[int] | None) -> None:
+        """Stream events to this connection until the client closes it (or the daemon stops).
+        The hub writes without waiting: a client that does not read loses events, counted and
+        told, and never slows the daemon or other clients."""
+        hub = self.ctx.events
+        assert hub is not None
+        transport = writer.transport
+
+        def write(data: bytes) -> None:
+            if not transport.is_closing():
+                transport.write(data)
+
+        task = asyncio.current_task()
+        assert task is not None
+        self._followers.add(task)
+        sub = hub.subscribe(write, transport.get_write_buffer_size, slots)
+        try:
+            while await reader.read(4096):
+                pass  # the client has nothing more to say; EOF means it left
+        finally:
+            hub.unsubscribe(sub)
+            self._followers.discard(task)
 
 
 async def _discard_line(reader: asyncio.StreamReader, consumed: int) -> None:

@@ -161,7 +161,7 @@ class SlotManager:
             raise Unloading("tailcalld is unloading everything; no more changes")
 
     async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
-                     peer: Peer, fresh: bool = False, hook: Hook = "enter") -> Attached:
+                     peer: Peer, fresh: bool = False, hook: Hook = "enter", journal: bool = False) -> Attached:
         """Put the handler in the slot (its exit slot for ``hook="exit"``).  Unless ``fresh``, a
         program already loaded from the same artifact and function is reused (no compile): it then
         shares its maps with its other slots."""
@@ -183,7 +183,7 @@ class SlotManager:
                 replaced = self.kernel.slot(slot)
                 record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
                                     source_sha256=reg.store.put_artifact(artifact), filename=filename,
-                                    attached_by_uid=peer.uid, attached_at=datetime.now(UTC))
+                                    attached_by_uid=peer.uid, attached_at=datetime.now(UTC), journal=journal)
                 old = reg.commit(slot, Handler(record, prog, requested_function=function))
             except BaseException:
                 prog.close()

@@ -2,6 +2,7 @@
 
     state_dir/state.json            {"version": 1, "slots": {"268": SlotRecord, ...}, "exit_slots": {...}}
     state_dir/sources/<sha256>.c|.o each handler's source (or ELF object), content-addressed
+    state_dir/sources/<sha256>.btf  its BTF as compiled (libbpf C): decodes the structs it emits
 
 Every write is atomic (temp file, fsync, rename, fsync of the folder), and a source is
 written before the state that names it, so a crash at any point leaves a readable state.
@@ -25,7 +26,7 @@ from .errors import StateUnwritable
 from .paths import TrustedDir, open_trusted_dir
 
 STATE_VERSION = 1
-_ARTIFACT_NAME = re.compile(r"[0-9a-f]{64}\.[co]")
+_ARTIFACT_NAME = re.compile(r"[0-9a-f]{64}\.(?:c|o|btf)")
 
 
 class SlotRecord(BaseModel):
@@ -41,6 +42,7 @@ class SlotRecord(BaseModel):
     filename: str | None
     attached_by_uid: int | None
     attached_at: datetime | None
+    journal: bool = False  # its events go to the journal too (attach --journal)
 
 
 class StateFile(BaseModel):
@@ -190,6 +192,24 @@ class StateStore:
             _atomic_write(sources_fd, name, self.sources / name, artifact.data)
         return artifact.sha256
 
+    def put_btf(self, sha: str, btf: bytes) -> None:
+        """Keep the BTF a compile of artifact ``sha`` produced, for the events of a program
+        adopted from its pin at the next start (a pinned program's BTF cannot be read back
+        without CAP_SYS_ADMIN).  Rewritten when it differs: a new kernel, a new compile."""
+        _, sources_fd = self._fds
+        name = f"{sha}.btf"
+        with contextlib.suppress(OSError, ValueError):
+            if _read(sources_fd, name) == btf:
+                return
+        _atomic_write(sources_fd, name, self.sources / name, btf)
+
+    def btf(self, sha: str) -> bytes | None:
+        _, sources_fd = self._fds
+        try:
+            return _read(sources_fd, f"{sha}.btf")
+        except (OSError, ValueError):
+            return None
+
     def artifact(self, sha: str, dialect: Dialect) -> Artifact:
         _, sources_fd = self._fds
         found = Artifact(dialect, _read(sources_fd, self._artifact_name(sha, dialect)))
@@ -214,6 +234,7 @@ class StateStore:
         held folder (unlinkat never follows a link, it removes the link itself)."""
         _, sources_fd = self._fds
         wanted = {self._artifact_name(r.source_sha256, r.dialect) for r in state.records() if r.source_sha256}
+        wanted |= {f"{r.source_sha256}.btf" for r in state.records() if r.source_sha256}
         for name in os.listdir(sources_fd):
             if _ARTIFACT_NAME.fullmatch(name) and name not in wanted:
                 with contextlib.suppress(FileNotFoundError):

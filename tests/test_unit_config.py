@@ -118,7 +118,16 @@ BOUNDS = {
     "max_connections_per_uid": (1, 1024),
     "compile_memory_max": (256 << 20, 64 << 30),
     "max_map_bytes": (1, 64 << 30),
+    "events_buffer_bytes": (64 << 10, 1 << 30),
+    "events_journal_rate": (0.1, 100000),
+    "events_backlog": (0, 1000000),
+    "events_client_bytes": (64 << 10, 1 << 30),
 }
+
+
+def test_events_buffer_must_be_a_power_of_two(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "events_buffer_bytes = 100000\n"))
+    assert "events_buffer_bytes" in err.message and "power of two" in err.message
 
 
 def test_every_numeric_setting_has_declared_bounds() -> None:
@@ -236,7 +245,8 @@ def test_boolean_in_watch_misses_is_rejected(tmp_path: Path) -> None:
 def test_the_live_fields_are_the_ones_a_reload_applies() -> None:
     assert live_fields() == {"miss_log_interval", "watch_misses", "log_level", "compile_timeout", "allowed_group",
                              "max_source_bytes", "max_connections", "idle_timeout", "compile_memory_max",
-                             "max_map_bytes", "max_connections_per_uid"}
+                             "max_map_bytes", "max_connections_per_uid", "events_journal_rate", "events_backlog",
+                             "events_client_bytes"}
 
 
 def test_a_reload_applies_live_fields_keeps_the_rest_and_tells_the_reactions(tmp_path: Path) -> None:

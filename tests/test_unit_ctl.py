@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tailcalld import ctl
+from tailcalld import ctl, events_cli
 from tailcalld.client import SOCKET_ENV, RemoteError
 from tailcalld.errors import CompileError, SlotEmpty, TailcalldError, VerifierRejected
-from tailcalld.protocol import (COMMANDS, SyscallEntry, SyscallsResult, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
+from tailcalld.protocol import (COMMANDS, EventsRequest, EventsResult, SyscallEntry, SyscallsResult, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
                                 PingResult, Request, RequestId, SlotInfo, StatusResult, TimingResult, UnloadResult, encode_error,
                                 encode_ok, parse_request)
 
@@ -92,8 +92,10 @@ def test_main_without_verb_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_verbs_are_the_protocol_commands() -> None:
-    """Every command of the protocol has a verb, and every verb has a round trip below."""
-    assert set(ctl.VERBS) == set(COMMANDS) == set(REPLIES)
+    """Every command of the protocol has a verb (events streams: events_cli), and every verb has
+    a round trip below."""
+    assert set(ctl.VERBS) | {"events"} == set(COMMANDS)
+    assert set(ctl.VERBS) == set(REPLIES)
 
 
 # Output ------------------------------------------------------------------------------------
@@ -489,3 +491,48 @@ def test_reply_that_does_not_fit_the_model_fails(options: list[str], tmp_path: P
     assert captured.out == ""
     assert captured.err.startswith("tailcallctl: tailcalld's reply to attach does not fit the protocol "
                                    "(replaced_prog_id: Field required)")
+
+
+# events ------------------------------------------------------------------------------------
+
+EVENT = {"time_ns": 1_700_000_000_123_456_000, "slot": 268, "hook": "enter", "syscall": "fchmodat", "pid": 42,
+         "tid": 43, "uid": 1000, "comm": "chmod", "compat": False, "message": "mode 1a4", "fields": None}
+EVENT_FIELDS = {**EVENT, "hook": "exit", "compat": True, "message": None, "fields": {"ret": -2, "path": "/tmp/x"}}
+
+
+def test_event_lines_for_people() -> None:
+    when = datetime.fromtimestamp(EVENT["time_ns"] / 1e9).strftime("%H:%M:%S.%f")
+    assert events_cli.line(EVENT, ctl.printable) == f"{when} fchmodat chmod[42] uid 1000: mode 1a4"
+    assert events_cli.line(EVENT_FIELDS, ctl.printable) == (
+        f'{when} fchmodat:exit chmod[42] uid 1000 (32-bit): ret=-2 path="/tmp/x"')
+
+
+def test_event_notices_name_what_was_missed() -> None:
+    assert events_cli.notice({"dropped": 5, "where": "daemon", "reason": "slow"}) == "5 events dropped: slow"
+    assert events_cli.notice({"lost": 3, "slot": 268, "hook": "exit", "syscall": "fchmodat", "where": "kernel",
+                              "reason": "full"}) == "3 events of fchmodat:exit lost in the kernel: full"
+    assert events_cli.notice({"events": []}) is None
+
+
+def test_events_follow_prints_the_stream_and_its_notices(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def reply(rid: RequestId) -> bytes:
+        return (encode_ok(rid, EventsResult.model_validate({"events": [EVENT], "following": True}))
+                + json.dumps({"events": [EVENT_FIELDS]}).encode() + b"\n"
+                + json.dumps({"dropped": 7, "where": "daemon", "reason": "slow"}).encode() + b"\n")
+
+    code, request = run_verb(tmp_path, "events", ["-f", "--slot", "fchmodat", "--exit", "--json"], reply)
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert isinstance(request, EventsRequest)
+    assert (request.follow, request.slot, request.hook, request.last) == (True, "fchmodat", "exit", None)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines == [EVENT, EVENT_FIELDS, {"dropped": 7, "where": "daemon", "reason": "slow"}]
+    assert err == "tailcallctl: 7 events dropped: slow\n"
+
+
+def test_events_without_follow_prints_the_latest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = EventsResult.model_validate({"events": [EVENT], "following": False})
+    code, request = run_verb(tmp_path, "events", ["-n", "5"], ok(result))
+    assert code == 0 and isinstance(request, EventsRequest) and request.last == 5 and not request.follow
+    assert capsys.readouterr().out.endswith("chmod[42] uid 1000: mode 1a4\n")

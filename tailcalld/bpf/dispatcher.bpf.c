@@ -33,6 +33,23 @@ struct {
 
 #include "dispatcher_maps.h"  // counts, and (enter only) the timing switch
 
+// What the dispatcher leaves for the handler it jumps into, read by tailcalld.h's macros
+// (TC_ARG, TC_NR, the event stamps): one per CPU, shared by both dispatchers (pinned as
+// pin_dir/call). tailcalld.h declares the same struct (tests/test_static.py compares them).
+struct tc_call {
+    unsigned int slot;    // slot key, as in tc_event_header
+    unsigned int nr;      // the syscall number the caller used (ia32 numbering for a 32-bit caller)
+    unsigned int flags;   // 1: 32-bit caller, 2: exit slot
+    unsigned int _unused;
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, struct tc_call);
+} call SEC(".maps");
+
 // Timing off is one per-CPU lookup of a constant key and a branch (see the stamp below): the
 // price of having no BPF trampoline to lean on (fentry/fexit on this program would cost
 // nothing when off, but kernels without them exist).
@@ -97,9 +114,12 @@ SEC("raw_tp/sys_enter")
 int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
 {
     u32 nr = syscall_nr(ctx);
+    u32 flags = 0;
+    u32 caller_nr = nr;
 
 #ifdef TAILCALLD_COMPAT_NR
     if (in_ia32_syscall()) {
+        flags = 1;  // TC_CALL_COMPAT
         u32 *slot = bpf_map_lookup_elem(&compat_slots, &nr);
         if (!slot || *slot == 0) {
 #ifndef TAILCALLD_EXIT
@@ -128,6 +148,21 @@ int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
         run->start = bpf_ktime_get_ns();
     }
 #endif
+
+    // For the handler (tailcalld.h): which slot it runs in, for whom. Written on every call,
+    // the misses included: whether the slot is filled is only known by trying the jump.
+    u32 zero_key = 0;
+    struct tc_call *here = bpf_map_lookup_elem(&call, &zero_key);
+    if (here) {
+#ifdef TAILCALLD_EXIT
+        here->slot = TAILCALLD_SLOTS + nr;
+        flags |= 2;  // TC_CALL_EXIT
+#else
+        here->slot = nr;
+#endif
+        here->nr = caller_nr;
+        here->flags = flags;
+    }
 
     bpf_tail_call(ctx, &prog_array, nr);
 

@@ -1,0 +1,393 @@
+"""The handlers' event channel: one pinned ring buffer, drained on the event loop, and where its
+events go (subscribers of ``tailcallctl events``, the journal, the backlog, the counts).
+
+    pin_dir/events        BPF_MAP_TYPE_RINGBUF that every handler writes with TC_PRINTF / TC_EMIT
+    pin_dir/event_counts  per-CPU {emitted, lost} per slot key, counted by the handlers
+
+The handlers get both as fds at compile time (tailcalld.h, compiler.py); the daemon reads the
+ring through mmap (ringbuf.py) whenever its fd is readable, a bounded batch at a time so that
+a flood never starves the control socket.  Loss is counted where it happens, never silent:
+in the kernel (the ring was full: ``lost``, per slot), in the daemon for one subscriber that
+does not keep up (its ``dropped``, told to it in the stream), and for the journal (a --journal
+slot over events_journal_rate: ``suppressed``, logged).  For each subscriber
+received + dropped + lost = emitted, counted from when it subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import bpfsys
+from .btf import BtfError, BtfTypes
+from .errors import PinConflict
+from .ringbuf import BPF_MAP_TYPE_RINGBUF, RingReader
+
+logger = logging.getLogger("tailcalld")
+
+EVENTS_PIN = "events"
+COUNTS_PIN = "event_counts"
+PINS = (EVENTS_PIN, COUNTS_PIN)
+EVENT_MESSAGE_ID = "8c2e0f7a4b3d4e5f9a1b2c3d4e5f6a70"  # journal entries of handler events
+# struct tc_event_header in tailcalld.h: time, slot, tag, pid, tid, uid, kind, flags, type id, size, comm
+EVENT_HEADER = struct.Struct("<QIIIIIHHII16s")
+KIND_TEXT, KIND_STRUCT = 1, 2
+BATCH = 4096  # records handled per turn of the event loop before the socket gets its turn
+COUNT_FIELDS = 2  # struct tc_event_counts: emitted, lost
+
+
+@dataclass(frozen=True)
+class Event:
+    time_ns: int  # wall clock
+    slot: int  # slot key
+    pid: int
+    tid: int
+    uid: int
+    comm: str
+    compat: bool
+    message: str | None  # TC_PRINTF
+    fields: Any  # TC_EMIT: the struct decoded; hex bytes when its type is not known
+
+    def wire(self, label: Callable[[int], tuple[int, str, str]]) -> dict[str, Any]:
+        nr, syscall, hook = label(self.slot)
+        # Every field, always (protocol.EventRecord): the reply's backlog and the stream read alike.
+        return {"time_ns": self.time_ns, "slot": nr, "hook": hook, "syscall": syscall, "pid": self.pid,
+                "tid": self.tid, "uid": self.uid, "comm": self.comm, "compat": self.compat, "message": self.message,
+                "fields": self.fields}
+
+
+class Decoder:
+    """Structs decoded by the BTF of the handler that sent them, found by its tag."""
+
+    def __init__(self, btf_of: Callable[[int], bytes | None]) -> None:
+        self._btf_of = btf_of  # tag -> the handler's raw BTF (None: a bcc handler, or unknown)
+        self._types: dict[int, BtfTypes | None] = {}
+
+    def forget(self) -> None:
+        self._types.clear()
+
+    def decode(self, tag: int, type_id: int, data: bytes) -> Any:
+        types = self._types.get(tag, ...)
+        if types is ...:
+            raw = self._btf_of(tag)
+            try:
+                types = BtfTypes(raw) if raw else None
+            except BtfError as err:
+                logger.warning("the BTF of the handler with tag %08x is unreadable (%s): its events show as bytes",
+                               tag, err)
+                types = None
+            self._types[tag] = types
+        if types is None or type_id == 0:
+            return {"bytes": data.hex()}
+        try:
+            return types.decode(type_id, data)
+        except (BtfError, struct.error, IndexError):
+            return {"bytes": data.hex()}
+
+
+def parse(record: bytes, decoder: Decoder, clock_offset: int) -> Event | None:
+    if len(record) < EVENT_HEADER.size:
+        return None
+    time_ns, slot, tag, pid, tid, uid, kind, flags, type_id, size, comm = EVENT_HEADER.unpack_from(record)
+    payload = record[EVENT_HEADER.size:EVENT_HEADER.size + size]
+    name = comm.split(b"\0", 1)[0].decode(errors="replace")
+    if kind == KIND_TEXT:
+        return Event(time_ns + clock_offset, slot, pid, tid, uid, name, bool(flags & 1),
+                     payload.split(b"\0", 1)[0].decode(errors="replace"), None)
+    return Event(time_ns + clock_offset, slot, pid, tid, uid, name, bool(flags & 1), None,
+                 decoder.decode(tag, type_id, payload))
+
+
+def monotonic_to_wall() -> int:
+    """What to add to bpf_ktime_get_ns() (CLOCK_MONOTONIC) for the wall clock."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+def _open_or_create(path: Path, map_type: int, name: str, key: int, value: int, entries: int,
+                    accept_size: bool = False) -> int:
+    if not path.exists():
+        fd = bpfsys.map_create(map_type, name, key, value, entries)
+        try:
+            bpfsys.obj_pin(fd, str(path))
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    try:
+        fd = bpfsys.obj_get(str(path))
+    except OSError as exc:
+        raise PinConflict(f"{path} exists but is not a BPF map tailcalld can open ({exc})", {"path": str(path)}) from None
+    info = bpfsys.map_info(fd) if bpfsys.fd_kind(fd) == "map" else None
+    if info is None or info.type != map_type or info.key_size != key or info.value_size != value or (
+            info.max_entries != entries and not accept_size):
+        os.close(fd)
+        raise PinConflict(f"{path} is not tailcalld's {path.name} map; it is left alone", {"path": str(path)})
+    return fd
+
+
+@dataclass
+class ChannelMaps:
+    """The channel's two pinned maps, by fd (ours to close), and the ring's size."""
+
+    events_fd: int
+    counts_fd: int
+    size: int
+    nr_keys: int
+
+    @classmethod
+    def open(cls, pin_dir: Path, size: int, nr_keys: int) -> ChannelMaps:
+        """Open the pinned maps, or make and pin them.  A ring pinned with another size is
+        kept (handlers hold it): the new size takes effect after unload-all."""
+        events = _open_or_create(pin_dir / EVENTS_PIN, BPF_MAP_TYPE_RINGBUF, "tailcalld_event", 0, 0, size,
+                                 accept_size=True)
+        try:
+            have = bpfsys.map_info(events).max_entries
+            if have != size:
+                logger.warning("the event ring buffer pinned at %s has %d bytes, not events_buffer_bytes (%d): "
+                               "handlers hold it; the new size takes effect after unload-all",
+                               pin_dir / EVENTS_PIN, have, size)
+            counts = _open_or_create(pin_dir / COUNTS_PIN, bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, "tailcalld_evcnt", 4,
+                                     8 * COUNT_FIELDS, nr_keys)
+        except BaseException:
+            os.close(events)
+            raise
+        return cls(events, counts, have, nr_keys)
+
+    def totals(self) -> tuple[list[int], list[int]]:
+        """(emitted, lost) per slot key, summed over the CPUs."""
+        emitted, lost = bpfsys.percpu_u64_columns(self.counts_fd, self.nr_keys, COUNT_FIELDS)
+        return emitted, lost
+
+    def close(self) -> None:
+        for fd in (self.events_fd, self.counts_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def remove_pins(pin_dir: Path) -> list[str]:
+    removed = []
+    for name in PINS:
+        with contextlib.suppress(FileNotFoundError):
+            (pin_dir / name).unlink()
+            removed.append(str(pin_dir / name))
+    return removed
+
+
+@dataclass(frozen=True)
+class EventStats:
+    """Per slot key: events its handlers emitted and the kernel lost (pinned counters, since the
+    channel was made), and those this daemon read."""
+
+    emitted: list[int]
+    lost: list[int]
+    delivered: dict[int, int]
+
+    def of(self, key: int) -> tuple[int, int, int]:
+        inside = key < len(self.emitted)
+        return (self.emitted[key] if inside else 0, self.lost[key] if inside else 0, self.delivered.get(key, 0))
+
+
+@dataclass(eq=False)  # kept in a set, by identity
+class Subscriber:
+    """One ``tailcallctl events -f``: a writer the hub writes to without ever waiting on it."""
+
+    write: Callable[[bytes], None]
+    buffered: Callable[[], int]  # bytes written and not yet taken by the client
+    slots: frozenset[int] | None  # slot keys it wants; None: all
+    received: int = 0
+    dropped: int = 0  # since its last notice
+    dropped_total: int = 0
+    lost_seen: dict[int, int] = field(default_factory=dict)  # kernel losses already told, per slot key
+
+    def wants(self, slot: int) -> bool:
+        return self.slots is None or slot in self.slots
+
+
+class EventHub:
+    """Where events go.  ``label`` turns a slot key into (syscall number, name, hook)."""
+
+    def __init__(self, maps: ChannelMaps, decoder: Decoder, label: Callable[[int], tuple[int, str, str]],
+                 journal_slots: Callable[[], set[int]], journal_rate: Callable[[], float],
+                 backlog: Callable[[], int], client_bytes: Callable[[], int]) -> None:
+        self.maps = maps
+        self._ring = RingReader(maps.events_fd, maps.size)
+        self._decoder = decoder
+        self._label = label
+        self._journal_slots = journal_slots
+        self._journal_rate = journal_rate
+        self._backlog_size = backlog
+        self._client_bytes = client_bytes
+        self._subscribers: set[Subscriber] = set()
+        self._backlog: deque[dict[str, Any]] = deque(maxlen=backlog())
+        self.delivered: dict[int, int] = {}  # per slot key: read from the ring by this daemon
+        self._buckets: dict[int, tuple[float, float]] = {}  # slot key -> (tokens, last refill)
+        self.suppressed: dict[int, int] = {}  # journal entries not written, since the last notice
+        self._clock_offset = monotonic_to_wall()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.maps.events_fd, self._readable)
+        self._readable()  # what was written while no daemon read
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.maps.events_fd)
+            self._loop = None
+        self._ring.close()
+
+    def _readable(self) -> None:
+        self._scheduled = False
+        if self.drain(BATCH) == BATCH and self._loop is not None and not self._scheduled:
+            # More is waiting: read it on the next turn, after the control socket had its own.
+            self._scheduled = True
+            self._loop.call_soon(self._readable)
+
+    def drain(self, limit: int) -> int:
+        """Read and hand out up to ``limit`` records; how many were read."""
+        records = self._ring.read(limit)
+        if not records:
+            return 0
+        if self._backlog.maxlen != self._backlog_size():  # events_backlog was reloaded
+            self._backlog = deque(self._backlog, maxlen=self._backlog_size())
+        journal = self._journal_slots()
+        by_subscriber: dict[int, list[dict[str, Any]]] = {}
+        subscribers = list(self._subscribers)
+        for record in records:
+            event = parse(record, self._decoder, self._clock_offset)
+            if event is None:
+                continue
+            self.delivered[event.slot] = self.delivered.get(event.slot, 0) + 1
+            wire = event.wire(self._label)
+            self._backlog.append(wire)
+            for i, sub in enumerate(subscribers):
+                if sub.wants(event.slot):
+                    by_subscriber.setdefault(i, []).append(wire)
+            if event.slot in journal:
+                self._to_journal(event, wire)
+        for i, wires in by_subscriber.items():
+            self._send(subscribers[i], wires)
+        return len(records)
+
+    def _send(self, sub: Subscriber, wires: list[dict[str, Any]]) -> None:
+        if sub.buffered() > self._client_bytes():
+            sub.dropped += len(wires)
+            sub.dropped_total += len(wires)
+            return
+        lines = []
+        if sub.dropped:
+            lines.append(_dropped(sub.dropped))
+            sub.dropped = 0
+        lines.append(_json({"events": wires}))
+        sub.received += len(wires)
+        sub.write(b"".join(lines))
+
+    def backlog(self, slots: frozenset[int] | None, last: int | None) -> list[dict[str, Any]]:
+        chosen = [w for w in self._backlog if slots is None or self._key(w) in slots]
+        return chosen[max(0, len(chosen) - last):] if last is not None else chosen
+
+    def _key(self, wire: dict[str, Any]) -> int:
+        nr, hook = wire["slot"], wire["hook"]
+        return nr if hook == "enter" else nr + self.maps.nr_keys // 2
+
+    def stats(self) -> EventStats:
+        emitted, lost = self.maps.totals()
+        return EventStats(emitted, lost, dict(self.delivered))
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def subscribe(self, write: Callable[[bytes], None], buffered: Callable[[], int],
+                  slots: frozenset[int] | None) -> Subscriber:
+        sub = Subscriber(write, buffered, slots)
+        _emitted, lost = self.maps.totals()
+        sub.lost_seen = {key: n for key, n in enumerate(lost) if n}
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    def tell_losses(self) -> None:
+        """Tell each subscriber what it missed since it last heard: events dropped for it (when
+        it has room again: a quiet slot sends no batch to carry the notice), and what the
+        kernel lost (the ring was full).  A subscriber still without room hears it later,
+        added up: nothing piles up for it meanwhile."""
+        if not self._subscribers:
+            return
+        _emitted, lost = self.maps.totals()
+        for sub in self._subscribers:
+            if sub.buffered() > self._client_bytes():
+                continue
+            if sub.dropped:
+                sub.write(_dropped(sub.dropped))
+                sub.dropped = 0
+            for key, total in enumerate(lost):
+                new = total - sub.lost_seen.get(key, 0)
+                if new > 0 and sub.wants(key):
+                    nr, syscall, hook = self._label(key)
+                    sub.write(_json({"lost": new, "slot": nr, "hook": hook, "syscall": syscall, "where": "kernel",
+                                     "reason": "the ring buffer was full (events_buffer_bytes)"}))
+                sub.lost_seen[key] = total
+
+    def _to_journal(self, event: Event, wire: dict[str, Any]) -> None:
+        now = time.monotonic()
+        rate = self._journal_rate()
+        tokens, last = self._buckets.get(event.slot, (rate, now))
+        tokens = min(rate, tokens + (now - last) * rate)
+        if tokens < 1:
+            self._buckets[event.slot] = (tokens, now)
+            self.suppressed[event.slot] = self.suppressed.get(event.slot, 0) + 1
+            return
+        self._buckets[event.slot] = (tokens - 1, now)
+        fields: dict[str, Any] = {"MESSAGE_ID": EVENT_MESSAGE_ID, "SYSCALL_NR": wire["slot"],
+                                  "SYSCALL_NAME": wire["syscall"], "SLOT": _slot_label(wire), "PID": event.pid,
+                                  "TID": event.tid, "UID": event.uid, "COMM": event.comm}
+        if event.message is not None:
+            text = event.message
+        else:
+            text = " ".join(f"{k}={v}" for k, v in _flat(event.fields))
+            fields |= {f"EVENT_{k.upper()}": v for k, v in _flat(event.fields)}
+        logger.info("%s[%d] %s: %s", event.comm, event.pid, _slot_label(wire), text, extra=fields)
+
+    def log_suppressed(self) -> None:
+        for key, count in self.suppressed.items():
+            nr, syscall, hook = self._label(key)
+            label = syscall if hook == "enter" else f"{syscall}:exit"
+            logger.warning("%d events of slot %s were not written to the journal (over events_journal_rate)", count,
+                           label, extra={"SYSCALL_NR": nr, "SYSCALL_NAME": syscall, "SLOT": label,
+                                         "SUPPRESSED": count})
+        self.suppressed.clear()
+
+
+def _slot_label(wire: dict[str, Any]) -> str:
+    return wire["syscall"] if wire["hook"] == "enter" else f"{wire['syscall']}:exit"
+
+
+def _flat(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """A decoded struct as journal fields: nested names joined with '_'."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flat(v, f"{prefix}{k}_" if isinstance(v, dict) else f"{prefix}{k}")
+    else:
+        yield prefix or "value", value
+
+
+def _dropped(count: int) -> bytes:
+    return _json({"dropped": count, "where": "daemon", "reason": "this client did not keep up (events_client_bytes)"})
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
