@@ -59,6 +59,7 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_program__type.argtypes = [vp]
     lib.bpf_program__type.restype = ctypes.c_int
     lib.bpf_program__set_autoload.argtypes = [vp, ctypes.c_bool]
+    lib.bpf_program__set_log_buf.argtypes = [vp, ctypes.c_char_p, ctypes.c_size_t]
     lib.bpf_object__load.argtypes = [vp]
     lib.bpf_program__fd.argtypes = [vp]
     lib.bpf_object__close.argtypes = [vp]
@@ -92,6 +93,7 @@ class BpfObject:
                               f"(errno {ctypes.get_errno()}); see the log")
         self._obj = handle
         self._progs: dict[str, int] = {}
+        self._log: ctypes.Array[ctypes.c_char] | None = None  # the verifier log of load_only
         prog = None
         while prog := _lib().bpf_object__next_program(self._obj, prog):
             self._progs[_lib().bpf_program__name(prog).decode()] = prog
@@ -131,14 +133,24 @@ class BpfObject:
                                    'SEC("raw_tracepoint/sys_enter") or SEC("raw_tp/sys_enter")')
         return chosen
 
-    def load_only(self, name: str) -> int:
-        """Load ``name`` alone; return its fd (valid until close())."""
+    def load_only(self, name: str, log_bytes: int = 0) -> int:
+        """Load ``name`` alone; return its fd (valid until close()).  ``log_bytes``: the size of
+        the verifier log libbpf asks for (and prints) when the load fails; 0: libbpf's own, which
+        grows until the whole log fits."""
         lib = _lib()
         for prog_name, prog in self._progs.items():
             lib.bpf_program__set_autoload(prog, prog_name == name)
+        if log_bytes:
+            self._log = ctypes.create_string_buffer(log_bytes)  # must outlive the load
+            lib.bpf_program__set_log_buf(self._progs[name], self._log, log_bytes)
         if lib.bpf_object__load(self._obj) != 0:
             raise VerifierRejected(f"the kernel refused {name!r} (see libbpf's log and the verifier's below)")
         return lib.bpf_program__fd(self._progs[name])
+
+    def verifier_log(self) -> str:
+        """What the verifier said in the last load_only with ``log_bytes`` (libbpf prints only a
+        log of its own buffer)."""
+        return self._log.value.decode(errors="replace") if self._log is not None else ""
 
     def reuse_map(self, name: str, fd: int) -> None:
         """Make the object's map ``name`` the existing map ``fd`` (a pinned one, opened by path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from . import __version__
-from .config import LiveSettings
+from .config import LiveSettings, Settings
 from .dialects import Artifact, detect
 from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TimingUnavailable
 from .events import EventHub, EventStats
@@ -50,8 +50,8 @@ class CommandContext:
     events: EventHub | None = None  # None: no event channel (tests' fake kernel)
 
 
-def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
-    """The wire's source/object/dialect fields, as the core's Artifact."""
+def artifact_of(spec: AttachRequest | CheckRequest, settings: Settings) -> Artifact:
+    """The wire's source/object/dialect fields, as the core's Artifact, within the size settings."""
     if spec.object is not None:
         try:
             artifact = Artifact("object", base64.b64decode(spec.object, validate=True), spec.filename)
@@ -60,11 +60,27 @@ def artifact_of(spec: AttachRequest | CheckRequest, max_bytes: int) -> Artifact:
     else:
         assert spec.source is not None
         dialect = detect(spec.source) if spec.dialect == "auto" else spec.dialect
-        artifact = Artifact(dialect, spec.source.encode(), spec.filename)
-    if len(artifact.data) > max_bytes:
+        artifact = Artifact(dialect, spec.source.encode(), spec.filename, headers=headers_of(spec, settings))
+    setting = "max_object_bytes" if spec.object is not None else "max_source_bytes"
+    limit: int = getattr(settings, setting)
+    if len(artifact.data) > limit:
         raise SourceTooLarge(f"the {'object' if spec.object else 'source'} is {len(artifact.data)} bytes; "
-                             f"the limit is {max_bytes}", {"size": len(artifact.data), "limit": max_bytes})
+                             f"the limit is {limit} ({setting})",
+                             {"size": len(artifact.data), "limit": limit, "setting": setting})
     return artifact
+
+
+def headers_of(spec: AttachRequest | CheckRequest, settings: Settings) -> dict[str, str]:
+    """The local headers of the request, within max_headers and max_headers_bytes."""
+    headers = spec.headers or {}
+    size = sum(len(text.encode()) for text in headers.values())
+    for setting, found, what in (("max_headers", len(headers), "local headers"),
+                                 ("max_headers_bytes", size, "bytes of local headers")):
+        limit: int = getattr(settings, setting)
+        if found > limit:
+            raise SourceTooLarge(f"the source brings {found} {what}; the limit is {limit} ({setting})",
+                                 {"size": found, "limit": limit, "setting": setting})
+    return headers
 
 
 def slot_info(view: SlotView) -> SlotInfo:
@@ -141,18 +157,18 @@ def events_filter(request: EventsRequest, m: SlotManager) -> frozenset[int] | No
 async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseModel | bytes:
     """The command's result: a result model, or (for list, the hot one) its JSON."""
     m = ctx.manager
-    max_bytes = ctx.settings.current.max_source_bytes
+    settings = ctx.settings.current
     match request:
         case PingRequest():
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
-            a = await m.attach(request.slot, artifact_of(request, max_bytes), request.function, request.filename,
+            a = await m.attach(request.slot, artifact_of(request, settings), request.function, request.filename,
                                peer, request.fresh, request.hook, request.journal)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log)
         case CheckRequest():
-            c = await m.check(artifact_of(request, max_bytes), request.function)
+            c = await m.check(artifact_of(request, settings), request.function)
             return CheckResult(function=c.function, dialect=c.dialect, prog_type="raw_tracepoint", insns=c.insns,
                                log=c.log)
         case DetachRequest():

@@ -16,6 +16,7 @@ Request (JSON on stdin):
     {"dialect": "bcc" | "libbpf" | "object", "source": str | null, "object_b64": str | null,
      "function": str | null, "cflags": [str], "include_dirs": [str], "pin_root": str | null,
      "channel": {"events": str, "counts": str, "call": str} | null, "tag": int,
+     "headers": {name: text} | null,
      "work_dir": str, "memory_max": int, "cpu_seconds": int, "max_map_bytes": int}
 Result: written to work_dir/result.json (any size), the fd (if any) sent as one datagram:
     {"ok": true, "function": str}, or
@@ -28,6 +29,7 @@ from __future__ import annotations
 import ast
 import base64
 import ctypes
+import errno
 import json
 import os
 import re
@@ -36,18 +38,20 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tailcalld import bpfsys, confine, mapbudget
 from tailcalld.bpf_object import BpfObject
-from tailcalld.dialects import clang_command
+from tailcalld.dialects import clang_command, header_name_problem
+from tailcalld.diagnostics import verifier_verdict
 from tailcalld.errors import (CompileError, CompileOutOfMemory, CompilerCrashed, FunctionAmbiguous, FunctionNotFound,
                               MapError, TailcalldError, VerifierRejected, WrongProgramType)
 
 RESULT_FILE = "result.json"
+HEADERS_DIR = "local-headers"  # the source's local headers, on the include path (see write_headers)
 STDERR_COPY = "stderr.log"  # what libbcc/libbpf print while the worker watches (see stderr_copy)
 # What LLVM, libstdc++, Python and libc say when an allocation fails (RLIMIT_AS reached).
 OUT_OF_MEMORY = re.compile(r"out of memory|std::bad_alloc|MemoryError|Cannot allocate memory", re.IGNORECASE)
@@ -56,6 +60,16 @@ _MAP_FAILED = re.compile(r"could not open bpf map: .*|map '[^']*': failed to cre
 # bcc's words when it may not reopen a pinned map by id (BPF_MAP_GET_FD_BY_ID: CAP_SYS_ADMIN).
 _PINNED_BY_ID = re.compile(r"could not open bpf map: .*Operation not permitted")
 PR_SET_PDEATHSIG = 1
+# clang's first error, without its place (the log that follows the message has it).
+_FIRST_ERROR = re.compile(r"\berror: (.+)$", re.MULTILINE)
+# The verifier log a failed load asks for.  A longer log keeps its end (the kernel's log rotates,
+# 6.4 and later), which is where the verdict is: a program too large to verify writes hundreds
+# of MiB, which neither the pipe to the daemon nor a person needs.
+VERIFIER_LOG_BYTES = 1 << 20
+# What bcc prints on E2BIG instead of any log: the instructions it counts are the program's, not
+# the million the verifier walked, and 4096 is no limit of this kernel (see load_bcc_function).
+_BCC_TOO_LARGE = re.compile(rb"^bpf: Argument list too long\. Program .* too large \(\d+ insns\), at most \d+ insns\n\n?",
+                            re.MULTILINE)
 
 # A raw_tracepoint program takes `struct bpf_raw_tracepoint_args *`; bcc's
 # RAW_TRACEPOINT_PROBE(tp) macro declares `raw_tracepoint__<tp>` with that signature.
@@ -125,12 +139,12 @@ class Said:
 
 
 @contextmanager
-def stderr_copy(work_dir: Path) -> Iterator[Said]:
+def stderr_copy(work_dir: Path, edit: Callable[[bytes], bytes] | None = None) -> Iterator[Said]:
     """Keep a copy of what libbcc, LLVM and libbpf print on fd 2 inside the block (they write to
     the fd directly), and pass it on to the real fd 2 afterwards, so the daemon still gets it:
     the copy is how a map the kernel refused is told apart from a compile error.  The copy is a
     file in the compile's folder, so that the daemon can read it when the block never ends (an
-    abort at the memory limit)."""
+    abort at the memory limit).  ``edit`` rewrites what was said before it is passed on."""
     said = Said()
     sys.stderr.flush()
     saved = os.dup(2)
@@ -144,7 +158,7 @@ def stderr_copy(work_dir: Path) -> Iterator[Said]:
             os.dup2(saved, 2)
             os.close(saved)
             copy.seek(0)
-            data = copy.read()
+            data = copy.read() if edit is None else edit(copy.read())
             sys.stderr.buffer.write(data)
             sys.stderr.flush()
             said.text = data.decode(errors="replace")
@@ -236,10 +250,43 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
             {"candidates": raw_tp_candidates(source, functions)})), None, b
 
     try:
-        fn = b.load_func(chosen, BPF.RAW_TRACEPOINT)
-    except Exception as exc:  # bcc raises bare Exception when the verifier refuses
-        return _fail(VerifierRejected(f"the kernel refused {chosen!r} ({exc})")), None, b
-    return {"ok": True, "function": chosen}, fn.fd, b
+        fd = load_bcc_function(b, chosen, work_dir)
+    except VerifierRejected as err:
+        return _fail(err), None, b
+    return {"ok": True, "function": chosen}, fd, b
+
+
+def load_bcc_function(b: Any, name: str, work_dir: Path) -> int:
+    """bcc's BPF.load_func as a raw_tracepoint program, with a verifier log of bounded size
+    (bcc's own grows until the whole log fits), and with the log when the kernel says E2BIG
+    (the verifier walked a million instructions), where bcc prints only "Program too large
+    (29 insns)".  Raises VerifierRejected saying what the verifier said."""
+    from bcc import BPF, lib  # noqa: PLC0415 - libbcc/LLVM only in workers that need them
+
+    fname = name.encode()
+    log = ctypes.create_string_buffer(VERIFIER_LOG_BYTES)
+    load = (b.module, BPF.RAW_TRACEPOINT, fname, lib.bpf_function_start(b.module, fname),
+            lib.bpf_function_size(b.module, fname), lib.bpf_module_license(b.module),
+            lib.bpf_module_kern_version(b.module))
+    with stderr_copy(work_dir, edit=lambda said: _BCC_TOO_LARGE.sub(b"", said) if log.value else said) as said:
+        # log_level 0 first, as bcc does: a log slows the verifier, and most loads succeed.
+        fd = lib.bcc_func_load(*load, 0, log, len(log), None, -1)
+        failure = ctypes.get_errno()
+        if fd < 0 and failure == errno.E2BIG:  # bcc asked for no log: ask again, with one
+            lib.bcc_func_load(*load, 1, log, len(log), None, -1)
+            sys.stderr.buffer.write(log.value + b"\n")
+            sys.stderr.flush()
+    if fd >= 0:
+        return int(fd)
+    raise refused(name, said.text, os.strerror(failure))
+
+
+def refused(name: str, log: str, otherwise: str) -> VerifierRejected:
+    """The kernel's refusal of ``name``, saying what the verifier said in ``log`` (which follows
+    the message), or ``otherwise`` when the log has no verdict."""
+    verdict = verifier_verdict(log)
+    return VerifierRejected(f"the kernel refused {name!r}: {verdict}; the verifier's log is below" if verdict
+                            else f"the kernel refused {name!r} ({otherwise})")
 
 
 def compile_with_clang(request: dict[str, Any], work_dir: Path) -> bytes:
@@ -254,7 +301,9 @@ def compile_with_clang(request: dict[str, Any], work_dir: Path) -> bytes:
                                      f"({request['memory_max'] >> 20} MiB)")
         if r.returncode < 0:
             raise CompilerCrashed(f"clang was killed by {signal_name(-r.returncode)}")
-        raise CompileError(f"clang could not compile the source (exit status {r.returncode})")
+        first = _FIRST_ERROR.search(r.stdout.decode(errors="replace"))
+        said = f": {first[1].strip()}" if first else ""
+        raise CompileError(f"clang could not compile the source (exit status {r.returncode}){said}")
     return out.read_bytes()
 
 
@@ -270,11 +319,15 @@ def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str,
         mapbudget.check(obj.maps(), request["max_map_bytes"], bpfsys.num_possible_cpus())
         with stderr_copy(work_dir) as said:
             try:
-                fd = obj.load_only(chosen.name)
+                fd = obj.load_only(chosen.name, VERIFIER_LOG_BYTES)
             except VerifierRejected as err:
                 failure: TailcalldError = err
                 fd = -1
+                sys.stderr.write(f"-- BEGIN PROG LOAD LOG --\n{obj.verifier_log()}-- END PROG LOAD LOG --\n")
+                sys.stderr.flush()
         if fd < 0:
+            if verifier_verdict(said.text):
+                failure = refused(chosen.name, said.text, failure.message)
             return _fail(_map_failure(said) or failure), None, obj
     except TailcalldError as err:
         return _fail(err), None, obj
@@ -374,6 +427,27 @@ def _prepare(request: dict[str, Any], work_dir: Path) -> None:
     confine.restrict(confine.compile_ruleset(include_dirs, work_dir))
 
 
+def write_headers(request: dict[str, Any], work_dir: Path) -> None:
+    """The source's local headers, under the compile's own folder by the names the source
+    includes them by, and that folder first on the include path (bcc and clang alike), as the
+    source's own folder would be.  Each name was checked (dialects.header_name_problem); the
+    files are new (O_EXCL) in a folder only this compile has."""
+    headers: dict[str, str] = request.get("headers") or {}
+    if not headers:
+        return
+    root = work_dir / HEADERS_DIR
+    for name, text in headers.items():
+        if header_name_problem(name) is not None:
+            raise ValueError(f"local header name {name!r}")  # the daemon refused it already
+        path = root / name
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    key = "cflags" if request.get("dialect", "bcc") == "bcc" else "include_dirs"
+    request[key] = [f"-I{root}" if key == "cflags" else str(root), *request.get(key, [])]
+
+
 def _write_result(work_dir: Path, result: dict[str, Any]) -> None:
     """A file, not the datagram: a result has no size limit (1500 candidate functions, say).
     Renamed into place, so the daemon never reads half of one."""
@@ -387,6 +461,7 @@ def main() -> int:
     _die_with_parent(int(sys.argv[2]))
     request = json.loads(sys.stdin.buffer.read())
     work_dir = Path(request["work_dir"])
+    write_headers(request, work_dir)
     _prepare(request, work_dir)
     result, fd, _keep = compile_and_load(request, work_dir)
     sys.stdout.flush()

@@ -25,13 +25,13 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import bpfsys, children, confine, dialects
-from .compile_worker import OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
+from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
 from .diagnostics import name_the_file
 from .dialects import Artifact, Dialect
@@ -40,14 +40,21 @@ from .errors import (BadRequest, CompileError, CompileOutOfMemory, CompilerCrash
 
 logger = logging.getLogger("tailcalld")
 
-# Diagnostics can be huge (a template error repeated per instantiation); keep the head.
+# Diagnostics can be huge (a template error repeated per instantiation, a verifier log of a
+# program too large to verify); keep the head (clang's first errors) and the tail (the
+# verifier's verdict and statistics).
 MAX_DIAGNOSTICS = 64 * 1024
+DIAGNOSTICS_TAIL = 48 * 1024
 # Free space a compile folder needs at least, checked before a worker starts: below it, a compile
 # could only fail later, less clearly (a full disk); clang's objects and results are tens of KiB.
 MIN_COMPILE_ROOM = 64 << 10
 
 _INCLUDE = re.compile(r"^\s*#\s*(?:include|include_next|import)\b\s*(.*)$", re.MULTILINE)
 _INCLUDE_TARGET = re.compile(r'^[<"]([^>"]+)[>"]')
+# An error the compiler reports on its way out: clang's "error: ...", LLVM's backend as
+# "error: FILE:LINE:COL: in function NAME TYPE: what" or "LLVM ERROR: what"; only the what is kept.
+_FATAL_COMPILER_ERROR = re.compile(r"^(?:.*?\berror: (?:.*?: in function .*?\): )?|LLVM ERROR: )(?P<what>.+)$",
+                                   re.MULTILINE)
 # What the preprocessor removes before it sees a directive: comments, backslash-newlines.
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.DOTALL)
 
@@ -81,6 +88,22 @@ def check_includes(source: str) -> None:
         if path.startswith("/") or ".." in path.split("/"):
             raise ForbiddenInclude(f"#include {path!r} is not allowed: only kernel and BPF headers "
                                    "(relative paths without '..')", {"include": path})
+
+
+def check_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The local headers of a source, held to the rules of its own text and includes, by name
+    (a header with `#include "../x.h"` is refused as the source would be).  Their names were
+    checked on the wire; again here, since a restore reads them from the state folder."""
+    for name, text in headers.items():
+        problem = dialects.header_name_problem(name)
+        if problem is not None:
+            raise ForbiddenInclude(f"local header name {name!r} is not allowed: {problem}", {"header": name})
+        try:
+            check_text(text)
+            check_includes(text)
+        except (BadRequest, ForbiddenInclude) as err:
+            raise type(err)(f"in the local header {name}: {err.message}", err.details) from None
+    return dict(headers)
 
 
 class Program:
@@ -147,13 +170,15 @@ class Compiler:
 
     async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
                    dialect: Dialect = "bcc", object_bytes: bytes | None = None, pin_root: Path | None = None,
-                   filename: str | None = None, tag: int = 0) -> Program:
+                   filename: str | None = None, headers: Mapping[str, str] | None = None, tag: int = 0) -> Program:
         """Compile ``source`` (bcc or libbpf C) or take ``object_bytes`` (a BPF ELF object), and
         load ``function`` (or the only raw_tp program) as a raw_tracepoint program.  Maps that
         libbpf pins by name go under ``pin_root``.  Raises CompileError, VerifierRejected,
         FunctionNotFound, FunctionAmbiguous, WrongProgramType, MapTooLarge, MapError,
         CompileTimeout, CompileOutOfMemory or CompilerCrashed, each with the worker's output
-        (clang, libbpf, verifier) as details, in which the source is called ``filename``."""
+        (clang, libbpf, verifier) as details, in which the source is called ``filename``.
+        ``headers``: the local headers the source includes in quotes, by name (see check_headers).
+        ``tag``: what the handler's events are stamped with (tailcalld.h's TC_TAG)."""
         request: dict[str, object] = {"dialect": dialect, "function": function, "channel": self.channel, "tag": tag}
         if dialect == "object":
             assert object_bytes is not None
@@ -163,8 +188,10 @@ class Compiler:
             check_text(source)
             check_includes(source)
             request["source"] = source
+            if headers:
+                request["headers"] = check_headers(headers)
         if dialect == "bcc":
-            request["cflags"] = [f"-I{bpf_include_dir()}", *cflags]
+            request["cflags"] = [f"-I{bpf_include_dir()}", *cflags, *dialects.bare_bpf_headers()]
         else:
             request["pin_root"] = str(pin_root) if pin_root else None
             if pin_root:
@@ -173,7 +200,10 @@ class Compiler:
             vmlinux = await dialects.vmlinux_header(self._cache_dir, self._settings.current.compile_timeout)
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
         async with self._parallel_compiles:
-            result, fd, output = await self._run_worker(request)
+            try:
+                result, fd, output = await self._run_worker(request)
+            except (CompileError, CompilerCrashed, CompileOutOfMemory) as err:  # the worker died
+                raise _name_the_file_in(err, filename, source) from None
         output = name_the_file(output, filename, source)
         if not result.get("ok"):
             error = error_class(result.get("code", ""))
@@ -195,7 +225,7 @@ class Compiler:
             return await self.load(function=function, dialect="object", object_bytes=artifact.data, pin_root=pin_root,
                                    filename=artifact.filename, tag=tag)
         return await self.load(artifact.source, function, dialect=artifact.dialect, pin_root=pin_root,
-                               filename=artifact.filename, tag=tag)
+                               filename=artifact.filename, headers=artifact.headers, tag=tag)
 
     async def build_own_object(self, source_name: str, cflags: Sequence[str] = ()) -> bytes:
         """Compile one of tailcalld's own libbpf sources (tailcalld/bpf/``source_name``) to a
@@ -262,19 +292,35 @@ class Compiler:
                 children.kill_group(proc.pid)
                 if proc.returncode is None:
                     await proc.wait()
-            output = _tidy(out)
+            output = _local_names(_tidy(out), work_dir)
             parent.setblocking(False)
             try:
                 _payload, fds, _flags, _addr = socket.recv_fds(parent, 64, 1)
             except BlockingIOError:
                 fds = []
-        try:
-            result = json.loads((work_dir / RESULT_FILE).read_text())
-        except (OSError, ValueError):
+        result = _read_result(work_dir)
+        if result is None:
             for fd in fds:
                 os.close(fd)
-            raise _died(proc.returncode, output + _unsaid(work_dir), memory_max) from None
+            raise _died(proc.returncode, output + _local_names(_unsaid(work_dir), work_dir), memory_max)
         return result, (fds[0] if fds else None), output
+
+
+def _read_result(work_dir: Path) -> dict[str, Any] | None:
+    """The worker's result; None when it wrote none, or one that is not a result (a worker that
+    died mid-write, or a bug): the caller then reports how the worker ended, never a traceback."""
+    try:
+        result = json.loads((work_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):  # ValueError: empty, cut short, not UTF-8
+        return None
+    if not isinstance(result, dict) or (result.get("ok") is True and not isinstance(result.get("function"), str)):
+        return None
+    return result
+
+
+def _local_names(output: str, work_dir: Path) -> str:
+    """Local headers as the source includes them (``syscount.h``), not by the compile folder's path."""
+    return output.replace(f"{work_dir / HEADERS_DIR}/", "")
 
 
 def _unsaid(work_dir: Path) -> str:
@@ -287,17 +333,32 @@ def _unsaid(work_dir: Path) -> str:
 
 
 def _died(status: int | None, output: str, memory_max: int) -> TailcalldError:
-    """The worker ended without a result: out of memory (compile_memory_max), or a crash."""
+    """The worker ended without a result: out of memory (compile_memory_max), a compiler error
+    that ends the process (LLVM's backend exits when it cannot lower an operation, and bcc
+    compiles in the worker's own process), or a crash."""
     how = f"was killed by {signal_name(-status)}" if status is not None and status < 0 else f"exited with status {status}"
     details = {"log": output, "status": status}
     if OUT_OF_MEMORY.search(output):
         return CompileOutOfMemory(f"the compile ran out of memory and {how}: it needs more than "
                                   f"compile_memory_max ({memory_max >> 20} MiB)", details)
+    said = _FATAL_COMPILER_ERROR.search(output)
+    if said is not None and status is not None and status > 0:
+        return CompileError(f"the source does not compile: {said['what'].strip()} (the compiler stopped, and the "
+                            f"compile worker {how})", details)
     return CompilerCrashed(f"the compile worker {how} without a result; its output is below", details)
+
+
+def _name_the_file_in(err: TailcalldError, filename: str | None, source: str | None) -> TailcalldError:
+    """``err`` (a dead worker's, from _died) with its log naming the user's file."""
+    if isinstance(err.details, dict) and isinstance(err.details.get("log"), str):
+        err.details["log"] = name_the_file(err.details["log"], filename, source)
+    return err
 
 
 def _tidy(raw: bytes) -> str:
     text = raw.decode(errors="replace")
     if len(text) > MAX_DIAGNOSTICS:
-        text = text[:MAX_DIAGNOSTICS] + f"\n[... {len(text) - MAX_DIAGNOSTICS} more characters cut]"
+        head = MAX_DIAGNOSTICS - DIAGNOSTICS_TAIL
+        text = (text[:head] + f"\n[... {len(text) - MAX_DIAGNOSTICS} characters cut ...]\n"
+                + text[-DIAGNOSTICS_TAIL:])
     return text

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from .errors import ConfigError
-from .protocol import MAX_SOURCE_CHARS
+from .protocol import MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS
 
 DEFAULT_CONFIG = Path("/etc/tailcalld/tailcalld.toml")
 DEFAULT_SOCKET = Path("/run/tailcalld/tailcalld.sock")
@@ -48,6 +48,15 @@ class Settings(BaseModel):
     # No more than the protocol's own maximum: a larger setting could never be reached.
     max_source_bytes: int = Field(512 * 1024, ge=1, le=MAX_SOURCE_CHARS, strict=True,
                                   description="largest handler source accepted", json_schema_extra=LIVE)
+    # Objects have their own: the same program is larger as an object than as source (relocations,
+    # .BTF), and the protocol carries at most 1.5 MiB of one (base64).
+    max_object_bytes: int = Field(1 << 20, ge=1, le=MAX_OBJECT_CHARS // 4 * 3, strict=True,
+                                  description="largest handler object (.o) accepted", json_schema_extra=LIVE)
+    # The local headers a source brings (tailcallctl sends the quoted #includes found next to it).
+    max_headers: int = Field(32, ge=0, le=MAX_HEADERS, strict=True, json_schema_extra=LIVE,
+                             description="local headers one handler source may bring")
+    max_headers_bytes: int = Field(1 << 20, ge=0, le=MAX_HEADERS_BYTES, strict=True, json_schema_extra=LIVE,
+                                   description="bytes of local headers one handler source may bring, together")
     # No more than the fd limit the daemon raises itself to has room for (daemon.raise_fd_limit).
     max_connections: int = Field(64, ge=1, le=1024, strict=True, description="control connections served at once",
                                  json_schema_extra=LIVE)

@@ -27,8 +27,10 @@ from . import __version__, events_cli, top
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
-from .protocol import (MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult, PingResult, SlotInfo,
-                       StatusResult, SyscallsResult, TimingResult, UnloadResult)
+from .elfstrip import strip_debug
+from .local_headers import HeaderError, find_local_headers
+from .protocol import (MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult,
+                       PingResult, SlotInfo, StatusResult, SyscallsResult, TimingResult, UnloadResult)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -53,37 +55,63 @@ ELF_MAGIC = b"\x7fELF"
 # cannot know without asking) is at most this, so a larger file can never be attached:
 # say so here, instead of sending megabytes the daemon will discard.
 MAX_HANDLER_BYTES = MAX_SOURCE_CHARS
+# The protocol's maximum for an object (base64 takes 4 characters per 3 bytes), and what is read
+# of an object file before its debug info is removed (`clang -g` makes them 50 times larger).
+MAX_OBJECT_BYTES = MAX_OBJECT_CHARS // 4 * 3
+MAX_OBJECT_FILE_BYTES = 64 << 20
 
 
-def _read_capped(path: str) -> bytes:
-    """The file's bytes, reading no more than one byte past MAX_HANDLER_BYTES."""
+def _read_capped(path: str, limit: int = MAX_HANDLER_BYTES) -> bytes:
+    """The file's bytes, reading no more than one byte past ``limit``."""
     try:
         if path == "-":
-            data, size = sys.stdin.buffer.read(MAX_HANDLER_BYTES + 1), None
+            data, size = sys.stdin.buffer.read(limit + 1), None
         else:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                data = f.read(MAX_HANDLER_BYTES + 1)
+                data = f.read(limit + 1)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_HANDLER_BYTES:
-        found = f"{size} bytes" if size is not None and size > MAX_HANDLER_BYTES else f"over {MAX_HANDLER_BYTES} bytes"
-        raise UsageError(f"{'<stdin>' if path == '-' else path} is too large for a handler ({found}); tailcalld "
-                         f"accepts at most {MAX_HANDLER_BYTES} bytes (1 MiB), and its max_source_bytes may allow less")
+    if len(data) > MAX_HANDLER_BYTES and not data.startswith(ELF_MAGIC):
+        _refuse_size(path, size if size is not None and size > MAX_HANDLER_BYTES else None, MAX_HANDLER_BYTES,
+                     "(1 MiB), and its max_source_bytes may allow less")
+    if len(data) > limit:
+        _refuse_size(path, size if size is not None and size > limit else None, limit, "")
     return data
+
+
+def _refuse_size(path: str, size: int | None, limit: int, about: str) -> None:
+    found = f"{size} bytes" if size is not None else f"over {limit} bytes"
+    raise UsageError(f"{'<stdin>' if path == '-' else path} is too large for a handler ({found}); tailcalld "
+                     f"accepts at most {limit} bytes{' ' + about if about else ''}")
 
 
 def _read_handler(path: str, dialect: str) -> dict[str, Any]:
     """The request fields for a handler file: C source text, or an ELF object as base64.
     The daemon gets the contents, not the path: it may not see the client's files."""
-    data = _read_capped(path)
+    data = _read_capped(path, MAX_OBJECT_FILE_BYTES)
     fields: dict[str, Any] = {"filename": "<stdin>" if path == "-" else Path(path).name}
     if data.startswith(ELF_MAGIC):
-        return {**fields, "object": base64.b64encode(data).decode()}
+        stripped = strip_debug(data)  # the kernel never sees DWARF; libbpf reads .BTF and .BTF.ext
+        if len(stripped) > MAX_OBJECT_BYTES:
+            _refuse_size(path, len(stripped), MAX_OBJECT_BYTES, "in an object without its debug info, and its "
+                                                                "max_object_bytes may allow less")
+        return {**fields, "object": base64.b64encode(stripped).decode()}
     try:
-        return {**fields, "source": data.decode(), "dialect": dialect}
+        source = data.decode()
     except UnicodeDecodeError:
         raise UsageError(f"{path} is neither UTF-8 C source nor a BPF ELF object") from None
+    return {**fields, "source": source, "dialect": dialect, "headers": _headers_beside(path, source)}
+
+
+def _headers_beside(path: str, source: str) -> dict[str, str] | None:
+    """The local headers ``source`` includes that sit next to ``path`` (none for stdin)."""
+    if path == "-":
+        return None
+    try:
+        return find_local_headers(Path(path), source, MAX_HEADERS, MAX_HEADERS_BYTES) or None
+    except HeaderError as err:
+        raise UsageError(str(err)) from None
 
 
 # What a terminal must never receive raw from a name or message: control characters (a newline

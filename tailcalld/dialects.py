@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,22 +36,58 @@ def detect(source: str) -> Dialect:
     return "libbpf" if _LIBBPF_MARKERS.search(source) else "bcc"
 
 
+# Old samples include libbpf's headers by their bare names (`#include "bpf_helpers.h"`), as when
+# libbpf was a folder copied next to them; searched after every other folder (-idirafter), so that
+# its bpf.h or btf.h never hides another header of the same name.
+BARE_BPF_HEADERS = Path("/usr/include/bpf")
+MAX_HEADER_NAME = 255
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a local header's name, or None: the path rules of #include
+    (compiler.check_includes: relative, no '..'), and a path a folder can hold."""
+    parts = name.split("/")
+    if not name or len(name) > MAX_HEADER_NAME or "\0" in name:
+        return f"a header name has 1 to {MAX_HEADER_NAME} characters and no NUL"
+    if name.startswith("/") or ".." in parts:
+        return "only relative paths without '..' (as in #include)"
+    if any(part in ("", ".") for part in parts):
+        return "no empty or '.' path components"
+    return None
+
+
+def text_sha256(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
 @dataclass(frozen=True)
 class Artifact:
-    """What a handler is made from: C source (bcc or libbpf dialect) or an ELF object."""
+    """What a handler is made from: C source (bcc or libbpf dialect) or an ELF object, and the
+    local headers the source includes (by the names it includes them by)."""
 
     dialect: Dialect
     data: bytes
     # What the user calls it (diagnostics name it); not part of what the handler is.
     filename: str | None = field(default=None, compare=False)
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def source(self) -> str | None:
         return None if self.dialect == "object" else self.data.decode()
 
     @property
+    def header_sha256s(self) -> dict[str, str]:
+        """Each header's hash, by name: how a slot's record refers to them (state.py)."""
+        return {name: text_sha256(text) for name, text in sorted(self.headers.items())}
+
+    @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        """The handler's identity: the same source with other headers is another handler (its
+        program is not reused for it).  Without headers, the source's own hash, as before
+        headers travelled: saved states name their sources by it."""
+        if not self.headers:
+            return text_sha256(self.data)
+        return text_sha256(json.dumps({"source": text_sha256(self.data), "headers": self.header_sha256s}))
 
     @property
     def tag(self) -> int:
@@ -75,7 +112,13 @@ def clang_command(include_dirs: list[str], output: str, cflags: Sequence[str] = 
     cmd += [f"-I{d}" for d in include_dirs]
     if os.path.isdir(multiarch):
         cmd.append(f"-I{multiarch}")  # <asm/types.h> for <linux/bpf.h>
+    cmd += bare_bpf_headers()
     return [*cmd, "-x", "c", "-c", "-", "-o", output]
+
+
+def bare_bpf_headers() -> list[str]:
+    """The flags that let `#include "bpf_helpers.h"` resolve (see BARE_BPF_HEADERS)."""
+    return ["-idirafter", str(BARE_BPF_HEADERS)] if BARE_BPF_HEADERS.is_dir() else []
 
 
 async def vmlinux_header(cache_dir: Path, timeout: float, fallback: Path | None = None) -> Path:

@@ -14,14 +14,30 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
                       ValidationError, model_validator)
 
+from .dialects import MAX_HEADER_NAME, header_name_problem
 from .errors import BadRequest, RequestError, TailcalldError, UnknownCommand
 
 RequestId = StrictInt | StrictStr | None
 Slot = Annotated[StrictInt | StrictStr, Field(description="syscall number or name, e.g. 268 or 'fchmodat'")]
 MAX_SOURCE_CHARS = 1 << 20
+MAX_OBJECT_CHARS = 2 * MAX_SOURCE_CHARS  # base64: 1.5 MiB of object
+# The protocol's bounds on a source's local headers; the daemon's max_headers and
+# max_headers_bytes are within them.
+MAX_HEADERS = 256
+MAX_HEADERS_BYTES = 8 << 20
+
+
+def _header_name(name: str) -> str:
+    problem = header_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"header name {name[:MAX_HEADER_NAME]!r} is not allowed: {problem}")
+    return name
+
+
+HeaderName = Annotated[StrictStr, Field(max_length=MAX_HEADER_NAME), AfterValidator(_header_name)]
 
 
 class _Request(BaseModel):
@@ -37,17 +53,23 @@ class _HandlerSpec(_Request):
     """A handler as the client sends it: C source text, or a BPF ELF object in base64."""
 
     source: Annotated[StrictStr, Field(min_length=1, max_length=MAX_SOURCE_CHARS)] | None = None
-    object: Annotated[StrictStr, Field(min_length=1, max_length=2 * MAX_SOURCE_CHARS,
+    object: Annotated[StrictStr, Field(min_length=1, max_length=MAX_OBJECT_CHARS,
                                        description="a BPF ELF object (.o), base64")] | None = None
     dialect: Literal["auto", "bcc", "libbpf"] = Field(
         "auto", description="C dialect of `source`; auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf")
     filename: Annotated[StrictStr, Field(max_length=4096)] = "<source>"
     function: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] | None = None
+    headers: Annotated[dict[HeaderName, Annotated[StrictStr, Field(max_length=MAX_SOURCE_CHARS)]],
+                       Field(max_length=MAX_HEADERS)] | None = Field(
+        None, description='local headers the source includes in quotes, by the name it includes them by: '
+                          '{"syscount.h": "text", "sub/x.h": "text"}; compiled beside it')
 
     @model_validator(mode="after")
     def _one_of_source_or_object(self) -> _HandlerSpec:
         if (self.source is None) == (self.object is None):
             raise ValueError("give exactly one of source (C text) or object (base64 ELF)")
+        if self.headers and self.object is not None:
+            raise ValueError("headers go with a source; an object is compiled already")
         return self
 
 

@@ -133,7 +133,8 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
         if shared is not None:
             prog = shared.dup()
         else:
-            artifact = replace(registry.store.artifact(record.source_sha256, record.dialect), filename=record.filename)
+            artifact = replace(registry.store.artifact(record.source_sha256, record.dialect, record.headers),
+                               filename=record.filename)
             prog = await registry.kernel.load(artifact, record.function)
     except (TailcalldError, OSError, ValueError) as err:
         if running is None:  # nothing runs there: keep the record, the next start tries again

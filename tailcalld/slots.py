@@ -183,7 +183,8 @@ class SlotManager:
                 replaced = self.kernel.slot(slot)
                 record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
                                     source_sha256=reg.store.put_artifact(artifact), filename=filename,
-                                    attached_by_uid=peer.uid, attached_at=datetime.now(UTC), journal=journal)
+                                    headers=artifact.header_sha256s, attached_by_uid=peer.uid,
+                                    attached_at=datetime.now(UTC), journal=journal)
                 old = reg.commit(slot, Handler(record, prog, requested_function=function))
             except BaseException:
                 prog.close()

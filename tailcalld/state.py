@@ -1,7 +1,9 @@
 """Persisted desired state: which handler should sit in which slot, and where it came from.
 
     state_dir/state.json            {"version": 1, "slots": {"268": SlotRecord, ...}, "exit_slots": {...}}
-    state_dir/sources/<sha256>.c|.o each handler's source (or ELF object), content-addressed
+    state_dir/sources/<sha256>.c|.o each handler's source (or ELF object), by the handler's identity
+                                    (Artifact.sha256: the source's hash when it has no local headers)
+    state_dir/sources/<sha256>.h    each local header, content-addressed, named in SlotRecord.headers
     state_dir/sources/<sha256>.btf  its BTF as compiled (libbpf C): decodes the structs it emits
 
 Every write is atomic (temp file, fsync, rename, fsync of the folder), and a source is
@@ -16,6 +18,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from .errors import StateUnwritable
 from .paths import TrustedDir, open_trusted_dir
 
 STATE_VERSION = 1
-_ARTIFACT_NAME = re.compile(r"[0-9a-f]{64}\.(?:c|o|btf)")
+_ARTIFACT_NAME = re.compile(r"[0-9a-f]{64}\.(?:c|o|h|btf)")
 
 
 class SlotRecord(BaseModel):
@@ -43,6 +46,8 @@ class SlotRecord(BaseModel):
     attached_by_uid: int | None
     attached_at: datetime | None
     journal: bool = False  # its events go to the journal too (attach --journal)
+    # The source's local headers: name as the source includes it -> the sha256 of its text.
+    headers: dict[str, str] = {}
 
 
 class StateFile(BaseModel):
@@ -157,6 +162,7 @@ class StateStore:
             state = StateFile.model_validate_json(raw)
             missing = [r.source_sha256 for r in state.records()
                        if r.source_sha256 and not self._has_artifact(r.source_sha256, r.dialect)]
+            missing += [sha for r in state.records() for sha in r.headers.values() if not self._has_file(f"{sha}.h")]
             if state.version != STATE_VERSION or missing:
                 raise ValueError(f"version {state.version}" if state.version != STATE_VERSION
                                  else f"missing sources {', '.join(m[:12] for m in missing)}")
@@ -186,7 +192,11 @@ class StateStore:
         self._collect_sources(state)
 
     def put_artifact(self, artifact: Artifact) -> str:
+        """Save the handler's source (or object) and its local headers, before a state names them."""
         _, sources_fd = self._fds
+        for header, sha in artifact.header_sha256s.items():
+            if not self._has_file(f"{sha}.h"):
+                _atomic_write(sources_fd, f"{sha}.h", self.sources / f"{sha}.h", artifact.headers[header].encode())
         name = self._artifact_name(artifact.sha256, artifact.dialect)
         if not self._has_artifact(artifact.sha256, artifact.dialect):
             _atomic_write(sources_fd, name, self.sources / name, artifact.data)
@@ -210,17 +220,22 @@ class StateStore:
         except (OSError, ValueError):
             return None
 
-    def artifact(self, sha: str, dialect: Dialect) -> Artifact:
+    def artifact(self, sha: str, dialect: Dialect, headers: Mapping[str, str] | None = None) -> Artifact:
+        """The saved handler ``sha``, with its local ``headers`` (name -> sha256, as in SlotRecord)."""
         _, sources_fd = self._fds
-        found = Artifact(dialect, _read(sources_fd, self._artifact_name(sha, dialect)))
-        if found.sha256 != sha:
+        texts = {name: _read(sources_fd, f"{header_sha}.h").decode() for name, header_sha in (headers or {}).items()}
+        found = Artifact(dialect, _read(sources_fd, self._artifact_name(sha, dialect)), headers=texts)
+        if found.sha256 != sha or found.header_sha256s != dict(sorted((headers or {}).items())):
             raise ValueError(f"saved handler {sha[:12]} does not match its hash")
         return found
 
     def _has_artifact(self, sha: str, dialect: Dialect) -> bool:
+        return self._has_file(self._artifact_name(sha, dialect))
+
+    def _has_file(self, name: str) -> bool:
         _, sources_fd = self._fds
         try:
-            st = os.stat(self._artifact_name(sha, dialect), dir_fd=sources_fd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=sources_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
         return stat.S_ISREG(st.st_mode)
@@ -235,6 +250,7 @@ class StateStore:
         _, sources_fd = self._fds
         wanted = {self._artifact_name(r.source_sha256, r.dialect) for r in state.records() if r.source_sha256}
         wanted |= {f"{r.source_sha256}.btf" for r in state.records() if r.source_sha256}
+        wanted |= {f"{sha}.h" for r in state.records() for sha in r.headers.values()}
         for name in os.listdir(sources_fd):
             if _ARTIFACT_NAME.fullmatch(name) and name not in wanted:
                 with contextlib.suppress(FileNotFoundError):

@@ -112,6 +112,9 @@ BOUNDS = {
     "miss_log_interval": (0.25, 86400),
     "max_request_bytes": (1024, 16 << 20),
     "max_source_bytes": (1, 1 << 20),
+    "max_object_bytes": (1, 3 << 19),
+    "max_headers": (0, 256),
+    "max_headers_bytes": (0, 8 << 20),
     "max_connections": (1, 1024),
     "idle_timeout": (1, 86400),
     "compile_timeout": (1, 3600),
@@ -244,7 +247,8 @@ def test_boolean_in_watch_misses_is_rejected(tmp_path: Path) -> None:
 
 def test_the_live_fields_are_the_ones_a_reload_applies() -> None:
     assert live_fields() == {"miss_log_interval", "watch_misses", "log_level", "compile_timeout", "allowed_group",
-                             "max_source_bytes", "max_connections", "idle_timeout", "compile_memory_max",
+                             "max_source_bytes", "max_object_bytes", "max_headers", "max_headers_bytes",
+                             "max_connections", "idle_timeout", "compile_memory_max",
                              "max_map_bytes", "max_connections_per_uid", "events_journal_rate", "events_backlog",
                              "events_client_bytes"}
 
