@@ -206,3 +206,17 @@ def test_restart_and_reboot_rebuild_the_handler_with_its_headers(tmp_path: Path,
         finally:
             d.stop()
     assert d.ctl("list").returncode == 1  # stopped
+
+
+def test_bare_name_bpf_headers_resolve_for_bcc_and_libbpf(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """Old samples include libbpf's headers as if they sat next to them (-idirafter /usr/include/bpf)."""
+    bcc = tmp_path / "endian.c"
+    bcc.write_text('#include "bpf_endian.h"\nint h(struct bpf_raw_tracepoint_args *ctx) '
+                   "{ return bpf_ntohs(ctx->args[1]) == 1; }\n")
+    libbpf = tmp_path / "bare.bpf.c"
+    libbpf.write_text('#include "vmlinux.h"\n#include "bpf_helpers.h"\n#include "bpf_endian.h"\n'
+                      'SEC("raw_tp/sys_enter")\nint h(struct bpf_raw_tracepoint_args *ctx) '
+                      "{ return bpf_ntohs(ctx->args[1]) == 1; }\n" 'char LICENSE[] SEC("license") = "GPL";\n')
+    for handler in (bcc, libbpf):
+        r = daemon.ctl("check", str(handler))
+        assert r.returncode == 0, r.stderr
