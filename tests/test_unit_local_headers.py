@@ -4,7 +4,6 @@ and the state store keeping them by content."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -50,8 +49,7 @@ def test_the_protocols_bounds_are_kept(tmp_path: Path) -> None:
 
 def test_tailcallctl_sends_the_headers_of_a_file_but_not_of_stdin(tmp_path: Path) -> None:
     tree(tmp_path, {"a.h": "#define A 1\n", "h.c": '#include "a.h"\nint h(void *ctx) { return A; }\n'})
-    args = argparse.Namespace(slot="268", function=None, fresh=False, exit=False, file=str(tmp_path / "h.c"),
-                              dialect="auto")
+    args = ctl.build_parser().parse_args(["attach", "268", str(tmp_path / "h.c")])
     assert ctl.attach_request(args)["headers"] == {"a.h": "#define A 1\n"}
     (tmp_path / "a.h").unlink()
     assert ctl.attach_request(args)["headers"] is None  # not found: not sent (the daemon says if it is missing)
