@@ -9,17 +9,26 @@ the daemon gives (a folder of the handler's own under ``pin_dir``), never at lib
 
 The dispatcher is loaded the same way, in the daemon itself, with each of its maps replaced
 by the pinned map the daemon opened (``reuse_map``) rather than created.
+
+Global variables (``--set NAME=VALUE``) are found in the object's BTF, in the DATASEC of
+.rodata, .data or .bss (and their .NAME variants), and written into the initial value of
+that section's map before the load.  A handler is opened under a name made from its file
+(``object_name``): libbpf names those maps ``<name>.bss``, ``<name>.rodata``...
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 
 from .bpfsys import BPF_PROG_TYPE_RAW_TRACEPOINT, PROG_TYPE_NAMES
 from .mapbudget import MapSpec
-from .errors import FunctionAmbiguous, FunctionNotFound, ObjectError, VerifierRejected, WrongProgramType
+from .errors import (FunctionAmbiguous, FunctionNotFound, InvalidSetting, ObjectError, VerifierRejected,
+                     WrongProgramType)
+from .loader_settings import GlobalVar, VarType, encode, unknown
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,19 @@ class _OpenOpts(ctypes.Structure):
     libbpf how much of the struct the caller knows, so the later fields keep their defaults."""
     _fields_ = [("sz", ctypes.c_size_t), ("object_name", ctypes.c_char_p), ("relaxed_maps", ctypes.c_bool),
                 ("pin_root_path", ctypes.c_char_p)]
+
+
+# libbpf names a handler's .bss map <object name>.bss in the kernel's 15 characters, keeping at
+# most 8 of the object's name (BPF_OBJ_NAME_LEN 16, less ".rodata" and the NUL): fchmodat.bss.
+OBJECT_NAME_CHARS = 8
+_NOT_NAME_CHAR = re.compile(r"[^A-Za-z0-9_]+")
+
+
+def object_name(filename: str | None) -> str:
+    """The object name a handler file gives its maps: the file's name up to its first dot
+    (fchmodat.bpf.c -> fchmodat), in the characters the kernel takes in a map name."""
+    stem = (filename or "").rsplit("/", 1)[-1].split(".", 1)[0]
+    return _NOT_NAME_CHAR.sub("_", stem).strip("_")[:OBJECT_NAME_CHARS] or "handler"
 
 
 def _candidates(names: list[str]) -> dict[str, list[str]]:
@@ -78,15 +100,104 @@ def _lib() -> ctypes.CDLL:
     for field in ("type", "key_size", "value_size", "max_entries"):
         getattr(lib, f"bpf_map__{field}").argtypes = [vp]
         getattr(lib, f"bpf_map__{field}").restype = ctypes.c_uint32
+    lib.bpf_object__btf.argtypes, lib.bpf_object__btf.restype = [vp], vp
+    lib.btf__type_cnt.argtypes, lib.btf__type_cnt.restype = [vp], ctypes.c_uint32
+    lib.btf__type_by_id.argtypes, lib.btf__type_by_id.restype = [vp, ctypes.c_uint32], ctypes.POINTER(_BtfType)
+    lib.btf__name_by_offset.argtypes, lib.btf__name_by_offset.restype = [vp, ctypes.c_uint32], ctypes.c_char_p
+    lib.bpf_map__initial_value.argtypes = [vp, ctypes.POINTER(ctypes.c_size_t)]
+    lib.bpf_map__initial_value.restype = vp
+    lib.bpf_map__set_initial_value.argtypes = [vp, ctypes.c_char_p, ctypes.c_size_t]
     return lib
+
+
+# -- BTF, as far as --set needs it (linux/btf.h) ------------------------------------------
+
+class _BtfType(ctypes.Structure):
+    """struct btf_type: name, kind and vlen packed in info, then size or type; what a kind
+    adds (an int's encoding, an array's element, a DATASEC's variables) follows it."""
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_or_type", ctypes.c_uint32)]
+
+
+BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_ENUM = 1, 2, 3, 6
+BTF_KIND_TYPEDEF, BTF_KIND_VAR, BTF_KIND_DATASEC, BTF_KIND_ENUM64 = 8, 14, 15, 19
+_QUALIFIERS = {9: "volatile", 10: "const", 11: "restrict", 18: "type_tag"}  # looked through
+_KIND_WORDS = {2: "pointer", 4: "struct", 5: "union", 7: "forward declaration", 13: "function", 16: "float"}
+BTF_INT_SIGNED, BTF_INT_BOOL = 1, 4
+# The data sections libbpf makes maps of, whose initial value the loader may set.
+_DATA_SECTION = re.compile(r"\.(?:rodata|data|bss)(?:\..+)?")
+
+
+def _kind(t: _BtfType) -> int:
+    return (t.info >> 24) & 0x1F
+
+
+def _vlen(t: _BtfType) -> int:
+    return t.info & 0xFFFF
+
+
+def _extra(t: ctypes._Pointer[_BtfType], index: int = 0) -> int:
+    """The ``index``-th u32 after a btf_type: what its kind adds."""
+    return ctypes.cast(t, ctypes.POINTER(ctypes.c_uint32))[3 + index]
+
+
+class _Btf:
+    """The object's BTF, read through libbpf (valid while the object is open)."""
+
+    def __init__(self, btf: int) -> None:
+        self._btf = btf
+
+    def type(self, type_id: int) -> ctypes._Pointer[_BtfType]:
+        return _lib().btf__type_by_id(self._btf, type_id)
+
+    def name(self, t: _BtfType) -> str:
+        return (_lib().btf__name_by_offset(self._btf, t.name_off) or b"").decode(errors="replace")
+
+    def datasecs(self) -> Iterator[tuple[str, ctypes._Pointer[_BtfType]]]:
+        for type_id in range(1, _lib().btf__type_cnt(self._btf)):
+            t = self.type(type_id)
+            if _kind(t.contents) == BTF_KIND_DATASEC and _DATA_SECTION.fullmatch(self.name(t.contents)):
+                yield self.name(t.contents), t
+
+    def var_type(self, type_id: int, size: int) -> VarType:
+        """What --set may write into a variable of type ``type_id`` (``size`` bytes)."""
+        spelling = ""
+        t = self.type(type_id)
+        while _kind(t.contents) in _QUALIFIERS or _kind(t.contents) == BTF_KIND_TYPEDEF:
+            if _kind(t.contents) == BTF_KIND_TYPEDEF and not spelling:
+                spelling = self.name(t.contents)  # u32 rather than unsigned int
+            t = self.type(t.contents.size_or_type)
+        kind = _kind(t.contents)
+        if kind == BTF_KIND_INT:
+            encoding = _extra(t) >> 24 & 0x0F
+            spelling = spelling or self.name(t.contents)
+            if encoding & BTF_INT_BOOL:
+                return VarType("bool", size, spelling=spelling)
+            return VarType("int", size, bool(encoding & BTF_INT_SIGNED), spelling)
+        if kind in (BTF_KIND_ENUM, BTF_KIND_ENUM64):
+            return VarType("int", size, bool(t.contents.info >> 31), spelling or f"enum {self.name(t.contents)}")
+        if kind == BTF_KIND_ARRAY:
+            return self._array(t, size, spelling)
+        words = _KIND_WORDS.get(kind, f"BTF kind {kind}")
+        name = self.name(t.contents)
+        return VarType("other", size, spelling=spelling or (f"{words} {name}" if name else words))
+
+    def _array(self, t: ctypes._Pointer[_BtfType], size: int, spelling: str) -> VarType:
+        nelems = _extra(t, 2)
+        element = self.var_type(_extra(t, 0), size // nelems if nelems else 0)
+        spelling = spelling or f"{element.spelling}[{nelems}]"
+        if element.kind == "int" and element.size == 1:  # char, u8: written from a string
+            return VarType("chars", size, spelling=spelling)
+        return VarType("other", size, spelling=spelling)
 
 
 class BpfObject:
     """An opened (not yet loaded) object; close() releases everything libbpf holds."""
 
-    def __init__(self, data: bytes, pin_root: str | None = None) -> None:
+    def __init__(self, data: bytes, pin_root: str | None = None, name: str | None = None) -> None:
         self._data = ctypes.create_string_buffer(data, len(data))  # must outlive the object
-        self._opts = _OpenOpts(ctypes.sizeof(_OpenOpts), None, False, pin_root.encode() if pin_root else None)
+        # None: libbpf names the object after the buffer's address, and its maps "0x5a...bss".
+        self._opts = _OpenOpts(ctypes.sizeof(_OpenOpts), name.encode() if name else None, False,
+                               pin_root.encode() if pin_root else None)
         handle = _lib().bpf_object__open_mem(self._data, len(data), ctypes.byref(self._opts))
         if not handle:
             raise ObjectError("libbpf cannot open this file as a BPF ELF object "
@@ -112,6 +223,52 @@ class BpfObject:
             specs.append(MapSpec((lib.bpf_map__name(m) or b"").decode(errors="replace"), lib.bpf_map__type(m),
                                  lib.bpf_map__key_size(m), lib.bpf_map__value_size(m), lib.bpf_map__max_entries(m)))
         return specs
+
+    def global_vars(self) -> list[GlobalVar]:
+        """The variables of the object's data sections, as its BTF declares them."""
+        handle = _lib().bpf_object__btf(self._obj)
+        if not handle:
+            return []
+        btf = _Btf(handle)
+        found: list[GlobalVar] = []
+        for section, sec in btf.datasecs():
+            for i in range(_vlen(sec.contents)):
+                var_id, offset, size = (_extra(sec, 3 * i + k) for k in range(3))  # struct btf_var_secinfo
+                var = btf.type(var_id)
+                if _kind(var.contents) == BTF_KIND_VAR:
+                    found.append(GlobalVar(btf.name(var.contents), section, offset,
+                                           btf.var_type(var.contents.size_or_type, size)))
+        return found
+
+    def set_globals(self, values: Mapping[str, str]) -> None:
+        """Write each NAME=VALUE into its variable's initial value, before the load.  Raises
+        InvalidSetting: no such variable (the settable ones listed), a type --set cannot write,
+        a value that is not of its type or out of its range."""
+        if not values:
+            return
+        found = self.global_vars()
+        if not found and not _lib().bpf_object__btf(self._obj):
+            raise InvalidSetting("--set needs the object's BTF to find its variables, and this object has none "
+                                 "(compile it with clang -g)")
+        by_name = {v.name: v for v in found}
+        for name, text in values.items():
+            var = by_name.get(name)
+            if var is None:
+                raise unknown(name, found)
+            self._patch(var, encode(var, text))
+
+    def _patch(self, var: GlobalVar, data: bytes) -> None:
+        lib = _lib()
+        m = lib.bpf_object__find_map_by_name(self._obj, var.section.encode())  # a section name finds its map
+        size = ctypes.c_size_t()
+        current = lib.bpf_map__initial_value(m, ctypes.byref(size)) if m else None
+        if not current or var.offset + len(data) > size.value:
+            raise InvalidSetting(f"--set {var.name}: libbpf has no initial value of {var.section} to write it in")
+        value = bytearray(ctypes.string_at(current, size.value))
+        value[var.offset:var.offset + len(data)] = data
+        if lib.bpf_map__set_initial_value(m, bytes(value), len(value)) != 0:
+            raise InvalidSetting(f"--set {var.name}: libbpf refused the new value of {var.section} "
+                                 f"(errno {ctypes.get_errno()})")
 
     def choose(self, wanted: str | None) -> ObjectProgram:
         progs = {p.name: p for p in self.programs()}

@@ -12,7 +12,7 @@ import binascii
 import enum
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel
 
@@ -21,6 +21,7 @@ from .config import LiveSettings, Settings
 from .dialects import Artifact, detect
 from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TimingUnavailable
 from .events import EventHub, EventStats
+from .loader_settings import check_dialect, settings as loader_settings
 from .peers import Peer
 from .protocol import (AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest, DetachResult,
                        EventRecord, EventsRequest, EventsResult, ListRequest, PingRequest, PingResult, Request, SlotInfo, StatusRequest, StatusResult,
@@ -61,6 +62,10 @@ def artifact_of(spec: AttachRequest | CheckRequest, settings: Settings) -> Artif
         assert spec.source is not None
         dialect = detect(spec.source) if spec.dialect == "auto" else spec.dialect
         artifact = Artifact(dialect, spec.source.encode(), spec.filename, headers=headers_of(spec, settings))
+    variables = loader_settings({name: str(value) for name, value in spec.variables.items()})
+    defines = loader_settings(spec.defines)
+    check_dialect(artifact.dialect, variables, defines)
+    artifact = replace(artifact, variables=variables, defines=defines)
     setting = "max_object_bytes" if spec.object is not None else "max_source_bytes"
     limit: int = getattr(settings, setting)
     if len(artifact.data) > limit:
@@ -90,7 +95,8 @@ def slot_info(view: SlotView) -> SlotInfo:
     return SlotInfo.model_construct(
         slot=view.nr, hook=view.hook, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
-        attached_by_uid=r.attached_by_uid, journal=r.journal, state=view.state,
+        attached_by_uid=r.attached_by_uid, journal=r.journal, variables=r.variables, defines=r.defines,
+        state=view.state,
         kernel_prog_id=view.kernel_prog_id, hits=view.hits, misses=view.misses)
 
 

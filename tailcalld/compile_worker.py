@@ -16,7 +16,7 @@ Request (JSON on stdin):
     {"dialect": "bcc" | "libbpf" | "object", "source": str | null, "object_b64": str | null,
      "function": str | null, "cflags": [str], "include_dirs": [str], "pin_root": str | null,
      "channel": {"events": str, "counts": str, "call": str} | null, "tag": int,
-     "headers": {name: text} | null,
+     "headers": {name: text} | null, "variables": {name: value} (--set), "object_name": str,
      "work_dir": str, "memory_max": int, "cpu_seconds": int, "max_map_bytes": int}
 Result: written to work_dir/result.json (any size), the fd (if any) sent as one datagram:
     {"ok": true, "function": str}, or
@@ -291,7 +291,8 @@ def refused(name: str, log: str, otherwise: str) -> VerifierRejected:
 
 def compile_with_clang(request: dict[str, Any], work_dir: Path) -> bytes:
     out = work_dir / "handler.bpf.o"
-    r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out), channel_cflags(request)),
+    r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out),
+                                     [*request.get("cflags", []), *channel_cflags(request)]),
                        input=request["source"].encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     sys.stderr.buffer.write(r.stdout)
     sys.stderr.flush()
@@ -311,10 +312,11 @@ def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str,
     try:
         data = (base64.b64decode(request["object_b64"]) if request["dialect"] == "object"
                 else compile_with_clang(request, work_dir))
-        obj = BpfObject(data, request.get("pin_root"))
+        obj = BpfObject(data, request.get("pin_root"), request.get("object_name"))
     except TailcalldError as err:
         return _fail(err), None, None
     try:
+        obj.set_globals(request.get("variables", {}))
         chosen = obj.choose(request.get("function"))
         mapbudget.check(obj.maps(), request["max_map_bytes"], bpfsys.num_possible_cpus())
         with stderr_copy(work_dir) as said:

@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from . import bpfsys, children, confine, dialects
+from .bpf_object import object_name
 from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
 from .diagnostics import name_the_file
 from .dialects import Artifact, Dialect
+from .loader_settings import Settings, define_flags
 from .errors import (BadRequest, CompileError, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude,
                      StateUnwritable, TailcalldError, error_class)
 
@@ -170,7 +172,8 @@ class Compiler:
 
     async def load(self, source: str | None = None, function: str | None = None, cflags: Sequence[str] = (),
                    dialect: Dialect = "bcc", object_bytes: bytes | None = None, pin_root: Path | None = None,
-                   filename: str | None = None, headers: Mapping[str, str] | None = None, tag: int = 0) -> Program:
+                   filename: str | None = None, headers: Mapping[str, str] | None = None, tag: int = 0,
+                   variables: Settings = (), defines: Settings = ()) -> Program:
         """Compile ``source`` (bcc or libbpf C) or take ``object_bytes`` (a BPF ELF object), and
         load ``function`` (or the only raw_tp program) as a raw_tracepoint program.  Maps that
         libbpf pins by name go under ``pin_root``.  Raises CompileError, VerifierRejected,
@@ -178,7 +181,9 @@ class Compiler:
         CompileTimeout, CompileOutOfMemory or CompilerCrashed, each with the worker's output
         (clang, libbpf, verifier) as details, in which the source is called ``filename``.
         ``headers``: the local headers the source includes in quotes, by name (see check_headers).
-        ``tag``: what the handler's events are stamped with (tailcalld.h's TC_TAG)."""
+        ``tag``: what the handler's events are stamped with (tailcalld.h's TC_TAG).
+        ``variables`` (--set) are written into the object's globals before the load (libbpf and
+        objects; InvalidSetting when one cannot be), ``defines`` (-D) go to the compiler."""
         request: dict[str, object] = {"dialect": dialect, "function": function, "channel": self.channel, "tag": tag}
         if dialect == "object":
             assert object_bytes is not None
@@ -191,8 +196,10 @@ class Compiler:
             if headers:
                 request["headers"] = check_headers(headers)
         if dialect == "bcc":
-            request["cflags"] = [f"-I{bpf_include_dir()}", *cflags, *dialects.bare_bpf_headers()]
+            request["cflags"] = [f"-I{bpf_include_dir()}", *cflags, *dialects.bare_bpf_headers(), *define_flags(defines)]
         else:
+            request |= {"cflags": define_flags(defines), "variables": dict(variables),
+                        "object_name": object_name(filename)}
             request["pin_root"] = str(pin_root) if pin_root else None
             if pin_root:
                 pin_root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # libbpf makes pin_root itself
@@ -223,9 +230,10 @@ class Compiler:
         tag = artifact.tag
         if artifact.dialect == "object":
             return await self.load(function=function, dialect="object", object_bytes=artifact.data, pin_root=pin_root,
-                                   filename=artifact.filename, tag=tag)
+                                   filename=artifact.filename, tag=tag, variables=artifact.variables)
         return await self.load(artifact.source, function, dialect=artifact.dialect, pin_root=pin_root,
-                               filename=artifact.filename, headers=artifact.headers, tag=tag)
+                               filename=artifact.filename, headers=artifact.headers, tag=tag,
+                               variables=artifact.variables, defines=artifact.defines)
 
     async def build_own_object(self, source_name: str, cflags: Sequence[str] = ()) -> bytes:
         """Compile one of tailcalld's own libbpf sources (tailcalld/bpf/``source_name``) to a

@@ -152,13 +152,31 @@ def _since(value: datetime | None) -> str:
 # tailcallctl connects, so whatever is wrong with the caller's input is reported as that
 # (exit 2), whether or not tailcalld runs.  A field left None is not sent.
 
+def _pairs(given: list[str] | None, option: str, default: str | None = None) -> dict[str, str] | None:
+    """NAME=VALUE arguments of a repeatable option as a mapping (None: none given, nothing sent).
+    ``default``: the value of a bare NAME (-D NAME means NAME=1, as for cc)."""
+    pairs: dict[str, str] = {}
+    for item in given or []:
+        name, sep, value = item.partition("=")
+        if not sep and default is None:
+            raise UsageError(f"{option} {item}: give NAME=VALUE")
+        if name in pairs:
+            raise UsageError(f"{option} {name} is given twice")
+        pairs[name] = value if sep else str(default)
+    return pairs or None
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"variables": _pairs(args.variables, "--set"), "defines": _pairs(args.defines, "-D", default="1")}
+
+
 def attach_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None, "journal": args.journal or None,
-            "hook": "exit" if args.exit else None, **_read_handler(args.file, args.dialect)}
+            "hook": "exit" if args.exit else None, **_settings(args), **_read_handler(args.file, args.dialect)}
 
 
 def check_request(args: argparse.Namespace) -> dict[str, Any]:
-    return {"function": args.function, **_read_handler(args.file, args.dialect)}
+    return {"function": args.function, **_settings(args), **_read_handler(args.file, args.dialect)}
 
 
 def detach_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,13 +236,20 @@ def _avg_ns(s: SlotInfo) -> str:
     return "-" if not s.timed_runs or s.timed_ns is None else f"{s.timed_ns / s.timed_runs:.0f}"
 
 
+def _settings_shown(s: SlotInfo) -> str:
+    """The loader settings a slot's handler was attached with, as they were given."""
+    return " ".join([f"{k}={v}" for k, v in s.variables.items()] + [f"-D{k}={v}" for k, v in s.defines.items()])
+
+
 def show_list(r: ListResult, args: argparse.Namespace) -> None:
     timed = any(s.timed_runs is not None for s in r.slots)  # the column only while timing is on
+    settings = any(s.variables or s.defines for s in r.slots)  # the column only when some slot has any
     rows = [[s.slot, printable(s.syscall), s.hook, printable(s.function or "?"), s.dialect or "?", _prog(s),
              printable(s.filename or "-"), _since(s.attached_at), s.hits, s.misses] + ([_avg_ns(s)] if timed else [])
+            + ([printable(_settings_shown(s)) or "-"] if settings else [])
             for s in r.slots]
     headers = ["SLOT", "SYSCALL", "HOOK", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
-    headers += ["AVG NS"] if timed else []
+    headers += (["AVG NS"] if timed else []) + (["SETTINGS"] if settings else [])
     if rows:
         print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
                        disable_numparse=True))
@@ -318,6 +343,11 @@ def _add_handler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--function", metavar="NAME", help="program to load (default: the only raw_tp one)")
     p.add_argument("--dialect", choices=["auto", "bcc", "libbpf"], default="auto",
                    help="C dialect (default: auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf)")
+    p.add_argument("--set", dest="variables", action="append", metavar="NAME=VALUE",
+                   help="set a global variable (.rodata, .data, .bss) of a libbpf handler before it is loaded: "
+                        "an integer (42, -1, 0x2a), true/false, or text for a char array; repeatable")
+    p.add_argument("-D", dest="defines", action="append", metavar="NAME[=VALUE]",
+                   help="define a macro for the compile of C source (bcc or libbpf; NAME alone: NAME=1); repeatable")
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:

@@ -22,6 +22,7 @@ from typing import Literal
 
 from . import children
 from .errors import ToolFailed
+from .loader_settings import Settings
 
 Dialect = Literal["bcc", "libbpf", "object"]
 BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
@@ -70,6 +71,12 @@ class Artifact:
     # What the user calls it (diagnostics name it); not part of what the handler is.
     filename: str | None = field(default=None, compare=False)
     headers: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # The loader's settings (loader_settings): --set globals, -D macros.  Part of what the
+    # handler is: one file loaded with other settings is another program, never reused for
+    # this one.  ``sha256`` stays the file's own hash (sources are kept, and pinned-by-name
+    # maps found, by it): the registry compares settings next to it.
+    variables: Settings = ()
+    defines: Settings = ()
 
     @property
     def source(self) -> str | None:
@@ -90,14 +97,26 @@ class Artifact:
         return text_sha256(json.dumps({"source": text_sha256(self.data), "headers": self.header_sha256s}))
 
     @property
+    def build_key(self) -> str:
+        return build_key(self.sha256, self.defines)
+
+    @property
     def tag(self) -> int:
-        return tag_of(self.sha256)
+        return tag_of(self.build_key)
 
 
-def tag_of(sha256: str) -> int:
-    """The number a handler compiled from an artifact stamps its events with (tailcalld.h's
-    TC_TAG): its BTF is found by it (events.py).  Never 0, which means "no tag"."""
-    return int(sha256[:8], 16) or 1
+def build_key(sha256: str, defines: Mapping[str, str] | Settings) -> str:
+    """What a compile of handler ``sha256`` produces depends on, besides the kernel: its -D
+    macros too (not its --set values, written after the compile).  Its BTF is kept by it."""
+    if not defines:
+        return sha256
+    return text_sha256(json.dumps({"handler": sha256, "defines": sorted(dict(defines).items())}))
+
+
+def tag_of(key: str) -> int:
+    """The number a handler compiled from ``key`` (build_key) stamps its events with
+    (tailcalld.h's TC_TAG): its BTF is found by it (events.py).  Never 0: "no tag"."""
+    return int(key[:8], 16) or 1
 
 
 def target_arch() -> str:

@@ -83,6 +83,12 @@ class ObjectError(TailcalldError):
     code = "object_error"
 
 
+class InvalidSetting(TailcalldError):
+    """A --set the handler cannot take: no such global variable (the settable ones are in
+    details["candidates"]), a type --set cannot write, or a value out of its range."""
+    code = "invalid_setting"
+
+
 class CompileTimeout(TailcalldError):
     code = "compile_timeout"
 

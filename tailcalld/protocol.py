@@ -15,10 +15,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
-                      ValidationError, model_validator)
+                      ValidationError, field_validator, model_validator)
 
 from .dialects import MAX_HEADER_NAME, header_name_problem
 from .errors import BadRequest, RequestError, TailcalldError, UnknownCommand
+from .loader_settings import IDENTIFIER, MAX_SETTINGS, MAX_VALUE_CHARS, check_define
 
 RequestId = StrictInt | StrictStr | None
 Slot = Annotated[StrictInt | StrictStr, Field(description="syscall number or name, e.g. 268 or 'fchmodat'")]
@@ -38,6 +39,9 @@ def _header_name(name: str) -> str:
 
 
 HeaderName = Annotated[StrictStr, Field(max_length=MAX_HEADER_NAME), AfterValidator(_header_name)]
+SettingName = Annotated[StrictStr, Field(pattern=f"^{IDENTIFIER.pattern}$", description="a C identifier")]
+# Numbers may come as JSON numbers; each is read as its variable's type (commands: as text).
+SettingValue = Annotated[StrictStr, Field(max_length=MAX_VALUE_CHARS)] | StrictInt
 
 
 class _Request(BaseModel):
@@ -63,6 +67,11 @@ class _HandlerSpec(_Request):
                        Field(max_length=MAX_HEADERS)] | None = Field(
         None, description='local headers the source includes in quotes, by the name it includes them by: '
                           '{"syscount.h": "text", "sub/x.h": "text"}; compiled beside it')
+    variables: Annotated[dict[SettingName, SettingValue], Field(max_length=MAX_SETTINGS)] = Field(
+        default_factory=dict, description="--set: global variables of a libbpf handler (.rodata, .data, .bss), "
+                                          "written before the load; a value is read as its variable's type")
+    defines: Annotated[dict[SettingName, StrictStr], Field(max_length=MAX_SETTINGS)] = Field(
+        default_factory=dict, description="-D: macros for the compile of C source, NAME -> one-line VALUE")
 
     @model_validator(mode="after")
     def _one_of_source_or_object(self) -> _HandlerSpec:
@@ -71,6 +80,13 @@ class _HandlerSpec(_Request):
         if self.headers and self.object is not None:
             raise ValueError("headers go with a source; an object is compiled already")
         return self
+
+    @field_validator("defines")
+    @classmethod
+    def _one_line_defines(cls, defines: dict[str, str]) -> dict[str, str]:
+        for name, value in defines.items():
+            check_define(name, value)
+        return defines
 
 
 HookField = Literal["enter", "exit"]
@@ -162,6 +178,8 @@ class SlotInfo(BaseModel):
     attached_by_uid: int | None = None
     hook: HookField = Field("enter", description=_HOOK_HELP)
     journal: bool = Field(False, description="its events go to the journal too (attach --journal)")
+    variables: dict[str, str] = Field(default_factory=dict, description="the --set it was attached with")
+    defines: dict[str, str] = Field(default_factory=dict, description="the -D it was attached with")
     # Keep these last, in this order: commands.ListCache serialises the rest once per record
     # and writes only these per request.
     state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"] = Field(

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from .compiler import Program
 from .errors import StateUnwritable, TailcalldError
+from .loader_settings import settings
 from .registry import Handler, Registry
 from .state import SlotRecord, StateFile
 
@@ -134,7 +135,8 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
             prog = shared.dup()
         else:
             artifact = replace(registry.store.artifact(record.source_sha256, record.dialect, record.headers),
-                               filename=record.filename)
+                               filename=record.filename, variables=settings(record.variables),
+                               defines=settings(record.defines))
             prog = await registry.kernel.load(artifact, record.function)
     except (TailcalldError, OSError, ValueError) as err:
         if running is None:  # nothing runs there: keep the record, the next start tries again

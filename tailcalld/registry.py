@@ -25,7 +25,7 @@ from .compiler import Program
 from .dialects import tag_of
 from .errors import StateUnwritable
 from .kernel import Kernel
-from .state import SlotRecord, StateFile, StateStore
+from .state import SlotRecord, StateFile, StateStore, record_build_key
 from .syscalls import SyscallTable
 
 logger = logging.getLogger("tailcalld")
@@ -104,11 +104,11 @@ class Registry:
         """The BTF of the handler whose events carry ``tag`` (events.py): the program's own, or
         the one kept with its source (a program adopted from its pin)."""
         for h in self.handlers.values():
-            sha = h.record.source_sha256
-            if sha and tag_of(sha) == tag:
+            key = record_build_key(h.record)
+            if key and tag_of(key) == tag:
                 if h.prog is not None and h.prog.btf:
                     return h.prog.btf
-                return self.store.btf(sha)
+                return self.store.btf(key)
         return None
 
     def journaled(self) -> set[int]:
@@ -155,8 +155,9 @@ class Registry:
         ``already_in_kernel``: the kernel already holds it (adopting what runs); record only.
         Returns the handler it replaced, which the caller closes once it is done with it."""
         assert new is None or already_in_kernel or new.prog is not None, "a handler to apply needs its program"
-        if new is not None and new.prog is not None and new.prog.btf and new.record.source_sha256:
-            self.store.put_btf(new.record.source_sha256, new.prog.btf)  # before the state that needs it
+        key = record_build_key(new.record) if new is not None else None
+        if new is not None and new.prog is not None and new.prog.btf and key:
+            self.store.put_btf(key, new.prog.btf)  # before the state that needs it
         old = self.handlers.get(slot)
         unrestored = self.unrestored.pop(slot, None)
         self._put(slot, new)

@@ -21,6 +21,7 @@ from .compiler import Program
 from .dialects import Artifact, Dialect
 from .errors import SlotEmpty, StateUnwritable, Unloading
 from .kernel import DispatcherInfo, Kernel
+from .loader_settings import settings
 from .misses import Counters, MissMonitor
 from .peers import Peer
 from .registry import Handler, Registry
@@ -184,7 +185,8 @@ class SlotManager:
                 record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
                                     source_sha256=reg.store.put_artifact(artifact), filename=filename,
                                     headers=artifact.header_sha256s, attached_by_uid=peer.uid,
-                                    attached_at=datetime.now(UTC), journal=journal)
+                                    attached_at=datetime.now(UTC), journal=journal,
+                                    variables=dict(artifact.variables), defines=dict(artifact.defines))
                 old = reg.commit(slot, Handler(record, prog, requested_function=function))
             except BaseException:
                 prog.close()
@@ -203,11 +205,13 @@ class SlotManager:
 
     def _already_loaded(self, artifact: Artifact, function: str | None) -> Program | None:
         """The program another slot (or this one) already runs for the same handler, with an fd
-        of its own: a warm attach needs no compile and no load."""
+        of its own: a warm attach needs no compile and no load.  The same handler is the same
+        file, dialect, function and loader settings (--set, -D)."""
         for h in self.registry.handlers.values():
             r = h.record
             if (h.prog is not None and r.source_sha256 == artifact.sha256 and r.dialect == artifact.dialect
-                    and h.requested_function == function):
+                    and h.requested_function == function and settings(r.variables) == artifact.variables
+                    and settings(r.defines) == artifact.defines):
                 return h.prog.dup()
         return None
 

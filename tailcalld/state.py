@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .dialects import Artifact, Dialect
+from .dialects import Artifact, Dialect, build_key
 from .errors import StateUnwritable
 from .paths import TrustedDir, open_trusted_dir
 
@@ -48,6 +48,14 @@ class SlotRecord(BaseModel):
     journal: bool = False  # its events go to the journal too (attach --journal)
     # The source's local headers: name as the source includes it -> the sha256 of its text.
     headers: dict[str, str] = {}
+    # The loader's settings it was attached with (--set, -D), reapplied when it is rebuilt.
+    variables: dict[str, str] = {}
+    defines: dict[str, str] = {}
+
+
+def record_build_key(record: SlotRecord) -> str | None:
+    """dialects.build_key of the handler a record names: what its kept BTF is named by."""
+    return build_key(record.source_sha256, record.defines) if record.source_sha256 else None
 
 
 class StateFile(BaseModel):
@@ -249,7 +257,7 @@ class StateStore:
         held folder (unlinkat never follows a link, it removes the link itself)."""
         _, sources_fd = self._fds
         wanted = {self._artifact_name(r.source_sha256, r.dialect) for r in state.records() if r.source_sha256}
-        wanted |= {f"{r.source_sha256}.btf" for r in state.records() if r.source_sha256}
+        wanted |= {f"{record_build_key(r)}.btf" for r in state.records() if r.source_sha256}
         wanted |= {f"{sha}.h" for r in state.records() for sha in r.headers.values()}
         for name in os.listdir(sources_fd):
             if _ARTIFACT_NAME.fullmatch(name) and name not in wanted:
