@@ -172,11 +172,11 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
                                peer, request.fresh, request.hook, request.journal)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
-                                replaced_prog_id=a.replaced_prog_id, log=a.log)
+                                replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings))
         case CheckRequest():
             c = await m.check(artifact_of(request, settings), request.function)
             return CheckResult(function=c.function, dialect=c.dialect, prog_type="raw_tracepoint", insns=c.insns,
-                               log=c.log)
+                               log=c.log, warnings=list(c.warnings))
         case DetachRequest():
             d = await m.detach(request.slot, peer, request.hook)
             return DetachResult(slot=m.syscalls.split(d.slot)[0], hook=request.hook, syscall=d.syscall,

@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import bpfsys, children, confine, dialects
+from . import bpfsys, children, confine, dialects, headers
 from .bpf_object import object_name
 from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
@@ -113,13 +113,15 @@ class Program:
     while any fd or map slot refers to it, so whoever owns a Program closes it exactly once
     (closing twice is a no-op: a recycled fd number must never be closed by mistake)."""
 
-    def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "", btf: bytes | None = None) -> None:
+    def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "", btf: bytes | None = None,
+                 warnings: tuple[str, ...] = ()) -> None:
         self._fd: int | None = fd
         self.id = id
         self.function = function
         self.insns = insns
         self.log = log  # what the compiler and loader said on the way (warnings)
         self.btf = btf  # the handler's own BTF (libbpf): how its TC_EMIT structs are decoded
+        self.warnings = warnings  # tailcalld's own about the handler (headers.header_warning)
 
     @property
     def fd(self) -> int:
@@ -133,7 +135,7 @@ class Program:
 
     def dup(self) -> Program:
         """Another owner of the same program (a warm attach: no compile, no load)."""
-        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log, self.btf)
+        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log, self.btf, self.warnings)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -224,7 +226,8 @@ class Compiler:
             os.close(fd)
             raise
         btf = base64.b64decode(result["btf_b64"]) if result.get("btf_b64") else None
-        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf)
+        warnings = _warnings(source, filename) if dialect == "bcc" and source is not None else ()
+        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings)
 
     async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
         tag = artifact.tag
@@ -329,6 +332,16 @@ def _read_result(work_dir: Path) -> dict[str, Any] | None:
 def _local_names(output: str, work_dir: Path) -> str:
     """Local headers as the source includes them (``syscount.h``), not by the compile folder's path."""
     return output.replace(f"{work_dir / HEADERS_DIR}/", "")
+
+
+def _warnings(source: str, filename: str | None) -> tuple[str, ...]:
+    """tailcalld's own warnings about a bcc handler just loaded, also written to the journal:
+    the reply may go to a script that never shows them."""
+    warning = headers.header_warning(source, filename)
+    if warning is None:
+        return ()
+    logger.warning("%s", warning, extra={"TAILCALLD_WARNING": "kernel_headers"})
+    return (warning,)
 
 
 def _unsaid(work_dir: Path) -> str:

@@ -198,9 +198,16 @@ def timing_request(args: argparse.Namespace) -> dict[str, Any]:
 # Result printers: each takes its verb's result model, so a field renamed in protocol.py is a
 # mypy error here rather than a KeyError in front of the user.
 
+def _warn(warnings: list[str], args: argparse.Namespace) -> None:
+    """tailcalld's own warnings about the handler, after the compiler's, on stderr."""
+    for warning in [] if args.quiet else warnings:
+        print(printable(f"warning: {warning}"), file=sys.stderr)
+
+
 def show_check(r: CheckResult, args: argparse.Namespace) -> None:
     if r.log.strip() and not args.quiet:
         print(printable_block(r.log.rstrip("\n")), file=sys.stderr)
+    _warn(r.warnings, args)
     print(printable(f"{r.function} ({r.dialect}) verified: {r.prog_type} program, {r.insns} instructions"))
 
 
@@ -211,6 +218,7 @@ def _where(syscall: str, slot: int, hook: str) -> str:
 def show_attach(r: AttachResult, args: argparse.Namespace) -> None:
     if r.log.strip() and not args.quiet:  # warnings, as clang prints them: on stderr
         print(printable_block(r.log.rstrip("\n")), file=sys.stderr)
+    _warn(r.warnings, args)
     where = _where(r.syscall, r.slot, r.hook)
     if r.replaced_prog_id is not None:
         print(printable(f"replaced program {r.replaced_prog_id} in {where} with {r.function}: "

@@ -251,6 +251,8 @@ class AttachResult(BaseModel):
     replaced_prog_id: int | None
     hook: HookField = "enter"
     log: str = Field("", description="the compiler's warnings and the loader's messages, if any")
+    warnings: list[str] = Field(default_factory=list, description="tailcalld's own warnings about the handler "
+                                                                  "(kernel headers that do not match the kernel)")
 
 
 class CheckResult(BaseModel):
@@ -259,6 +261,7 @@ class CheckResult(BaseModel):
     prog_type: str
     insns: int = Field(description="instructions of the verified program, as the kernel translated it")
     log: str = Field("", description="compiler and loader warnings")
+    warnings: list[str] = Field(default_factory=list, description="tailcalld's own warnings about the handler")
 
 
 class DetachResult(BaseModel):

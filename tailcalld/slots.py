@@ -40,6 +40,7 @@ class Attached:
     insns: int
     replaced_prog_id: int | None
     log: str = ""  # the compiler's warnings and the loader's messages (the user's file named)
+    warnings: tuple[str, ...] = ()  # tailcalld's own (headers that do not match the kernel)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Checked:
     dialect: Dialect
     insns: int
     log: str
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,8 @@ class SlotManager:
         self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
                     f"{prog.function} ({artifact.dialect}) in slot {reg.label(slot)}: program {prog.id}"
                     + (f", was {replaced}" if replaced is not None else ""))
-        return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced, prog.log)
+        return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced, prog.log,
+                        prog.warnings)
 
     def _already_loaded(self, artifact: Artifact, function: str | None) -> Program | None:
         """The program another slot (or this one) already runs for the same handler, with an fd
@@ -220,7 +223,7 @@ class SlotManager:
         prog = await self.kernel.load(artifact, function)
         prog.close()
         self.registry.release_unused_pins(artifact.sha256)
-        return Checked(prog.function, artifact.dialect, prog.insns, prog.log)
+        return Checked(prog.function, artifact.dialect, prog.insns, prog.log, prog.warnings)
 
     async def detach(self, slot_spec: int | str, peer: Peer, hook: Hook = "enter") -> Detached:
         slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
