@@ -36,9 +36,9 @@ from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY
 from .config import LiveSettings
 from .diagnostics import name_the_file
 from .dialects import Artifact, Dialect
-from .loader_settings import Settings, define_flags
 from .errors import (BadRequest, CompileError, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude,
                      StateUnwritable, TailcalldError, error_class)
+from .loader_settings import Settings, define_flags
 
 logger = logging.getLogger("tailcalld")
 
