@@ -13,6 +13,7 @@ import pytest
 from tailcalld import ctl
 from tailcalld.bpf_object import object_name
 from tailcalld.commands import artifact_of
+from tailcalld.config import Settings
 from tailcalld.errors import BadRequest, InvalidSetting, RequestError
 from tailcalld.loader_settings import GlobalVar, VarType, check_define, define_flags, encode, settings, unknown
 from tailcalld.protocol import AttachRequest, ListResult, SlotInfo, parse_request
@@ -115,12 +116,12 @@ LIBBPF = 'SEC("raw_tp/x") int h(void *ctx) { return 0; }'
 
 
 def test_wire_fields_become_the_artifact() -> None:
-    artifact = artifact_of(_request(source=LIBBPF, variables={"pid": 42, "comm": "sh"}, defines={"D": "1"}), 1 << 20)
+    artifact = artifact_of(_request(source=LIBBPF, variables={"pid": 42, "comm": "sh"}, defines={"D": "1"}), Settings())
     assert artifact.variables == (("comm", "sh"), ("pid", "42")) and artifact.defines == (("D", "1"),)
     with pytest.raises(BadRequest, match="-D NAME=VALUE"):
-        artifact_of(_request(source="int h(void *ctx) { return 0; }", variables={"pid": 1}), 1 << 20)
+        artifact_of(_request(source="int h(void *ctx) { return 0; }", variables={"pid": 1}), Settings())
     with pytest.raises(BadRequest, match="not compiled"):
-        artifact_of(_request(object="f0VMRg==", defines={"D": "1"}), 1 << 20)
+        artifact_of(_request(object="f0VMRg==", defines={"D": "1"}), Settings())
 
 
 @pytest.mark.parametrize("fields", [
