@@ -15,7 +15,8 @@ run: setup
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: setup
+bench:
+	@bash scripts/setup.sh bench
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
 clean:

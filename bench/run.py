@@ -1,6 +1,6 @@
 """tailcalld benchmark driver: ``make bench``, ``.venv/bin/python -m bench.run [--quick]``.
 
-Prints three tables on stdout (per-syscall cost, control plane, memory) and progress on
+Prints its tables on stdout (per-syscall cost, control plane, memory, event throughput) and progress on
 stderr; ``--json PATH`` also writes every number.  Needs root, bpffs and the venv's python
 (it imports bcc and tailcalld).  Whatever happens, every pin it made is removed on the way out.
 """
@@ -26,7 +26,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `tailcalld` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import control_plane, syscall_cost  # noqa: E402
+from bench import control_plane, events_throughput, syscall_cost  # noqa: E402
 from bench.control_plane import ControlResults, ControlSize  # noqa: E402
 from bench.syscall_cost import LoopSize, Row, Sample  # noqa: E402
 from bench.util import PinDirs, format_table  # noqa: E402
@@ -38,14 +38,15 @@ class Plan:
     rounds: int
     loop: LoopSize
     control: ControlSize
+    events_calls: int = 1_000_000  # getppid calls of the event-throughput loop, one event each
 
 
 FULL = Plan(7, LoopSize(calls=300_000, runs=10),
             ControlSize(attaches=30, lists=2000, clients=50, lists_per_client=100, seconds=2.0,
-                        handlers=50, swaps=2000))
+                        handlers=50, swaps=2000), 1_000_000)
 QUICK = Plan(1, LoopSize(calls=20_000, runs=2),
              ControlSize(attaches=2, lists=20, clients=50, lists_per_client=2, seconds=0.2,
-                         handlers=3, swaps=20))
+                         handlers=3, swaps=20), 20_000)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help=f"interleaved rounds of the per-syscall part (default {FULL.rounds})")
     p.add_argument("--calls", type=int, help=f"getppid calls per run (default {FULL.loop.calls})")
     p.add_argument("--runs", type=int, help=f"runs per configuration per round (default {FULL.loop.runs})")
-    p.add_argument("--only", choices=("syscall", "control"), help="run one part only")
+    p.add_argument("--only", choices=("syscall", "control", "events"), help="run one part only")
     p.add_argument("--json", type=Path, help="also write every number to this file")
     return p.parse_args(argv)
 
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def plan_from(args: argparse.Namespace) -> Plan:
     base = QUICK if args.quick else FULL
     loop = LoopSize(args.calls or base.loop.calls, args.runs or base.loop.runs)
-    return Plan(args.rounds or base.rounds, loop, base.control)
+    return Plan(args.rounds or base.rounds, loop, base.control, base.events_calls)
 
 
 def source_version() -> str:
@@ -139,7 +140,7 @@ def run_syscall_part(plan: Plan, pins: PinDirs, loop: asyncio.AbstractEventLoop,
 
 
 def report(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: list[Sample] | None,
-           control: ControlResults | None) -> str:
+           control: ControlResults | None, events: list[events_throughput.ThroughputRow] | None = None) -> str:
     out = [f"tailcalld benchmark, {info['date']}: {info['model']}, {info['cpus']} CPUs, kernel {info['kernel']}",
            f"tailcalld: {info['tailcalld']}", f"command: {' '.join(sys.argv)}", ""]
     if rows is not None:
@@ -151,6 +152,11 @@ def report(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: li
         out += [f"CHECK {r.label}: {p}" for r in rows for p in r.problems]
     if control is not None:
         out += ["Control plane (a real tailcalld over its socket) and memory", control_tables(control), ""]
+    if events is not None:
+        out += [f"Event throughput: one event per getppid(2) of a {plan.events_calls}-call loop (plus its warm-up "
+                "tenth), each tracer reading in user space; delivered/s = delivered / (loop start -> reader done); "
+                "'slowest list ms': tailcalld's `list` from another connection while events flowed.",
+                events_throughput.table(events), ""]
     return "\n".join(out)
 
 
@@ -168,26 +174,32 @@ def main(argv: list[str] | None = None) -> int:
     pins = PinDirs()
     loop = asyncio.new_event_loop()
     rows = samples = control = None
+    events: list[events_throughput.ThroughputRow] | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="tailcalld-bench-") as tmp:
             if args.only in (None, "syscall"):
                 rows, samples = run_syscall_part(plan, pins, loop, Path(tmp))
             if args.only in (None, "control"):
                 control = control_plane.measure(pins, Path(tmp), loop, plan.control, log)
+            if args.only in (None, "events"):
+                events = events_throughput.measure(pins, plan.events_calls, log, Path(tmp))
     finally:
         left = pins.sweep()
         loop.close()
         if left:
             log(f"removed pins left by an interrupted step: {', '.join(left)}")
-    print(report(plan, info, rows, samples, control), flush=True)
+    print(report(plan, info, rows, samples, control, events), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(_as_json(plan, info, rows, samples, control, pins), indent=1, default=str))
+        args.json.write_text(json.dumps(_as_json(plan, info, rows, samples, control, pins, events), indent=1,
+                                        default=str))
     return 0
 
 
 def _as_json(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: list[Sample] | None,
-             control: ControlResults | None, pins: PinDirs) -> dict[str, Any]:
+             control: ControlResults | None, pins: PinDirs,
+             events: list[events_throughput.ThroughputRow] | None = None) -> dict[str, Any]:
     return {"machine": info, "command": sys.argv, "plan": asdict(plan),
+            "events_rows": [asdict(r) for r in events or []],
             "syscall_rows": [asdict(r) for r in rows or []], "samples": [asdict(s) for s in samples or []],
             "control": asdict(control) if control else None,
             "pin_dirs": [str(p) for p in pins.made],

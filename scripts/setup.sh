@@ -20,6 +20,8 @@ warn() { echo "setup: WARNING: $*" >&2; }
 PKGS=(python3-venv python3-dev python3-bpfcc gcc pkg-config libsystemd-dev bpftool clang libbpf-dev systemd dbus procps)
 # gcc-multilib: the tests run real 32-bit (ia32) programs against the dispatcher's compat table.
 [ "$(dpkg --print-architecture)" = amd64 ] && PKGS+=(gcc-multilib)
+# bpftrace: only the benchmark compares with it (`make bench` runs `setup.sh bench`).
+[ "${1:-}" = bench ] && PKGS+=(bpftrace)
 
 missing_pkgs() {
   local p

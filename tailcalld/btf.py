@@ -9,7 +9,9 @@ address, as an integer.  Format: the kernel's Documentation/bpf/btf.rst.
 
 from __future__ import annotations
 
+import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,3 +160,106 @@ class BtfTypes:
             if v == value:
                 return self._name(name_off)
         return value
+
+
+Encoder = Callable[[bytes, int], bytes]  # (the event's bytes, where the value starts) -> JSON text
+_INT_FORMATS = {(1, False): "B", (1, True): "b", (2, False): "H", (2, True): "h", (4, False): "I", (4, True): "i",
+                (8, False): "Q", (8, True): "q"}
+
+
+class JsonEncoders:
+    """Each type's value straight to JSON text, by a function made once per type: the event
+    channel's hot path (``decode`` and json.dumps would cost several microseconds an event).
+    The text is what ``json.dumps(types.decode(type_id, data))`` gives, less the spaces.  A
+    struct of plain integers (the usual event) is one struct.unpack into one %-template."""
+
+    def __init__(self, types: BtfTypes) -> None:
+        self._types = types
+        self._made: dict[int, Encoder] = {}
+
+    def encode(self, type_id: int, data: bytes) -> bytes:
+        found = self._made.get(type_id)
+        if found is None:
+            found = self._made[type_id] = self._make(type_id, 0)
+        return found(data, 0)
+
+    def _make(self, type_id: int, depth: int) -> Encoder:
+        types = self._types
+        type_id, t = types._resolve(type_id)
+        if depth > MAX_DEPTH:
+            return lambda data, at: json.dumps(data[at:at + 8].hex()).encode()
+        if t.kind == INT and (fmt := self._int_format(t)) is not None:
+            unpack = struct.Struct("<" + fmt).unpack_from
+            return lambda data, at: b"%d" % unpack(data, at)[0]
+        if t.kind == PTR:
+            return lambda data, at: b"%d" % int.from_bytes(data[at:at + 8], "little")
+        if t.kind == ARRAY:
+            return self._array(t, depth)
+        if t.kind in (STRUCT, UNION):
+            return self._plain_struct(t) or self._struct(t, depth)
+        # bool, enums, floats, odd integers and the rare rest: the general decoder
+        return lambda data, at: json.dumps(types._decode(type_id, data[at:], depth), separators=(",", ":")).encode()
+
+    @staticmethod
+    def _int_format(t: _Type) -> str | None:
+        """The struct format of a plain integer (all its bits, not a bool); None otherwise."""
+        (encoding_word,) = struct.unpack_from("<I", t.extra)
+        encoding, bits = encoding_word >> 24, encoding_word & 0xFF
+        if encoding & 4 or bits != t.size_or_type * 8:
+            return None
+        return _INT_FORMATS.get((t.size_or_type, bool(encoding & 1)))
+
+    def _members(self, t: _Type) -> list[tuple[str, int, int, int]]:
+        """(name, member type, bit offset, bit size) of each member of a struct or union."""
+        members = []
+        for i in range(len(t.extra) // 12):
+            name_off, member_type, offset = struct.unpack_from("<III", t.extra, i * 12)
+            bit_size, bit_offset = (offset >> 24, offset & 0xFFFFFF) if t.kind_flag else (0, offset)
+            members.append((self._types._name(name_off) or f"_{i}", member_type, bit_offset, bit_size))
+        return members
+
+    def _plain_struct(self, t: _Type) -> Encoder | None:
+        """A struct whose members are all plain integers, in order: one unpack, one template."""
+        if t.kind != STRUCT:
+            return None
+        fmt, keys, at = "<", [], 0
+        for name, member_type, bit_offset, bit_size in self._members(t):
+            _, m = self._types._resolve(member_type)
+            code = self._int_format(m) if m.kind == INT and not bit_size and bit_offset % 8 == 0 else None
+            if code is None or bit_offset // 8 < at:
+                return None
+            fmt += "x" * (bit_offset // 8 - at) + code
+            at = bit_offset // 8 + m.size_or_type
+            keys.append(json.dumps(name) + ":%d")
+        unpack = struct.Struct(fmt).unpack_from
+        template = ("{" + ",".join(keys) + "}").encode()
+        return lambda data, at: template % unpack(data, at)
+
+    def _array(self, t: _Type, depth: int) -> Encoder:
+        elem, _index, count = struct.unpack_from("<III", t.extra)
+        _, elem_type = self._types._resolve(elem)
+        if elem_type.kind == INT and elem_type.size_or_type == 1 and elem_type.name in ("char", "signed char",
+                                                                                       "unsigned char"):
+            return lambda data, at: json.dumps(data[at:at + count].split(b"\0", 1)[0].decode(errors="replace")).encode()
+        width = self._types.size(elem)
+        one = self._make(elem, depth + 1)
+        count = min(count, 4096)
+        return lambda data, at: b"[" + b",".join(one(data, at + i * width) for i in range(count)) + b"]"
+
+    def _struct(self, t: _Type, depth: int) -> Encoder:
+        parts: list[tuple[bytes, int, int, Encoder | None]] = []  # key, bit offset, bit size, encoder
+        for name, member_type, bit_offset, bit_size in self._members(t):
+            key = json.dumps(name).encode() + b":"
+            parts.append((key, bit_offset, bit_size, None if bit_size else self._make(member_type, depth + 1)))
+
+        def encode(data: bytes, at: int) -> bytes:
+            out = []
+            for key, bit_offset, bit_size, member in parts:
+                if member is None:
+                    start = at + bit_offset // 8
+                    word = int.from_bytes(data[start:start + 8].ljust(8, b"\0"), "little")
+                    out.append(key + b"%d" % ((word >> (bit_offset % 8)) & ((1 << bit_size) - 1)))
+                else:
+                    out.append(key + member(data, at + bit_offset // 8))
+            return b"{" + b",".join(out) + b"}"
+        return encode

@@ -68,9 +68,14 @@ class Client:
         self._sock.settimeout(timeout)
 
     def stream(self) -> Iterator[dict[str, Any]]:
-        """The lines that follow a reply (``events`` with follow), until the daemon closes."""
+        """The lines that follow a reply (``events`` with follow), each parsed, until the daemon closes."""
         while line := self._file.readline():
             yield json.loads(line)
+
+    def chunks(self) -> Iterator[bytes]:
+        """The same, as the bytes arrive (whole lines or not): for passing them on unparsed."""
+        while chunk := self._file.read1(1 << 20):
+            yield chunk
 
     def call(self, command: str, **fields: Any) -> dict[str, Any]:
         """Send one request; return its result or raise RemoteError."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bpfsys
-from .btf import BtfError, BtfTypes
+from .btf import BtfError, BtfTypes, JsonEncoders
 from .errors import PinConflict
 from .ringbuf import BPF_MAP_TYPE_RINGBUF, RingReader
 
@@ -42,70 +42,48 @@ EVENT_MESSAGE_ID = "8c2e0f7a4b3d4e5f9a1b2c3d4e5f6a70"  # journal entries of hand
 # struct tc_event_header in tailcalld.h: time, slot, tag, pid, tid, uid, kind, flags, type id, size, comm
 EVENT_HEADER = struct.Struct("<QIIIIIHHII16s")
 KIND_TEXT, KIND_STRUCT = 1, 2
-BATCH = 4096  # records handled per turn of the event loop before the socket gets its turn
+BATCH = 1024  # records handled per turn of the event loop before the socket gets its turn
 COUNT_FIELDS = 2  # struct tc_event_counts: emitted, lost
 
 
-@dataclass(frozen=True)
-class Event:
-    time_ns: int  # wall clock
-    slot: int  # slot key
-    pid: int
-    tid: int
-    uid: int
-    comm: str
-    compat: bool
-    message: str | None  # TC_PRINTF
-    fields: Any  # TC_EMIT: the struct decoded; hex bytes when its type is not known
-
-    def wire(self, label: Callable[[int], tuple[int, str, str]]) -> dict[str, Any]:
-        nr, syscall, hook = label(self.slot)
-        # Every field, always (protocol.EventRecord): the reply's backlog and the stream read alike.
-        return {"time_ns": self.time_ns, "slot": nr, "hook": hook, "syscall": syscall, "pid": self.pid,
-                "tid": self.tid, "uid": self.uid, "comm": self.comm, "compat": self.compat, "message": self.message,
-                "fields": self.fields}
+# One event on the wire (protocol.EventRecord), written with %: json.dumps of a dict per event
+# would cost more than all the rest of its handling.
+_LINE = b'{"time_ns":%d,%s,"pid":%d,"tid":%d,"uid":%d,"comm":%s,"compat":%s,"message":%s,"fields":%s}\n'
+_BOOL = (b"false", b"true")
+HEADER_SIZE = EVENT_HEADER.size
 
 
 class Decoder:
-    """Structs decoded by the BTF of the handler that sent them, found by its tag."""
+    """Structs encoded by the BTF of the handler that sent them, found by its tag."""
 
     def __init__(self, btf_of: Callable[[int], bytes | None]) -> None:
         self._btf_of = btf_of  # tag -> the handler's raw BTF (None: a bcc handler, or unknown)
-        self._types: dict[int, BtfTypes | None] = {}
+        self._types: dict[int, JsonEncoders | None] = {}
 
     def forget(self) -> None:
         self._types.clear()
 
-    def decode(self, tag: int, type_id: int, data: bytes) -> Any:
-        types = self._types.get(tag, ...)
-        if types is ...:
-            raw = self._btf_of(tag)
-            try:
-                types = BtfTypes(raw) if raw else None
-            except BtfError as err:
-                logger.warning("the BTF of the handler with tag %08x is unreadable (%s): its events show as bytes",
-                               tag, err)
-                types = None
-            self._types[tag] = types
-        if types is None or type_id == 0:
-            return {"bytes": data.hex()}
+    def _encoders(self, tag: int) -> JsonEncoders | None:
+        if tag in self._types:
+            return self._types[tag]
+        raw = self._btf_of(tag)
         try:
-            return types.decode(type_id, data)
-        except (BtfError, struct.error, IndexError):
-            return {"bytes": data.hex()}
+            found = JsonEncoders(BtfTypes(raw)) if raw else None
+        except BtfError as err:
+            logger.warning("the BTF of the handler with tag %08x is unreadable (%s): its events show as bytes", tag, err)
+            found = None
+        self._types[tag] = found
+        return found
 
-
-def parse(record: bytes, decoder: Decoder, clock_offset: int) -> Event | None:
-    if len(record) < EVENT_HEADER.size:
-        return None
-    time_ns, slot, tag, pid, tid, uid, kind, flags, type_id, size, comm = EVENT_HEADER.unpack_from(record)
-    payload = record[EVENT_HEADER.size:EVENT_HEADER.size + size]
-    name = comm.split(b"\0", 1)[0].decode(errors="replace")
-    if kind == KIND_TEXT:
-        return Event(time_ns + clock_offset, slot, pid, tid, uid, name, bool(flags & 1),
-                     payload.split(b"\0", 1)[0].decode(errors="replace"), None)
-    return Event(time_ns + clock_offset, slot, pid, tid, uid, name, bool(flags & 1), None,
-                 decoder.decode(tag, type_id, payload))
+    def json(self, tag: int, type_id: int, data: bytes) -> bytes:
+        """The struct as JSON text; ``{"bytes": hex}`` when its type is not known (bcc)."""
+        encoders = self._encoders(tag) if type_id else None
+        if encoders is not None:
+            try:
+                return encoders.encode(type_id, data)
+            except (BtfError, struct.error, IndexError):
+                pass  # cut short, or a type this BTF does not have: shown as bytes
+        return b'{"bytes":"%s"}' % data.hex().encode()
 
 
 def monotonic_to_wall() -> int:
@@ -228,13 +206,16 @@ class EventHub:
         self._backlog_size = backlog
         self._client_bytes = client_bytes
         self._subscribers: set[Subscriber] = set()
-        self._backlog: deque[dict[str, Any]] = deque(maxlen=backlog())
+        self._backlog: deque[tuple[int, bytes]] = deque(maxlen=backlog())  # (slot key, its JSON line)
+        self._slot_text: dict[int, bytes] = {}  # slot key -> its part of an event's JSON
+        self._comm_text: dict[bytes, bytes] = {}  # comm as the kernel gives it -> its JSON
         self.delivered: dict[int, int] = {}  # per slot key: read from the ring by this daemon
         self._buckets: dict[int, tuple[float, float]] = {}  # slot key -> (tokens, last refill)
         self.suppressed: dict[int, int] = {}  # journal entries not written, since the last notice
         self._clock_offset = monotonic_to_wall()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        self.paused = asyncio.Event()  # set while the ring is not read: every follower is full
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -243,15 +224,37 @@ class EventHub:
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self.maps.events_fd)
+            if not self.paused.is_set():
+                self._loop.remove_reader(self.maps.events_fd)
             self._loop = None
         self._ring.close()
 
     def _readable(self) -> None:
         self._scheduled = False
-        if self.drain(BATCH) == BATCH and self._loop is not None and not self._scheduled:
+        if self.paused.is_set():
+            return
+        if self.drain(BATCH) == BATCH and self._loop is not None and not self._scheduled and not self.paused.is_set():
             # More is waiting: read it on the next turn, after the control socket had its own.
             self._scheduled = True
+            self._loop.call_soon(self._readable)
+
+    def _pause_if_nobody_has_room(self, journal: set[int]) -> None:
+        """Stop reading the ring while every follower has events_client_bytes unread and no slot
+        writes to the journal: the ring holds the events meanwhile (compactly; what it cannot
+        hold the kernel counts as lost), instead of the daemon reading them only to drop them.
+        A follower with room, or a --journal slot, keeps the reading going."""
+        if not self._subscribers or journal or self._loop is None:
+            return
+        limit = self._client_bytes()
+        if all(sub.buffered() > limit for sub in self._subscribers):
+            self._loop.remove_reader(self.maps.events_fd)
+            self.paused.set()
+
+    def resume(self) -> None:
+        """A follower has room again (its socket drained below half its limit): read on."""
+        if self.paused.is_set() and self._loop is not None:
+            self.paused.clear()
+            self._loop.add_reader(self.maps.events_fd, self._readable)
             self._loop.call_soon(self._readable)
 
     def drain(self, limit: int) -> int:
@@ -262,44 +265,65 @@ class EventHub:
         if self._backlog.maxlen != self._backlog_size():  # events_backlog was reloaded
             self._backlog = deque(self._backlog, maxlen=self._backlog_size())
         journal = self._journal_slots()
-        by_subscriber: dict[int, list[dict[str, Any]]] = {}
-        subscribers = list(self._subscribers)
+        outs: list[tuple[Subscriber, frozenset[int] | None, list[bytes]]] = [
+            (sub, sub.slots, []) for sub in self._subscribers]
+        delivered, backlog, unpack, offset = self.delivered, self._backlog, EVENT_HEADER.unpack_from, self._clock_offset
         for record in records:
-            event = parse(record, self._decoder, self._clock_offset)
-            if event is None:
-                continue
-            self.delivered[event.slot] = self.delivered.get(event.slot, 0) + 1
-            wire = event.wire(self._label)
-            self._backlog.append(wire)
-            for i, sub in enumerate(subscribers):
-                if sub.wants(event.slot):
-                    by_subscriber.setdefault(i, []).append(wire)
-            if event.slot in journal:
-                self._to_journal(event, wire)
-        for i, wires in by_subscriber.items():
-            self._send(subscribers[i], wires)
+            try:
+                time_ns, slot, tag, pid, tid, uid, kind, flags, type_id, size, comm = unpack(record)
+            except struct.error:
+                continue  # shorter than a header: not a tailcalld.h event
+            payload = record[HEADER_SIZE:HEADER_SIZE + size]
+            if kind == KIND_TEXT:
+                message, fields = json.dumps(payload.split(b"\0", 1)[0].decode(errors="replace")).encode(), b"null"
+            else:
+                message, fields = b"null", self._decoder.json(tag, type_id, payload)
+            line = _LINE % (time_ns + offset, self._slot_json(slot), pid, tid, uid, self._comm_json(comm),
+                            _BOOL[flags & 1], message, fields)
+            delivered[slot] = delivered.get(slot, 0) + 1
+            backlog.append((slot, line))
+            for _sub, slots, lines in outs:
+                if slots is None or slot in slots:
+                    lines.append(line)
+            if slot in journal:
+                self._to_journal(slot, line)
+        for sub, _slots, lines in outs:
+            if lines:
+                self._send(sub, lines)
+        self._pause_if_nobody_has_room(journal)
         return len(records)
 
-    def _send(self, sub: Subscriber, wires: list[dict[str, Any]]) -> None:
+    def _slot_json(self, key: int) -> bytes:
+        found = self._slot_text.get(key)
+        if found is None:
+            nr, syscall, hook = self._label(key)
+            found = self._slot_text[key] = b'"slot":%d,"hook":"%s","syscall":%s' % (nr, hook.encode(),
+                                                                                    json.dumps(syscall).encode())
+        return found
+
+    def _comm_json(self, comm: bytes) -> bytes:
+        found = self._comm_text.get(comm)
+        if found is None:
+            if len(self._comm_text) > 4096:  # a bound: every process of the host could pass by
+                self._comm_text.clear()
+            found = self._comm_text[comm] = json.dumps(comm.split(b"\0", 1)[0].decode(errors="replace")).encode()
+        return found
+
+    def _send(self, sub: Subscriber, lines: list[bytes]) -> None:
         if sub.buffered() > self._client_bytes():
-            sub.dropped += len(wires)
-            sub.dropped_total += len(wires)
+            sub.dropped += len(lines)
+            sub.dropped_total += len(lines)
             return
-        lines = []
         if sub.dropped:
-            lines.append(_dropped(sub.dropped))
+            lines.insert(0, _dropped(sub.dropped))
             sub.dropped = 0
-        lines.append(_json({"events": wires}))
-        sub.received += len(wires)
+        sub.received += len(lines)
         sub.write(b"".join(lines))
 
-    def backlog(self, slots: frozenset[int] | None, last: int | None) -> list[dict[str, Any]]:
-        chosen = [w for w in self._backlog if slots is None or self._key(w) in slots]
+    def backlog(self, slots: frozenset[int] | None, last: int | None) -> list[bytes]:
+        """The latest events kept (each one JSON line), oldest first."""
+        chosen = [line for slot, line in self._backlog if slots is None or slot in slots]
         return chosen[max(0, len(chosen) - last):] if last is not None else chosen
-
-    def _key(self, wire: dict[str, Any]) -> int:
-        nr, hook = wire["slot"], wire["hook"]
-        return nr if hook == "enter" else nr + self.maps.nr_keys // 2
 
     def stats(self) -> EventStats:
         emitted, lost = self.maps.totals()
@@ -319,6 +343,7 @@ class EventHub:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
+        self.resume()  # the rest may have room (or nobody is left to wait for)
 
     def tell_losses(self) -> None:
         """Tell each subscriber what it missed since it last heard: events dropped for it (when
@@ -342,25 +367,28 @@ class EventHub:
                                      "reason": "the ring buffer was full (events_buffer_bytes)"}))
                 sub.lost_seen[key] = total
 
-    def _to_journal(self, event: Event, wire: dict[str, Any]) -> None:
+    def _to_journal(self, slot: int, line: bytes) -> None:
         now = time.monotonic()
         rate = self._journal_rate()
-        tokens, last = self._buckets.get(event.slot, (rate, now))
+        tokens, last = self._buckets.get(slot, (rate, now))
         tokens = min(rate, tokens + (now - last) * rate)
         if tokens < 1:
-            self._buckets[event.slot] = (tokens, now)
-            self.suppressed[event.slot] = self.suppressed.get(event.slot, 0) + 1
+            self._buckets[slot] = (tokens, now)
+            self.suppressed[slot] = self.suppressed.get(slot, 0) + 1
             return
-        self._buckets[event.slot] = (tokens - 1, now)
-        fields: dict[str, Any] = {"MESSAGE_ID": EVENT_MESSAGE_ID, "SYSCALL_NR": wire["slot"],
-                                  "SYSCALL_NAME": wire["syscall"], "SLOT": _slot_label(wire), "PID": event.pid,
-                                  "TID": event.tid, "UID": event.uid, "COMM": event.comm}
-        if event.message is not None:
-            text = event.message
+        self._buckets[slot] = (tokens - 1, now)
+        event = json.loads(line)  # rate-limited: this slow way is taken a few times a second at most
+        label = _slot_label(event)
+        fields: dict[str, Any] = {"MESSAGE_ID": EVENT_MESSAGE_ID, "SYSCALL_NR": event["slot"],
+                                  "SYSCALL_NAME": event["syscall"], "SLOT": label, "PID": event["pid"],
+                                  "TID": event["tid"], "UID": event["uid"], "COMM": event["comm"]}
+        if event["message"] is not None:
+            text = event["message"]
         else:
-            text = " ".join(f"{k}={v}" for k, v in _flat(event.fields))
-            fields |= {f"EVENT_{k.upper()}": v for k, v in _flat(event.fields)}
-        logger.info("%s[%d] %s: %s", event.comm, event.pid, _slot_label(wire), text, extra=fields)
+            flat = list(_flat(event["fields"]))
+            text = " ".join(f"{k}={v}" for k, v in flat)
+            fields |= {f"EVENT_{k.upper()}": v for k, v in flat}
+        logger.info("%s[%d] %s: %s", event["comm"], event["pid"], label, text, extra=fields)
 
     def log_suppressed(self) -> None:
         for key, count in self.suppressed.items():

@@ -53,33 +53,51 @@ def notice(message: dict[str, Any]) -> str | None:
     return None
 
 
+NOTICES = (b'{"dropped"', b'{"lost"')  # how a notice line starts (an event's never does)
+
+
 def run(client: Client, args: argparse.Namespace, printable: Printable) -> int:
     fields = {k: v for k, v in request(args).items() if v is not None}
     raw = client.call("events", **fields)
     result = EventsResult.model_validate(raw)
     try:
         for event in raw["events"]:
-            _print_event(event, args, printable)
+            print(json.dumps(event) if args.json else line(event, printable))
         sys.stdout.flush()
-        if not result.following:
-            return 0
-        client.settimeout(None)  # a quiet slot is not a dead daemon
-        for message in client.stream():
-            for event in message.get("events", ()):
-                _print_event(event, args, printable)
-            said = notice(message)
-            if said is not None:
-                if args.json:
-                    print(json.dumps(message))
-                print(f"tailcallctl: {printable(said)}", file=sys.stderr)
-            sys.stdout.flush()
+        if result.following:
+            client.settimeout(None)  # a quiet slot is not a dead daemon
+            (_pass_through if args.json else _follow)(client, printable)
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:  # events | head
         sys.stdout = None  # type: ignore[assignment]  # no flush at exit of a closed pipe
-        return 0
     return 0
 
 
-def _print_event(event: dict[str, Any], args: argparse.Namespace, printable: Printable) -> None:
-    print(json.dumps(event) if args.json else line(event, printable))
+def _follow(client: Client, printable: Printable) -> None:
+    for message in client.stream():
+        said = notice(message)
+        if said is not None:
+            print(f"tailcallctl: {printable(said)}", file=sys.stderr)
+        else:
+            print(line(message, printable))
+        sys.stdout.flush()
+
+
+def _pass_through(client: Client, printable: Printable) -> None:
+    """--json: the daemon's lines are the output already (one EventRecord, or notice, per line):
+    written on unparsed, so that tailcallctl keeps up with the daemon.  Notices are also said
+    on stderr."""
+    out = sys.stdout.buffer
+    tail = b""
+    for chunk in client.chunks():
+        out.write(chunk)
+        out.flush()
+        data = tail + chunk
+        cut = data.rfind(b"\n") + 1
+        whole, tail = data[:cut], data[cut:]
+        if NOTICES[0] in whole or NOTICES[1] in whole:
+            for text in whole.splitlines():
+                if text.startswith(NOTICES):
+                    said = notice(json.loads(text))
+                    print(f"tailcallctl: {printable(said or '')}", file=sys.stderr)

@@ -138,7 +138,7 @@ class TimingRequest(_Request):
 
 class EventsRequest(_Request):
     """The handlers' latest events (TC_PRINTF, TC_EMIT); with ``follow``, the reply is followed on
-    the same connection by a stream of EventStream lines until the client closes it."""
+    the same connection by EventStream lines (one event or notice each) until the client closes it."""
     command: Literal["events"]
     slot: Slot | None = Field(None, description="only this syscall's events; None: every slot's")
     hook: HookField = Field("enter", description="with slot: its enter or its exit slot")
@@ -218,10 +218,6 @@ class EventsResult(BaseModel):
     following: bool = Field(description="EventStream lines follow on this connection")
 
 
-class EventBatch(BaseModel):
-    events: list[EventRecord]
-
-
 class EventsDropped(BaseModel):
     """Events this client did not get because it did not read fast enough."""
     dropped: int
@@ -239,7 +235,9 @@ class EventsLost(BaseModel):
     reason: str
 
 
-EventStream = EventBatch | EventsDropped | EventsLost
+# What follows an events reply with following=true: one of these per line (an EventRecord, or
+# a notice of what this client missed), until the client closes the connection.
+EventStream = EventRecord | EventsDropped | EventsLost
 
 
 class AttachResult(BaseModel):

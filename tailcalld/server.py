@@ -25,6 +25,7 @@ from pathlib import Path
 from . import protocol
 from .commands import CommandContext, events_filter, execute
 from .config import Settings
+from .events import EventHub
 from .errors import (AlreadyRunning, PermissionDenied, RequestError, RequestTooLarge, TailcalldError,
                      TooManyConnections, UnsafePath)
 from .paths import open_trusted_dir
@@ -393,13 +394,29 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._followers.add(task)
+        # Past events_client_bytes unread the client counts as full (the hub drops its events,
+        # or pauses if everyone is full); below half of it, it has room again.
+        limit = self.ctx.settings.current.events_client_bytes
+        transport.set_write_buffer_limits(high=limit, low=limit // 2)
         sub = hub.subscribe(write, transport.get_write_buffer_size, slots)
+        keeper = asyncio.create_task(_tell_room(hub, writer))
         try:
             while await reader.read(4096):
                 pass  # the client has nothing more to say; EOF means it left
         finally:
+            keeper.cancel()
             hub.unsubscribe(sub)
             self._followers.discard(task)
+
+
+async def _tell_room(hub: EventHub, writer: asyncio.StreamWriter) -> None:
+    """While the hub waits for a follower with room, wake it when this one has drained."""
+    with contextlib.suppress(ConnectionError):
+        while True:
+            await hub.paused.wait()
+            await writer.drain()  # returns once the socket's unread bytes are below the low mark
+            hub.resume()
+            await asyncio.sleep(0)  # let the hub read (and perhaps pause again) before looking
 
 
 async def _discard_line(reader: asyncio.StreamReader, consumed: int) -> None:

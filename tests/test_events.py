@@ -229,10 +229,8 @@ def read_stream(c: Client, until: float) -> tuple[list[dict[str, Any]], list[dic
     notices: list[dict[str, Any]] = []
     c.settimeout(until - time.monotonic())
     with pytest.raises((TimeoutError, socket.timeout)):  # the stream never ends by itself
-        for message in c.stream():
-            got += message.get("events", [])
-            if "events" not in message:
-                notices.append(message)
+        for message in c.stream():  # one event, or one notice, per line
+            (got if "time_ns" in message else notices).append(message)
             c.settimeout(max(0.01, until - time.monotonic()))
     return got, notices
 
@@ -416,3 +414,30 @@ def test_events_on_a_daemon_streams_json_lines_to_tailcallctl(daemon_events: Dae
     finally:
         follower.terminate()
         follower.wait(10)
+
+
+def test_a_lone_follower_that_stalls_leaves_the_events_in_the_ring(tmp_path: Path, pin_root: Path) -> None:
+    """With one follower and no --journal slot, a full follower pauses the reading: the events
+    wait in the ring (what it cannot hold is lost in the kernel, counted and told) rather than
+    being read only to be dropped.  The daemon keeps answering; the reading resumes when the
+    follower reads again, and all is accounted for."""
+    d = start_daemon(tmp_path, pin_root / "daemon", events_buffer_bytes=1 << 20, events_client_bytes=64 << 10)
+    try:
+        r = d.ctl("attach", "fchmodat", "-", input=FLOOD_HANDLER % {"pid": os.getpid(), "pad": 56})
+        assert r.returncode == 0, r.stderr
+        follower = d.client(timeout=10)
+        assert follower.call("events", follow=True, last=0)["following"]
+        before = slot_entry(d, NR_FCHMODAT)
+        numbered_calls(40_000)  # 5 MiB of records: more than the ring and the follower's socket hold
+        assert d.call("ping")["pid"] == d.pid
+        got, dropped, told_lost = accounted(follower, 8)  # reading now: the daemon resumes
+        after = slot_entry(d, NR_FCHMODAT)
+        emitted, lost = after["events_emitted"] - before["events_emitted"], after["events_lost"] - before["events_lost"]
+        assert emitted == 40_000
+        assert dropped == 0, "a lone follower is never dropped for: the ring waits for it"
+        assert lost > 0 and told_lost == lost
+        assert len(got) + told_lost == emitted
+        assert [e["fields"]["seq"] for e in got] == sorted(e["fields"]["seq"] for e in got)
+        follower.close()
+    finally:
+        d.stop()

@@ -518,7 +518,7 @@ def test_events_follow_prints_the_stream_and_its_notices(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     def reply(rid: RequestId) -> bytes:
         return (encode_ok(rid, EventsResult.model_validate({"events": [EVENT], "following": True}))
-                + json.dumps({"events": [EVENT_FIELDS]}).encode() + b"\n"
+                + json.dumps(EVENT_FIELDS).encode() + b"\n"
                 + json.dumps({"dropped": 7, "where": "daemon", "reason": "slow"}).encode() + b"\n")
 
     code, request = run_verb(tmp_path, "events", ["-f", "--slot", "fchmodat", "--exit", "--json"], reply)
@@ -536,3 +536,17 @@ def test_events_without_follow_prints_the_latest(tmp_path: Path, capsys: pytest.
     code, request = run_verb(tmp_path, "events", ["-n", "5"], ok(result))
     assert code == 0 and isinstance(request, EventsRequest) and request.last == 5 and not request.follow
     assert capsys.readouterr().out.endswith("chmod[42] uid 1000: mode 1a4\n")
+
+
+def test_events_follow_for_people(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def reply(rid: RequestId) -> bytes:
+        return (encode_ok(rid, EventsResult.model_validate({"events": [], "following": True}))
+                + json.dumps(EVENT_FIELDS).encode() + b"\n"
+                + json.dumps({"lost": 3, "slot": 268, "hook": "exit", "syscall": "fchmodat", "where": "kernel",
+                              "reason": "full"}).encode() + b"\n")
+
+    code, _ = run_verb(tmp_path, "events", ["-f"], reply)
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out.endswith('fchmodat:exit chmod[42] uid 1000 (32-bit): ret=-2 path="/tmp/x"\n')
+    assert err == "tailcallctl: 3 events of fchmodat:exit lost in the kernel: full\n"
