@@ -426,7 +426,7 @@ def _prepare(request: dict[str, Any], work_dir: Path) -> None:
     open_channel(request)
     include_dirs = [*request.get("include_dirs", []),
                     *(flag[2:] for flag in request.get("cflags", []) if flag.startswith("-I"))]
-    confine.restrict(confine.compile_ruleset(include_dirs, work_dir))
+    confine.restrict(confine.compile_ruleset(include_dirs, work_dir, reuses_pins=bool(request.get("pin_root"))))
 
 
 def write_headers(request: dict[str, Any], work_dir: Path) -> None:

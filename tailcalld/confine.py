@@ -20,7 +20,11 @@ the worker may read (and execute), found by trial with strace on Debian 12, bcc 
 - /sys/kernel/btf/vmlinux (libbpf's CO-RE relocations), /proc/kallsyms (bcc reads it) and
   /sys/devices/system/cpu/possible (libbpf sizes per-CPU values with it);
 - the include folders of the request (tailcalld's bpf folder, the vmlinux.h cache);
-- the compile's own temp folder, also writable (clang's output, the result).
+- the compile's own temp folder, also writable (clang's output, the result);
+- for a libbpf load that may reuse a map pinned by name (a second function of the same file,
+  --fresh): opening folders anywhere, but no file in them. libbpf 1.1's bpf_map__reuse_fd
+  opens "/" only to get a new fd number for the map; without it the reuse fails with EACCES.
+  A folder opened so gives its names, never a file's contents, and clang cannot include a folder.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class ConfineError(OSError):
 class Ruleset:
     read: tuple[Path, ...]  # read (and execute) beneath these
     write: tuple[Path, ...]  # read and write beneath these
+    list_dirs: tuple[Path, ...] = ()  # open and list folders beneath these, read no file
 
 
 @cache
@@ -89,8 +94,9 @@ def abi_version() -> int:
     return max(int(version), 0)
 
 
-def compile_ruleset(include_dirs: Iterable[str], work_dir: Path) -> Ruleset:
-    """What a bcc or clang+libbpf compile needs (see the module's docstring), nothing else."""
+def compile_ruleset(include_dirs: Iterable[str], work_dir: Path, reuses_pins: bool = False) -> Ruleset:
+    """What a bcc or clang+libbpf compile needs (see the module's docstring), nothing else.
+    ``reuses_pins``: the load may reuse maps pinned by name, for which libbpf opens "/"."""
     release = platform.release()
     modules = Path("/lib/modules") / release
     multiarch = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
@@ -102,7 +108,7 @@ def compile_ruleset(include_dirs: Iterable[str], work_dir: Path) -> Ruleset:
     read += [Path(p) for p in {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}]
     read += [p for p in (_package_dir("tailcalld"), _package_dir("bcc")) if p is not None]
     read += [Path(d) for d in include_dirs]
-    return Ruleset(tuple(read), (work_dir,))
+    return Ruleset(tuple(read), (work_dir,), (Path("/"),) if reuses_pins else ())
 
 
 def _package_dir(name: str) -> Path | None:
@@ -128,7 +134,7 @@ def restrict(ruleset: Ruleset) -> bool:
     if ruleset_fd < 0:
         _raise("landlock_create_ruleset")
     try:
-        for paths, access in ((ruleset.read, READ), (ruleset.write, READ_WRITE)):
+        for paths, access in ((ruleset.read, READ), (ruleset.write, READ_WRITE), (ruleset.list_dirs, ACCESS_READ_DIR)):
             for path in paths:
                 _allow(ruleset_fd, path, access & handled)
         # Required of a process without CAP_SYS_ADMIN; harmless for root, and nothing the

@@ -144,6 +144,28 @@ def test_pinned_by_name_maps_live_in_the_handlers_folder_and_leave_with_it(serve
         foreign.unlink()
 
 
+def test_two_functions_of_one_file_share_its_pinned_map(served: DaemonProcess) -> None:
+    """Each --function is a load of its own, and the second reuses the map the first pinned:
+    libbpf opens "/" to do so, which the compile's Landlock ruleset must allow (it did not:
+    map_error, "error reusing pinned map", EACCES)."""
+    name = f"tcdtwo{secrets.token_hex(3)}"
+    source = libbpf_pinned_handler(name).replace(
+        'char _license[]', 'SEC("raw_tracepoint/sys_exit")\nint h2(struct bpf_raw_tracepoint_args *ctx) '
+        f'{{ u32 k = 1; u32 *v = bpf_map_lookup_elem(&{name}, &k); return v ? 0 : 1; }}\nchar _license[]')
+    first = served.call("attach", slot=301, source=source, dialect="libbpf", function="h")
+    try:
+        second = served.call("attach", slot=301, hook="exit", source=source, dialect="libbpf", function="h2")
+        try:
+            [pin] = list((served.pin_dir / "handlers").glob(f"*/{name}"))
+            assert first["prog_id"] != second["prog_id"]
+            assert pinned_map_id(pin) in map_ids_of(first["prog_id"])
+            assert pinned_map_id(pin) in map_ids_of(second["prog_id"])
+        finally:
+            served.call("detach", slot=301, hook="exit")
+    finally:
+        served.call("detach", slot=301)
+
+
 MAP_CASES = {
     "bcc 1 GiB array": ("bcc", "struct v { char b[1024]; };\nBPF_ARRAY(big, struct v, 1048576);\n", "map_too_large"),
     "bcc 16 TiB array": ("bcc", "struct v { char b[4096]; };\nBPF_ARRAY(big, struct v, 0xffffffff);\n", "map_error"),

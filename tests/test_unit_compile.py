@@ -78,3 +78,11 @@ def test_the_ruleset_reads_only_compile_folders(tmp_path: Path) -> None:
     assert "/opt/include-me" in read and "/usr/include" in read
     for never in ("/", "/etc", "/root", "/tmp", "/home", "/var", "/usr", "/proc", "/sys"):
         assert never not in read, never
+    assert rules.list_dirs == ()
+
+
+def test_a_load_that_may_reuse_pinned_maps_may_list_folders_only(tmp_path: Path) -> None:
+    """libbpf 1.1 opens "/" to reuse a map pinned by name: folders may be opened, no file read."""
+    rules = confine.compile_ruleset([], tmp_path, reuses_pins=True)
+    assert rules.list_dirs == (Path("/"),)
+    assert Path("/") not in rules.read and rules.write == (tmp_path,)
