@@ -67,11 +67,11 @@ def wait_event(c: Client, match: Callable[[Event], bool], timeout: float = 30) -
     deadline = time.monotonic() + timeout
     with contextlib.suppress(TimeoutError):
         c.settimeout(timeout)
-        for message in c.stream():
-            for e in message.get("events", ()):
-                if match(e):
-                    return e, seen
-                seen.append(e)
+        for message in c.stream():  # one event (or a notice of missed ones) per line
+            if "time_ns" in message:
+                if match(message):
+                    return message, seen
+                seen.append(message)
             c.settimeout(max(0.01, deadline - time.monotonic()))
     raise AssertionError(f"no matching event within {timeout:g} s; {len(seen)} others: {seen[-5:]}")
 
