@@ -33,6 +33,8 @@ class SlotRate:
     misses_per_s: float
     avg_ns: float | None  # mean handler run between the samples (None: timing off, or no run)
     cpu_percent: float | None  # those runs' time over the interval's CPU time, all CPUs
+    events_per_s: float = 0.0  # TC_PRINTF / TC_EMIT calls of the slot's handler
+    events_lost_per_s: float = 0.0  # of them, lost in the kernel (the ring buffer was full)
 
 
 def lease_for(interval: float) -> float:
@@ -65,15 +67,18 @@ def _rate(old: SlotInfo | None, new: SlotInfo, seconds: float, cpus: int) -> Slo
         avg_ns = ns / runs if runs else None
         cpu = 100.0 * ns / (seconds * 1e9 * cpus) if seconds > 0 else None
     return SlotRate(new.slot, new.syscall, new.function, per_s(new.hits, old.hits if old else 0),
-                    per_s(new.misses, old.misses if old else 0), avg_ns, cpu)
+                    per_s(new.misses, old.misses if old else 0), avg_ns, cpu,
+                    per_s(new.events_emitted, old.events_emitted if old else 0),
+                    per_s(new.events_lost, old.events_lost if old else 0))
 
 
 def table(sample: list[SlotRate], printable: Callable[[str], str]) -> str:
     rows = [[r.slot, printable(r.syscall), printable(r.function or "?"), f"{r.hits_per_s:.0f}",
              f"{r.misses_per_s:.0f}", "-" if r.avg_ns is None else f"{r.avg_ns:.0f}",
-             "-" if r.cpu_percent is None else f"{r.cpu_percent:.2f}"] for r in sample]
-    return tabulate(rows, headers=["SLOT", "SYSCALL", "FUNCTION", "HITS/S", "MISSES/S", "AVG NS", "CPU%"],
-                    tablefmt="plain", disable_numparse=True)
+             "-" if r.cpu_percent is None else f"{r.cpu_percent:.2f}", f"{r.events_per_s:.0f}",
+             f"{r.events_lost_per_s:.0f}"] for r in sample]
+    return tabulate(rows, headers=["SLOT", "SYSCALL", "FUNCTION", "HITS/S", "MISSES/S", "AVG NS", "CPU%", "EVENTS/S",
+                                   "LOST/S"], tablefmt="plain", disable_numparse=True)
 
 
 def _sample(client: Client, args: argparse.Namespace) -> ListResult:

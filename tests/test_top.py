@@ -13,7 +13,7 @@ import pytest
 from harness import DaemonProcess, start_daemon
 from tailcalld import ctl
 from tailcalld.protocol import ListResult, SlotInfo
-from tailcalld.top import SlotRate, rates
+from tailcalld.top import SlotRate, rates, table
 
 UNUSED_NR = 1000  # past every syscall table, but sys_enter still fires: only this test calls it
 
@@ -45,6 +45,20 @@ def test_timing_switched_on_between_samples_counts_from_zero() -> None:
     assert r.avg_ns == 500.0
     [idle] = rates(sample(0, 0, timed=(10, 5000)), sample(0, 0, timed=(10, 5000)), 1.0, cpus=1)
     assert (idle.avg_ns, idle.cpu_percent) == (None, 0.0)
+
+
+def test_event_rates_come_from_the_slot_s_counters() -> None:
+    def with_events(emitted: int, lost: int) -> ListResult:
+        [slot] = sample(0, 0).slots
+        return ListResult(slots=[slot.model_copy(update={"events_emitted": emitted, "events_lost": lost})])
+
+    [r] = rates(with_events(1000, 10), with_events(5000, 110), 2.0)
+    assert (r.events_per_s, r.events_lost_per_s) == (2000.0, 50.0)
+    assert "EVENTS/S" in ctl_table([r]) and "LOST/S" in ctl_table([r])
+
+
+def ctl_table(sample_rates: list[SlotRate]) -> str:
+    return table(sample_rates, ctl.printable)
 
 
 def test_the_busiest_slot_comes_first() -> None:
