@@ -364,8 +364,11 @@ def open_channel(request: dict[str, Any]) -> None:
     channel = request.get("channel")
     if not channel:
         return
-    fds = {name: bpfsys.obj_get(path) for name, path in channel.items()}
-    request["channel_fds"] = fds
+    try:
+        request["channel_fds"] = {name: bpfsys.obj_get(path) for name, path in channel.items()}
+    except OSError as exc:  # unpinned behind the daemon's back: it pins them again within miss_log_interval
+        print(f"tailcalld: the event channel is not reachable ({exc}); TC_PRINTF and TC_EMIT cannot compile "
+              "until the daemon has pinned it again", file=sys.stderr)
 
 
 def channel_cflags(request: dict[str, Any]) -> list[str]:

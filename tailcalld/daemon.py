@@ -189,6 +189,7 @@ class Daemon:
                 manager.restore_pins()
             except TailcalldError as err:
                 logger.error("could not restore the dispatcher's pins: %s", err.message)
+            self._restore_event_pins()
             try:
                 await manager.repair_drift()
             except (OSError, TailcalldError):
@@ -196,6 +197,17 @@ class Daemon:
             seconds = reports[0].seconds if reports else 0.0
             self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0
             self._publish_status()
+
+    def _restore_event_pins(self) -> None:
+        if self._events is None:
+            return
+        try:
+            made = self._events.maps.restore_pins(self.live.current.pin_dir)
+        except OSError as exc:
+            logger.error("could not pin the event channel again: %s", exc)
+            return
+        if made:
+            logger.warning("pins removed while tailcalld runs were pinned again: %s", ", ".join(made))
 
     async def _event_notices(self) -> None:
         """Every second: kernel losses told to the event subscribers, journal suppressions logged."""

@@ -141,6 +141,17 @@ class ChannelMaps:
             raise
         return cls(events, counts, have, nr_keys)
 
+    def restore_pins(self, pin_dir: Path) -> list[str]:
+        """Pin again what was unpinned while we run (an `rm` under pin_dir): our fds still hold
+        the maps, and handlers compiled from now on reach them through the pins."""
+        made = []
+        for name, fd in ((EVENTS_PIN, self.events_fd), (COUNTS_PIN, self.counts_fd)):
+            path = pin_dir / name
+            if not path.exists():
+                bpfsys.obj_pin(fd, str(path))
+                made.append(str(path))
+        return made
+
     def totals(self) -> tuple[list[int], list[int]]:
         """(emitted, lost) per slot key, summed over the CPUs."""
         emitted, lost = bpfsys.percpu_u64_columns(self.counts_fd, self.nr_keys, COUNT_FIELDS)

@@ -5,6 +5,7 @@ state file.  Only unload-all / --purge take everything out."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import threading
@@ -351,6 +352,16 @@ def test_pins_removed_while_running_are_pinned_again(tmp_path: Path, pin_root: P
         assert (pin_dir / "handlers" / "progs" / str(prog_id)).exists()
         with d.client() as c:
             assert any("pinned again" in line for line in c.call("status")["corrections"])
+            # The event channel too: a handler compiled now still reaches it, and its events arrive.
+            while time.monotonic() < deadline and not all((pin_dir / n).exists() for n in ("events", "event_counts")):
+                time.sleep(0.1)
+            assert (pin_dir / "call").exists()
+            c.call("attach", slot="getppid", source='#include "tailcalld.h"\n'
+                   'int h(struct bpf_raw_tracepoint_args *ctx) { TC_PRINTF(ctx, "after rm"); return 0; }\n')
+            os.getppid()
+            while time.monotonic() < deadline + 10 and not c.call("events", slot="getppid")["events"]:
+                time.sleep(0.1)
+            assert c.call("events", slot="getppid")["events"][0]["message"] == "after rm"
     finally:
         assert d.stop() == 0
     fchmodat(5)  # no daemon now: only the new pins keep the dispatcher and the handler
