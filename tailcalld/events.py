@@ -193,9 +193,7 @@ class Subscriber:
     write: Callable[[bytes], None]
     buffered: Callable[[], int]  # bytes written and not yet taken by the client
     slots: frozenset[int] | None  # slot keys it wants; None: all
-    received: int = 0
     dropped: int = 0  # since its last notice
-    dropped_total: int = 0
     lost_seen: dict[int, int] = field(default_factory=dict)  # kernel losses already told, per slot key
 
     def wants(self, slot: int) -> bool:
@@ -323,12 +321,10 @@ class EventHub:
     def _send(self, sub: Subscriber, lines: list[bytes]) -> None:
         if sub.buffered() > self._client_bytes():
             sub.dropped += len(lines)
-            sub.dropped_total += len(lines)
             return
         if sub.dropped:
             lines.insert(0, _dropped(sub.dropped))
             sub.dropped = 0
-        sub.received += len(lines)
         sub.write(b"".join(lines))
 
     def backlog(self, slots: frozenset[int] | None, last: int | None) -> list[bytes]:

@@ -44,7 +44,7 @@ def _fields(fields: Any) -> str:
 
 
 def notice(message: dict[str, Any]) -> str | None:
-    """What a stream line other than events says, for people; None for an event batch."""
+    """What a notice line of the stream says, for people; None for an event."""
     if "dropped" in message:
         return f"{message['dropped']} events dropped: {message.get('reason', '')}"
     if "lost" in message:
