@@ -143,15 +143,8 @@ def slot_entry(d: DaemonProcess, nr: int, hook: str = "enter") -> dict[str, Any]
     return entry
 
 
-@pytest.fixture
-def daemon_events(tmp_path: Path, pin_root: Path) -> Any:
-    d = start_daemon(tmp_path, pin_root / "daemon")
-    yield d
-    d.stop()
-
-
-def test_a_libbpf_handler_emits_structs_decoded_from_its_btf_and_lines(daemon_events: DaemonProcess) -> None:
-    d = daemon_events
+def test_a_libbpf_handler_emits_structs_decoded_from_its_btf_and_lines(daemon: DaemonProcess) -> None:
+    d = daemon
     dirfd = DIRFD_MAGIC + 1
     r = d.ctl("attach", "fchmodat", "-", input=LIBBPF_HANDLER % {"dirfd": dirfd})
     assert r.returncode == 0, r.stderr
@@ -181,8 +174,8 @@ def test_a_libbpf_handler_emits_structs_decoded_from_its_btf_and_lines(daemon_ev
     assert d.ctl("events", "--slot", "getppid").stdout == ""  # another slot's: none
 
 
-def test_a_bcc_handler_prints_in_the_kernel_and_emits_bytes(daemon_events: DaemonProcess) -> None:
-    d = daemon_events
+def test_a_bcc_handler_prints_in_the_kernel_and_emits_bytes(daemon: DaemonProcess) -> None:
+    d = daemon
     dirfd = DIRFD_MAGIC + 2
     r = d.ctl("attach", "fchmodat", "-", input=BCC_HANDLER % {"dirfd": dirfd})
     assert r.returncode == 0, r.stderr
@@ -194,9 +187,9 @@ def test_a_bcc_handler_prints_in_the_kernel_and_emits_bytes(daemon_events: Daemo
     assert got[2]["fields"] == {"bytes": (0x1122334455667788).to_bytes(8, "little").hex()}
 
 
-def test_a_32_bit_caller_s_arguments_come_from_its_own_registers(daemon_events: DaemonProcess,
+def test_a_32_bit_caller_s_arguments_come_from_its_own_registers(daemon: DaemonProcess,
                                                                  tmp_path: Path) -> None:
-    d = daemon_events
+    d = daemon
     dirfd = DIRFD_MAGIC + 3
     (tmp_path / "p.c").write_text(PROGRAM_32 % {"dirfd": dirfd})
     built = subprocess.run(["gcc", "-m32", "-O2", "-o", str(tmp_path / "p32"), str(tmp_path / "p.c")],
@@ -213,8 +206,8 @@ def test_a_32_bit_caller_s_arguments_come_from_its_own_registers(daemon_events: 
     assert line == f"mode 1e9 dirfd {dirfd} nr {NR_FCHMODAT} compat 1"
 
 
-def test_an_exit_handler_sees_the_return_value(daemon_events: DaemonProcess) -> None:
-    d = daemon_events
+def test_an_exit_handler_sees_the_return_value(daemon: DaemonProcess) -> None:
+    d = daemon
     r = d.ctl("attach", "--exit", "getppid", "-", input=EXIT_HANDLER % {"pid": os.getpid()})
     assert r.returncode == 0, r.stderr
     os.getppid()
@@ -398,8 +391,8 @@ def test_tc_macros_outside_tailcalld_fail_with_a_clear_message(tmp_path: Path) -
     assert "TC_PRINTF needs tailcalld's event channel" in r.stderr
 
 
-def test_events_on_a_daemon_streams_json_lines_to_tailcallctl(daemon_events: DaemonProcess) -> None:
-    d = daemon_events
+def test_events_on_a_daemon_streams_json_lines_to_tailcallctl(daemon: DaemonProcess) -> None:
+    d = daemon
     dirfd = DIRFD_MAGIC + 6
     assert d.ctl("attach", "fchmodat", "-", input=BCC_HANDLER % {"dirfd": dirfd}).returncode == 0
     follower = subprocess.Popen([str(Path(sys.executable).parent / "tailcallctl"), "--socket", str(d.socket),

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from harness import DIRFD_MAGIC, NR_FCHMODAT, REPO, DaemonProcess, start_daemon
+from harness import DIRFD_MAGIC, NR_FCHMODAT, REPO, DaemonProcess
 from tailcalld.client import Client
 
 EXAMPLES = REPO / "examples"
@@ -34,15 +34,6 @@ NR_OPENAT = 257
 ENOENT = 2
 
 Event = dict[str, Any]
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, pin_root: Path) -> Iterator[DaemonProcess]:
-    d = start_daemon(tmp_path, pin_root / "daemon")
-    try:
-        yield d
-    finally:
-        d.stop()
 
 
 def attach(d: DaemonProcess, *args: str) -> None:
