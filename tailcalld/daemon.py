@@ -203,8 +203,8 @@ class Daemon:
             return
         try:
             made = self._events.maps.restore_pins(self.live.current.pin_dir)
-        except OSError as exc:
-            logger.error("could not pin the event channel again: %s", exc)
+        except TailcalldError as err:
+            logger.error("could not pin the event channel again: %s", err.message)
             return
         if made:
             logger.warning("pins removed while tailcalld runs were pinned again: %s", ", ".join(made))

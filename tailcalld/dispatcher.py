@@ -43,7 +43,7 @@ from .bpf_object import BpfObject
 from .compiler import Compiler, bpf_source
 from .errors import KernelError, ObjectError, PinConflict
 from .events import PINS as EVENT_PINS
-from .pins import HANDLERS_PINS, PinDirLock, check_pinned_is, remove_handler_pins
+from .pins import HANDLERS_PINS, PinDirLock, open_or_create_map, pin_again, remove_handler_pins
 from .syscalls import COMPAT_NR, Hook
 
 NR_SLOTS = 1024  # covers every syscall number of x86_64 and arm64 with room to spare
@@ -121,33 +121,7 @@ logger = logging.getLogger("tailcalld")
 
 
 def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
-    path = pin_dir / spec.pin
-    if not path.exists():
-        fd = bpfsys.map_create(spec.type, spec.name, spec.key_size, spec.value_size, spec.entries)
-        try:
-            bpfsys.obj_pin(fd, str(path))
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
-    try:
-        fd = bpfsys.obj_get(str(path))
-    except OSError as exc:
-        raise PinConflict(f"{path} exists but is not a BPF map tailcalld can open ({exc}); "
-                          "remove it or choose another pin_dir", {"path": str(path)}) from None
-    if bpfsys.fd_kind(fd) != "map":
-        os.close(fd)
-        raise PinConflict(f"{path} is not a BPF map; it was not created by this tailcalld, so it is left alone",
-                          {"path": str(path)})
-    info = bpfsys.map_info(fd)
-    have = (info.type, info.key_size, info.value_size, info.max_entries)
-    if have != spec.shape:
-        os.close(fd)
-        raise PinConflict(
-            f"{path} is not tailcalld's {spec.pin}: map type/key/value/entries are {have}, expected {spec.shape}; "
-            "it was not created by this tailcalld, so it is left alone",
-            {"path": str(path), "found": have, "expected": spec.shape})
-    return fd
+    return open_or_create_map(pin_dir / spec.pin, spec.type, spec.name, spec.key_size, spec.value_size, spec.entries)
 
 
 def _map_specs(compat: dict[int, int] | None, hook: HookSpec) -> list[_MapSpec]:
@@ -298,20 +272,11 @@ class Dispatcher:
         for now, but it would end with this process.  Returns the pins made; a pin path now
         holding another object is left alone (PinConflict)."""
         held = {LINK_PIN: self._attached.link_fd, PROG_PIN: self._attached.prog_fd, **self._maps}
-        missing = [name for name in held if not (self.pin_dir / name).exists()]
         if not self._lock.holds(self.pin_dir):
             lock = PinDirLock(self.pin_dir)  # made again, checked, and ours alone too
             self._lock.release()
             self._lock = lock
-        for name, fd in held.items():
-            if name not in missing:
-                check_pinned_is(self.pin_dir / name, fd)
-        for name in missing:
-            try:
-                bpfsys.obj_pin(held[name], str(self.pin_dir / name))
-            except OSError as exc:
-                raise KernelError(f"could not pin {self.pin_dir / name} again: {exc.strerror}") from None
-        return [str(self.pin_dir / name) for name in missing]
+        return pin_again(self.pin_dir, held)
 
     def close(self) -> None:
         """Drop our handles; the pins keep the dispatcher attached and the slots filled."""

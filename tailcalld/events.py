@@ -30,7 +30,8 @@ from typing import Any
 
 from . import bpfsys
 from .btf import BtfError, BtfTypes, JsonEncoders
-from .errors import PinConflict
+from .misses import Snapshot
+from .pins import open_or_create_map, pin_again
 from .ringbuf import BPF_MAP_TYPE_RINGBUF, RingReader
 
 logger = logging.getLogger("tailcalld")
@@ -91,28 +92,6 @@ def monotonic_to_wall() -> int:
     return time.time_ns() - time.monotonic_ns()
 
 
-def _open_or_create(path: Path, map_type: int, name: str, key: int, value: int, entries: int,
-                    accept_size: bool = False) -> int:
-    if not path.exists():
-        fd = bpfsys.map_create(map_type, name, key, value, entries)
-        try:
-            bpfsys.obj_pin(fd, str(path))
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
-    try:
-        fd = bpfsys.obj_get(str(path))
-    except OSError as exc:
-        raise PinConflict(f"{path} exists but is not a BPF map tailcalld can open ({exc})", {"path": str(path)}) from None
-    info = bpfsys.map_info(fd) if bpfsys.fd_kind(fd) == "map" else None
-    if info is None or info.type != map_type or info.key_size != key or info.value_size != value or (
-            info.max_entries != entries and not accept_size):
-        os.close(fd)
-        raise PinConflict(f"{path} is not tailcalld's {path.name} map; it is left alone", {"path": str(path)})
-    return fd
-
-
 @dataclass
 class ChannelMaps:
     """The channel's two pinned maps, by fd (ours to close), and the ring's size."""
@@ -126,16 +105,16 @@ class ChannelMaps:
     def open(cls, pin_dir: Path, size: int, nr_keys: int) -> ChannelMaps:
         """Open the pinned maps, or make and pin them.  A ring pinned with another size is
         kept (handlers hold it): the new size takes effect after unload-all."""
-        events = _open_or_create(pin_dir / EVENTS_PIN, BPF_MAP_TYPE_RINGBUF, "tailcalld_event", 0, 0, size,
-                                 accept_size=True)
+        events = open_or_create_map(pin_dir / EVENTS_PIN, BPF_MAP_TYPE_RINGBUF, "tailcalld_event", 0, 0, size,
+                                    any_entries=True)
         try:
             have = bpfsys.map_info(events).max_entries
             if have != size:
                 logger.warning("the event ring buffer pinned at %s has %d bytes, not events_buffer_bytes (%d): "
                                "handlers hold it; the new size takes effect after unload-all",
                                pin_dir / EVENTS_PIN, have, size)
-            counts = _open_or_create(pin_dir / COUNTS_PIN, bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, "tailcalld_evcnt", 4,
-                                     8 * COUNT_FIELDS, nr_keys)
+            counts = open_or_create_map(pin_dir / COUNTS_PIN, bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, "tailcalld_evcnt",
+                                        4, 8 * COUNT_FIELDS, nr_keys)
         except BaseException:
             os.close(events)
             raise
@@ -144,13 +123,7 @@ class ChannelMaps:
     def restore_pins(self, pin_dir: Path) -> list[str]:
         """Pin again what was unpinned while we run (an `rm` under pin_dir): our fds still hold
         the maps, and handlers compiled from now on reach them through the pins."""
-        made = []
-        for name, fd in ((EVENTS_PIN, self.events_fd), (COUNTS_PIN, self.counts_fd)):
-            path = pin_dir / name
-            if not path.exists():
-                bpfsys.obj_pin(fd, str(path))
-                made.append(str(path))
-        return made
+        return pin_again(pin_dir, {EVENTS_PIN: self.events_fd, COUNTS_PIN: self.counts_fd})
 
     def totals(self) -> tuple[list[int], list[int]]:
         """(emitted, lost) per slot key, summed over the CPUs."""
@@ -225,6 +198,7 @@ class EventHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self.paused = asyncio.Event()  # set while the ring is not read: every follower is full
+        self._totals = Snapshot(maps.totals)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -333,7 +307,9 @@ class EventHub:
         return chosen[max(0, len(chosen) - last):] if last is not None else chosen
 
     def stats(self) -> EventStats:
-        emitted, lost = self.maps.totals()
+        """For list and status: the counters as read at most SNAPSHOT_AGE ago (list is hot, and
+        one read of the per-CPU map is most of a list's cost)."""
+        emitted, lost = self._totals.get()
         return EventStats(emitted, lost, dict(self.delivered))
 
     @property

@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
+T = TypeVar("T")
 SNAPSHOT_AGE = 0.1  # seconds a read of the counters serves list/status requests
 
 
@@ -28,6 +30,27 @@ class MissReport:
         return f"{self.syscall}{where} ({self.nr}): {self.misses} tail-call misses in the last {self.seconds:.0f} s"
 
 
+class Snapshot(Generic[T]):
+    """A read (of a counter map) at most ``max_age`` seconds old: a burst of list/status
+    requests shares one read instead of each paying for it."""
+
+    def __init__(self, read: Callable[[], T], clock: Callable[[], float] = time.monotonic) -> None:
+        self._read = read
+        self._clock = clock
+        self._value: T | None = None
+        self._time = 0.0
+
+    def set(self, value: T, at: float) -> None:
+        """``value`` was read at ``at`` (the clock's time)."""
+        self._value, self._time = value, at
+
+    def get(self, max_age: float = SNAPSHOT_AGE) -> T:
+        now = self._clock()
+        if self._value is None or now - self._time > max_age:
+            self._value, self._time = self._read(), now
+        return self._value
+
+
 class Counters:
     """A per-slot counter map of the dispatcher (per-CPU sums), with the values at this
     daemon's start (``baseline``) and a short-lived snapshot shared by list/status requests."""
@@ -36,7 +59,9 @@ class Counters:
         self._read_totals = read_totals
         self.clock = clock
         self.baseline = read_totals()
-        self._snapshot, self._snapshot_time = self.baseline, clock()
+        self.baseline_time = clock()
+        self._snapshot = Snapshot(read_totals, clock)
+        self._snapshot.set(self.baseline, self.baseline_time)
 
     def read(self) -> list[int]:
         """The counters now (one batch read of the map: callers on the event loop may run this
@@ -46,10 +71,7 @@ class Counters:
     def recent_totals(self, max_age: float = SNAPSHOT_AGE) -> list[int]:
         """The counters read at most ``max_age`` seconds ago: a burst of list/status requests
         shares one read of the map instead of each paying for it."""
-        now = self.clock()
-        if now - self._snapshot_time > max_age:
-            self._snapshot, self._snapshot_time = self._read_totals(), now
-        return self._snapshot
+        return self._snapshot.get(max_age)
 
     def since_start(self, nr: int, totals: list[int]) -> int:
         return totals[nr] - self.baseline[nr]
@@ -74,7 +96,7 @@ class MissMonitor(Counters):
         self._held: set[int] = set()
         self.configure(watch_all, extra)
         self._last = list(self.baseline)
-        self._last_time = self._snapshot_time
+        self._last_time = self.baseline_time
 
     def configure(self, watch_all: bool, extra: Iterable[int]) -> None:
         self._watch_all = watch_all
@@ -94,7 +116,7 @@ class MissMonitor(Counters):
         if totals is None:
             totals = self._read_totals()
         now = self.clock()
-        self._snapshot, self._snapshot_time = totals, now
+        self._snapshot.set(totals, now)  # a fresh read: list/status may use it too
         seconds = now - self._last_time
         reports = [MissReport(*self._number(key), total - last, seconds, self._abi, self._split(key)[1])
                    for key, (total, last) in enumerate(zip(totals, self._last, strict=True))

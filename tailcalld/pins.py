@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import bpfsys
-from .errors import NoBpffs, PinConflict
+from .errors import KernelError, NoBpffs, PinConflict
 from .paths import open_trusted_dir
 
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -102,6 +102,56 @@ def check_pinned_is(path: Path, fd: int) -> None:
     if not same:
         raise PinConflict(f"{path} was replaced by another object while tailcalld runs; it is left alone",
                           {"path": str(path)})
+
+
+def open_or_create_map(path: Path, map_type: int, name: str, key_size: int, value_size: int, entries: int,
+                       any_entries: bool = False) -> int:
+    """Our fd on the map pinned at ``path``, made and pinned first if there is none.  A pin of
+    another shape (``any_entries``: entries aside) was not made by this tailcalld: refused
+    with PinConflict, and left alone."""
+    if not path.exists():
+        fd = bpfsys.map_create(map_type, name, key_size, value_size, entries)
+        try:
+            bpfsys.obj_pin(fd, str(path))
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    try:
+        fd = bpfsys.obj_get(str(path))
+    except OSError as exc:
+        raise PinConflict(f"{path} exists but is not a BPF map tailcalld can open ({exc}); "
+                          "remove it or choose another pin_dir", {"path": str(path)}) from None
+    if bpfsys.fd_kind(fd) != "map":
+        os.close(fd)
+        raise PinConflict(f"{path} is not a BPF map; it was not created by this tailcalld, so it is left alone",
+                          {"path": str(path)})
+    info = bpfsys.map_info(fd)
+    have = (info.type, info.key_size, info.value_size, info.max_entries)
+    expected = (map_type, key_size, value_size, info.max_entries if any_entries else entries)
+    if have != expected:
+        os.close(fd)
+        raise PinConflict(
+            f"{path} is not tailcalld's {path.name}: map type/key/value/entries are {have}, expected {expected}; "
+            "it was not created by this tailcalld, so it is left alone",
+            {"path": str(path), "found": have, "expected": expected})
+    return fd
+
+
+def pin_again(folder: Path, held: Mapping[str, int]) -> list[str]:
+    """Pin each object of ``held`` (pin name -> our fd) whose pin was removed behind our back;
+    a pin still there must be the object we hold (PinConflict otherwise; KernelError when a
+    pin cannot be made).  The pins made."""
+    missing = [name for name in held if not (folder / name).exists()]
+    for name, fd in held.items():
+        if name not in missing:
+            check_pinned_is(folder / name, fd)
+    for name in missing:
+        try:
+            bpfsys.obj_pin(held[name], str(folder / name))
+        except OSError as exc:
+            raise KernelError(f"could not pin {folder / name} again: {exc.strerror}") from None
+    return [str(folder / name) for name in missing]
 
 
 def handler_pin_dir(pin_dir: Path, sha256: str) -> Path:
