@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel
 
-from . import __version__
+from . import __version__, audit
 from .config import LiveSettings, Settings
 from .dialects import Artifact, detect
-from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TimingUnavailable
+from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TailcalldError, TimingUnavailable
 from .events import EventHub, EventStats
 from .loader_settings import check_dialect, settings as loader_settings
 from .peers import Peer
@@ -73,6 +73,17 @@ def artifact_of(spec: AttachRequest | CheckRequest, settings: Settings) -> Artif
                              f"the limit is {limit} ({setting})",
                              {"size": len(artifact.data), "limit": limit, "setting": setting})
     return artifact
+
+
+def attach_artifact(request: AttachRequest, settings: Settings, m: SlotManager, peer: Peer) -> Artifact:
+    """The attach's artifact; a request refused before it reaches the slots is audited as a
+    failed attach too (a source too large, a --set the dialect cannot take)."""
+    try:
+        return artifact_of(request, settings)
+    except TailcalldError as err:
+        m.audit_failure("attach", peer, request.slot, request.hook, err,
+                        audit.attach_fields(request.filename, request.function, None))
+        raise
 
 
 def headers_of(spec: AttachRequest | CheckRequest, settings: Settings) -> dict[str, str]:
@@ -168,8 +179,8 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
         case PingRequest():
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
-            a = await m.attach(request.slot, artifact_of(request, settings), request.function, request.filename,
-                               peer, request.fresh, request.hook, request.journal)
+            a = await m.attach(request.slot, attach_artifact(request, settings, m, peer), request.function,
+                               request.filename, peer, request.fresh, request.hook, request.journal)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings))
