@@ -145,6 +145,8 @@ def test_failed_attaches_and_detaches_are_audited(tmp_path: Path, pin_root: Path
              "source_too_large", {"SLOT": "268"}),
             ("attach", {"slot": NR_FCHMODAT, "source": TRIVIAL, "filename": "exit.c", "hook": "exit",
                         "variables": {"x": 1}}, "bad_request", {"SLOT": "268", "SLOT_HOOK": "exit"}),
+            ("attach", {"slot": NR_FCHMODAT, "filename": "nosource.c"}, "bad_request",  # refused by the protocol
+             {"SLOT_REQUESTED": "268"}),
             ("detach", {"slot": 300}, "slot_empty", {"SLOT": "300", "SYSCALL_NAME": "fanotify_init"}),
         ]
         errors = []

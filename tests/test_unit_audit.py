@@ -17,7 +17,7 @@ from fakes import NR_SLOTS, FakeKernel, FlakyStore
 from tailcalld import audit
 from tailcalld.config import LiveSettings, Settings
 from tailcalld.dialects import Artifact
-from tailcalld.errors import CompileError, KernelError, SlotEmpty, SlotOutOfRange, UnknownSyscall
+from tailcalld.errors import BadRequest, CompileError, KernelError, SlotEmpty, SlotOutOfRange, UnknownSyscall
 from tailcalld.events import EVENT_MESSAGE_ID
 from tailcalld.journal import MISS_MESSAGE_ID, Resend, entry_fields
 from tailcalld.misses import MissMonitor
@@ -162,6 +162,27 @@ def test_a_change_that_happened_has_its_own_id_and_fields(
     assert (attach["TAILCALLD_ACTION"], detach["TAILCALLD_ACTION"]) == ("attach", "detach")
     assert attach["MESSAGE_ID"] == detach["MESSAGE_ID"] == audit.CHANGE_MESSAGE_ID
     assert (attach["FILENAME"], attach["FUNCTION"], attach["SOURCE_SHA256"]) == ("v1.c", "handler", V1.sha256)
+
+
+def test_an_attach_or_detach_the_protocol_refused_is_audited(
+        records: Callable[[], list[logging.LogRecord]]) -> None:
+    bad = BadRequest("invalid attach request: hook: Input should be 'enter' or 'exit'")
+    audit.invalid_request(b'{"command": "attach", "slot": 268, "source": "x", "filename": "a\\u0000.c", '
+                          b'"hook": "sideways"}', ME, bad)
+    audit.invalid_request(b'{"command": "detach", "slot": [1]}', ME, BadRequest("invalid detach request"))
+    # Not audited: no command named (malformed JSON, not an object), or one that changes nothing.
+    for line in (b'{"command": "attach", "slot": 26', b'["attach"]', b'{"command": "list", "slot": "x"}',
+                 b'{"command": "check", "filename": "a.c"}'):
+        audit.invalid_request(line, ME, BadRequest("invalid"))
+    attach, detach = (vars(r) for r in records())
+    assert (attach["TAILCALLD_ACTION"], attach["SLOT_REQUESTED"], attach["FILENAME"], attach["ERROR_CODE"]) == (
+        "attach-failed", "268", "a\\x00.c", "bad_request")
+    assert attach["MESSAGE_ID"] == audit.FAILED_MESSAGE_ID and attach["PEER_PID"] == ME.pid
+    assert records()[0].getMessage() == (
+        "attach failed: a\\x00.c in slot '268': invalid attach request: hook: Input should be 'enter' or 'exit' "
+        "[bad_request] (by uid 0, pid 4242, tester)")
+    assert detach["TAILCALLD_ACTION"] == "detach-failed" and "SLOT_REQUESTED" not in detach
+    assert records()[1].getMessage().startswith("detach failed: no slot: invalid detach request")
 
 
 # -- the catalog ---------------------------------------------------------------------------------
