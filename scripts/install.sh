@@ -5,7 +5,7 @@
 #                                     --system-site-packages, so it sees python3-bpfcc)
 #   /usr/local/bin/tailcalld|ctl      BINDIR: symlinks into that venv
 #   /etc/systemd/system/tailcalld.{service,socket}   UNITDIR; the service runs PREFIX/bin/tailcalld
-#                                     with CONFDIR's config (rendered from contrib/'s template)
+#                                     with CONFDIR's config (contrib/'s, with those two put in)
 #   /usr/lib/systemd/catalog/tailcalld.catalog   CATALOGDIR (journalctl -x explanations)
 #   /etc/tailcalld/tailcalld.toml     CONFDIR: from config/, never overwriting an edited one
 #
@@ -92,9 +92,14 @@ relocate_venv() {
   "$D_PREFIX/bin/python" -m compileall -q -f -s "$DESTDIR" -p / "$D_PREFIX/lib" >/dev/null
 }
 
-# contrib/tailcalld.service is a template: its @PREFIX@ and @CONFDIR@ become this install's.
+# contrib/tailcalld.service runs the default PREFIX and CONFDIR (so that it is a unit as it is,
+# which systemd-analyze can check); its ExecStart= gets this install's.
 install_units() {
-  sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@CONFDIR@|$CONFDIR|g" contrib/tailcalld.service >"$D_UNITDIR/tailcalld.service.tmp"
+  sed -e "/^ExecStart=/s|^ExecStart=/opt/tailcalld/|ExecStart=$PREFIX/|" \
+      -e "/^ExecStart=/s| --config /etc/tailcalld/| --config $CONFDIR/|" \
+      contrib/tailcalld.service >"$D_UNITDIR/tailcalld.service.tmp"
+  grep -qxF "ExecStart=$PREFIX/bin/tailcalld --config $CONFDIR/tailcalld.toml" "$D_UNITDIR/tailcalld.service.tmp" \
+    || { echo "install: contrib/tailcalld.service's ExecStart= is not the one install.sh renders" >&2; exit 1; }
   chmod 0644 "$D_UNITDIR/tailcalld.service.tmp"
   mv -f "$D_UNITDIR/tailcalld.service.tmp" "$D_UNITDIR/tailcalld.service"
   install -m 0644 contrib/tailcalld.socket "$D_UNITDIR/"

@@ -71,12 +71,12 @@ def test_the_unit_runs_what_prefix_and_confdir_name(staged: Staged) -> None:
     unit.optionxform = str  # type: ignore[assignment, method-assign]
     unit.read(staged.at("/etc/systemd/system/tailcalld.service"))
     assert unit["Service"]["ExecStart"] == f"{staged.prefix}/bin/tailcalld --config {staged.confdir}/tailcalld.toml"
-    template = (REPO / "contrib/tailcalld.service").read_text()
+    shipped = (REPO / "contrib/tailcalld.service").read_text()
     rendered = staged.at("/etc/systemd/system/tailcalld.service").read_text()
-    assert "@PREFIX@" not in rendered and "@CONFDIR@" not in rendered
-    # Only the template's @...@ changed: every other line is as written.
-    assert [ln for ln in rendered.splitlines() if "ExecStart=" not in ln] == [
-        ln for ln in template.splitlines() if "ExecStart=" not in ln]
+    # Only ExecStart= changed: every other line is as shipped (which names the default places).
+    assert [ln for ln in rendered.splitlines() if not ln.startswith("ExecStart=")] == [
+        ln for ln in shipped.splitlines() if not ln.startswith("ExecStart=")]
+    assert "ExecStart=/opt/tailcalld/bin/tailcalld --config /etc/tailcalld/tailcalld.toml" in shipped.splitlines()
 
 
 def test_every_file_is_staged_and_names_its_final_place(staged: Staged) -> None:
@@ -132,6 +132,11 @@ def test_the_staged_tree_runs_from_its_place(staged: Staged, tmp_path: Path) -> 
         assert attached.returncode == 0, attached.stderr + d.output()
         fchmodat(25)
         assert read_counter(pin_root / "maps" / "count") == 25
+        # systemd finds nothing wrong with the unit where its paths exist.
+        verify = subprocess.run(["nsenter", f"--target={proc.pid}", "--mount", "--", "systemd-analyze", "verify",
+                                 str(staged.at("/etc/systemd/system/tailcalld.service"))],
+                                capture_output=True, text=True, timeout=60)
+        assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
         # The daemon is the staged venv's, started through its script's shebang.
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
         assert cmdline[:4] == [f"{staged.prefix}/bin/python", *exec_start], cmdline
