@@ -15,13 +15,15 @@ daemons in one process (tests) and a daemon's restart never share counts.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gzip
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -40,21 +42,18 @@ COMPILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 
 GZIP_LEVEL = 1  # a scrape is rendered on the event loop: the fastest level takes most of the gain
 
 
-class Recorder:
-    """The counts that exist only as events, kept in the daemon's registry."""
+class Recorder(Collector):
+    """The counts that exist only as events: attaches by result, compile times by dialect.
+    Kept here as plain numbers and rendered as metric families, like the live ones (no
+    prometheus_client Counter: those add a ``_created`` series each, which only a global
+    switch turns off)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        registry = registry if registry is not None else CollectorRegistry()
-        self._attaches = Counter("tailcalld_attaches", "Attach requests, by result: ok, or the error code the "
-                                 "reply carried (compile_error, verifier_rejected, ...)", ["result"],
-                                 registry=registry)
-        self._attaches.labels("ok")  # present from the start: rate() needs a first sample
-        self._compiles = Histogram("tailcalld_compile_duration_seconds", "Time of each handler compile and load "
-                                   "(attach, check, rebuild at start), failed or not, by dialect (bcc, libbpf, object)",
-                                   ["dialect"], buckets=COMPILE_BUCKETS, registry=registry)
+    def __init__(self) -> None:
+        self.attaches: dict[str, int] = {"ok": 0}  # present from the start: rate() needs a first sample
+        self._compiles: dict[str, tuple[list[int], float]] = {}  # dialect -> (count per bucket, sum of seconds)
 
     def attach_result(self, result: str) -> None:
-        self._attaches.labels(result).inc()
+        self.attaches[result] = self.attaches.get(result, 0) + 1
 
     @contextlib.contextmanager
     def attaching(self) -> Iterator[None]:
@@ -70,7 +69,23 @@ class Recorder:
         self.attach_result("ok")
 
     def compiled(self, dialect: str, seconds: float) -> None:
-        self._compiles.labels(dialect).observe(seconds)
+        counts, total = self._compiles.get(dialect) or ([0] * (len(COMPILE_BUCKETS) + 1), 0.0)
+        counts[bisect.bisect_left(COMPILE_BUCKETS, seconds)] += 1  # le: a value on a bound is in its bucket
+        self._compiles[dialect] = (counts, total + seconds)
+
+    def collect(self) -> Iterable[Metric]:
+        attaches = CounterMetricFamily("tailcalld_attaches", "Attach requests, by result: ok, or the error code the "
+                                       "reply carried (compile_error, verifier_rejected, ...)", labels=["result"])
+        for result, count in sorted(self.attaches.items()):
+            attaches.add_metric([result], count)
+        compiles = HistogramMetricFamily("tailcalld_compile_duration_seconds", "Time of each handler compile and load "
+                                         "(attach, check, rebuild at start), failed or not, by dialect (bcc, libbpf, "
+                                         "object)", labels=["dialect"])
+        for dialect, (counts, total) in sorted(self._compiles.items()):
+            cumulative = list(itertools.accumulate(counts))
+            bounds = [*(f"{b:g}" for b in COMPILE_BUCKETS), "+Inf"]
+            compiles.add_metric([dialect], list(zip(bounds, cumulative, strict=True)), total)
+        return [attaches, compiles]
 
 
 class DaemonCollector(Collector):
@@ -185,7 +200,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.recorder = Recorder(self.registry)
+        self.recorder = Recorder()
+        self.registry.register(self.recorder)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self._collector: DaemonCollector | None = None
 

@@ -169,6 +169,11 @@ class MetricsServer:
         task = asyncio.current_task()
         assert task is not None
         if len(self._clients) >= MAX_CLIENTS:
+            # Its request is taken first (what came with the connect, a second at most): a socket
+            # closed with unread data resets, and the client would not read the 503.
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await reader.read(MAX_HEAD)
             writer.write(respond(503, b"too many connections to the metrics endpoint at once\n"))
             writer.close()
             return
@@ -190,14 +195,15 @@ class MetricsServer:
     async def _reply(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         head_only = False
         try:
-            refusal = self._admit(writer.get_extra_info("socket"))
-            if refusal is not None:
-                raise HttpError(403, refusal)
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
                     head = await read_head(reader)
             except TimeoutError:
                 raise HttpError(408, f"no complete request within {READ_TIMEOUT:g} s") from None
+            # The request is read before a refusal, so that the client is not reset but reads why.
+            refusal = self._admit(writer.get_extra_info("socket"))
+            if refusal is not None:
+                raise HttpError(403, refusal)
             request = parse_head(head)
             head_only = request.method == "HEAD"
             return answer(request, self._render)
