@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import DaemonProcess, bpftool_empty, run_tailcalld, start_daemon, wait_until, write_config
+from harness import bpftool_empty, run_tailcalld, start_daemon, wait_until, write_config
+from prometheus import free_port, running_prometheus
 from tailcalld.metrics_http import fetch
 
 # Past every syscall table (ENOSYS), and past those other tests use (1000, 1001, 1007):
@@ -62,12 +63,6 @@ def value(found: Samples, name: str, **labels: str) -> float:
     matching = [v for have, v in found.get(name, []) if labels.items() <= have.items()]
     assert len(matching) == 1, f"{name}{labels}: {matching}"
     return matching[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_scrape_agrees_with_list_exactly_and_passes_promtool(tmp_path: Path, pin_root: Path) -> None:
@@ -216,59 +211,18 @@ def test_metrics_socket_off_and_the_start_s_refusals(tmp_path: Path, pin_root: P
     assert not elsewhere.exists()  # refused before anything was loaded or pinned
 
 
-def start_prometheus(tmp_path: Path, target: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(f"""
-global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-scrape_configs:
-  - job_name: tailcalld
-    static_configs:
-      - targets: ["{target}"]
-""")
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    log.close()
-    return proc, port
-
-
-def query(port: int, promql: str) -> list[dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            answer = json.load(reply)
-    except OSError:
-        return []  # not up yet
-    assert answer["status"] == "success", answer
-    return list(answer["data"]["result"])
-
-
 def test_a_real_prometheus_scrapes_the_daemon(tmp_path: Path, pin_root: Path) -> None:
     listen = f"127.0.0.1:{free_port()}"
-    d: DaemonProcess | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    d = start_daemon(tmp_path, pin_root / "daemon", metrics_listen=listen)
     try:
-        d = start_daemon(tmp_path, pin_root / "daemon", metrics_listen=listen)
         d.call("attach", slot=PROM_NR, source=TRIVIAL, filename="trivial.c")
         raw_syscall(PROM_NR, 321)
-        proc, port = start_prometheus(tmp_path, listen)
-        hits = f'tailcalld_slot_hits_total{{job="tailcalld",slot="{PROM_NR}",hook="enter"}}'
-        wait_until(lambda: [r["value"][1] for r in query(port, hits)] == ["321"], timeout=90, period=0.5)
-        [up] = query(port, 'up{job="tailcalld"}')
-        assert up["value"][1] == "1"
-        [attaches] = query(port, 'tailcalld_attaches_total{result="ok"}')
-        assert attaches["value"][1] == "1"
+        with running_prometheus(tmp_path, [listen]) as prom:
+            hits = f'tailcalld_slot_hits_total{{job="tailcalld",slot="{PROM_NR}",hook="enter"}}'
+            wait_until(lambda: [r["value"][1] for r in prom.query(hits)] == ["321"], timeout=90, period=0.5)
+            [up] = prom.query('up{job="tailcalld"}')
+            assert up["value"][1] == "1"
+            [attaches] = prom.query('tailcalld_attaches_total{result="ok"}')
+            assert attaches["value"][1] == "1"
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-        if d is not None:
-            d.stop()
+        d.stop()
