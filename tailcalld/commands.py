@@ -22,6 +22,7 @@ from .dialects import Artifact, detect
 from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TailcalldError, TimingUnavailable
 from .events import EventHub, EventStats
 from .loader_settings import check_dialect, settings as loader_settings
+from .metrics import Recorder
 from .peers import Peer
 from .protocol import (AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest, DetachResult,
                        EventsRequest, ListRequest, PingRequest, PingResult, Request, SlotInfo, StatusRequest, StatusResult,
@@ -49,6 +50,7 @@ class CommandContext:
     list_cache: ListCache = field(default_factory=lambda: ListCache())
     timing: OnDemandTiming | None = None  # None: this daemon cannot time handlers (tests' fake kernel)
     events: EventHub | None = None  # None: no event channel (tests' fake kernel)
+    recorder: Recorder = field(default_factory=lambda: Recorder())  # metrics that exist only as events
 
 
 def artifact_of(spec: AttachRequest | CheckRequest, settings: Settings) -> Artifact:
@@ -179,8 +181,9 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
         case PingRequest():
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
-            a = await m.attach(request.slot, attach_artifact(request, settings, m, peer), request.function,
-                               request.filename, peer, request.fresh, request.hook, request.journal)
+            with ctx.recorder.attaching():
+                a = await m.attach(request.slot, attach_artifact(request, settings, m, peer), request.function,
+                                   request.filename, peer, request.fresh, request.hook, request.journal)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings))

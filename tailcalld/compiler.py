@@ -25,7 +25,8 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,10 @@ def bpf_source(name: str) -> str:
 
 class Compiler:
     def __init__(self, settings: LiveSettings, max_parallel: int = 2, cache_dir: Path | None = None,
-                 work_root: Path | None = None) -> None:
+                 work_root: Path | None = None,
+                 observe: Callable[[str, float], None] = lambda dialect, seconds: None) -> None:
         self._settings = settings  # compile_timeout and the limits are live: read at each compile
+        self._observe = observe  # (dialect, seconds) of every compile and load, failed or not (metrics)
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
         self._parallel_compiles = asyncio.Semaphore(max_parallel)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
@@ -209,10 +212,13 @@ class Compiler:
             vmlinux = await dialects.vmlinux_header(self._cache_dir, self._settings.current.compile_timeout)
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
         async with self._parallel_compiles:
+            started = time.monotonic()  # the compile's own time, not its wait for a turn
             try:
                 result, fd, output = await self._run_worker(request)
             except (CompileError, CompilerCrashed, CompileOutOfMemory) as err:  # the worker died
                 raise _name_the_file_in(err, filename, source) from None
+            finally:
+                self._observe(dialect, time.monotonic() - started)
         output = name_the_file(output, filename, source)
         if not result.get("ok"):
             error = error_class(result.get("code", ""))

@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 from tabulate import tabulate
 
-from . import __version__, events_cli, top
+from . import __version__, events_cli, metrics_http, top
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-n", "--lines", type=int, metavar="N", default=None,
                     help="at most N of the latest events first (default: all kept; 10 with -f)")
     sub.add_parser("ping", parents=[common], help="check that the daemon answers")
+    me = sub.add_parser("metrics", help="print the daemon's Prometheus metrics (read from its metrics socket)")
+    me.add_argument("--metrics-socket", type=Path, metavar="PATH",
+                    help="the daemon's metrics_socket (default: metrics.sock beside the control socket)")
     sub.add_parser("unload-all", parents=[common],
                    help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")
     return p
@@ -455,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         return _talking(args, lambda client: top.run(client, args, printable))
     if args.verb == "events":  # a reply, then (with -f) a stream
         return _talking(args, lambda client: events_cli.run(client, args, printable))
+    if args.verb == "metrics":  # HTTP on the metrics socket, not the control protocol
+        return show_metrics(args)
     verb = VERBS[args.verb]
     try:
         fields = verb.request(args)  # inputs first: see the request builders
@@ -472,6 +477,20 @@ def _call(client: Client, args: argparse.Namespace, verb: Verb[Any], fields: dic
         print(json.dumps(raw, indent=2))  # as received, fields this tailcallctl does not know included
     else:
         verb.show(result, args)
+    return 0
+
+
+def show_metrics(args: argparse.Namespace) -> int:
+    path = args.metrics_socket or (args.socket or default_socket()).parent / "metrics.sock"
+    try:
+        text = metrics_http.fetch(path, args.timeout)
+    except PermissionError:
+        _complain(f"permission denied on {path}: tailcalld's metrics are for root and its allowed_group")
+        return EXIT_FAILURE
+    except (OSError, metrics_http.MetricsUnavailable) as err:
+        _complain(f"cannot read tailcalld's metrics at {path}: {err} (is tailcalld running, with metrics_socket?)")
+        return EXIT_FAILURE
+    sys.stdout.write(text.decode(errors="replace"))
     return 0
 
 

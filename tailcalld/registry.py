@@ -60,6 +60,7 @@ class Registry:
         # slots (and their compiles) run side by side.
         self.locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.corrections: deque[str] = deque(maxlen=MAX_CORRECTIONS)
+        self.corrections_total = 0  # since the start (metrics); the deque keeps only the latest
         # Bumped by every commit: a view of the kernel read before it is stale.
         self.generation = 0
         self._stale_state = False
@@ -74,6 +75,7 @@ class Registry:
     def correct(self, message: str, error: bool = False) -> None:
         """Log a correction the registry made to make kernel and desired state agree."""
         self.corrections.append(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {message}")
+        self.corrections_total += 1
         logger.log(logging.ERROR if error else logging.WARNING, "reconcile: %s", message,
                    extra={"TAILCALLD_RECONCILE": 1})
 

@@ -341,6 +341,15 @@ class SlotManager:
     def _hits(self, slot: int, missed: list[int], called: list[int]) -> int:
         return max(0, self.calls.since_start(slot, called) - self.misses.since_start(slot, missed))
 
+    def counted_slots(self) -> list[tuple[int, int, int]]:
+        """(slot key, hits, misses) since this daemon started, from the snapshot list and status
+        share: every wanted slot, and every watched one whose calls moved (the misses of a slot
+        whose handler was detached, a watch_misses slot).  For metrics."""
+        missed, called = self._recent_counts()
+        moved = (key for key in range(len(called)) if self.calls.since_start(key, called) and self.misses.watched(key))
+        return [(key, self._hits(key, missed, called), self.misses.since_start(key, missed))
+                for key in sorted(set(self.registry.wanted()).union(moved))]
+
     def syscall_table(self, pattern: str | None) -> list[SyscallView]:
         handlers = self.registry.handlers
         return [SyscallView(abi, nr, name, slot, handlers[slot].record if slot in handlers else None)
