@@ -139,6 +139,8 @@ def systemd(machine: None, one_at_a_time: None) -> Iterator[Systemd]:
         if not had_config:  # ours, rewritten by the tests: uninstall would keep it as "edited"
             CONFIG.unlink(missing_ok=True)
         subprocess.run(["make", "-C", str(REPO), "uninstall"], capture_output=True, timeout=300)
+        # The uninstall took the catalog that make setup installs for the checkout too: put it back.
+        subprocess.run(["bash", str(REPO / "scripts/install.sh"), "catalog"], capture_output=True, timeout=120)
         subprocess.run(["bash", str(CI_SYSTEMD), "down"], env=env, capture_output=True, timeout=120)
         remove_pin_tree(pin_root)
 
