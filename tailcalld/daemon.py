@@ -22,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, events, notify, timing
-from .commands import CommandContext, StopReason
+from .commands import CommandContext, StopReason, run_apply
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, LiveSettings, Settings, bounds, load_settings
+from .desired_slots import DesiredSlots
 from .dispatcher import CALL, NR_SLOTS, remove_pins
 from .pins import PinDirLock
 from .errors import ConfigError, TailcalldError, UnsafePath
@@ -32,6 +33,7 @@ from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
 from .kernel import BpfKernel
 from .misses import MissMonitor, MissReport
 from .paths import open_trusted_dir
+from .peers import Peer
 from .server import ROOT_RESERVE, ControlServer, SocketPlace
 from .slots import SlotManager
 from .state import StateFile, StateStore
@@ -74,6 +76,7 @@ class Daemon:
         self._timing: OnDemandTiming | None = None
         self._events: events.EventHub | None = None
         self._reload_tasks: set[asyncio.Task[None]] = set()
+        self._desired: DesiredSlots | None = None
 
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
         self.stop_reason = reason
@@ -150,11 +153,15 @@ class Daemon:
             sock = passed
             place.set_access(s.allowed_gid)
         self._place = place
-        server = ControlServer(CommandContext(manager, self.live, self.request_stop, str(place.path),
-                                              timing=self._timing, events=self._events))
+        ctx = CommandContext(manager, self.live, self.request_stop, str(place.path), timing=self._timing,
+                             events=self._events)
+        server = ControlServer(ctx)
+        itself = Peer.this_process()  # who the journal says made desired_slots' changes
+        self._desired = DesiredSlots(self.live, lambda request: run_apply(ctx, request, itself))
         watchdog = _start_watchdog()
         try:
             await server.start(sock)
+            await self._desired.reconcile("start")  # served meanwhile; ready once the slots match it
             d = manager.kernel.info
             state = (f"upgraded from program {d.upgraded_from}" if d.upgraded_from
                      else "adopted from pins" if d.adopted else "loaded and pinned")
@@ -194,6 +201,11 @@ class Daemon:
                 await manager.repair_drift()
             except (OSError, TailcalldError):
                 logger.exception("could not check the slots against the kernel")
+            if self._desired is not None:
+                try:
+                    await self._desired.check()
+                except (OSError, TailcalldError):
+                    logger.exception("could not reconcile the slots to desired_slots")
             seconds = reports[0].seconds if reports else 0.0
             self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0
             self._publish_status()
@@ -262,6 +274,8 @@ class Daemon:
             logger.info("reloaded %s: %s", self.config_path,
                         ", ".join(f"{k}={getattr(self.live.current, k)!r}" for k in sorted(live))
                         if live else "no live change")
+            if self._desired is not None:
+                await self._desired.reconcile("reload")
         notify.notify("READY=1", self._status_line())
 
     def _check_paths(self) -> None:

@@ -186,11 +186,11 @@ def _table(values: dict[str, str]) -> str:
     return "{ " + ", ".join(f"{k} = {_string(v)}" for k, v in values.items()) + " }"
 
 
-def entry_text(slot: str, hook: str, file: str, function: str | None, dialect: str | None, journal: bool,
+def entry_text(slot: str | int, hook: str, file: str, function: str | None, dialect: str | None, journal: bool,
                variables: dict[str, str], defines: dict[str, str]) -> str:
     """One [[slot]] table, with only the fields that differ from their defaults (dialect is
     always written for C: the file's detection could say otherwise if the handler was forced)."""
-    lines = ["[[slot]]", f"slot = {_string(slot)}"]
+    lines = ["[[slot]]", f"slot = {_string(slot) if isinstance(slot, str) else slot}"]
     if hook != "enter":
         lines.append(f"hook = {_string(hook)}")
     lines.append(f"file = {_string(file)}")
