@@ -146,9 +146,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 def file_name(saved: SavedFile, fallback: str) -> str:
     """A plain file name for a saved handler: its own (without folders), made safe."""
-    name = _UNSAFE.sub("_", Path(saved.filename or "").name).lstrip(".")
-    if not name or name in ("-", "<source>", "<stdin>"):
-        name = _UNSAFE.sub("_", fallback)
+    own = Path(saved.filename or "").name
+    name = _UNSAFE.sub("_", own).lstrip(".") if own not in ("-", "<source>", "<stdin>") else ""
+    name = name or _UNSAFE.sub("_", fallback)
     suffix = ".o" if saved.object is not None else ".c"
     return name if name.endswith(suffix) or (saved.object is None and name.endswith(".h")) else name + suffix
 
