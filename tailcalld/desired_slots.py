@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from .config import LiveSettings
 from .desired import DesiredFileError, read_request
-from .errors import TailcalldError, UnsafePath
+from .errors import ApplyIncomplete, TailcalldError, UnsafePath
 from .paths import open_trusted_dir
 from .protocol import ApplyRequest, ApplyResult
 
@@ -117,7 +117,12 @@ class DesiredSlots:
         try:
             result = await self._run(request)
         except TailcalldError as err:
-            logger.error("%s %s (%s): %s", ROLE, path, why, err.message, extra={"TAILCALLD_DESIRED": str(path)})
+            # The compiler's or the verifier's words are in the details: the journal gets them too.
+            log = err.details.get("log") if isinstance(err.details, dict) else None
+            logger.error("%s %s (%s): %s%s%s", ROLE, path, why,
+                         "" if isinstance(err, ApplyIncomplete) else "nothing was changed: ", err.message,
+                         f"\n{log.rstrip()}" if isinstance(log, str) and log.strip() else "",
+                         extra={"TAILCALLD_DESIRED": str(path)})
             return None
         changed = [c for c in result.changes if c.action != "unchanged"]
         logger.info("%s %s (%s): %s", ROLE, path, why,
