@@ -10,7 +10,9 @@ Order, so that a failure changes as little as it can:
 1. every new handler is built (compiled and loaded, or reused) before any slot changes; one that
    fails stops the apply with nothing changed, its error naming the entry and its file;
 2. the slots are switched one at a time, each as attach does it (Registry.commit: memory, state
-   file, one prog-array update), adds and replaces in slot order, removals last.
+   file, one prog-array update), adds and replaces in slot order, removals last.  Exit slots
+   are filled before enter slots and emptied after them: an exit handler often takes what its
+   syscall's enter handler noted (openat_latency.bpf.c), so it is there first and goes last.
 
 A kernel or disk failure during step 2 stops there: the slots switched so far stay switched
 (each is whole, no slot is ever half-changed) and the error (ApplyIncomplete) lists them.
@@ -99,11 +101,17 @@ def check_unique(wanted: list[Wanted], label: Callable[[int], str], origin: str)
 
 
 def plan(manager: SlotManager, wanted: list[Wanted]) -> list[Step]:
-    """What each slot needs, adds and replaces by slot, then removals by slot."""
+    """What each slot needs, adds and replaces by slot (exit slots first), then removals by slot
+    (exit slots last)."""
     reg = manager.registry
     current = reg.wanted()
     steps: list[Step] = []
-    for w in sorted(wanted, key=lambda w: w.key):
+
+    def exit_first(key: int) -> tuple[bool, int]:
+        nr, hook = manager.syscalls.split(key)
+        return hook == "enter", nr
+
+    for w in sorted(wanted, key=lambda w: exit_first(w.key)):
         record = current.get(w.key)
         if record is None:
             steps.append(Step("add", w.key, w, None))
@@ -115,6 +123,7 @@ def plan(manager: SlotManager, wanted: list[Wanted]) -> list[Step]:
             why.append("kernel")  # emptied or refilled behind our back: put it right now
         steps.append(Step("replace" if why else "unchanged", w.key, w, record, why))
     listed = {w.key for w in wanted}
+    # Enter keys sort before exit keys: exit slots are emptied last.
     steps += [Step("remove", key, None, record) for key, record in sorted(current.items()) if key not in listed]
     return steps
 

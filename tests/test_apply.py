@@ -319,3 +319,17 @@ def test_desired_slots_in_a_folder_others_can_change_is_not_read(tmp_path: Path,
         assert "nothing was changed" in logged["MESSAGE"] and "writable by group and others" in logged["MESSAGE"]
     finally:
         d.stop()
+
+
+def test_the_example_apply_file_applies(daemon: DaemonProcess) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "slots.toml"
+    dry = apply(daemon, example, "--dry-run")
+    assert [line.split()[:3] for line in dry.splitlines()[:3]] == [["+", "openat", "exit"], ["+", "kill", "(62)"],
+                                                                   ["+", "openat", "(257)"]], dry
+    out = apply(daemon, example)
+    assert out.splitlines()[-1] == "3 added.", out
+    listed = {(s["syscall"], s["hook"]): s["function"] for s in daemon.call("list")["slots"]}
+    assert listed == {("openat", "enter"): "openat_enter", ("openat", "exit"): "openat_exit",
+                      ("kill", "enter"): "enter_kill"}
+    assert set(enter_slots(daemon)) == {257, 62} and set(kernel_slots(daemon.pin_dir / "exit" / "prog_array")) == {257}
+    assert apply(daemon, example) == "nothing to change (3 slots as listed).\n"

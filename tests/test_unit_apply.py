@@ -277,6 +277,20 @@ def test_exit_slots_and_not_restored_records(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_exit_slots_are_filled_first_and_emptied_last(tmp_path: Path) -> None:
+    """An exit handler often takes what its enter handler noted: it is there before, and stays after."""
+    async def scenario(n: Node) -> None:
+        r = await n.apply({"slot": "getppid", "file": 0}, {"slot": "kill", "file": 0, "hook": "exit"},
+                          {"slot": "fchmodat", "file": 0, "hook": "exit"}, {"slot": "fchmodat", "file": 1})
+        assert actions(r) == [("add", KILL, "exit"), ("add", FCHMODAT, "exit"), ("add", GETPPID, "enter"),
+                              ("add", FCHMODAT, "enter")]
+        r = await n.apply()
+        assert actions(r) == [("remove", GETPPID, "enter"), ("remove", FCHMODAT, "enter"),
+                              ("remove", KILL, "exit"), ("remove", FCHMODAT, "exit")]
+        assert n.kernel.slots == {} and not n.kernel.exit_attached
+    run(tmp_path, scenario)
+
+
 def test_a_slot_emptied_behind_our_back_is_put_right(tmp_path: Path) -> None:
     async def scenario(n: Node) -> None:
         await n.apply({"slot": "fchmodat", "file": 0})
