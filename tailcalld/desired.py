@@ -103,11 +103,15 @@ def _problem(error: Any) -> str:
     return f"[[slot]] {index + 1 if isinstance(index, int) else index}: {'.'.join(names) or '(table)'}: {what}"
 
 
-def read_request(path: Path, read: Reader = plain_read, origin: str | None = None) -> tuple[dict[str, Any], list[Path]]:
+def read_request(path: Path, read: Reader = plain_read, origin: str | None = None,
+                 tried: list[Path] | None = None) -> tuple[dict[str, Any], list[Path]]:
     """The apply request's fields (files, slots, source) for the apply file at ``path``, and
-    every file that was read (the daemon watches them).  Raises DesiredFileError."""
+    every file that was read (the daemon watches them).  Raises DesiredFileError; ``tried``
+    then holds the files it read or tried to (a missing handler file among them), so that the
+    daemon tries again once one of them changes or appears."""
     origin = origin or str(path)
-    read_files = [path]
+    read_files = [path] if tried is None else tried
+    read_files.append(path)
     text = _text(_read(read, path, MAX_APPLY_FILE_BYTES, "apply file"), path, "apply file")
     desired = parse(text, origin)
     files: list[dict[str, Any]] = []
@@ -116,13 +120,14 @@ def read_request(path: Path, read: Reader = plain_read, origin: str | None = Non
     for i, entry in enumerate(desired.slot):
         name = posixpath.normpath(entry.file)
         if name not in index_of:
+            read_files.append(path.parent / name)
             try:
                 fields, used = handler_file(path.parent / name, entry.file, read)
             except DesiredFileError as err:
                 raise DesiredFileError(f"{origin}, [[slot]] {i + 1}: {err}") from None
             index_of[name] = len(files)
             files.append(fields)
-            read_files += used
+            read_files += used[1:]  # its local headers (the file itself is in already)
         slots.append({"slot": entry.slot, "hook": entry.hook, "file": index_of[name], "function": entry.function,
                       "dialect": entry.dialect, "journal": entry.journal,
                       "variables": {k: _text_value(v) for k, v in entry.variables.items()},

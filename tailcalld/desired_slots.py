@@ -97,11 +97,14 @@ class DesiredSlots:
                 return None
             if path != self._path:
                 self._path, self._used, self._applied = path, [path], None
+            tried: list[Path] = []
             try:
-                fields, used = await asyncio.to_thread(read_request, path, trusted_read, str(path))
+                fields, used = await asyncio.to_thread(read_request, path, trusted_read, str(path), tried)
                 request = ApplyRequest.model_validate({"command": "apply", **fields})
             except (DesiredFileError, TailcalldError, ValidationError) as err:
-                self._seen = await asyncio.to_thread(signature, self._used)  # retried once they change
+                # Retried once one of the files it read, or tried to (one missing), changes.
+                self._used = list(dict.fromkeys(tried))
+                self._seen = await asyncio.to_thread(signature, self._used)
                 logger.error("%s %s (%s): nothing was changed: %s", ROLE, path, why, _reason(err),
                              extra={"TAILCALLD_DESIRED": str(path)})
                 return None

@@ -22,7 +22,7 @@ from tailcalld.compiler import Program
 from tailcalld.config import LiveSettings, Settings
 from tailcalld.dialects import Artifact
 from tailcalld.desired import DesiredFileError, entry_text, parse, read_request
-from tailcalld.desired_slots import signature, trusted_read
+from tailcalld.desired_slots import DesiredSlots, signature, trusted_read
 from tailcalld.errors import ApplyIncomplete, BadRequest, CompileError, UnknownSyscall, UnsafePath
 from tailcalld.misses import MissMonitor
 from tailcalld.peers import Peer
@@ -421,3 +421,32 @@ def test_ctl_save_writes_the_files_and_never_overwrites_other_contents(tmp_path:
         assert ctl.main(["--socket", str(daemon.path), "save", "-o", str(out)]) == 1
     assert "would be overwritten" in capsys.readouterr().err
     assert (tmp_path / "saved" / "a.c").read_text() == "changed by hand\n"
+
+
+def test_desired_slots_tries_again_once_a_missing_handler_file_appears(tmp_path: Path) -> None:
+    folder = tmp_path / "desired"
+    folder.mkdir(mode=0o755)
+    apply = folder / "slots.toml"
+    apply.write_text('[[slot]]\nslot = 268\nfile = "a.c"\n')
+    sent: list[ApplyRequest] = []
+
+    async def run_it(request: ApplyRequest) -> ApplyResult:
+        sent.append(request)
+        return ApplyResult(dry_run=False, changes=[])
+
+    async def main() -> None:
+        desired = DesiredSlots(LiveSettings(Settings(desired_slots=apply)), run_it)
+        assert await desired.reconcile("start") is None and sent == []  # a.c is missing: logged, nothing sent
+        await desired.check()
+        assert sent == []  # no file changed: not read again
+        (folder / "a.c").write_text(BCC)
+        await desired.check()
+        assert [r.files[0].source for r in sent] == [BCC]
+        await desired.check()
+        apply.write_text(apply.read_text() + "# a comment changes the file, not what it asks\n")
+        await desired.check()
+        assert len(sent) == 1
+        (folder / "a.c").write_text(BCC2)
+        await desired.check()
+        assert [r.files[0].source for r in sent] == [BCC, BCC2]
+    asyncio.run(main())
