@@ -20,6 +20,7 @@ the daemon only from folders root alone can change (desired_slots.py).
 from __future__ import annotations
 
 import base64
+import difflib
 import json
 import posixpath
 import tomllib
@@ -99,7 +100,11 @@ def _problem(error: Any) -> str:
     index, fields = loc[1], loc[2:]
     # A union's branches add their type names to the location (slot.0.slot.str): keep the fields.
     names = [str(p) for p in fields if not str(p).startswith(("str", "int", "bool", "function-", "constrained-"))]
-    what = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+    what = error["msg"]
+    if error["type"] == "extra_forbidden":
+        known = [f.alias or name for name, f in SlotEntry.model_fields.items()]
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1) if len(names) == 1 else []
+        what = "unknown field" + (f" (did you mean {close[0]}?)" if close else f"; the fields are {', '.join(known)}")
     return f"[[slot]] {index + 1 if isinstance(index, int) else index}: {'.'.join(names) or '(table)'}: {what}"
 
 

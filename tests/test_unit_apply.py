@@ -61,7 +61,10 @@ def test_an_empty_file_lists_no_slot() -> None:
 def test_parse_errors_name_the_file_the_table_and_the_field() -> None:
     assert "slots.toml is not valid TOML" in problem('[[slot]]\nslot = "a\n')
     said = problem('[[slot]]\nslot = 1\nfile = "a.c"\n[[slot]]\nslot = 2\nfile = "b.c"\nfuncton = "f"\n')
-    assert said == "slots.toml: [[slot]] 2: functon: unknown field"
+    assert said == "slots.toml: [[slot]] 2: functon: unknown field (did you mean function?)"
+    assert problem('[[slot]]\nslot = 1\nfile = "a.c"\nsets = { a = 1 }\n').endswith("sets: unknown field (did you mean set?)")
+    assert problem('[[slot]]\nslot = 1\nfile = "a.c"\nxyz = 1\n').endswith(
+        "xyz: unknown field; the fields are slot, hook, file, function, dialect, journal, set, define")
     assert "[[slot]] 1: file: Field required" in problem('[[slot]]\nslot = 1\n')
     assert "[[slot]] 1: hook: Input should be 'enter' or 'exit'" in problem('[[slot]]\nslot=1\nfile="a"\nhook="in"\n')
     assert "[[slot]] 1: function: String should match pattern" in problem('[[slot]]\nslot=1\nfile="a"\nfunction="a b"\n')
@@ -401,7 +404,7 @@ def test_ctl_apply_of_a_bad_file_sends_nothing(tmp_path: Path, capsys: pytest.Ca
     apply = tmp_path / "slots.toml"
     apply.write_text('[[slot]]\nslot = "fchmodat"\nfile = "a.c"\nfunc = "x"\n')
     assert ctl.main(["--socket", str(tmp_path / "none.sock"), "apply", str(apply)]) == 2
-    assert capsys.readouterr().err == f"tailcallctl: {apply}: [[slot]] 1: func: unknown field\n"
+    assert capsys.readouterr().err == f"tailcallctl: {apply}: [[slot]] 1: func: unknown field (did you mean function?)\n"
 
 
 def test_ctl_save_writes_the_files_and_never_overwrites_other_contents(tmp_path: Path,
