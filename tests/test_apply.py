@@ -333,3 +333,35 @@ def test_the_example_apply_file_applies(daemon: DaemonProcess) -> None:
                       ("kill", "enter"): "enter_kill"}
     assert set(enter_slots(daemon)) == {257, 62} and set(kernel_slots(daemon.pin_dir / "exit" / "prog_array")) == {257}
     assert apply(daemon, example) == "nothing to change (3 slots as listed).\n"
+
+
+@pytest.mark.usefixtures("journald")
+def test_desired_slots_follows_a_configmap_update(tmp_path: Path, pin_root: Path,
+                                                   notify_socket: socket.socket) -> None:
+    """A Kubernetes ConfigMap volume: each name is a link through ..data to a timestamped
+    folder, and an update swaps ..data at once (kubelet's atomic writer)."""
+    volume = tmp_path / "volume"
+    volume.mkdir(mode=0o755)
+    maps = pin_root / "maps"
+    for version, step in (("..v1", "1"), ("..v2", "5")):
+        (volume / version).mkdir(mode=0o755)
+        (volume / version / "slots.toml").write_text(slot_toml('slot = "fchmodat"\nfile = "count.c"'))
+        (volume / version / "count.c").write_text(counting(maps / "a", 7781, step=step))
+    (volume / "..data").symlink_to("..v1")
+    for name in ("slots.toml", "count.c"):
+        (volume / name).symlink_to(f"..data/{name}")
+    d = start_daemon(tmp_path, pin_root / "daemon", desired_slots=volume / "slots.toml", miss_log_interval=0.5)
+    try:
+        wait_notify(notify_socket, "READY=1")
+        first = enter_slots(d)
+        assert set(first) == {FCHMODAT}
+        call(FCHMODAT, 7781, 3)
+        assert read_counter(maps / "a") == 3
+        (volume / "..tmp").symlink_to("..v2")
+        os.replace(volume / "..tmp", volume / "..data")
+        wait_until(lambda: enter_slots(d).get(FCHMODAT) not in (None, first[FCHMODAT]), 120)
+        call(FCHMODAT, 7781, 3)
+        assert read_counter(maps / "a") == 3 + 3 * 5
+        assert d.call("list")["slots"][0]["filename"] == "count.c"
+    finally:
+        d.stop()
