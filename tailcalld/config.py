@@ -136,6 +136,20 @@ class Settings(BaseModel):
     def metrics_address(self) -> tuple[str, int] | None:
         return parse_listen(self.metrics_listen) if self.metrics_listen else None
 
+    # Declarative state (desired_slots.py): an apply file the daemon makes the slots match.
+    desired_slots: Path | None = Field(None, json_schema_extra=LIVE,
+                                       description='an apply file to reconcile the slots to at start, on reload and '
+                                                   'when it changes; "" or unset: none')
+
+    @field_validator("desired_slots", mode="before")
+    @classmethod
+    def _desired_slots(cls, value: object) -> object:
+        if value == "":
+            return None
+        if isinstance(value, str) and not value.startswith("/"):
+            raise ValueError(f"{value!r} is not an absolute path")
+        return value
+
     @field_validator("events_buffer_bytes")
     @classmethod
     def _power_of_two(cls, size: int) -> int:

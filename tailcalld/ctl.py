@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 from tabulate import tabulate
 
-from . import __version__, events_cli, metrics_http, top
+from . import __version__, apply_cli, events_cli, metrics_http, top
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
@@ -220,7 +220,9 @@ def show_attach(r: AttachResult, args: argparse.Namespace) -> None:
         print(printable_block(r.log.rstrip("\n")), file=sys.stderr)
     _warn(r.warnings, args)
     where = _where(r.syscall, r.slot, r.hook)
-    if r.replaced_prog_id is not None:
+    if r.unchanged:
+        print(printable(f"unchanged: {where} already runs {r.function} (program {r.prog_id})"))
+    elif r.replaced_prog_id is not None:
         print(printable(f"replaced program {r.replaced_prog_id} in {where} with {r.function}: "
                         f"program {r.prog_id}, {r.insns} instructions"))
     else:
@@ -420,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--exit", action="store_true", help="with --slot: its exit slot's events")
     ev.add_argument("-n", "--lines", type=int, metavar="N", default=None,
                     help="at most N of the latest events first (default: all kept; 10 with -f)")
+    apply_cli.add_parsers(sub, common)
     sub.add_parser("ping", parents=[common], help="check that the daemon answers")
     me = sub.add_parser("metrics", help="print the daemon's Prometheus metrics (read from its metrics socket)")
     me.add_argument("--metrics-socket", type=Path, metavar="PATH",
@@ -460,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         return _talking(args, lambda client: events_cli.run(client, args, printable))
     if args.verb == "metrics":  # HTTP on the metrics socket, not the control protocol
         return show_metrics(args)
+    if args.verb in apply_cli.VERBS:  # files read (apply) or written (save) by tailcallctl itself
+        return apply_cli.main(args, _talking, printable)
     verb = VERBS[args.verb]
     try:
         fields = verb.request(args)  # inputs first: see the request builders

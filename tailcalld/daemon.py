@@ -22,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, events, metrics, metrics_http, notify, timing
-from .commands import CommandContext, StopReason
+from .commands import CommandContext, StopReason, run_apply
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, LiveSettings, Settings, bounds, load_settings
+from .desired_slots import DesiredSlots
 from .dispatcher import CALL, NR_SLOTS, remove_pins
 from .pins import PinDirLock
 from .errors import ConfigError, TailcalldError, UnsafePath
@@ -32,6 +33,7 @@ from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
 from .kernel import BpfKernel
 from .misses import MissMonitor, MissReport
 from .paths import open_trusted_dir
+from .peers import Peer
 from .server import ROOT_RESERVE, ControlServer, SocketPlace
 from .slots import SlotManager
 from .state import StateFile, StateStore
@@ -76,6 +78,7 @@ class Daemon:
         self._reload_tasks: set[asyncio.Task[None]] = set()
         self.metrics = metrics.Metrics()
         self._metrics_endpoints: metrics_http.Endpoints | None = None
+        self._desired: DesiredSlots | None = None
 
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
         self.stop_reason = reason
@@ -159,11 +162,14 @@ class Daemon:
                              events=self._events, recorder=self.metrics.recorder)
         server = ControlServer(ctx)
         self.metrics.watch(ctx)
+        itself = Peer.this_process()  # who the journal says made desired_slots' changes
+        self._desired = DesiredSlots(self.live, lambda request: run_apply(ctx, request, itself))
         watchdog = _start_watchdog()
         try:
             await server.start(sock)
             if self._metrics_endpoints is not None:
                 await self._metrics_endpoints.start(self.metrics.render, lambda: self.live.current.allowed_gid)
+            await self._desired.reconcile("start")  # served meanwhile; ready once the slots match it
             d = manager.kernel.info
             state = (f"upgraded from program {d.upgraded_from}" if d.upgraded_from
                      else "adopted from pins" if d.adopted else "loaded and pinned")
@@ -207,6 +213,11 @@ class Daemon:
                 await manager.repair_drift()
             except (OSError, TailcalldError):
                 logger.exception("could not check the slots against the kernel")
+            if self._desired is not None:
+                try:
+                    await self._desired.check()
+                except (OSError, TailcalldError):
+                    logger.exception("could not reconcile the slots to desired_slots")
             seconds = reports[0].seconds if reports else 0.0
             self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0
             self._publish_status()
@@ -275,6 +286,8 @@ class Daemon:
             logger.info("reloaded %s: %s", self.config_path,
                         ", ".join(f"{k}={getattr(self.live.current, k)!r}" for k in sorted(live))
                         if live else "no live change")
+            if self._desired is not None:
+                await self._desired.reconcile("reload")
         notify.notify("READY=1", self._status_line())
 
     def _check_paths(self) -> None:

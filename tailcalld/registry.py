@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .compiler import Program
-from .dialects import tag_of
+from .dialects import Artifact, tag_of
 from .errors import StateUnwritable
 from .kernel import Kernel
+from .loader_settings import settings
 from .state import SlotRecord, StateFile, StateStore, record_build_key
 from .syscalls import SyscallTable
 
@@ -44,6 +45,27 @@ class Handler:
     def close(self) -> None:
         if self.prog is not None:
             self.prog.close()
+
+
+def differences(record: SlotRecord, artifact: Artifact, function: str | None, journal: bool) -> list[str]:
+    """What sets the handler ``record`` names apart from ``artifact`` made with ``function``
+    (None: the only raw_tp one, which the same file and settings always resolve alike) and
+    ``journal``; empty when it is the very same handler.  The source's (or object's) hash
+    covers its local headers; the file's name is not part of what a handler is."""
+    why = []
+    if record.source_sha256 != artifact.sha256:
+        why.append("source")
+    elif record.dialect != artifact.dialect:
+        why.append("dialect")
+    if function is not None and function != record.function:
+        why.append("function")
+    if settings(record.variables) != artifact.variables:
+        why.append("variables")
+    if settings(record.defines) != artifact.defines:
+        why.append("defines")
+    if record.journal != journal:
+        why.append("journal")
+    return why
 
 
 class Registry:

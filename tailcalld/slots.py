@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from . import audit, reconcile
+from .audit import Fields as AuditFields
 from .compiler import Program
 from .dialects import Artifact, Dialect
 from .errors import SlotEmpty, StateUnwritable, TailcalldError, Unloading
@@ -24,7 +25,7 @@ from .kernel import DispatcherInfo, Kernel
 from .loader_settings import settings
 from .misses import Counters, MissMonitor
 from .peers import Peer
-from .registry import Handler, Registry
+from .registry import Handler, Registry, differences
 from .state import SlotRecord, StateFile, StateStore
 from .syscalls import Hook, SyscallTable
 
@@ -41,6 +42,7 @@ class Attached:
     replaced_prog_id: int | None
     log: str = ""  # the compiler's warnings and the loader's messages (the user's file named)
     warnings: tuple[str, ...] = ()  # tailcalld's own (headers that do not match the kernel)
+    unchanged: bool = False  # the slot ran this very handler already: nothing was done
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,10 @@ class SlotManager:
         self._check_open()  # before the lock: unload-all holds every lock for good
         async with reg.locks[slot]:
             self._check_open()
+            same = None if fresh else self.running_as_asked(slot, artifact, function, journal)
+            if same is not None:  # not touched, not audited: nothing changes
+                return Attached(slot, self.syscalls.label(slot), same.record.function or "?", same.record.prog_id,
+                                same.prog.insns if same.prog is not None else 0, None, unchanged=True)
             prog = (None if fresh else self._already_loaded(artifact, function)) \
                 or await self.kernel.load(artifact, function)
             try:
@@ -214,6 +220,34 @@ class SlotManager:
                     {"FILENAME": filename, "FUNCTION": prog.function})
         return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced, prog.log,
                         prog.warnings)
+
+    def running_as_asked(self, slot: int, artifact: Artifact, function: str | None, journal: bool) -> Handler | None:
+        """The slot's handler if it is this very handler (registry.differences) and the kernel's
+        slot holds its program: asking for it again changes nothing."""
+        h = self.registry.handlers.get(slot)
+        if h is None or differences(h.record, artifact, function, journal):
+            return None
+        return h if self.kernel.slot(slot) == h.record.prog_id else None
+
+    def reusable_program(self, artifact: Artifact, function: str | None) -> Program | None:
+        """For apply (plan.py): see _already_loaded."""
+        return self._already_loaded(artifact, function)
+
+    def check_open(self) -> None:
+        """For apply (plan.py): refuse changes once unload-all began."""
+        self._check_open()
+
+    def audit(self, action: str, peer: Peer, slot: int | None, prog_id: int, sha: str | None, what: str) -> None:
+        """For apply (plan.py): a change to the journal, as attach and detach write theirs."""
+        self._audit(action, peer, slot, prog_id, sha, what)
+
+    def after_change(self, filled: list[int]) -> None:
+        """For apply (plan.py), once its changes are made: the exit dispatcher let go if no exit
+        slot is left, the miss counters told of the slots that hold a handler now, STATUS= redone."""
+        self._release_idle_exit()
+        for slot in filled:
+            self.misses.held_handler(slot)
+        self._on_change()
 
     def _already_loaded(self, artifact: Artifact, function: str | None) -> Program | None:
         """The program another slot (or this one) already runs for the same handler, with an fd
@@ -285,8 +319,8 @@ class SlotManager:
         return Unloaded(slots, pins)
 
     def _audit(self, action: str, peer: Peer, slot: int | None, prog_id: int, sha: str | None, what: str,
-               more: audit.Fields | None = None) -> None:
-        fields: audit.Fields = {"PROG_ID": prog_id, **(more or {})}
+               more: AuditFields | None = None) -> None:
+        fields: AuditFields = {"PROG_ID": prog_id, **(more or {})}
         if slot is not None:
             fields |= self._slot_fields(slot)
         if sha is not None:
@@ -294,7 +328,7 @@ class SlotManager:
         audit.changed(action, peer, what, fields)
 
     def audit_failure(self, action: str, peer: Peer, slot_spec: int | str, hook: Hook, err: BaseException,
-                      fields: audit.Fields) -> None:
+                      fields: AuditFields) -> None:
         """An attach or detach that failed, with the slot as resolved (as requested when it
         names no slot) and the error the client got."""
         try:
@@ -306,7 +340,7 @@ class SlotManager:
         filename = fields.get("FILENAME")
         audit.failed(action, peer, f"{filename} in {where}" if filename else where, err, fields)
 
-    def _slot_fields(self, slot: int) -> audit.Fields:
+    def _slot_fields(self, slot: int) -> AuditFields:
         nr, hook = self.syscalls.split(slot)
         return {"SLOT": nr, "SLOT_HOOK": hook, "SYSCALL_NAME": self.syscalls.label(slot)}
 

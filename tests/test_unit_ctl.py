@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tailcalld import ctl, events_cli
+from tailcalld import apply_cli, ctl, events_cli
 from tailcalld.client import SOCKET_ENV, RemoteError
 from tailcalld.errors import CompileError, SlotEmpty, TailcalldError, VerifierRejected
 from tailcalld.protocol import (COMMANDS, EventsRequest, EventsResult, SyscallEntry, SyscallsResult, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
@@ -92,9 +92,9 @@ def test_main_without_verb_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_verbs_are_the_protocol_commands() -> None:
-    """Every command of the protocol has a verb (events streams: events_cli), and every verb has
-    a round trip below."""
-    assert set(ctl.VERBS) | {"events"} == set(COMMANDS)
+    """Every command of the protocol has a verb (events streams: events_cli; apply and save read
+    and write files: apply_cli, tested in test_unit_apply), and every verb has a round trip below."""
+    assert set(ctl.VERBS) | {"events"} | set(apply_cli.VERBS) == set(COMMANDS)
     assert set(ctl.VERBS) == set(REPLIES)
 
 
