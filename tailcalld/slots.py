@@ -335,10 +335,16 @@ class SlotManager:
             slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
         except TailcalldError:
             where, fields = f"slot {str(slot_spec)[:audit.MAX_SLOT_CHARS]!r}", fields | audit.requested_slot(slot_spec)
+            filename = fields.get("FILENAME")
+            audit.failed(action, peer, f"{filename} in {where}" if filename else where, err, fields)
         else:
-            where, fields = f"slot {self.registry.label(slot)}", fields | self._slot_fields(slot)
-        filename = fields.get("FILENAME")
-        audit.failed(action, peer, f"{filename} in {where}" if filename else where, err, fields)
+            self.audit_failure_in(action, peer, slot, err, fields)
+
+    def audit_failure_in(self, action: str, peer: Peer, slot: int, err: BaseException, fields: AuditFields) -> None:
+        """As audit_failure, for a slot key already resolved (an apply's slots too)."""
+        where, filename = f"slot {self.registry.label(slot)}", fields.get("FILENAME")
+        audit.failed(action, peer, f"{filename} in {where}" if filename else where, err,
+                     fields | self._slot_fields(slot))
 
     def _slot_fields(self, slot: int) -> AuditFields:
         nr, hook = self.syscalls.split(slot)

@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 
 from fakes import NR_SLOTS, FakeKernel, FlakyStore
+from test_unit_apply import BCC2, GETPPID, KILL, Node
+from test_unit_apply import run as run_apply_node
 from tailcalld import audit
+from tailcalld.compiler import Program
 from tailcalld.config import LiveSettings, Settings
 from tailcalld.dialects import Artifact
-from tailcalld.errors import BadRequest, CompileError, KernelError, SlotEmpty, SlotOutOfRange, UnknownSyscall
+from tailcalld.errors import ApplyIncomplete, BadRequest, CompileError, KernelError, SlotEmpty, SlotOutOfRange, UnknownSyscall
 from tailcalld.events import EVENT_MESSAGE_ID
 from tailcalld.journal import MISS_MESSAGE_ID, Resend, entry_fields
 from tailcalld.misses import MissMonitor
@@ -183,6 +186,41 @@ def test_an_attach_or_detach_the_protocol_refused_is_audited(
         "[bad_request] (by uid 0, pid 4242, tester)")
     assert detach["TAILCALLD_ACTION"] == "detach-failed" and "SLOT_REQUESTED" not in detach
     assert records()[1].getMessage().startswith("detach failed: no slot: invalid detach request")
+
+
+def test_the_slots_an_apply_could_not_change_are_audited(
+        tmp_path: Path, records: Callable[[], list[logging.LogRecord]]) -> None:
+    """A build that fails (nothing changes) and a kernel refusal half-way: each its slot's entry,
+    as the attach that failed, naming the apply; the slots it did change are audited as changed."""
+    async def scenario(n: Node) -> None:
+        original = n.kernel.load
+
+        async def load(artifact: Artifact, function: str | None) -> Program:
+            if artifact.data == BCC2.encode():
+                raise CompileError("b.c:1:1: error: expected identifier")
+            return await original(artifact, function)
+        n.kernel.load = load  # type: ignore[method-assign]
+        with pytest.raises(CompileError):
+            await n.apply({"slot": "getppid", "file": 0}, {"slot": "kill", "file": 1})
+        n.kernel.load = original  # type: ignore[method-assign]
+        real_set = n.kernel.set_slot
+
+        def set_slot(slot: int, prog: object) -> None:
+            n.kernel.fail_set = slot == FCHMODAT
+            real_set(slot, prog)  # type: ignore[arg-type]
+        n.kernel.set_slot = set_slot  # type: ignore[method-assign]
+        with pytest.raises(ApplyIncomplete):
+            await n.apply({"slot": "getppid", "file": 1}, {"slot": "fchmodat", "file": 1})
+
+    run_apply_node(tmp_path, scenario)
+    built, added, refused = (vars(r) for r in records())
+    assert (built["TAILCALLD_ACTION"], built["ERROR_CODE"], built["SLOT"], built["FILENAME"], built["TAILCALLD_APPLY"]) \
+        == ("attach-failed", "compile_error", KILL, "b.c", "slots.toml")
+    assert built["ERROR_MESSAGE"] == "slots.toml, [[slot]] 2 (b.c): b.c:1:1: error: expected identifier"  # as told
+    assert (added["TAILCALLD_ACTION"], added["SLOT"]) == ("attach", GETPPID)
+    assert (refused["TAILCALLD_ACTION"], refused["ERROR_CODE"], refused["SLOT"], refused["TAILCALLD_APPLY"]) == (
+        "attach-failed", "kernel_error", FCHMODAT, "slots.toml")
+    assert refused["PEER_COMM"] == "test" and refused["MESSAGE_ID"] == audit.FAILED_MESSAGE_ID
 
 
 # -- the catalog ---------------------------------------------------------------------------------
