@@ -186,6 +186,27 @@ def test_failed_attaches_and_detaches_are_audited(tmp_path: Path, pin_root: Path
         assert d.stop() == 0
 
 
+@pytest.mark.usefixtures("journald")
+def test_a_slot_an_apply_could_not_fill_is_audited(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        (tmp_path / "broken.c").write_text(BROKEN)
+        slots = tmp_path / "slots.toml"
+        slots.write_text('[[slot]]\nslot = "fchmodat"\nfile = "broken.c"\n')
+        ctl = subprocess.Popen([str(VENV_BIN / "tailcallctl"), "--socket", str(d.socket), "apply", str(slots)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = ctl.communicate(timeout=120)
+        assert ctl.returncode not in (0, None) and "undeclared identifier" in out + err, (out, err)
+        [entry] = wait_journal(lambda: entries(d, MESSAGE_ID=FAILED_MESSAGE_ID), timeout=30)
+        assert (entry["TAILCALLD_ACTION"], entry["ERROR_CODE"], entry["SLOT"], entry["FILENAME"]) == (
+            "attach-failed", "compile_error", str(NR_FCHMODAT), "broken.c")
+        assert entry["TAILCALLD_APPLY"].endswith("slots.toml") and "[[slot]] 1 (broken.c)" in entry["ERROR_MESSAGE"]
+        assert (entry["PEER_PID"], entry["PEER_COMM"]) == (str(ctl.pid), "tailcallctl")
+        assert d.call("list")["slots"] == []
+    finally:
+        assert d.stop() == 0
+
+
 NOBODY = 65534  # in "nogroup" (Debian's name for gid 65534)
 
 
