@@ -38,6 +38,7 @@ from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, Function
                      RequestTooLarge, VerifierRejected, WrongProgramType)
 from .elfstrip import strip_debug
 from .local_headers import HeaderError, find_local_headers
+from .spinner import Spinner
 from .protocol import (ErrorBody, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult,
                        PingResult, SlotInfo, StatusResult, SyscallsResult, TimingResult, UnloadResult)
 
@@ -566,8 +567,15 @@ def main(argv: list[str] | None = None) -> int:
     return _talking(args, lambda client: _call(client, args, verb, fields))
 
 
+def _spinner(args: argparse.Namespace) -> Spinner:
+    """The progress line of a verb that may compile (on a terminal, never with --json)."""
+    what = f"{args.verb} {'<stdin>' if getattr(args, 'file', '-') == '-' else args.file}: compiling and loading"
+    return Spinner(printable(what), enabled=args.verb in HANDLER_VERBS and not args.json)
+
+
 def _call(client: Client, args: argparse.Namespace, verb: Verb[Any], fields: dict[str, Any]) -> int:
-    raw = client.call(args.verb, **fields)
+    with _spinner(args):  # erased before anything below prints, the error of a failed call too
+        raw = client.call(args.verb, **fields)
     # Validated for --json too: a reply that does not fit the protocol is not a success.
     result = verb.result.model_validate(raw)
     if args.json:
