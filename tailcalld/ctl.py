@@ -21,6 +21,7 @@ import argparse
 import base64
 import json
 import os
+import select
 import sys
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -40,7 +41,7 @@ from .elfstrip import strip_debug
 from .local_headers import HeaderError, find_local_headers
 from .spinner import Spinner
 from .protocol import (ErrorBody, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult,
-                       PingResult, SlotInfo, StatusResult, SyscallsResult, TimingResult, UnloadResult)
+                       PingResult, MapEntry, ShowResult, SlotInfo, StatusResult, SyscallsResult, TimingResult, UnloadResult)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -210,6 +211,10 @@ def no_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def show_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {"slot": args.slot, "hook": "exit" if args.exit else None}
+
+
 def syscalls_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"pattern": args.pattern}
 
@@ -320,6 +325,62 @@ def show_syscalls(r: SyscallsResult, args: argparse.Namespace) -> None:
                  if any(e.slot is None for e in r.syscalls) else "."))
 
 
+def _map_row(m: MapEntry) -> list[Any]:
+    unknown = "?"
+    return [m.id, printable(m.name) if m.name is not None else unknown, m.type or unknown,
+            unknown if m.key_size is None else m.key_size, unknown if m.value_size is None else m.value_size,
+            unknown if m.max_entries is None else m.max_entries]
+
+
+def show_show(r: ShowResult, args: argparse.Namespace) -> None:
+    """As systemctl status and bpftool prog show: a key/value block, then the maps' table, then
+    the source (--no-source leaves it out, --source prints it alone, as it was saved)."""
+    s = r.slot
+    if args.source:
+        _print_source(r, args)
+        return
+    rows = [("Slot", _where(s.syscall, s.slot, s.hook)), ("Function", s.function or "? (adopted: source unknown)"),
+            ("Dialect", s.dialect or "?"), ("Program", _prog(s)), ("Source", s.filename or "-"),
+            ("SHA-256", s.source_sha256 or "-"), ("Since", _since(s.attached_at)),
+            ("By uid", "-" if s.attached_by_uid is None else s.attached_by_uid),
+            ("Hits", s.hits), ("Misses", s.misses)]
+    if s.timed_runs is not None:
+        rows.append(("Avg ns", _avg_ns(s)))
+    rows.append(("Events", f"{s.events_emitted} emitted, {s.events_lost} lost, {s.events_delivered} delivered"
+                           + (", to the journal too" if s.journal else "")))
+    if s.variables or s.defines:
+        rows.append(("Settings", _settings_shown(s)))
+    print(tabulate([(name, printable(str(value))) for name, value in rows], tablefmt="plain", disable_numparse=True))
+    print()
+    if r.maps:
+        print(tabulate([_map_row(m) for m in r.maps], tablefmt="plain", disable_numparse=True,
+                       headers=[] if args.no_legend else ["MAP ID", "NAME", "TYPE", "KEY", "VALUE", "MAX ENTRIES"]))
+    if not args.no_legend:
+        print(f"{chr(10) if r.maps else ''}{len(r.maps)} map{'s' if len(r.maps) != 1 else ''} listed"
+              + (printable(f" ({r.maps_note}).") if r.maps_note else "."))
+    if not args.no_source:
+        print()
+        _print_source(r, args)
+
+
+def _print_source(r: ShowResult, args: argparse.Namespace) -> None:
+    """The handler's source as saved, its local headers after it; a marker line before each unless
+    --source alone asks for the text (to pipe it into a file)."""
+    if r.source is None:
+        what = (f"a BPF object of {r.object_bytes} bytes: no source was saved" if r.object_bytes is not None
+                else "its source is unknown (a program tailcalld adopted without a record)")
+        print(f"# {what}", file=sys.stderr if args.source else sys.stdout)
+        return
+    files = [(r.slot.filename or "<source>", r.source), *r.headers.items()]
+    for n, (name, text) in enumerate(files):
+        if n:
+            print()
+        if not args.source or len(files) > 1:
+            print(printable(f"# {name}"))
+        # Alone and into a pipe or file, the text as saved; on a terminal, escaped as all output is.
+        print(text.rstrip("\n") if args.source and not sys.stdout.isatty() else printable_block(text.rstrip("\n")))
+
+
 def show_timing(r: TimingResult, args: argparse.Namespace) -> None:
     if not r.on:
         print("handler timing is off")
@@ -362,6 +423,7 @@ VERBS: Mapping[str, Verb[Any]] = {
     "detach": _verb(detach_request, DetachResult, show_detach),
     "list": _verb(no_fields, ListResult, show_list),
     "status": _verb(no_fields, StatusResult, show_status),
+    "show": _verb(show_request, ShowResult, show_show),
     "ping": _verb(no_fields, PingResult, show_ping),
     "syscalls": _verb(syscalls_request, SyscallsResult, show_syscalls),
     "timing": _verb(timing_request, TimingResult, show_timing),
@@ -458,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--exit", action="store_true", help="empty the syscall's exit slot")
     sub.add_parser("list", parents=[common], help="show the filled slots")
     sub.add_parser("status", parents=[common], help="show the daemon's state")
+    sh = sub.add_parser("show", parents=[common],
+                        help="one slot in full: its handler, the maps its program uses, and its source")
+    sh.add_argument("slot", metavar="SLOT", help="syscall number or name")
+    sh.add_argument("--exit", action="store_true", help="the syscall's exit slot")
+    shown = sh.add_mutually_exclusive_group()
+    shown.add_argument("--no-source", action="store_true", help="leave the source out")
+    shown.add_argument("--source", action="store_true", help="print only the source, as it was saved")
     t = sub.add_parser("top", parents=[common], help="live per-slot hits and misses per second (Ctrl-C to stop)")
     t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
                    help="between refreshes (default: 1)")
@@ -544,7 +613,28 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # `tailcallctl show x | head`: the reader has all it wanted
+        # Python would flush stdout again at exit, and fail again: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll says POLLERR), as opposed to a
+    BrokenPipeError of the daemon's socket."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no real stdout (a test's capture)
+        return False
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
     if isinstance(args, int):
@@ -631,6 +721,11 @@ def _talking(args: argparse.Namespace, work: Callable[[Client], int]) -> int:
     except RemoteError as err:
         _print_error(err, args)
         return exit_code(args.verb, err.code)
+    except BrokenPipeError as err:
+        if _stdout_gone():  # our stdout, not the socket: main says nothing of it
+            raise
+        _fail(args, UNREACHABLE, f"tailcalld at {path} closed the connection: {err}", {"socket": str(path)})
+        return EXIT_FAILURE
     except ValidationError as err:
         _fail(args, BAD_REPLY, f"tailcalld's reply to {args.verb} does not fit the protocol ({_reply_problems(err)}); "
                                "are tailcallctl and tailcalld the same version?")

@@ -25,7 +25,7 @@ from .loader_settings import settings
 from .misses import Counters, MissMonitor
 from .peers import Peer
 from .registry import Handler, Registry
-from .state import SlotRecord, StateFile, StateStore
+from .state import SlotRecord, StateFile, StateStore, map_records
 from .syscalls import Hook, SyscallTable
 
 logger = logging.getLogger("tailcalld")
@@ -188,7 +188,8 @@ class SlotManager:
                                     source_sha256=reg.store.put_artifact(artifact), filename=filename,
                                     headers=artifact.header_sha256s, attached_by_uid=peer.uid,
                                     attached_at=datetime.now(UTC), journal=journal,
-                                    variables=dict(artifact.variables), defines=dict(artifact.defines))
+                                    variables=dict(artifact.variables), defines=dict(artifact.defines),
+                                    maps=map_records(prog.maps))
                 old = reg.commit(slot, Handler(record, prog, requested_function=function))
             except BaseException:
                 prog.close()

@@ -27,8 +27,8 @@ from tailcalld import ctl, events_cli
 from tailcalld.client import SOCKET_ENV, RemoteError
 from tailcalld.errors import CompileError, SlotEmpty, TailcalldError, VerifierRejected
 from tailcalld.protocol import (COMMANDS, EventsRequest, EventsResult, SyscallEntry, SyscallsResult, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
-                                PingResult, Request, RequestId, SlotInfo, StatusResult, TimingResult, UnloadResult, encode_error,
-                                encode_ok, parse_request)
+                                MapEntry, PingResult, Request, RequestId, ShowResult, SlotInfo, StatusResult, TimingResult,
+                                UnloadResult, encode_error, encode_ok, parse_request)
 
 NOBODY = 65534
 
@@ -367,6 +367,27 @@ REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
                  "ia32    268   statfs64  -       -\n"
                  "\n"
                  "3 syscalls listed; SLOT - means never dispatched (no 64-bit syscall of that name).\n", ""),
+    "show": (["fchmodat", "--no-source"],
+             ShowResult(slot=SlotInfo(slot=268, syscall="fchmodat", function="h", dialect="bcc", prog_id=91,
+                                      filename="h.c", source_sha256="ab" * 32, attached_at=None, hits=9, misses=3),
+                        maps=[MapEntry(id=12, name="hits", type="array", key_size=4, value_size=8, max_entries=7)],
+                        source=HANDLER_C),
+             "Slot      fchmodat (268)\n"
+             "Function  h\n"
+             "Dialect   bcc\n"
+             "Program   91\n"
+             "Source    h.c\n"
+             f"SHA-256   {'ab' * 32}\n"
+             "Since     -\n"
+             "By uid    -\n"
+             "Hits      9\n"
+             "Misses    3\n"
+             "Events    0 emitted, 0 lost, 0 delivered\n"
+             "\n"
+             "MAP ID    NAME    TYPE    KEY    VALUE    MAX ENTRIES\n"
+             "12        hits    array   4      8        7\n"
+             "\n"
+             "1 map listed.\n", ""),
     "timing": (["30"], TimingResult(on=True, seconds_left=30.0, dispatch_ns=41.6),
                "handler timing is on for 30 s more (see list, top); a call that falls through takes 42 ns\n", ""),
     "unload-all": ([], UnloadResult(slots_emptied=[110, 268], pins_removed=["a", "b", "c"]),

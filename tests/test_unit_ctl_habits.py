@@ -15,7 +15,7 @@ from tailcalld.errors import CompileError, SlotEmpty, VerifierRejected, WrongPro
 from test_unit_ctl import error, run_verb
 
 VERBS_ARGS: dict[str, list[str]] = {
-    "attach": ["268", "f.c"], "check": ["f.c"], "detach": ["268"], "list": [], "status": [], "top": [],
+    "attach": ["268", "f.c"], "check": ["f.c"], "detach": ["268"], "list": [], "status": [], "show": ["268"], "top": [],
     "syscalls": [], "timing": [], "events": [], "ping": [], "unload-all": [],
 }
 
