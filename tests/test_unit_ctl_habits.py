@@ -203,3 +203,50 @@ def test_spinner_draws_nothing_for_a_quick_reply() -> None:
 def test_spinner_is_off_with_json_and_for_quick_verbs() -> None:
     assert ctl._spinner(ctl.build_parser().parse_args(["attach", "268", "f.c", "--json"]))._enabled is False
     assert ctl._spinner(ctl.build_parser().parse_args(["list"]))._enabled is False
+
+
+# --no-legend on every verb that prints a table: its rows alone -----------------------------
+
+TABLE_HEADINGS = ("SLOT", "SYSCALL", "ABI", "MAP ID", "HITS/S", "listed", "tailcalld top")
+
+
+@pytest.mark.parametrize("verb", ["list", "syscalls", "show"])
+def test_no_legend_leaves_only_the_rows(verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_unit_ctl import REPLIES, ok
+    argv, result, _, _ = REPLIES[verb]
+    argv = [a for a in argv if a != "--no-legend"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run_verb(tmp_path / "a", verb, argv, ok(result))[0] == 0
+    full = capsys.readouterr().out
+    assert any(h in full for h in TABLE_HEADINGS), full  # the legend is there without it
+    assert run_verb(tmp_path / "b", verb, argv, ok(result), "--no-legend")[0] == 0
+    bare = capsys.readouterr().out
+    assert bare and not any(h in bare for h in TABLE_HEADINGS), bare
+    # What is left is the rows (show: the key/value block too, which has no legend to drop).
+    kept = [line.split() for line in full.splitlines() if line and not any(h in line for h in TABLE_HEADINGS)]
+    assert [line.split() for line in bare.splitlines() if line] == kept
+
+
+class ListingClient:
+    """Answers top's calls: two list samples, 60 hits apart."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+
+    def call(self, command: str, **fields: object) -> dict[str, object]:
+        assert command == "list", command  # --no-time: timing is never asked
+        self.hits += 60
+        return {"slots": [{"slot": 110, "syscall": "getppid", "function": "h", "prog_id": 7, "filename": "h.c",
+                           "source_sha256": None, "attached_at": None, "hits": self.hits, "misses": 0}]}
+
+
+@pytest.mark.parametrize("legend", [True, False])
+def test_top_with_and_without_legend(legend: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    from tailcalld import top
+    argv = ["top", "--iterations", "1", "--interval", "0.001", "--no-time", *([] if legend else ["--no-legend"])]
+    assert top.run(ListingClient(), ctl.build_parser().parse_args(argv), ctl.printable) == 0  # type: ignore[arg-type]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert lines[-1].split()[:3] == ["110", "getppid", "h"]
+    assert (lines[0].startswith("tailcalld top: 1 slots") and lines[1].split()[0] == "SLOT") == legend
+    assert len(lines) == (3 if legend else 1)
