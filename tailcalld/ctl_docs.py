@@ -63,13 +63,13 @@ def completion(shell: str, names: list[str] | None = None) -> str:
     if shell not in SHELLS:
         raise ValueError(f"no completion for {shell!r}: {', '.join(SHELLS)}")
     parser = ctl.build_parser()
-    slot = _syscalls_completion(syscall_names() if names is None else names)
+    names = syscall_names() if names is None else names
     for p in _parsers(parser):
         for action in p._actions:
-            if action.dest == "file" or action.dest == "socket":
+            if action.dest in ("file", "socket"):
                 action.complete = shtab.FILE  # type: ignore[attr-defined]
-            elif action.metavar == "SLOT" and (names is None or names):
-                action.complete = slot  # type: ignore[attr-defined]
+            elif action.metavar == "SLOT" and names:  # no names (no compiler here): nothing offered
+                action.complete = _syscalls_completion(names)  # type: ignore[attr-defined]
     return shtab.complete(parser, shell=shell)
 
 

@@ -143,6 +143,25 @@ def test_show_knows_the_maps_after_a_restart(tmp_path: Path, pin_root: Path) -> 
         d.stop()
 
 
+def test_show_of_an_object_names_its_maps_and_says_it_has_no_source(daemon: DaemonProcess, tmp_path: Path) -> None:
+    from test_libbpf import build_object
+    source = tmp_path / "seen.bpf.c"
+    source.write_text(LIBBPF_WITH_MAP)
+    attach(daemon, "getpgid", source)  # a libbpf compile first: it leaves vmlinux.h in the daemon's cache
+    obj = build_object(LIBBPF_WITH_MAP.replace("on_getpgid", "from_object"), tmp_path, daemon)
+    prog_id = attach(daemon, "getppid", obj)
+
+    shown = show(daemon, "getppid")
+    assert (shown["slot"]["function"], shown["slot"]["dialect"], shown["source"]) == ("from_object", "object", None)
+    assert shown["object_bytes"] > 0 and shown["headers"] == {}
+    assert "seen" in [m["name"] for m in shown["maps"]]
+    assert_maps_are_the_kernel_s(shown, prog_id)
+    text = daemon.ctl("show", "getppid").stdout
+    assert text.endswith(f"\n# a BPF object of {shown['object_bytes']} bytes: no source was saved\n")
+    r = daemon.ctl("show", "getppid", "--source")
+    assert (r.returncode, r.stdout) == (0, "") and "no source was saved" in r.stderr
+
+
 def test_show_of_an_empty_slot_is_slot_empty(daemon: DaemonProcess) -> None:
     r = daemon.ctl("show", "getppid")
     assert (r.returncode, r.stdout) == (1, "")
