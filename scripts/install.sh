@@ -44,9 +44,10 @@ reload_systemd() {
 install_ctl_docs() {
   local tmp
   tmp=$(mktemp -d)
-  if ! { env -u TAILCALLD_SOCKET "$PREFIX/bin/python" -m tailcalld.ctl_docs man >"$tmp/tailcallctl.1" &&
-         "$PREFIX/bin/python" -m tailcalld.ctl_docs completion bash >"$tmp/tailcallctl.bash" &&
-         "$PREFIX/bin/python" -m tailcalld.ctl_docs completion zsh >"$tmp/_tailcallctl"; }; then
+  # Without the installer's TAILCALLD_SOCKET: --socket's help names the default socket.
+  local gen=(env -u TAILCALLD_SOCKET "$PREFIX/bin/python" -m tailcalld.ctl_docs)
+  if ! { "${gen[@]}" man >"$tmp/tailcallctl.1" && "${gen[@]}" completion bash >"$tmp/tailcallctl.bash" &&
+         "${gen[@]}" completion zsh >"$tmp/_tailcallctl"; }; then
     rm -rf "$tmp"
     log "could not generate tailcallctl's man page and completion"
     return 1

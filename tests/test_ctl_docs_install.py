@@ -35,3 +35,4 @@ def test_install_puts_the_man_page_and_completion_in_the_usual_folders(tmp_path:
     assert complete(bash, "sta") == ["status"]
     assert complete(bash, "detach", "getpp") == ["getppid"]  # this machine's syscall names
     assert zsh.read_text().startswith("#compdef tailcallctl")
+    assert not any("/elsewhere" in p.read_text() for p in (bash, zsh))
