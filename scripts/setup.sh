@@ -21,6 +21,9 @@ PKGS=(python3-venv python3-dev python3-bpfcc gcc pkg-config libsystemd-dev bpfto
 # prometheus: the metrics tests scrape the daemon with a real Prometheus server and check the
 # output with its promtool.
 PKGS+=(prometheus)
+# groff-base, man-db: the tests render tailcallctl's generated man page (man -l, groff -ww);
+# zsh: they load its generated zsh completion.
+PKGS+=(groff-base man-db zsh)
 # gcc-multilib: the tests run real 32-bit (ia32) programs against the dispatcher's compat table.
 [ "$(dpkg --print-architecture)" = amd64 ] && PKGS+=(gcc-multilib)
 # bpftrace: only the benchmark compares with it (`make bench` runs `setup.sh bench`).

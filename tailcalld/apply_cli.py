@@ -30,6 +30,8 @@ from .protocol import ApplyResult, SavedFile, SaveResult, SlotChange
 
 Printable = Callable[[str], str]
 Talking = Callable[[argparse.Namespace, Callable[[Client], int]], int]
+# tailcallctl's own failure: on stderr, or a JSON error on stdout with --json (ctl._fail)
+Fail = Callable[[argparse.Namespace, str, str], None]
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 VERBS = ("apply", "save")
@@ -42,7 +44,6 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     a.add_argument("file", metavar="FILE", help="the apply file; handler files are found relative to its folder")
     a.add_argument("--dry-run", action="store_true", help="print what would change, change nothing (compiles nothing)")
     a.add_argument("-v", "--verbose", action="store_true", help="list the unchanged slots too")
-    a.add_argument("--quiet", action="store_true", help="no compiler warnings")
     s = sub.add_parser("save", parents=[common],
                        help="print the running slots as an apply file, and write their sources beside it")
     s.add_argument("-o", "--output", metavar="FILE", type=Path, help="write the apply file here (default: stdout)")
@@ -53,15 +54,15 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="leave out slots whose source tailcalld does not know (an apply of the file empties them)")
 
 
-def main(args: argparse.Namespace, talking: Talking, printable: Printable) -> int:
+def main(args: argparse.Namespace, talking: Talking, printable: Printable, fail: Fail) -> int:
     if args.verb == "apply":
         try:
             fields, _ = read_request(Path(args.file))
         except DesiredFileError as err:
-            _complain(str(err), printable)
+            fail(args, "bad_apply_file", str(err))
             return EXIT_USAGE
-        return talking(args, lambda client: _apply(client, args, fields, printable))
-    return talking(args, lambda client: _save(client, args, printable))
+        return talking(args, lambda client: _apply(client, args, fields, printable, fail))
+    return talking(args, lambda client: _save(client, args, printable, fail))
 
 
 def _complain(message: str, printable: Printable) -> None:
@@ -70,7 +71,7 @@ def _complain(message: str, printable: Printable) -> None:
 
 # apply -----------------------------------------------------------------------------------------
 
-def _apply(client: Client, args: argparse.Namespace, fields: dict[str, Any], printable: Printable) -> int:
+def _apply(client: Client, args: argparse.Namespace, fields: dict[str, Any], printable: Printable, fail: Fail) -> int:
     request = {**fields, "dry_run": args.dry_run or None}
     try:
         raw = client.call("apply", **request)
@@ -79,9 +80,9 @@ def _apply(client: Client, args: argparse.Namespace, fields: dict[str, Any], pri
             raise
         size = len(json.dumps({"command": "apply", **request}))
         limit = err.details.get("limit") if isinstance(err.details, dict) else None
-        _complain(f"{args.file} with its handler files makes a request of {size} bytes, over the daemon's "
-                  f"max_request_bytes ({limit}); raise max_request_bytes in its config (at most 16 MiB), or "
-                  "apply fewer or smaller files", printable)
+        fail(args, RequestTooLarge.code, f"{args.file} with its handler files makes a request of {size} bytes, over "
+             f"the daemon's max_request_bytes ({limit}); raise max_request_bytes in its config (at most 16 MiB), or "
+             "apply fewer or smaller files")
         return EXIT_FAILURE
     result = ApplyResult.model_validate(raw)
     if args.json:
@@ -194,7 +195,7 @@ def apply_file_text(result: SaveResult, where: dict[int, str], prefix: str) -> s
     return "\n".join(lines)
 
 
-def _save(client: Client, args: argparse.Namespace, printable: Printable) -> int:
+def _save(client: Client, args: argparse.Namespace, printable: Printable, fail: Fail) -> int:
     raw = client.call("save")
     result = SaveResult.model_validate(raw)
     if args.json:
@@ -206,15 +207,15 @@ def _save(client: Client, args: argparse.Namespace, printable: Printable) -> int
                   "source tailcalld does not know (adopted from the kernel): it cannot be saved"
                   + ("; left out" if args.skip_unknown else ""), printable)
     if unknown and not args.skip_unknown:
-        _complain("nothing was written; --skip-unknown saves the other slots (an apply of that file empties "
-                  "the ones left out)", printable)
+        fail(args, "source_unknown", "nothing was written; --skip-unknown saves the other slots (an apply of that "
+             "file empties the ones left out)")
         return EXIT_FAILURE
     out_dir = args.output.parent if args.output else Path.cwd()
     sources = args.sources or out_dir
     try:
         where, writes = place_files(result)
     except ValueError as err:
-        _complain(str(err), printable)
+        fail(args, "save_failed", str(err))
         return EXIT_FAILURE
     prefix = os.path.relpath(sources, out_dir).replace(os.sep, "/") + "/"
     text = apply_file_text(result, where, "" if prefix == "./" else prefix)
@@ -223,13 +224,13 @@ def _save(client: Client, args: argparse.Namespace, printable: Printable) -> int
         targets[args.output] = text.encode()
     problem = _check_targets(targets, args.force)
     if problem:
-        _complain(problem, printable)
+        fail(args, "file_exists", problem)
         return EXIT_FAILURE
     try:
         for path, data in targets.items():
             _write(path, data)
     except OSError as exc:
-        _complain(f"cannot write {exc.filename}: {exc.strerror}", printable)
+        fail(args, "save_failed", f"cannot write {exc.filename}: {exc.strerror}")
         return EXIT_FAILURE
     if not args.output:
         sys.stdout.write(text)

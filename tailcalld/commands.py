@@ -27,10 +27,11 @@ from .metrics import Recorder
 from .peers import Peer
 from .plan import Applier, Change, Wanted, at_entry
 from .protocol import (ApplyRequest, ApplyResult, AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest,
-                       DetachResult, EventsRequest, HandlerFile, HandlerOptions, ListRequest, PingRequest, PingResult,
-                       Request, SavedFile, SavedSlot, SaveRequest, SaveResult, SlotChange, SlotInfo, StatusRequest,
-                       StatusResult, SyscallEntry, SyscallsRequest, SyscallsResult, TimingRequest, TimingResult,
-                       UnloadAllRequest, UnloadResult)
+                       DetachResult, EventsRequest, HandlerFile, HandlerOptions, ListRequest, ListResult, MapEntry,
+                       PingRequest, PingResult, Request, SavedFile, SavedSlot, SaveRequest, SaveResult, ShowRequest,
+                       ShowResult, SlotChange, SlotInfo, StatusRequest, StatusResult, SyscallEntry, SyscallsRequest,
+                       SyscallsResult, TimingRequest, TimingResult, UnloadAllRequest, UnloadResult)
+from .slot_details import slot_details
 from .slots import SlotManager, SlotView, Status
 from .state import SlotRecord
 from .timing import OnDemandTiming, SlotTimes
@@ -257,6 +258,16 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         corrections=status.corrections)
 
 
+def show_result(m: SlotManager, request: ShowRequest, ctx: CommandContext) -> ShowResult:
+    d = slot_details(m, request.slot, request.hook)
+    # The slot's entry as list writes it (counters, timing and events included): one source of truth.
+    entry = ListCache().reply([d.view], ctx.timing.read() if ctx.timing else None,
+                              ctx.events.stats() if ctx.events is not None else None)
+    slot = ListResult.model_validate_json(entry).slots[0]
+    return ShowResult(slot=slot, maps=[MapEntry(**vars(e)) for e in d.maps], maps_note=d.maps_note, source=d.source,
+                      object_bytes=d.object_bytes, headers=d.headers)
+
+
 def events_filter(request: EventsRequest, m: SlotManager) -> frozenset[int] | None:
     """The slot keys an events request asks for; None: all."""
     if request.slot is None:
@@ -292,6 +303,8 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
                                         ctx.events.stats() if ctx.events is not None else None)
         case StatusRequest():
             return status_result(m.status(), ctx)
+        case ShowRequest():
+            return show_result(m, request, ctx)
         case SyscallsRequest():
             return SyscallsResult(syscalls=[
                 SyscallEntry(abi=v.abi, nr=v.nr, name=v.name, slot=v.slot,

@@ -115,7 +115,7 @@ class Program:
     (closing twice is a no-op: a recycled fd number must never be closed by mistake)."""
 
     def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "", btf: bytes | None = None,
-                 warnings: tuple[str, ...] = ()) -> None:
+                 warnings: tuple[str, ...] = (), maps: tuple[bpfsys.MapInfo, ...] = ()) -> None:
         self._fd: int | None = fd
         self.id = id
         self.function = function
@@ -123,6 +123,7 @@ class Program:
         self.log = log  # what the compiler and loader said on the way (warnings)
         self.btf = btf  # the handler's own BTF (libbpf): how its TC_EMIT structs are decoded
         self.warnings = warnings  # tailcalld's own about the handler (headers.header_warning)
+        self.maps = maps  # the maps it uses, as the compile worker saw them when it loaded it
 
     @property
     def fd(self) -> int:
@@ -136,7 +137,8 @@ class Program:
 
     def dup(self) -> Program:
         """Another owner of the same program (a warm attach: no compile, no load)."""
-        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log, self.btf, self.warnings)
+        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log, self.btf, self.warnings,
+                       self.maps)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -233,7 +235,8 @@ class Compiler:
             raise
         btf = base64.b64decode(result["btf_b64"]) if result.get("btf_b64") else None
         warnings = _warnings(source, filename) if dialect == "bcc" and source is not None else ()
-        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings)
+        maps = tuple(bpfsys.MapInfo(**m) for m in result.get("maps", []))
+        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings, maps)
 
     async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
         tag = artifact.tag

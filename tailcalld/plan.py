@@ -39,7 +39,7 @@ from .errors import ApplyIncomplete, BadRequest, KernelError, TailcalldError
 from .peers import Peer
 from .registry import Handler, differences
 from .slots import SlotManager
-from .state import SlotRecord
+from .state import SlotRecord, map_records
 
 logger = logging.getLogger("tailcalld")
 
@@ -149,8 +149,9 @@ class Applier:
             if dry_run:
                 return [Change(s, None, _planned_function(s)) for s in steps]
             try:
-                await self._build(steps, peer, origin)
-                return self._switch(steps, peer, origin)
+                with m.filling_exit_slots():
+                    await self._build(steps, peer, origin)
+                    return self._switch(steps, peer, origin)
             finally:
                 for s in steps:  # what was built and not put in a slot (a failure)
                     if s.prog is not None:
@@ -200,7 +201,8 @@ class Applier:
                             source_sha256=reg.store.put_artifact(w.artifact), filename=w.filename,
                             headers=w.artifact.header_sha256s, attached_by_uid=peer.uid,
                             attached_at=datetime.now(UTC), journal=w.journal,
-                            variables=dict(w.artifact.variables), defines=dict(w.artifact.defines))
+                            variables=dict(w.artifact.variables), defines=dict(w.artifact.defines),
+                            maps=map_records(prog.maps))
         replaced = m.kernel.slot(s.key)
         old = reg.commit(s.key, Handler(record, prog, requested_function=w.function))
         s.prog = None  # the slot owns it now

@@ -131,6 +131,13 @@ class ListRequest(_Request):
     command: Literal["list"]
 
 
+class ShowRequest(_Request):
+    """One slot in full: its record, the maps its program uses, the handler's saved source."""
+    command: Literal["show"]
+    slot: Slot
+    hook: HookField = "enter"
+
+
 class StatusRequest(_Request):
     command: Literal["status"]
 
@@ -202,10 +209,11 @@ class SaveRequest(_Request):
 
 
 Request = Annotated[PingRequest | AttachRequest | CheckRequest | DetachRequest | ListRequest | StatusRequest
-                    | SyscallsRequest | TimingRequest | EventsRequest | UnloadAllRequest | ApplyRequest | SaveRequest,
+                    | SyscallsRequest | TimingRequest | EventsRequest | UnloadAllRequest | ApplyRequest | SaveRequest
+                    | ShowRequest,
                     Field(discriminator="command")]
 COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "syscalls", "timing", "events", "unload-all",
-            "apply", "save")
+            "apply", "save", "show")
 _request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
 
 
@@ -323,6 +331,29 @@ class DetachResult(BaseModel):
 
 class ListResult(BaseModel):
     slots: list[SlotInfo]
+
+
+class MapEntry(BaseModel):
+    """A map the slot's program uses, as bpftool map show names it."""
+    id: int
+    name: str | None = Field(None, description="None, as the fields below: known by its id alone (tailcalld "
+                                               "opens no map by id)")
+    type: str | None = Field(None, description="hash, array, percpu_array, ringbuf, ... (the kernel's map type)")
+    key_size: int | None = None
+    value_size: int | None = None
+    max_entries: int | None = None
+
+
+class ShowResult(BaseModel):
+    slot: SlotInfo = Field(description="the slot's entry, as list has it")
+    maps: list[MapEntry] = Field(description="the maps its program uses: the kernel's ids now")
+    maps_note: str | None = Field(None, description="when the maps are not the kernel's word now: why, and "
+                                                    "where they come from")
+    source: str | None = Field(description="the handler's C source as saved (state_dir/sources); None for an "
+                                           "object or a program of unknown source")
+    object_bytes: int | None = Field(None, description="the saved object's size, when the handler is a .o")
+    headers: dict[str, str] = Field(default_factory=dict, description="its local headers, by the name the "
+                                                                      "source includes them by")
 
 
 class StatusResult(BaseModel):

@@ -9,9 +9,10 @@ the in-memory fake kernel for the failure paths).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -26,7 +27,7 @@ from .loader_settings import settings
 from .misses import Counters, MissMonitor
 from .peers import Peer
 from .registry import Handler, Registry, differences
-from .state import SlotRecord, StateFile, StateStore
+from .state import SlotRecord, StateFile, StateStore, map_records
 from .syscalls import Hook, SyscallTable
 
 logger = logging.getLogger("tailcalld")
@@ -123,6 +124,7 @@ class SlotManager:
         self.started_at = datetime.now(UTC)
         self._on_change = on_change  # e.g. to refresh systemd's STATUS=
         self._unloading = False
+        self._exit_fills = 0  # attaches and applies between preparing the exit dispatcher and filling its slot
 
     # -- keeping kernel and desired state in step -----------------------------------------------
 
@@ -156,10 +158,23 @@ class SlotManager:
     def _release_idle_exit(self) -> None:
         """Let the kernel detach the exit dispatcher once no exit slot is wanted.  While one is,
         it stays, and the kernel's exit prog array (1024 lookups) need not be read to know it."""
+        if self._exit_fills:
+            return
         if not any(self.syscalls.split(key)[1] == "exit" for key in self.registry.wanted()):
             self.kernel.release_idle()
 
     # -- changes --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def filling_exit_slots(self) -> Iterator[None]:
+        """While an attach or an apply fills exit slots: the exit dispatcher it prepared stays,
+        although no exit slot is wanted yet.  Without this the maintenance's drift repair, which
+        runs while an apply awaits its next compile, would let it go in between."""
+        self._exit_fills += 1
+        try:
+            yield
+        finally:
+            self._exit_fills -= 1
 
     def _check_open(self) -> None:
         if self._unloading:
@@ -190,23 +205,28 @@ class SlotManager:
             prog = (None if fresh else self._already_loaded(artifact, function)) \
                 or await self.kernel.load(artifact, function)
             try:
-                await self.kernel.prepare(slot)  # the exit dispatcher, before the first exit slot
+                with self.filling_exit_slots():  # the dispatcher prepare attaches stays until commit
+                    try:
+                        await self.kernel.prepare(slot)  # the exit dispatcher, before the first exit slot
+                    except BaseException:
+                        prog.close()
+                        reg.release_unused_pins(artifact.sha256)
+                        raise
+                    # From here to the kernel update nothing awaits: no other change interleaves.
+                    try:
+                        replaced = self.kernel.slot(slot)
+                        record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
+                                            source_sha256=reg.store.put_artifact(artifact), filename=filename,
+                                            headers=artifact.header_sha256s, attached_by_uid=peer.uid,
+                                            attached_at=datetime.now(UTC), journal=journal,
+                                            variables=dict(artifact.variables), defines=dict(artifact.defines),
+                                            maps=map_records(prog.maps))
+                        old = reg.commit(slot, Handler(record, prog, requested_function=function))
+                    except BaseException:
+                        prog.close()
+                        reg.release_unused_pins(artifact.sha256)
+                        raise
             except BaseException:
-                prog.close()
-                reg.release_unused_pins(artifact.sha256)
-                raise
-            # From here to the kernel update nothing awaits: no other change interleaves.
-            try:
-                replaced = self.kernel.slot(slot)
-                record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
-                                    source_sha256=reg.store.put_artifact(artifact), filename=filename,
-                                    headers=artifact.header_sha256s, attached_by_uid=peer.uid,
-                                    attached_at=datetime.now(UTC), journal=journal,
-                                    variables=dict(artifact.variables), defines=dict(artifact.defines))
-                old = reg.commit(slot, Handler(record, prog, requested_function=function))
-            except BaseException:
-                prog.close()
-                reg.release_unused_pins(artifact.sha256)
                 self._release_idle_exit()
                 raise
             if old is not None:

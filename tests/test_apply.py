@@ -75,9 +75,10 @@ def state(d: DaemonProcess) -> dict[int, int]:
     return saved_slots(d.config.parent / "state")
 
 
-def apply(d: DaemonProcess, path: Path, *options: str, ok: bool = True) -> str:
+def apply(d: DaemonProcess, path: Path, *options: str, ok: bool = True, status: int | None = None) -> str:
     r = d.ctl("apply", str(path), *options)
     assert (r.returncode == 0) == ok, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    assert status is None or r.returncode == status, f"exit {r.returncode}, not {status}\n{r.stderr}"
     return r.stdout if ok else r.stderr
 
 
@@ -198,24 +199,24 @@ def test_a_bad_file_changes_nothing_and_says_where(daemon: DaemonProcess, handle
     # bad entry in slot order: it must not be made either.
     ready = ['slot = "fchmodat"\nfile = "a.c"', 'slot = "fchmod"\nfile = "a.c"']
     # (the file, where the error says it is, what it says, whether a dry run (which builds
-    # nothing) finds it too)
+    # nothing) finds it too, the exit code: 3 does not compile, 4 the kernel refuses it, as attach)
     cases = [
-        (slot_toml(*ready, 'slot = "no_such_call"\nfile = "b.c"'), "[[slot]] 3 (b.c): ", "no_such_call", True),
-        (slot_toml(*ready, 'slot = "fchown"\nfile = "gone.c"'), "[[slot]] 3: ", "gone.c does not exist", True),
+        (slot_toml(*ready, 'slot = "no_such_call"\nfile = "b.c"'), "[[slot]] 3 (b.c): ", "no_such_call", True, 1),
+        (slot_toml(*ready, 'slot = "fchown"\nfile = "gone.c"'), "[[slot]] 3: ", "gone.c does not exist", True, 2),
         (slot_toml(*ready, 'slot = "fchown"\nfile = "broken.c"'), "[[slot]] 3 (broken.c): ",
-         "broken.c:2:12: error: use of undeclared identifier 'undefined_thing'", False),
+         "broken.c:2:12: error: use of undeclared identifier 'undefined_thing'", False, 3),
         (slot_toml(*ready, 'slot = "fchown"\nfile = "deref.c"'), "[[slot]] 3 (deref.c): ",
-         "invalid mem access 'scalar'", False),
-        (slot_toml(*ready) + 'slot = "a\n', " is not valid TOML: ", "(at line 8, column 10)", True),
+         "invalid mem access 'scalar'", False, 4),
+        (slot_toml(*ready) + 'slot = "a\n', " is not valid TOML: ", "(at line 8, column 10)", True, 2),
         (slot_toml(*ready, 'slot = "fchown"\nfile = "b.c"\nfunc = "x"'), ": [[slot]] 3: func: unknown field", "",
-         True),
+         True, 2),
         (slot_toml(*ready, 'slot = "fchmodat"\nfile = "b.c"'), "[[slot]] 1 and 3 both fill fchmodat (268)", "",
-         True),
+         True, 1),  # found by the daemon, which resolves names: a bad_request
     ]
-    for text, where, what, dry_too in cases:
+    for text, where, what, dry_too, status in cases:
         bad.write_text(text)
         for options in ((), ("--dry-run",)) if dry_too else ((),):
-            err = apply(daemon, bad, *options, ok=False)
+            err = apply(daemon, bad, *options, ok=False, status=status)
             assert str(bad) in err and where in err and what in err, (text, err)
             assert (enter_slots(daemon), state(daemon)) == before, text
     assert daemon.call("ping")["pid"] == daemon.pid
