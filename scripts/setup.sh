@@ -89,4 +89,8 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
+# journalctl -x explains tailcalld's entries (contrib/tailcalld.catalog) for a daemon run from
+# this checkout too, not only after `make install`: journalctl reads catalogs from
+# /usr/lib/systemd/catalog and /usr/local/lib/systemd/catalog only.
+bash scripts/install.sh catalog
 log "ready: $VENV/bin/tailcalld, $VENV/bin/tailcallctl"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel
 
-from . import __version__
+from . import __version__, audit
 from .config import LiveSettings, Settings
 from .dialects import Artifact, detect
 from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TailcalldError, TimingUnavailable
@@ -90,6 +90,17 @@ def artifact_from(file: HandlerFile, options: HandlerOptions, settings: Settings
                              f"the limit is {limit} ({setting})",
                              {"size": len(artifact.data), "limit": limit, "setting": setting})
     return artifact
+
+
+def attach_artifact(request: AttachRequest, settings: Settings, m: SlotManager, peer: Peer) -> Artifact:
+    """The attach's artifact; a request refused before it reaches the slots is audited as a
+    failed attach too (a source too large, a --set the dialect cannot take)."""
+    try:
+        return artifact_of(request, settings)
+    except TailcalldError as err:
+        m.audit_failure("attach", peer, request.slot, request.hook, err,
+                        audit.attach_fields(request.filename, request.function, None))
+        raise
 
 
 def headers_of(spec: HandlerFile, settings: Settings) -> dict[str, str]:
@@ -273,8 +284,8 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
             with ctx.recorder.attaching():
-                a = await m.attach(request.slot, artifact_of(request, settings), request.function, request.filename,
-                                   peer, request.fresh, request.hook, request.journal)
+                a = await m.attach(request.slot, attach_artifact(request, settings, m, peer), request.function,
+                                   request.filename, peer, request.fresh, request.hook, request.journal)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings),

@@ -93,6 +93,17 @@ class Settings(BaseModel):
                                      description="bytes of events a slow `events -f` client may have unread before "
                                                  "its events are dropped (and counted)")
 
+    # The name every journal entry of this daemon carries (TAILCALLD_INSTANCE=), so that the
+    # entries of several daemons on one host (each with its own pin_dir) can be told apart.  Not
+    # live: a daemon's name in its journal stays the same for as long as it runs.
+    instance: str = Field("", max_length=256, strict=True,
+                          description='name in every journal entry (TAILCALLD_INSTANCE=); "" means pin_dir\'s path')
+
+    @property
+    def instance_name(self) -> str:
+        """What ``TAILCALLD_INSTANCE=`` says: the configured ``instance``, else the pin folder."""
+        return self.instance or str(self.pin_dir)
+
     # Metrics for Prometheus (metrics.py, metrics_http.py).  Both are bound at start, before the
     # kernel is touched, so a taken port stops the start instead of leaving a daemon without them.
     metrics_socket: Path | Literal[""] | None = Field(
@@ -145,6 +156,13 @@ class Settings(BaseModel):
         if size & (size - 1):
             raise ValueError(f"{size} is not a power of two (the kernel's ring buffers are)")
         return size
+
+    @field_validator("instance")
+    @classmethod
+    def _one_printable_line(cls, name: str) -> str:
+        if any(ord(c) < 0x20 or ord(c) == 0x7f for c in name):
+            raise ValueError("must be one line of printable characters (it is a journal field's value)")
+        return name
 
     @field_validator("allowed_group")
     @classmethod

@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None, loop_factory: Callable[[], asyncio.Abstr
     except ConfigError as err:
         print(f"tailcalld: {err.message}", file=sys.stderr)
         return EX_CONFIG
-    targets = setup_logging(settings.log_level, force_stderr=args.log_stderr)
+    targets = setup_logging(settings.log_level, force_stderr=args.log_stderr, instance=settings.instance_name)
     raise_fd_limit(NOFILE_NEEDED)
     if args.purge:
         try:

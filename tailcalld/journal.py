@@ -69,10 +69,14 @@ class Resend:
     a "--- Logging error ---" traceback per entry.  Every later entry tries the journal again,
     and sends what was kept first, so the journal gets everything, in order."""
 
-    def __init__(self, send: Sender, stderr: TextIO | None, backlog: int = BACKLOG) -> None:
+    def __init__(self, send: Sender, stderr: TextIO | None, backlog: int = BACKLOG,
+                 fields: dict[str, str] | None = None) -> None:
         self._send = send
         self._stderr = stderr  # None when a stderr handler writes every entry already
         self._backlog = _Backlog(backlog)
+        # Those of the handler (SYSLOG_IDENTIFIER, TAILCALLD_INSTANCE), for the entries sent here
+        # that no handler made (the count of entries that went to stderr only).
+        self._fields = fields if fields is not None else {"SYSLOG_IDENTIFIER": IDENTIFIER}
 
     @property
     def away(self) -> bool:
@@ -96,7 +100,7 @@ class Resend:
         try:
             if self._backlog.dropped:
                 self._send(f"{self._backlog.dropped} log entries went to stderr only while the journal was away",
-                           PRIORITY="4", SYSLOG_IDENTIFIER=IDENTIFIER)
+                           PRIORITY="4", **self._fields)
                 self._backlog.dropped = 0
             while self._backlog.entries:
                 message, fields = self._backlog.entries[0]
@@ -116,24 +120,31 @@ _LEVELS = {"7": "DEBUG", "6": "INFO", "5": "NOTICE", "4": "WARNING", "3": "ERROR
            "0": "EMERGENCY"}
 
 
-def _journal_handler(stderr: TextIO | None) -> logging.Handler | None:
+def entry_fields(instance: str) -> dict[str, str]:
+    """The fields every journal entry of the daemon carries, whoever logs it."""
+    return {"SYSLOG_IDENTIFIER": IDENTIFIER, "TAILCALLD_INSTANCE": instance}
+
+
+def _journal_handler(stderr: TextIO | None, instance: str) -> logging.Handler | None:
     if not journald_listening():
         return None
     try:
         from systemd.journal import JournalHandler, send  # noqa: PLC0415 - optional at run time
     except ImportError:
         return None
-    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER, sender_function=Resend(send, stderr))
+    fields = entry_fields(instance)
+    handler: logging.Handler = JournalHandler(sender_function=Resend(send, stderr, fields=fields), **fields)
     return handler
 
 
-def setup_logging(level: str = "info", *, force_stderr: bool = False) -> list[str]:
+def setup_logging(level: str, *, instance: str, force_stderr: bool = False) -> list[str]:
     """Route the ``tailcalld`` logger to the journal when journald runs, and to stderr when
-    there is no journal or a person watches the terminal (``make run``).  Returns the targets."""
+    there is no journal or a person watches the terminal (``make run``).  Every journal entry
+    carries ``TAILCALLD_INSTANCE=instance`` (Settings.instance_name).  Returns the targets."""
     handlers: dict[str, logging.Handler] = {}
     watched = sys.stderr.isatty()
     # The journal's own fallback writes to stderr only when no stderr handler does already.
-    journal = None if force_stderr else _journal_handler(None if watched else sys.stderr)
+    journal = None if force_stderr else _journal_handler(None if watched else sys.stderr, instance)
     if journal is not None:
         handlers["journal"] = journal
     if journal is None or watched:

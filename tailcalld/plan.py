@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
+from . import audit
 from .compiler import Program
 from .dialects import Artifact
 from .errors import ApplyIncomplete, BadRequest, KernelError, TailcalldError
@@ -149,7 +150,7 @@ class Applier:
                 return [Change(s, None, _planned_function(s)) for s in steps]
             try:
                 with m.filling_exit_slots():
-                    await self._build(steps, origin)
+                    await self._build(steps, peer, origin)
                     return self._switch(steps, peer, origin)
             finally:
                 for s in steps:  # what was built and not put in a slot (a failure)
@@ -158,7 +159,7 @@ class Applier:
                         m.registry.release_unused_pins(s.wanted.artifact.sha256 if s.wanted else None)
                 m.after_change([s.key for s in steps if s.wanted is not None and s.key in m.registry.handlers])
 
-    async def _build(self, steps: list[Step], origin: str) -> None:
+    async def _build(self, steps: list[Step], peer: Peer, origin: str) -> None:
         """Every new handler's program, before any slot changes: reused when a slot runs it (or
         an earlier entry of this apply built it), compiled and loaded otherwise."""
         m = self.manager
@@ -172,7 +173,9 @@ class Applier:
                     or await m.kernel.load(w.artifact, w.function)
                 await m.kernel.prepare(s.key)  # the exit dispatcher, before the first exit slot
             except TailcalldError as err:
-                raise at_entry(err, origin, w.index, w.filename) from None
+                told = at_entry(err, origin, w.index, w.filename)
+                self._audit_failed(s, peer, told, origin)
+                raise told from None
 
     def _switch(self, steps: list[Step], peer: Peer, origin: str) -> list[Change]:
         """Each slot in turn, as attach and detach change one."""
@@ -181,9 +184,9 @@ class Applier:
             try:
                 done.append(self._remove(s, peer, origin) if s.action == "remove" else self._put(s, peer, origin))
             except TailcalldError as err:
-                self._incomplete(steps, done, s, err, origin)
+                self._incomplete(steps, done, s, err, peer, origin)
             except OSError as exc:  # a prog-array update the kernel refused
-                self._incomplete(steps, done, s, KernelError(f"the kernel refused the change: {exc}"), origin)
+                self._incomplete(steps, done, s, KernelError(f"the kernel refused the change: {exc}"), peer, origin)
         changes = {c.step.key: c for c in done}
         result = [changes.get(s.key) or Change(s, s.current.prog_id if s.current else None,
                                                s.current.function if s.current else None) for s in steps]
@@ -223,8 +226,17 @@ class Applier:
                 f"program {gone} from slot {reg.label(s.key)} (apply {origin})")
         return Change(s, None, s.current.function if s.current else None)
 
-    def _incomplete(self, steps: list[Step], done: list[Change], failed: Step, err: TailcalldError,
+    def _audit_failed(self, s: Step, peer: Peer, err: TailcalldError, origin: str) -> None:
+        """A slot the apply could not change, in the audit as the attach or detach that failed
+        (TAILCALLD_APPLY: which apply)."""
+        w = s.wanted
+        fields = audit.attach_fields(w.filename, w.function, w.artifact) if w is not None else {}
+        self.manager.audit_failure_in("detach" if s.action == "remove" else "attach", peer, s.key, err,
+                                      fields | {"TAILCALLD_APPLY": origin})
+
+    def _incomplete(self, steps: list[Step], done: list[Change], failed: Step, err: TailcalldError, peer: Peer,
                     origin: str) -> None:
+        self._audit_failed(failed, peer, err, origin)
         label = self.manager.registry.label
         applied = [f"{c.step.action} {label(c.step.key)}" for c in done]
         left = [f"{s.action} {label(s.key)}" for s in steps

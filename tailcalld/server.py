@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import protocol
+from . import audit, protocol
 from .commands import CommandContext, events_filter, execute
 from .config import Settings
 from .events import EventHub
@@ -371,6 +371,7 @@ class ControlServer:
                 follow = _Follow(events_filter(request, self.ctx.manager))
             return protocol.encode_ok(rid, result), follow
         except RequestError as bad:
+            audit.invalid_request(line, peer, bad.error)
             return protocol.encode_error(bad.request_id, bad.error), None
         except TailcalldError as err:
             return protocol.encode_error(rid, err), None

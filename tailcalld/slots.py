@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from . import reconcile
+from . import audit, reconcile
+from .audit import Fields as AuditFields
 from .compiler import Program
 from .dialects import Artifact, Dialect
-from .errors import SlotEmpty, StateUnwritable, Unloading
+from .errors import SlotEmpty, StateUnwritable, TailcalldError, Unloading
 from .kernel import DispatcherInfo, Kernel
 from .loader_settings import settings
 from .misses import Counters, MissMonitor
@@ -183,7 +184,15 @@ class SlotManager:
                      peer: Peer, fresh: bool = False, hook: Hook = "enter", journal: bool = False) -> Attached:
         """Put the handler in the slot (its exit slot for ``hook="exit"``).  Unless ``fresh``, a
         program already loaded from the same artifact and function is reused (no compile): it then
-        shares its maps with its other slots."""
+        shares its maps with its other slots.  A failure is audited, then raised."""
+        try:
+            return await self._attach(slot_spec, artifact, function, filename, peer, fresh, hook, journal)
+        except Exception as err:
+            self.audit_failure("attach", peer, slot_spec, hook, err, audit.attach_fields(filename, function, artifact))
+            raise
+
+    async def _attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
+                      peer: Peer, fresh: bool, hook: Hook, journal: bool) -> Attached:
         slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
@@ -227,7 +236,8 @@ class SlotManager:
         self._on_change()
         self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
                     f"{prog.function} ({artifact.dialect}) in slot {reg.label(slot)}: program {prog.id}"
-                    + (f", was {replaced}" if replaced is not None else ""))
+                    + (f", was {replaced}" if replaced is not None else ""),
+                    {"FILENAME": filename, "FUNCTION": prog.function})
         return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced, prog.log,
                         prog.warnings)
 
@@ -279,6 +289,14 @@ class SlotManager:
         return Checked(prog.function, artifact.dialect, prog.insns, prog.log, prog.warnings)
 
     async def detach(self, slot_spec: int | str, peer: Peer, hook: Hook = "enter") -> Detached:
+        """Empty the slot.  A failure (an empty slot among them) is audited, then raised."""
+        try:
+            return await self._detach(slot_spec, peer, hook)
+        except Exception as err:
+            self.audit_failure("detach", peer, slot_spec, hook, err, {})
+            raise
+
+    async def _detach(self, slot_spec: int | str, peer: Peer, hook: Hook) -> Detached:
         slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
@@ -320,14 +338,37 @@ class SlotManager:
                     f"everything: {len(slots)} slots emptied, dispatcher and pins removed")
         return Unloaded(slots, pins)
 
-    def _audit(self, action: str, peer: Peer, slot: int | None, prog_id: int, sha: str | None, what: str) -> None:
-        fields: dict[str, object] = {"TAILCALLD_ACTION": action, "PROG_ID": prog_id, **peer.journal_fields()}
+    def _audit(self, action: str, peer: Peer, slot: int | None, prog_id: int, sha: str | None, what: str,
+               more: AuditFields | None = None) -> None:
+        fields: AuditFields = {"PROG_ID": prog_id, **(more or {})}
         if slot is not None:
-            nr, hook = self.syscalls.split(slot)
-            fields |= {"SLOT": nr, "SLOT_HOOK": hook, "SYSCALL_NAME": self.syscalls.label(slot)}
+            fields |= self._slot_fields(slot)
         if sha is not None:
             fields["SOURCE_SHA256"] = sha
-        logger.info("%s %s (by uid %d, pid %d, %s)", action, what, peer.uid, peer.pid, peer.comm, extra=fields)
+        audit.changed(action, peer, what, fields)
+
+    def audit_failure(self, action: str, peer: Peer, slot_spec: int | str, hook: Hook, err: BaseException,
+                      fields: AuditFields) -> None:
+        """An attach or detach that failed, with the slot as resolved (as requested when it
+        names no slot) and the error the client got."""
+        try:
+            slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
+        except TailcalldError:
+            where, fields = f"slot {str(slot_spec)[:audit.MAX_SLOT_CHARS]!r}", fields | audit.requested_slot(slot_spec)
+            filename = fields.get("FILENAME")
+            audit.failed(action, peer, f"{filename} in {where}" if filename else where, err, fields)
+        else:
+            self.audit_failure_in(action, peer, slot, err, fields)
+
+    def audit_failure_in(self, action: str, peer: Peer, slot: int, err: BaseException, fields: AuditFields) -> None:
+        """As audit_failure, for a slot key already resolved (an apply's slots too)."""
+        where, filename = f"slot {self.registry.label(slot)}", fields.get("FILENAME")
+        audit.failed(action, peer, f"{filename} in {where}" if filename else where, err,
+                     fields | self._slot_fields(slot))
+
+    def _slot_fields(self, slot: int) -> AuditFields:
+        nr, hook = self.syscalls.split(slot)
+        return {"SLOT": nr, "SLOT_HOOK": hook, "SYSCALL_NAME": self.syscalls.label(slot)}
 
     # -- views ----------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import pytest
 
 from harness import (CAP_SYS_ADMIN, NR_FCHMODAT, JournalEntry, counting_handler, fchmodat, libbpf_pinned_handler,
                      new_pin_root, parse_journal, read_counter, remove_pin_tree, unit_capabilities, wait_journal)
+from tailcalld.audit import CHANGE_MESSAGE_ID, FAILED_MESSAGE_ID
 from tailcalld.journal import MISS_MESSAGE_ID
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,12 +139,18 @@ def systemd(machine: None, one_at_a_time: None) -> Iterator[Systemd]:
         if not had_config:  # ours, rewritten by the tests: uninstall would keep it as "edited"
             CONFIG.unlink(missing_ok=True)
         subprocess.run(["make", "-C", str(REPO), "uninstall"], capture_output=True, timeout=300)
+        # The uninstall took the catalog that make setup installs for the checkout too: put it back.
+        subprocess.run(["bash", str(REPO / "scripts/install.sh"), "catalog"], capture_output=True, timeout=120)
         subprocess.run(["bash", str(CI_SYSTEMD), "down"], env=env, capture_output=True, timeout=120)
         remove_pin_tree(pin_root)
 
 
 def test_start_reload_journal_stop(systemd: Systemd) -> None:
     sd = systemd
+    since = f"--since=@{time.time() - 1:.0f}"
+    # make install rendered the unit for its PREFIX and CONFDIR (the defaults here).
+    assert sd.show("ExecStart").startswith("{ path=/opt/tailcalld/bin/tailcalld ; "
+                                           "argv[]=/opt/tailcalld/bin/tailcalld --config /etc/tailcalld/tailcalld.toml ;")
     sd.run("systemctl", "start", "tailcalld.service")
     # Type=notify: start returned, so READY=1 came, so the socket already accepts.
     assert sd.run("systemctl", "is-active", "tailcalld.service").stdout.strip() == "active"
@@ -206,6 +213,17 @@ def test_start_reload_journal_stop(systemd: Systemd) -> None:
     explained = sd.run("journalctl", "--no-pager", "-x", "-u", "tailcalld", f"MESSAGE_ID={MISS_MESSAGE_ID}").stdout
     assert "Tail-call misses on fchmodat (268)" in explained  # the catalog entry
 
+    # A refused attach is audited with the peer that asked; the installed catalog explains it.
+    broken = sd.ctl("attach", "fchmodat", sd.source_file("int h(struct bpf_raw_tracepoint_args *c) { return x; }\n"),
+                    check=False)
+    assert broken.returncode != 0 and "undeclared identifier 'x'" in broken.stderr
+    failed = sd.wait_journal(lambda e: e.get("ERROR_CODE") == "compile_error", 30, f"MESSAGE_ID={FAILED_MESSAGE_ID}")
+    assert failed and (failed[0]["PEER_UID"], failed[0]["PEER_COMM"]) == ("0", "tailcallctl")
+    explained = sd.run("journalctl", "--no-pager", "-x", "-u", "tailcalld", f"MESSAGE_ID={FAILED_MESSAGE_ID}").stdout
+    assert "tailcalld refused a change: attach-failed (compile_error)" in explained
+    explained = sd.run("journalctl", "--no-pager", "-x", "-u", "tailcalld", f"MESSAGE_ID={CHANGE_MESSAGE_ID}").stdout
+    assert "tailcalld slot change: attach by uid 0" in explained
+
     sd.run("systemctl", "stop", "tailcalld.service")
     assert sd.show("Result") == "success" and sd.show("ExecMainStatus") == "0"
     messages = [e["MESSAGE"] for e in sd.journal()]
@@ -213,6 +231,11 @@ def test_start_reload_journal_stop(systemd: Systemd) -> None:
         assert any(expected in m for m in messages), (expected, messages)
     # The unit's syscall filter lets the compile workers confine themselves with Landlock.
     assert not any("no Landlock" in m for m in messages), messages
+    # Every entry the daemon wrote names it (no instance set: its pin folder), and nothing it
+    # said reached the journal around its logger (a stdout/stderr line carries no fields).
+    own = sd.journal(since, "_SYSTEMD_UNIT=tailcalld.service")
+    assert own and {e.get("TAILCALLD_INSTANCE") for e in own} == {str(sd.pin_dir)}, [
+        (e.get("_TRANSPORT"), e.get("MESSAGE")) for e in own if e.get("TAILCALLD_INSTANCE") != str(sd.pin_dir)]
     # Stopped, yet the pins keep the dispatcher running: tracing does not depend on the daemon.
     assert (sd.pin_dir / "link").exists()
 
