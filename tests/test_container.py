@@ -1,0 +1,187 @@
+"""The Dockerfile's image, built and run for real with podman (scripts/podman.sh): tailcalld is PID 1
+of the container, a handler is attached through the mounted socket with the host's tailcallctl and
+counts, and the pins go on tracing once the container has stopped.  Run privileged, and with the
+least capabilities measured on this kernel (README, "In a container"); each of those is shown to be
+needed by a start that fails without it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness import (
+    REPO,
+    VENV_BIN,
+    counting_handler,
+    fchmodat,
+    read_counter,
+    write_config,
+)
+
+PODMAN = REPO / "scripts" / "podman.sh"
+# The apt and pip layers, tagged so that they outlive the per-run image: a rerun with only the code
+# changed builds in seconds.  Deliberately kept, like pip's cache; `podman rmi` it to start afresh.
+CACHE_IMAGE = "localhost/tailcalld-test-cache:deps"
+SECCOMP_DEFAULT = Path("/usr/share/containers/seccomp.json")  # the engine's own default profile
+LEAST_CAPS = ["--cap-drop", "ALL", "--cap-add", "BPF", "--cap-add", "PERFMON"]
+
+
+def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(PODMAN), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def checked(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 0, f"{' '.join(map(str, r.args))}: status {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def image(machine: None) -> Iterator[str]:
+    """The image, built from this checkout under a name of this run's, removed at the end."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed: scripts/setup.sh (make setup) installs it with runc")
+    checked(podman("base", timeout=900))  # the Dockerfile's FROM, in local storage (no registry here)
+    tag = f"localhost/tailcalld-test-{secrets.token_hex(4)}:latest"
+    try:
+        checked(podman("build", "--target", "deps", "-t", CACHE_IMAGE, str(REPO), timeout=1800))
+        checked(podman("build", "-t", tag, str(REPO), timeout=1800))
+        yield tag
+    finally:
+        podman("rmi", "-f", tag)
+
+
+@dataclass
+class Container:
+    name: str
+    run_dir: Path  # the host folder mounted at /run/tailcalld: the socket is there
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The host's tailcallctl, through the mounted socket."""
+        return subprocess.run([str(VENV_BIN / "tailcallctl"), "--socket", str(self.run_dir / "tailcalld.sock"), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def state(self) -> dict[str, object]:
+        inspected = json.loads(checked(podman("inspect", "--type", "container", self.name)))
+        status: dict[str, object] = inspected[0]["State"]
+        return status
+
+    def logs(self) -> str:
+        r = podman("logs", self.name)
+        return r.stdout + r.stderr
+
+
+@contextlib.contextmanager
+def container(image: str, tmp: Path, pin_dir: Path, engine_args: list[str]) -> Iterator[Container]:
+    """The image run as README.md says, on a pin folder and a socket folder of this test's; the
+    container is removed whatever happens (the pins are the caller's)."""
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    config = write_config(tmp / "tailcalld.toml", socket="/run/tailcalld/tailcalld.sock", pin_dir=pin_dir,
+                          state_dir="/var/lib/tailcalld")
+    c = Container(f"tailcalld-test-{secrets.token_hex(4)}", run_dir)
+    try:
+        checked(podman("run", "-d", "--name", c.name, *engine_args,
+                       "-v", "/sys/fs/bpf:/sys/fs/bpf",
+                       "-v", "/lib/modules:/lib/modules:ro", "-v", "/usr/src:/usr/src:ro",
+                       "-v", f"{run_dir}:/run/tailcalld",
+                       "-v", f"{config}:/etc/tailcalld/tailcalld.toml:ro", image))
+        yield c
+    finally:
+        podman("rm", "-f", "-t", "5", c.name)
+
+
+def wait_ready(c: Container) -> dict[str, object]:
+    """The daemon's ping reply once it answers; fails with the container's logs if it exits first."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        r = c.ctl("ping", "--json")
+        if r.returncode == 0:
+            reply: dict[str, object] = json.loads(r.stdout)
+            return reply
+        assert c.state()["Running"], f"the container stopped:\n{c.logs()}"
+        time.sleep(0.2)
+    raise AssertionError(f"tailcalld in the container did not answer within 90 s:\n{c.logs()}")
+
+
+def wait_exited(c: Container) -> dict[str, object]:
+    deadline = time.monotonic() + 90
+    while (state := c.state())["Running"]:
+        assert time.monotonic() < deadline, f"the container is still running:\n{c.logs()}"
+        time.sleep(0.2)
+    return state
+
+
+def seccomp_allowing_bpf(path: Path) -> Path:
+    """The engine's default seccomp profile with bpf() and perf_event_open() allowed to every
+    container (it allows them only with CAP_SYS_ADMIN): the kernel's own checks of CAP_BPF and
+    CAP_PERFMON then decide.  README shows the same change as a jq filter."""
+    profile = json.loads(SECCOMP_DEFAULT.read_text())
+    gated = {"bpf", "perf_event_open"}
+    kept = []
+    for rule in profile["syscalls"]:
+        if gated & set(rule["names"]):
+            if rule["action"] != "SCMP_ACT_ALLOW":
+                continue  # the EPERM for containers without CAP_SYS_ADMIN
+            rule["includes"] = {}
+        kept.append(rule)
+    profile["syscalls"] = kept
+    path.write_text(json.dumps(profile))
+    return path
+
+
+def engine_args(configuration: str, tmp: Path) -> list[str]:
+    if configuration == "privileged":
+        return ["--privileged"]
+    if configuration == "least capabilities, seccomp unconfined":
+        return [*LEAST_CAPS, "--security-opt", "seccomp=unconfined"]
+    if not SECCOMP_DEFAULT.exists():
+        pytest.skip(f"the engine's default seccomp profile is not at {SECCOMP_DEFAULT}")
+    return [*LEAST_CAPS, "--security-opt", f"seccomp={seccomp_allowing_bpf(tmp / 'seccomp.json')}"]
+
+
+@pytest.mark.parametrize("configuration", ["privileged", "least capabilities, seccomp unconfined",
+                                           "least capabilities, default seccomp allowing bpf"])
+def test_the_image_runs_as_pid_1_attaches_counts_and_its_pins_outlive_it(image: str, tmp_path: Path,
+                                                                          pin_root: Path, configuration: str) -> None:
+    counter = pin_root / "maps" / "counter"
+    source = tmp_path / "count.c"
+    source.write_text(counting_handler(counter))
+    with container(image, tmp_path, pin_root / "daemon", engine_args(configuration, tmp_path)) as c:
+        assert wait_ready(c)["pid"] == 1  # the daemon is the container's init
+        # The attach compiles in a worker whose parent is PID 1: it must not take that for an orphan.
+        attach = c.ctl("attach", "fchmodat", str(source))
+        assert attach.returncode == 0, attach.stdout + attach.stderr + c.logs()
+        fchmodat(100)
+        assert read_counter(counter) == 100
+        listed = json.loads(checked(c.ctl("list", "--json")))
+        assert [s["syscall"] for s in listed["slots"]] == ["fchmodat"], listed
+
+        checked(podman("stop", "-t", "30", c.name, timeout=60))
+        state = wait_exited(c)
+        assert state["ExitCode"] == 0, c.logs()  # SIGTERM to PID 1 is a plain stop
+        fchmodat(100)  # the daemon is gone; the pinned dispatcher and handler still run
+        assert read_counter(counter) == 200
+
+
+@pytest.mark.parametrize(("missing", "args"), [
+    ("CAP_BPF", ["--cap-drop", "ALL", "--cap-add", "PERFMON", "--security-opt", "seccomp=unconfined"]),
+    ("CAP_PERFMON", ["--cap-drop", "ALL", "--cap-add", "BPF", "--security-opt", "seccomp=unconfined"]),
+    ("bpf() in the engine's default seccomp profile (allowed there with CAP_SYS_ADMIN only)", LEAST_CAPS),
+])
+def test_each_part_of_the_least_configuration_is_needed(image: str, tmp_path: Path, pin_root: Path,
+                                                        missing: str, args: list[str]) -> None:
+    """The measurement behind README's capability list, made again: without any one of them the
+    start fails (and says why, exiting non-zero)."""
+    with container(image, tmp_path, pin_root / "daemon", args) as c:
+        state = wait_exited(c)
+        assert state["ExitCode"] != 0, f"started without {missing}:\n{c.logs()}"
+        assert "cannot start" in c.logs(), c.logs()
