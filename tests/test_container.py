@@ -141,6 +141,8 @@ def seccomp_allowing_bpf(path: Path) -> Path:
 def engine_args(configuration: str, tmp: Path) -> list[str]:
     if configuration == "privileged":
         return ["--privileged"]
+    if configuration == "CAP_SYS_ADMIN alone, default seccomp":
+        return ["--cap-drop", "ALL", "--cap-add", "SYS_ADMIN"]
     if configuration == "least capabilities, seccomp unconfined":
         return [*LEAST_CAPS, "--security-opt", "seccomp=unconfined"]
     if not SECCOMP_DEFAULT.exists():
@@ -149,7 +151,8 @@ def engine_args(configuration: str, tmp: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("configuration", ["privileged", "least capabilities, seccomp unconfined",
-                                           "least capabilities, default seccomp allowing bpf"])
+                                           "least capabilities, default seccomp allowing bpf",
+                                           "CAP_SYS_ADMIN alone, default seccomp"])
 def test_the_image_runs_as_pid_1_attaches_counts_and_its_pins_outlive_it(image: str, tmp_path: Path,
                                                                           pin_root: Path, configuration: str) -> None:
     counter = pin_root / "maps" / "counter"
