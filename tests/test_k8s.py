@@ -8,7 +8,13 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
+import secrets
+import subprocess
+import time
 import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -16,9 +22,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from harness import REPO, DaemonProcess
+from harness import REPO, VENV_BIN, DaemonProcess
 from tailcalld.config import Settings, load_settings
-from test_container import LEAST_CAPS
+from test_container import LEAST_CAPS, checked, image, podman  # noqa: F401  (image: the fixture)
 
 K8S = REPO / "contrib" / "k8s"
 # The oldest Kubernetes release still in wide use that has everything the manifests use, and the newest bundled.
@@ -187,3 +193,151 @@ def test_the_shipped_handlers_load_on_this_kernel(tmp_path: Path, daemon: Daemon
     for entry in tomllib.loads(apply_file.read_text())["slot"]:
         r = daemon.ctl("check", str(apply_file.parent / entry["file"]))
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- the DaemonSet's pod, run by podman as a kubelet would run it ------------------------------
+
+@dataclass
+class KubeletVolume:
+    """A ConfigMap volume laid out as the kubelet lays it: each key a link to ``..data/KEY``,
+    ``..data`` a link to a timestamped folder, swapped by one rename on each edit."""
+
+    folder: Path
+    version: int = 0
+
+    def write(self, data: dict[str, str]) -> None:
+        self.version += 1
+        stamp = f"..{self.version}"
+        (self.folder / stamp).mkdir(parents=True)
+        for name, text in data.items():
+            (self.folder / stamp / name).write_text(text)
+            link = self.folder / name
+            if not link.is_symlink():
+                link.symlink_to(f"..data/{name}")
+        (self.folder / "..data_tmp").symlink_to(stamp)
+        (self.folder / "..data_tmp").rename(self.folder / "..data")
+
+
+def config_for_test(pin_dir: Path) -> str:
+    """The ConfigMap's tailcalld.toml with this test's pin folder, less the keys this checkout's
+    loader does not know yet (see test_the_config_map_loads_with_tailcallds_own_loader)."""
+    data = config() | {"pin_dir": str(pin_dir), "miss_log_interval": 1}
+    data = {k: v for k, v in data.items() if k in Settings.model_fields}
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in data.items())
+
+
+def engine_args_of(container: dict[str, Any], host_paths: dict[str, Path]) -> list[str]:
+    """podman run's options for a container of the pod spec: its security context and mounts, each
+    hostPath at ``host_paths.get(path, path)`` (a test's own folder instead of the host's)."""
+    security = container.get("securityContext", {})
+    args = ["--privileged"] if security.get("privileged") else []
+    args += [f"--cap-drop={c}" for c in security.get("capabilities", {}).get("drop", [])]
+    args += [f"--cap-add={c}" for c in security.get("capabilities", {}).get("add", [])]
+    if security.get("seccompProfile", {}).get("type") == "Unconfined":
+        args += ["--security-opt", "seccomp=unconfined"]
+    propagation = {"Bidirectional": ",rshared", "HostToContainer": ",rslave"}
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    for m in container.get("volumeMounts", []):
+        volume = volumes[m["name"]]
+        source = volume["hostPath"]["path"] if "hostPath" in volume else volume["configMap"]["name"]
+        host = host_paths.get(source, Path(source))
+        mode = ("ro" if m.get("readOnly") else "rw") + propagation.get(m.get("mountPropagation", ""), "")
+        args += ["-v", f"{host}:{m['mountPath']}:{mode}"]
+    return args
+
+
+@dataclass
+class Pod:
+    name: str
+    slots: KubeletVolume
+    run_dir: Path  # the host folder mounted at /run/tailcalld
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "tailcallctl"), "--socket", str(self.run_dir / "tailcalld.sock"), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def probe(self, which: str) -> subprocess.CompletedProcess[str]:
+        return podman("exec", self.name, *daemon_container()[which]["exec"]["command"])
+
+    def logs(self) -> str:
+        r = podman("logs", self.name)
+        return r.stdout + r.stderr
+
+    def wait_started(self) -> None:
+        """Until the startup probe passes, as the kubelet waits; fails if the container stops."""
+        deadline = time.monotonic() + 90
+        while (r := self.probe("startupProbe")).returncode != 0:
+            state = json.loads(checked(podman("inspect", "--type", "container", self.name)))[0]["State"]
+            assert state["Running"], f"the container stopped:\n{self.logs()}"
+            assert time.monotonic() < deadline, r.stdout + r.stderr + self.logs()
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def pod(image: str, tmp_path: Path, pin_root: Path) -> Iterator[Pod]:  # noqa: F811
+    """The DaemonSet's pod on this machine: its init container run to completion, then the daemon
+    container; the ConfigMaps as kubelet volumes, /run/tailcalld and /var/lib/tailcalld in folders
+    of this test's.  The container is removed whatever happens."""
+    spec = pod_spec()
+    config_volume, slots_volume = KubeletVolume(tmp_path / "config"), KubeletVolume(tmp_path / "slots")
+    config_volume.write({"tailcalld.toml": config_for_test(pin_root / "daemon")})
+    slots_volume.write(resource("ConfigMap", "tailcalld-slots")["data"])
+    host_paths = {"tailcalld-config": config_volume.folder, "tailcalld-slots": slots_volume.folder,
+                  "/run/tailcalld": tmp_path / "run", "/var/lib/tailcalld": tmp_path / "state"}
+    for made in ("/run/tailcalld", "/var/lib/tailcalld"):
+        host_paths[made].mkdir()
+    [init] = spec["initContainers"]
+    checked(podman("run", "--rm", *engine_args_of(init, host_paths), "--entrypoint", init["command"][0], image,
+                   *init["command"][1:]))
+    c = daemon_container()
+    p = Pod(f"tailcalld-test-{secrets.token_hex(4)}", slots_volume, host_paths["/run/tailcalld"])
+    try:
+        pid_mode = ["--pid", "host"] if spec["hostPID"] else []
+        checked(podman("run", "-d", "--name", p.name, *pid_mode, *engine_args_of(c, host_paths), image, *c["args"]))
+        yield p
+    finally:
+        podman("rm", "-f", "-t", "5", p.name)
+
+
+def test_the_daemonsets_pod_runs_and_its_probes_pass(pod: Pod) -> None:
+    pod.wait_started()
+    for which in ("livenessProbe", "readinessProbe"):
+        r = pod.probe(which)
+        assert r.returncode == 0, r.stdout + r.stderr
+    pid = json.loads(checked(pod.ctl("ping", "--json")))["pid"]
+    assert pid != 1 and Path(f"/proc/{pid}").exists()  # hostPID: the daemon is one of the host's processes
+
+
+def test_the_pod_serves_metrics_on_the_annotated_port(pod: Pod) -> None:
+    if "metrics_listen" not in Settings.model_fields:
+        pytest.skip("metrics_listen (tailcalld/metrics.py) is not in this checkout yet")
+    pod.wait_started()
+    port = daemonset()["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+    fetch = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
+    text = checked(podman("exec", pod.name, "python3", "-c", fetch))
+    assert "tailcalld_build_info" in text, text[:2000]
+
+
+def slot_functions(pod: Pod) -> dict[str, str | None]:
+    listed = json.loads(checked(pod.ctl("list", "--json")))
+    return {s["syscall"]: s["function"] for s in listed["slots"]}
+
+
+def wait_slots(pod: Pod, expected: dict[str, str | None]) -> None:
+    deadline = time.monotonic() + 120
+    while (now := slot_functions(pod)) != expected:
+        assert time.monotonic() < deadline, f"slots {now}, not {expected}:\n{pod.logs()}"
+        time.sleep(0.5)
+
+
+def test_editing_the_slots_config_map_rolls_a_handler_out_and_back(pod: Pod) -> None:
+    """README's roll-out and roll-back, as the kubelet delivers a ConfigMap edit (a ..data swap)."""
+    if "desired_slots" not in Settings.model_fields:
+        pytest.skip("desired_slots (tailcalld/desired.py) is not in this checkout yet")
+    pod.wait_started()
+    first = resource("ConfigMap", "tailcalld-slots")["data"]
+    wait_slots(pod, {"fchmodat": "enter_fchmodat"})
+    pod.slots.write(first | {"fchmodat.bpf.c": first["fchmodat.bpf.c"].replace("enter_fchmodat", "enter_fchmodat_v2")})
+    wait_slots(pod, {"fchmodat": "enter_fchmodat_v2"})
+    pod.slots.write(first)
+    wait_slots(pod, {"fchmodat": "enter_fchmodat"})
