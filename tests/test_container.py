@@ -52,7 +52,10 @@ def image(machine: None) -> Iterator[str]:
     checked(podman("base", timeout=900))  # the Dockerfile's FROM, in local storage (no registry here)
     tag = f"localhost/tailcalld-test-{secrets.token_hex(4)}:latest"
     try:
+        previous = podman("image", "inspect", "--format", "{{.Id}}", CACHE_IMAGE).stdout.strip()
         checked(podman("build", "--target", "deps", "-t", CACHE_IMAGE, str(REPO), timeout=1800))
+        if previous and podman("image", "inspect", "--format", "{{.Id}}", CACHE_IMAGE).stdout.strip() != previous:
+            podman("rmi", previous)  # the cache of an older pyproject.toml, untagged now; kept if in use
         checked(podman("build", "-t", tag, str(REPO), timeout=1800))
         yield tag
     finally:

@@ -341,3 +341,44 @@ def test_editing_the_slots_config_map_rolls_a_handler_out_and_back(pod: Pod) -> 
     wait_slots(pod, {"fchmodat": "enter_fchmodat_v2"})
     pod.slots.write(first)
     wait_slots(pod, {"fchmodat": "enter_fchmodat"})
+
+
+def mounts_at(folder: Path) -> list[str]:
+    """The filesystem types mounted at ``folder``, oldest first (from this process's mountinfo)."""
+    types = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, after = line.split(" - ", 1)
+        if fields.split()[4] == str(folder):
+            types.append(after.split()[0])
+    return types
+
+
+@pytest.fixture
+def bare_host_folder(tmp_path: Path) -> Iterator[Path]:
+    """A shared mount of its own with nothing on it: the host's /sys/fs/bpf on a host that has not
+    mounted bpffs (a volume's mounts reach the host only from a shared mount).  Unmounted after."""
+    folder = tmp_path / "sys-fs-bpf"
+    folder.mkdir()
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(folder)], check=True)
+        yield folder
+    finally:
+        for _ in range(10):  # bpffs on the bind, then the bind
+            if not mounts_at(folder):
+                break
+            subprocess.run(["umount", str(folder)], check=False)
+        assert not mounts_at(folder)
+
+
+def test_the_init_container_mounts_bpffs_on_the_host_once(image: str, bare_host_folder: Path) -> None:  # noqa: F811
+    """Bidirectional propagation at work: bpffs mounted in the init container is the host's, so the
+    pins outlive the pod; run again (the next pod), it finds bpffs there and mounts nothing."""
+    [init] = pod_spec()["initContainers"]
+    run = ["run", "--rm", *engine_args_of(init, {"/sys/fs/bpf": bare_host_folder}),
+           "--entrypoint", init["command"][0], image, *init["command"][1:]]
+    assert "bpf" not in mounts_at(bare_host_folder)
+    checked(podman(*run))
+    assert mounts_at(bare_host_folder)[1:] == ["bpf"]
+    checked(podman(*run))
+    assert mounts_at(bare_host_folder)[1:] == ["bpf"]
