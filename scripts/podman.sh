@@ -50,7 +50,8 @@ base() {
   # shellcheck disable=SC2064  # the folder's name is known now
   trap "rm -rf --one-file-system '$root'" EXIT
   # Own mount namespace: whatever debootstrap mounts in the target goes with it, even if killed.
-  unshare --mount --propagation private debootstrap --variant=minbase bookworm "$root" "$m" >&2
+  # ca-certificates now: a build mounts the host's /etc/ssl/certs read-only, where its setup would write.
+  unshare --mount --propagation private debootstrap --variant=minbase --include=ca-certificates bookworm "$root" "$m" >&2
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
   tar -C "$root" -c . | podman import - "$BASE_IMAGE" >&2
 }
