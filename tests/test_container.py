@@ -33,6 +33,7 @@ PODMAN = REPO / "scripts" / "podman.sh"
 CACHE_IMAGE = "localhost/tailcalld-test-cache:deps"
 SECCOMP_DEFAULT = Path("/usr/share/containers/seccomp.json")  # the engine's own default profile
 LEAST_CAPS = ["--cap-drop", "ALL", "--cap-add", "BPF", "--cap-add", "PERFMON"]
+ADM_GID = 4  # Debian's group adm, in the image as on every Debian host
 
 
 def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -83,13 +84,13 @@ class Container:
 
 
 @contextlib.contextmanager
-def container(image: str, tmp: Path, pin_dir: Path, engine_args: list[str]) -> Iterator[Container]:
-    """The image run as README.md says, on a pin folder and a socket folder of this test's; the
-    container is removed whatever happens (the pins are the caller's)."""
+def container(image: str, tmp: Path, pin_dir: Path, engine_args: list[str], **settings: object) -> Iterator[Container]:
+    """The image run as README.md says, on a pin folder and a socket folder of this test's (and
+    ``settings`` in its config); the container is removed whatever happens (the pins are the caller's)."""
     run_dir = tmp / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
     config = write_config(tmp / "tailcalld.toml", socket="/run/tailcalld/tailcalld.sock", pin_dir=pin_dir,
-                          state_dir="/var/lib/tailcalld")
+                          state_dir="/var/lib/tailcalld", **settings)
     c = Container(f"tailcalld-test-{secrets.token_hex(4)}", run_dir)
     try:
         checked(podman("run", "-d", "--name", c.name, *engine_args,
@@ -178,16 +179,34 @@ def test_the_image_runs_as_pid_1_attaches_counts_and_its_pins_outlive_it(image: 
         assert read_counter(counter) == 200
 
 
-@pytest.mark.parametrize(("missing", "args"), [
-    ("CAP_BPF", ["--cap-drop", "ALL", "--cap-add", "PERFMON", "--security-opt", "seccomp=unconfined"]),
-    ("CAP_PERFMON", ["--cap-drop", "ALL", "--cap-add", "BPF", "--security-opt", "seccomp=unconfined"]),
-    ("bpf() in the engine's default seccomp profile (allowed there with CAP_SYS_ADMIN only)", LEAST_CAPS),
+@pytest.mark.parametrize(("missing", "args", "said"), [
+    ("CAP_BPF", ["--cap-drop", "ALL", "--cap-add", "PERFMON", "--security-opt", "seccomp=unconfined"],
+     "Operation not permitted"),  # creating the prog array
+    ("CAP_PERFMON", ["--cap-drop", "ALL", "--cap-add", "BPF", "--security-opt", "seccomp=unconfined"],
+     "the kernel refused"),  # loading the dispatcher, a tracing program
+    ("bpf() in the engine's default seccomp profile (allowed there with CAP_SYS_ADMIN only)", LEAST_CAPS,
+     "Operation not permitted"),
 ])
 def test_each_part_of_the_least_configuration_is_needed(image: str, tmp_path: Path, pin_root: Path,
-                                                        missing: str, args: list[str]) -> None:
+                                                        missing: str, args: list[str], said: str) -> None:
     """The measurement behind README's capability list, made again: without any one of them the
-    start fails (and says why, exiting non-zero)."""
+    start fails, says why and exits non-zero."""
     with container(image, tmp_path, pin_root / "daemon", args) as c:
         state = wait_exited(c)
         assert state["ExitCode"] != 0, f"started without {missing}:\n{c.logs()}"
-        assert "cannot start" in c.logs(), c.logs()
+        reason = [line for line in c.logs().splitlines() if "cannot start" in line]
+        assert reason and said in reason[0], c.logs()
+
+
+def test_allowed_group_needs_cap_chown_in_a_container(image: str, tmp_path: Path, pin_root: Path) -> None:
+    """README: add CHOWN when the config sets allowed_group (the socket goes to that group)."""
+    unconfined = ["--security-opt", "seccomp=unconfined"]
+    with container(image, tmp_path / "without", pin_root / "daemon", [*LEAST_CAPS, *unconfined],
+                   allowed_group="adm") as c:
+        assert wait_exited(c)["ExitCode"] != 0, c.logs()
+        said = [line for line in c.logs().splitlines() if "cannot start" in line]
+        assert said and "Operation not permitted" in said[0] and "tailcalld.sock" in said[0], c.logs()
+    with container(image, tmp_path / "with", pin_root / "daemon", [*LEAST_CAPS, "--cap-add", "CHOWN", *unconfined],
+                   allowed_group="adm") as c:
+        wait_ready(c)
+        assert (c.run_dir / "tailcalld.sock").stat().st_gid == ADM_GID  # no user namespace: the host's gid 4
