@@ -67,6 +67,7 @@ def image(machine: None) -> Iterator[str]:
 class Container:
     name: str
     run_dir: Path  # the host folder mounted at /run/tailcalld: the socket is there
+    config: Path  # the host file mounted as its tailcalld.toml
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The host's tailcallctl, through the mounted socket."""
@@ -91,7 +92,7 @@ def container(image: str, tmp: Path, pin_dir: Path, engine_args: list[str], **se
     run_dir.mkdir(parents=True)
     config = write_config(tmp / "tailcalld.toml", socket="/run/tailcalld/tailcalld.sock", pin_dir=pin_dir,
                           state_dir="/var/lib/tailcalld", **settings)
-    c = Container(f"tailcalld-test-{secrets.token_hex(4)}", run_dir)
+    c = Container(f"tailcalld-test-{secrets.token_hex(4)}", run_dir, config)
     try:
         checked(podman("run", "-d", "--name", c.name, *engine_args,
                        "-v", "/sys/fs/bpf:/sys/fs/bpf",
@@ -210,3 +211,52 @@ def test_allowed_group_needs_cap_chown_in_a_container(image: str, tmp_path: Path
                    allowed_group="adm") as c:
         wait_ready(c)
         assert (c.run_dir / "tailcalld.sock").stat().st_gid == ADM_GID  # no user namespace: the host's gid 4
+
+
+def slow_libbpf_source(levels: int = 22) -> str:
+    """libbpf C whose preprocessing takes clang seconds (2**levels expansions): clang runs as a child
+    of the compile worker, so a compile killed at its timeout orphans it."""
+    lines = ["#include <linux/bpf.h>", "#include <bpf/bpf_helpers.h>", "#define E0(x) x+1",
+             *[f"#define E{i}(x) E{i - 1}(E{i - 1}(x))" for i in range(1, levels + 1)],
+             f'SEC("raw_tracepoint/sys_enter") int slow(void *ctx) {{ return E{levels}(0); }}',
+             'char _license[] SEC("license") = "GPL";']
+    return "\n".join(lines) + "\n"
+
+
+def zombie_children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    zombies = []
+    for kid in kids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                zombies.append(kid)
+    return zombies
+
+
+def test_as_pid_1_the_daemon_reaps_the_clang_of_a_killed_compile(image: str, tmp_path: Path, pin_root: Path) -> None:
+    """A compile killed at compile_timeout orphans its clang, and the orphans of a container go to
+    its PID 1, the daemon: it must wait for them, or each stays a zombie."""
+    source = tmp_path / "slow.bpf.c"
+    source.write_text(slow_libbpf_source())
+    with container(image, tmp_path, pin_root / "daemon", ["--privileged"]) as c:
+        assert wait_ready(c)["pid"] == 1
+        # A short compile_timeout only now: at the start it also bounds bpftool's vmlinux.h.
+        with c.config.open("a") as config:  # the same file (inode): the container sees the change
+            config.write("compile_timeout = 1.0\n")
+        checked(podman("kill", "--signal", "HUP", c.name))
+        deadline = time.monotonic() + 60
+        while "reloaded" not in c.logs():
+            assert time.monotonic() < deadline and c.state()["Running"], c.logs()
+            time.sleep(0.2)
+        for _ in range(3):
+            r = c.ctl("attach", "fchmodat", str(source))
+            assert r.returncode != 0 and "[compile_timeout]" in r.stderr, r.stdout + r.stderr
+        daemon = int(c.state()["Pid"])  # as the host sees it
+        deadline = time.monotonic() + 60
+        while zombies := zombie_children(daemon):
+            assert time.monotonic() < deadline, f"zombies of the daemon: {zombies}"
+            time.sleep(0.2)
+        assert c.ctl("ping").returncode == 0
