@@ -18,6 +18,12 @@ warn() { echo "setup: WARNING: $*" >&2; }
 # systemd, dbus and procps: the tests run a real systemd (ci-systemd.sh) and journald.
 # clang + libbpf-dev: handlers written in libbpf C (SEC(), vmlinux.h) are compiled with clang.
 PKGS=(python3-venv python3-dev python3-bpfcc gcc pkg-config libsystemd-dev bpftool clang libbpf-dev systemd dbus procps)
+# prometheus: the metrics tests scrape the daemon with a real Prometheus server and check the
+# output with its promtool.
+PKGS+=(prometheus)
+# groff-base, man-db: the tests render tailcallctl's generated man page (man -l, groff -ww);
+# zsh: they load its generated zsh completion.
+PKGS+=(groff-base man-db zsh)
 # gcc-multilib: the tests run real 32-bit (ia32) programs against the dispatcher's compat table.
 [ "$(dpkg --print-architecture)" = amd64 ] && PKGS+=(gcc-multilib)
 # podman + runc: tests/test_container.py builds the Dockerfile's image and runs it (scripts/podman.sh).

@@ -33,6 +33,17 @@ PROG_TYPE_NAMES = {
 }
 
 
+# The kernel's enum bpf_map_type, named as bpftool names them.
+MAP_TYPE_NAMES = {
+    1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash", 6: "percpu_array",
+    7: "stack_trace", 8: "cgroup_array", 9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie", 12: "array_of_maps",
+    13: "hash_of_maps", 14: "devmap", 15: "sockmap", 16: "cpumap", 17: "xskmap", 18: "sockhash",
+    19: "cgroup_storage", 20: "reuseport_sockarray", 21: "percpu_cgroup_storage", 22: "queue", 23: "stack",
+    24: "sk_storage", 25: "devmap_hash", 26: "struct_ops", 27: "ringbuf", 28: "inode_storage", 29: "task_storage",
+    30: "bloom_filter", 31: "user_ringbuf", 32: "cgrp_storage", 33: "arena",
+}
+
+
 class BpfError(OSError):
     """A bpf() operation failed; ``errno`` and the operation are kept for the message."""
 
@@ -229,6 +240,38 @@ def link_info(fd: int) -> LinkInfo:
     size = ctypes.c_uint32(ctypes.sizeof(named))
     _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(named), ctypes.byref(size)), "link info")
     return LinkInfo(i.type, i.id, i.prog_id, name.value.decode(errors="replace"))
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """The ids of the maps a program uses, as the kernel reports them (asked twice: first how
+    many, then into a buffer of that size).  Ids only: opening a map by its id needs
+    CAP_SYS_ADMIN, which tailcalld never uses (see the module's docstring)."""
+    count = _info(fd, _ProgInfo, "program info").nr_map_ids  # type: ignore[attr-defined]
+    if count == 0:
+        return []
+    ids = (ctypes.c_uint32 * count)()
+    info = _ProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "program info")
+    return list(ids[:min(count, info.nr_map_ids)])
+
+
+def held_maps(max_fd: int = 4096) -> dict[int, MapInfo]:
+    """The maps this process holds an fd of, by id (each fd's kind read from /proc/self/fd; a
+    readlink, which Landlock leaves alone, where listing the folder may be refused)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(min(max_fd, os.sysconf("SC_OPEN_MAX"))))
+    maps: dict[int, MapInfo] = {}
+    for fd in fds:
+        if fd_kind(fd) == "map":
+            try:
+                info = map_info(fd)
+            except OSError:  # closed since it was listed
+                continue
+            maps.setdefault(info.id, info)
+    return maps
 
 
 def array_set_u32(map_fd: int, key: int, value: int) -> None:

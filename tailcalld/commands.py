@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -19,17 +20,23 @@ from pydantic import BaseModel
 from . import __version__
 from .config import LiveSettings, Settings
 from .dialects import Artifact, detect
-from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TimingUnavailable
+from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TailcalldError, TimingUnavailable
 from .events import EventHub, EventStats
 from .loader_settings import check_dialect, settings as loader_settings
+from .metrics import Recorder
 from .peers import Peer
-from .protocol import (AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest, DetachResult,
-                       EventsRequest, ListRequest, PingRequest, PingResult, Request, SlotInfo, StatusRequest, StatusResult,
-                       SyscallEntry, SyscallsRequest, SyscallsResult, TimingRequest, TimingResult, UnloadAllRequest,
-                       UnloadResult)
+from .plan import Applier, Change, Wanted, at_entry
+from .protocol import (ApplyRequest, ApplyResult, AttachRequest, AttachResult, CheckRequest, CheckResult, DetachRequest,
+                       DetachResult, EventsRequest, HandlerFile, HandlerOptions, ListRequest, ListResult, MapEntry,
+                       PingRequest, PingResult, Request, SavedFile, SavedSlot, SaveRequest, SaveResult, ShowRequest,
+                       ShowResult, SlotChange, SlotInfo, StatusRequest, StatusResult, SyscallEntry, SyscallsRequest,
+                       SyscallsResult, TimingRequest, TimingResult, UnloadAllRequest, UnloadResult)
+from .slot_details import slot_details
 from .slots import SlotManager, SlotView, Status
 from .state import SlotRecord
 from .timing import OnDemandTiming, SlotTimes
+
+logger = logging.getLogger("tailcalld")
 
 
 class StopReason(enum.Enum):
@@ -49,33 +56,43 @@ class CommandContext:
     list_cache: ListCache = field(default_factory=lambda: ListCache())
     timing: OnDemandTiming | None = None  # None: this daemon cannot time handlers (tests' fake kernel)
     events: EventHub | None = None  # None: no event channel (tests' fake kernel)
+    recorder: Recorder = field(default_factory=lambda: Recorder())  # metrics that exist only as events
+    applier: Applier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.applier = Applier(self.manager)  # one per daemon: applies run one at a time
 
 
 def artifact_of(spec: AttachRequest | CheckRequest, settings: Settings) -> Artifact:
     """The wire's source/object/dialect fields, as the core's Artifact, within the size settings."""
-    if spec.object is not None:
+    return artifact_from(spec, spec, settings)
+
+
+def artifact_from(file: HandlerFile, options: HandlerOptions, settings: Settings) -> Artifact:
+    """A handler's file made as ``options`` say, as the core's Artifact, within the size settings."""
+    if file.object is not None:
         try:
-            artifact = Artifact("object", base64.b64decode(spec.object, validate=True), spec.filename)
+            artifact = Artifact("object", base64.b64decode(file.object, validate=True), file.filename)
         except binascii.Error as exc:
             raise BadRequest(f"object is not valid base64: {exc}") from None
     else:
-        assert spec.source is not None
-        dialect = detect(spec.source) if spec.dialect == "auto" else spec.dialect
-        artifact = Artifact(dialect, spec.source.encode(), spec.filename, headers=headers_of(spec, settings))
-    variables = loader_settings({name: str(value) for name, value in spec.variables.items()})
-    defines = loader_settings(spec.defines)
+        assert file.source is not None
+        dialect = detect(file.source) if options.dialect == "auto" else options.dialect
+        artifact = Artifact(dialect, file.source.encode(), file.filename, headers=headers_of(file, settings))
+    variables = loader_settings({name: str(value) for name, value in options.variables.items()})
+    defines = loader_settings(options.defines)
     check_dialect(artifact.dialect, variables, defines)
     artifact = replace(artifact, variables=variables, defines=defines)
-    setting = "max_object_bytes" if spec.object is not None else "max_source_bytes"
+    setting = "max_object_bytes" if file.object is not None else "max_source_bytes"
     limit: int = getattr(settings, setting)
     if len(artifact.data) > limit:
-        raise SourceTooLarge(f"the {'object' if spec.object else 'source'} is {len(artifact.data)} bytes; "
+        raise SourceTooLarge(f"the {'object' if file.object else 'source'} is {len(artifact.data)} bytes; "
                              f"the limit is {limit} ({setting})",
                              {"size": len(artifact.data), "limit": limit, "setting": setting})
     return artifact
 
 
-def headers_of(spec: AttachRequest | CheckRequest, settings: Settings) -> dict[str, str]:
+def headers_of(spec: HandlerFile, settings: Settings) -> dict[str, str]:
     """The local headers of the request, within max_headers and max_headers_bytes."""
     headers = spec.headers or {}
     size = sum(len(text.encode()) for text in headers.values())
@@ -86,6 +103,83 @@ def headers_of(spec: AttachRequest | CheckRequest, settings: Settings) -> dict[s
             raise SourceTooLarge(f"the source brings {found} {what}; the limit is {limit} ({setting})",
                                  {"size": found, "limit": limit, "setting": setting})
     return headers
+
+
+def wanted_of(request: ApplyRequest, m: SlotManager, settings: Settings) -> list[Wanted]:
+    """The apply request's slots as the core's Wanted; a bad one is refused naming its entry."""
+    wanted = []
+    for i, s in enumerate(request.slots):
+        file = request.files[s.file]
+        try:
+            key = m.syscalls.key(m.syscalls.resolve(s.slot), s.hook)
+            artifact = artifact_from(file, s, settings)
+        except TailcalldError as err:
+            raise at_entry(err, request.source, i, file.filename) from None
+        wanted.append(Wanted(i, key, artifact, s.function, s.journal, file.filename))
+    return wanted
+
+
+async def run_apply(ctx: CommandContext, request: ApplyRequest, peer: Peer) -> ApplyResult:
+    """An apply, from a client or from the daemon's desired_slots."""
+    m = ctx.manager
+    try:
+        changes = await ctx.applier.apply(wanted_of(request, m, ctx.settings.current), peer, request.source,
+                                          request.dry_run)
+    except TailcalldError as err:
+        if not request.dry_run:  # the metrics count an apply's failure as one failed attach, as a client sees it
+            ctx.recorder.attach_result(err.code)
+        raise
+    if not request.dry_run:
+        for c in changes:
+            if c.step.action in ("add", "replace"):
+                ctx.recorder.attach_result("ok")
+    return ApplyResult(dry_run=request.dry_run, changes=[slot_change(c, m) for c in changes])
+
+
+def slot_change(c: Change, m: SlotManager) -> SlotChange:
+    s = c.step
+    nr, hook = m.syscalls.split(s.key)
+    before = s.current
+    return SlotChange(action=s.action, slot=nr, hook=hook, syscall=m.syscalls.label(s.key),
+                      index=s.wanted.index if s.wanted else None, function=c.function,
+                      filename=s.wanted.filename if s.wanted else (before.filename if before else None),
+                      prog_id=c.prog_id, replaced_prog_id=before.prog_id if before and s.action != "unchanged" else None,
+                      replaced_function=before.function if before and s.action == "replace" else None,
+                      replaced_filename=before.filename if before and s.action == "replace" else None,
+                      why=s.why, log=c.log, warnings=list(c.warnings))
+
+
+def save_result(m: SlotManager) -> SaveResult:
+    """Every wanted slot, and each handler file once (by its identity) however many slots run it.
+    A slot whose source is unknown (adopted from the kernel) or unreadable has no file."""
+    files: list[SavedFile] = []
+    index: dict[tuple[str, str], int | None] = {}
+    slots = []
+    for key, r in sorted(m.registry.wanted().items()):
+        nr, hook = m.syscalls.split(key)
+        file = None
+        if r.source_sha256 is not None:
+            found = (r.source_sha256, r.dialect)
+            if found not in index:
+                index[found] = _saved_file(m, r, files)
+            file = index[found]
+        slots.append(SavedSlot(slot=nr, hook=hook, syscall=m.syscalls.label(key), function=r.function,
+                               dialect=r.dialect if r.source_sha256 else None, filename=r.filename,
+                               journal=r.journal, variables=r.variables, defines=r.defines, prog_id=r.prog_id,
+                               file=file))
+    return SaveResult(slots=slots, files=files)
+
+
+def _saved_file(m: SlotManager, r: SlotRecord, files: list[SavedFile]) -> int | None:
+    assert r.source_sha256 is not None
+    try:
+        a = m.registry.store.artifact(r.source_sha256, r.dialect, r.headers)
+    except (OSError, ValueError) as exc:
+        logger.error("save: the kept source of %s (%s) cannot be read: %s", r.function, r.source_sha256[:12], exc)
+        return None
+    data = {"object": base64.b64encode(a.data).decode()} if a.dialect == "object" else {"source": a.data.decode()}
+    files.append(SavedFile(sha256=r.source_sha256, filename=r.filename, headers=dict(a.headers), **data))
+    return len(files) - 1
 
 
 def slot_info(view: SlotView) -> SlotInfo:
@@ -153,6 +247,16 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         corrections=status.corrections)
 
 
+def show_result(m: SlotManager, request: ShowRequest, ctx: CommandContext) -> ShowResult:
+    d = slot_details(m, request.slot, request.hook)
+    # The slot's entry as list writes it (counters, timing and events included): one source of truth.
+    entry = ListCache().reply([d.view], ctx.timing.read() if ctx.timing else None,
+                              ctx.events.stats() if ctx.events is not None else None)
+    slot = ListResult.model_validate_json(entry).slots[0]
+    return ShowResult(slot=slot, maps=[MapEntry(**vars(e)) for e in d.maps], maps_note=d.maps_note, source=d.source,
+                      object_bytes=d.object_bytes, headers=d.headers)
+
+
 def events_filter(request: EventsRequest, m: SlotManager) -> frozenset[int] | None:
     """The slot keys an events request asks for; None: all."""
     if request.slot is None:
@@ -168,11 +272,13 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
         case PingRequest():
             return PingResult(version=__version__, pid=os.getpid())
         case AttachRequest():
-            a = await m.attach(request.slot, artifact_of(request, settings), request.function, request.filename,
-                               peer, request.fresh, request.hook, request.journal)
+            with ctx.recorder.attaching():
+                a = await m.attach(request.slot, artifact_of(request, settings), request.function, request.filename,
+                                   peer, request.fresh, request.hook, request.journal)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
-                                replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings))
+                                replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings),
+                                unchanged=a.unchanged)
         case CheckRequest():
             c = await m.check(artifact_of(request, settings), request.function)
             return CheckResult(function=c.function, dialect=c.dialect, prog_type="raw_tracepoint", insns=c.insns,
@@ -186,6 +292,8 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
                                         ctx.events.stats() if ctx.events is not None else None)
         case StatusRequest():
             return status_result(m.status(), ctx)
+        case ShowRequest():
+            return show_result(m, request, ctx)
         case SyscallsRequest():
             return SyscallsResult(syscalls=[
                 SyscallEntry(abi=v.abi, nr=v.nr, name=v.name, slot=v.slot,
@@ -207,6 +315,10 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             lines = ctx.events.backlog(slots, last)
             return b'{"events":[%s],"following":%s}' % (b",".join(line.rstrip(b"\n") for line in lines),
                                                        b"true" if request.follow else b"false")
+        case ApplyRequest():
+            return await run_apply(ctx, request, peer)
+        case SaveRequest():
+            return save_result(m)
         case UnloadAllRequest():
             if ctx.timing is not None:
                 ctx.timing.stop()  # its program reads the dispatcher's maps, about to be unpinned

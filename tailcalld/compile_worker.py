@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import base64
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -453,6 +454,17 @@ def write_headers(request: dict[str, Any], work_dir: Path) -> None:
     request[key] = [f"-I{root}" if key == "cflags" else str(root), *request.get(key, [])]
 
 
+def program_maps(fd: int) -> list[dict[str, Any]]:
+    """The maps the loaded program uses, as the kernel has them (`tailcallctl show`): the worker
+    holds an fd of each (bcc's and libbpf's own, the event channel's it was passed), the daemon
+    only the program's, and nobody may open a map by its id.  A failure costs only this list."""
+    try:
+        held = bpfsys.held_maps()
+        return [dataclasses.asdict(held[i]) for i in bpfsys.prog_map_ids(fd) if i in held]
+    except OSError:
+        return []
+
+
 def _write_result(work_dir: Path, result: dict[str, Any]) -> None:
     """A file, not the datagram: a result has no size limit (1500 candidate functions, say).
     Renamed into place, so the daemon never reads half of one."""
@@ -469,6 +481,8 @@ def main() -> int:
     write_headers(request, work_dir)
     _prepare(request, work_dir)
     result, fd, _keep = compile_and_load(request, work_dir)
+    if fd is not None:
+        result["maps"] = program_maps(fd)
     sys.stdout.flush()
     sys.stderr.flush()
     _write_result(work_dir, result)

@@ -25,7 +25,8 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ class Program:
     (closing twice is a no-op: a recycled fd number must never be closed by mistake)."""
 
     def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "", btf: bytes | None = None,
-                 warnings: tuple[str, ...] = ()) -> None:
+                 warnings: tuple[str, ...] = (), maps: tuple[bpfsys.MapInfo, ...] = ()) -> None:
         self._fd: int | None = fd
         self.id = id
         self.function = function
@@ -122,6 +123,7 @@ class Program:
         self.log = log  # what the compiler and loader said on the way (warnings)
         self.btf = btf  # the handler's own BTF (libbpf): how its TC_EMIT structs are decoded
         self.warnings = warnings  # tailcalld's own about the handler (headers.header_warning)
+        self.maps = maps  # the maps it uses, as the compile worker saw them when it loaded it
 
     @property
     def fd(self) -> int:
@@ -135,7 +137,8 @@ class Program:
 
     def dup(self) -> Program:
         """Another owner of the same program (a warm attach: no compile, no load)."""
-        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log, self.btf, self.warnings)
+        return Program(os.dup(self.fd), self.id, self.function, self.insns, self.log, self.btf, self.warnings,
+                       self.maps)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -153,8 +156,10 @@ def bpf_source(name: str) -> str:
 
 class Compiler:
     def __init__(self, settings: LiveSettings, max_parallel: int = 2, cache_dir: Path | None = None,
-                 work_root: Path | None = None) -> None:
+                 work_root: Path | None = None,
+                 observe: Callable[[str, float], None] = lambda dialect, seconds: None) -> None:
         self._settings = settings  # compile_timeout and the limits are live: read at each compile
+        self._observe = observe  # (dialect, seconds) of every compile and load, failed or not (metrics)
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
         self._parallel_compiles = asyncio.Semaphore(max_parallel)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
@@ -209,10 +214,13 @@ class Compiler:
             vmlinux = await dialects.vmlinux_header(self._cache_dir, self._settings.current.compile_timeout)
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
         async with self._parallel_compiles:
+            started = time.monotonic()  # the compile's own time, not its wait for a turn
             try:
                 result, fd, output = await self._run_worker(request)
             except (CompileError, CompilerCrashed, CompileOutOfMemory) as err:  # the worker died
                 raise _name_the_file_in(err, filename, source) from None
+            finally:
+                self._observe(dialect, time.monotonic() - started)
         output = name_the_file(output, filename, source)
         if not result.get("ok"):
             error = error_class(result.get("code", ""))
@@ -227,7 +235,8 @@ class Compiler:
             raise
         btf = base64.b64decode(result["btf_b64"]) if result.get("btf_b64") else None
         warnings = _warnings(source, filename) if dialect == "bcc" and source is not None else ()
-        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings)
+        maps = tuple(bpfsys.MapInfo(**m) for m in result.get("maps", []))
+        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings, maps)
 
     async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
         tag = artifact.tag

@@ -8,6 +8,7 @@ reload is one assignment plus the few reactions a change needs (``LiveSettings.o
 from __future__ import annotations
 
 import grp
+import ipaddress
 import logging
 import tomllib
 from collections.abc import Callable
@@ -92,6 +93,52 @@ class Settings(BaseModel):
                                      description="bytes of events a slow `events -f` client may have unread before "
                                                  "its events are dropped (and counted)")
 
+    # Metrics for Prometheus (metrics.py, metrics_http.py).  Both are bound at start, before the
+    # kernel is touched, so a taken port stops the start instead of leaving a daemon without them.
+    metrics_socket: Path | Literal[""] | None = Field(
+        None, description="Unix socket serving GET /metrics (Prometheus text); unset: metrics.sock beside socket; "
+                          "\"\": off")
+    metrics_listen: str = Field("", description="HOST:PORT serving GET /metrics over TCP (IPv4, or IPv6 in "
+                                                "brackets); \"\": off")
+
+    @field_validator("metrics_socket")
+    @classmethod
+    def _absolute(cls, path: Path | str | None) -> Path | str | None:
+        if isinstance(path, Path) and not path.is_absolute():
+            raise ValueError(f"{str(path)!r} is not an absolute path")
+        return path
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _address(cls, text: str) -> str:
+        if text:
+            parse_listen(text)
+        return text
+
+    def metrics_socket_path(self, control_socket: Path) -> Path | None:
+        """Where the metrics socket goes: as set, beside the control socket when unset, None when off."""
+        if self.metrics_socket is None:
+            return control_socket.parent / "metrics.sock"
+        return self.metrics_socket or None
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return parse_listen(self.metrics_listen) if self.metrics_listen else None
+
+    # Declarative state (desired_slots.py): an apply file the daemon makes the slots match.
+    desired_slots: Path | None = Field(None, json_schema_extra=LIVE,
+                                       description='an apply file to reconcile the slots to at start, on reload and '
+                                                   'when it changes; "" or unset: none')
+
+    @field_validator("desired_slots", mode="before")
+    @classmethod
+    def _desired_slots(cls, value: object) -> object:
+        if value == "":
+            return None
+        if isinstance(value, str) and not value.startswith("/"):
+            raise ValueError(f"{value!r} is not an absolute path")
+        return value
+
     @field_validator("events_buffer_bytes")
     @classmethod
     def _power_of_two(cls, size: int) -> int:
@@ -112,6 +159,26 @@ class Settings(BaseModel):
     @property
     def allowed_gid(self) -> int | None:
         return grp.getgrnam(self.allowed_group).gr_gid if self.allowed_group else None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) of a "HOST:PORT": an IPv4 address, or an IPv6 one in brackets, and a port
+    1..65535.  Names are refused: what they resolve to could change under a running daemon."""
+    host, sep, port = text.rpartition(":")
+    example = "e.g. 127.0.0.1:9479, 0.0.0.0:9479 or [::1]:9479"
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT ({example})")
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise ValueError(f"{text!r}: the host must be an IPv4 address or an IPv6 address in brackets "
+                         f"({example}), not a name") from None
+    if (address.version == 6) != bracketed:
+        raise ValueError(f"{text!r}: an IPv6 address goes in brackets, an IPv4 one without ({example})")
+    return str(address), int(port)
 
 
 NUMERIC_SETTINGS = frozenset(k for k, f in Settings.model_fields.items() if f.annotation in (int, float))

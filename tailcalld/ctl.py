@@ -1,9 +1,18 @@
 """tailcallctl: talk to tailcalld.  Tables for people, --json for scripts.
 
-Exit codes: 0 success, 1 failure (daemon error, daemon unreachable, a reply that does not fit
-the protocol), 2 bad usage (arguments, or a FILE that cannot be read or decoded: with or without a daemon);
-`check` also: 3 the handler does not compile, 4 the kernel (verifier, program type) refuses it.
-Data goes to stdout, errors to stderr.
+    tailcallctl [--json] [--no-legend] [-q] [--socket PATH] [--timeout S] VERB [ARGS...]
+
+The options before the verb may also come after it (``tailcallctl list --json``).  Data goes to
+stdout, errors to stderr; with --json, errors are a JSON object on stdout instead
+(``{"error": {"code": ..., "message": ..., "details": ...}}``, the daemon's own error body or one
+of tailcallctl's: usage, unreachable, permission_denied, bad_reply), and the exit code is the same.
+
+Exit codes (EXIT_CODES below, printed by --help and in the man page):
+  0  success
+  1  failure: a daemon error, the daemon unreachable, a reply that does not fit the protocol
+  2  bad usage: arguments, or a FILE that cannot be read or decoded (with or without a daemon)
+  3  attach, check: the handler does not compile
+  4  attach, check: the kernel (verifier, program type, function) refuses it
 """
 
 from __future__ import annotations
@@ -12,38 +21,53 @@ import argparse
 import base64
 import json
 import os
+import select
 import sys
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from tabulate import tabulate
 
-from . import __version__, events_cli, top
+from . import __version__, apply_cli, events_cli, metrics_http, top
 from .client import SOCKET_ENV, Client, RemoteError, default_socket
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
 from .elfstrip import strip_debug
 from .local_headers import HeaderError, find_local_headers
-from .protocol import (MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult,
-                       PingResult, SlotInfo, StatusResult, SyscallsResult, TimingResult, UnloadResult)
+from .spinner import Spinner
+from .protocol import (ErrorBody, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult,
+                       PingResult, MapEntry, ShowResult, SlotInfo, StatusResult, SyscallsResult, TimingResult, UnloadResult)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-# check: which way the handler failed
+# attach, check and apply: which way a handler failed
 EXIT_NO_COMPILE = 3
 EXIT_REFUSED = 4
+EXIT_CODES = ((0, "success"),
+              (EXIT_FAILURE, "failure: a daemon error, the daemon unreachable, a reply that does not fit"),
+              (EXIT_USAGE, "bad usage: arguments, or a FILE that cannot be read or decoded"),
+              (EXIT_NO_COMPILE, "attach, check, apply: a handler does not compile"),
+              (EXIT_REFUSED, "attach, check, apply: the kernel (verifier, program type, function) refuses one"))
+EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)
 # Keyed by the error classes' own codes, not literals: a misspelt class is a NameError at import,
 # a misspelt string would silently have sent that failure to exit 1.
-CHECK_EXIT: Mapping[str, int] = {
+HANDLER_EXIT: Mapping[str, int] = {
     CompileError.code: EXIT_NO_COMPILE, ForbiddenInclude.code: EXIT_NO_COMPILE,
     VerifierRejected.code: EXIT_REFUSED, WrongProgramType.code: EXIT_REFUSED,
     FunctionNotFound.code: EXIT_REFUSED, FunctionAmbiguous.code: EXIT_REFUSED, ObjectError.code: EXIT_REFUSED,
 }
+CHECK_EXIT = HANDLER_EXIT  # its name before attach used it too
+HANDLER_VERBS = frozenset({"attach", "check", "apply"})  # the verbs whose exit code tells how a handler failed
+# The codes of tailcallctl's own errors, as --json says them (the daemon's are in errors.py).
+USAGE_ERROR = "usage"
+UNREACHABLE = "unreachable"
+PERMISSION_DENIED = "permission_denied"
+BAD_REPLY = "bad_reply"
 
 
 class UsageError(Exception):
@@ -187,6 +211,10 @@ def no_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def show_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {"slot": args.slot, "hook": "exit" if args.exit else None}
+
+
 def syscalls_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"pattern": args.pattern}
 
@@ -220,7 +248,9 @@ def show_attach(r: AttachResult, args: argparse.Namespace) -> None:
         print(printable_block(r.log.rstrip("\n")), file=sys.stderr)
     _warn(r.warnings, args)
     where = _where(r.syscall, r.slot, r.hook)
-    if r.replaced_prog_id is not None:
+    if r.unchanged:
+        print(printable(f"unchanged: {where} already runs {r.function} (program {r.prog_id})"))
+    elif r.replaced_prog_id is not None:
         print(printable(f"replaced program {r.replaced_prog_id} in {where} with {r.function}: "
                         f"program {r.prog_id}, {r.insns} instructions"))
     else:
@@ -297,6 +327,62 @@ def show_syscalls(r: SyscallsResult, args: argparse.Namespace) -> None:
                  if any(e.slot is None for e in r.syscalls) else "."))
 
 
+def _map_row(m: MapEntry) -> list[Any]:
+    unknown = "?"
+    return [m.id, printable(m.name) if m.name is not None else unknown, m.type or unknown,
+            unknown if m.key_size is None else m.key_size, unknown if m.value_size is None else m.value_size,
+            unknown if m.max_entries is None else m.max_entries]
+
+
+def show_show(r: ShowResult, args: argparse.Namespace) -> None:
+    """As systemctl status and bpftool prog show: a key/value block, then the maps' table, then
+    the source (--no-source leaves it out, --source prints it alone, as it was saved)."""
+    s = r.slot
+    if args.source:
+        _print_source(r, args)
+        return
+    rows = [("Slot", _where(s.syscall, s.slot, s.hook)), ("Function", s.function or "? (adopted: source unknown)"),
+            ("Dialect", s.dialect or "?"), ("Program", _prog(s)), ("Source", s.filename or "-"),
+            ("SHA-256", s.source_sha256 or "-"), ("Since", _since(s.attached_at)),
+            ("By uid", "-" if s.attached_by_uid is None else s.attached_by_uid),
+            ("Hits", s.hits), ("Misses", s.misses)]
+    if s.timed_runs is not None:
+        rows.append(("Avg ns", _avg_ns(s)))
+    rows.append(("Events", f"{s.events_emitted} emitted, {s.events_lost} lost, {s.events_delivered} delivered"
+                           + (", to the journal too" if s.journal else "")))
+    if s.variables or s.defines:
+        rows.append(("Settings", _settings_shown(s)))
+    print(tabulate([(name, printable(str(value))) for name, value in rows], tablefmt="plain", disable_numparse=True))
+    print()
+    if r.maps:
+        print(tabulate([_map_row(m) for m in r.maps], tablefmt="plain", disable_numparse=True,
+                       headers=[] if args.no_legend else ["MAP ID", "NAME", "TYPE", "KEY", "VALUE", "MAX ENTRIES"]))
+    if not args.no_legend:
+        print(f"{chr(10) if r.maps else ''}{len(r.maps)} map{'s' if len(r.maps) != 1 else ''} listed"
+              + (printable(f" ({r.maps_note}).") if r.maps_note else "."))
+    if not args.no_source:
+        print()
+        _print_source(r, args)
+
+
+def _print_source(r: ShowResult, args: argparse.Namespace) -> None:
+    """The handler's source as saved, its local headers after it; a marker line before each unless
+    --source alone asks for the text (to pipe it into a file)."""
+    if r.source is None:
+        what = (f"a BPF object of {r.object_bytes} bytes: no source was saved" if r.object_bytes is not None
+                else "its source is unknown (a program tailcalld adopted without a record)")
+        print(f"# {what}", file=sys.stderr if args.source else sys.stdout)
+        return
+    files = [(r.slot.filename or "<source>", r.source), *r.headers.items()]
+    for n, (name, text) in enumerate(files):
+        if n:
+            print()
+        if not args.source or len(files) > 1:
+            print(printable(f"# {name}"))
+        # Alone and into a pipe or file, the text as saved; on a terminal, escaped as all output is.
+        print(text.rstrip("\n") if args.source and not sys.stdout.isatty() else printable_block(text.rstrip("\n")))
+
+
 def show_timing(r: TimingResult, args: argparse.Namespace) -> None:
     if not r.on:
         print("handler timing is off")
@@ -339,6 +425,7 @@ VERBS: Mapping[str, Verb[Any]] = {
     "detach": _verb(detach_request, DetachResult, show_detach),
     "list": _verb(no_fields, ListResult, show_list),
     "status": _verb(no_fields, StatusResult, show_status),
+    "show": _verb(show_request, ShowResult, show_show),
     "ping": _verb(no_fields, PingResult, show_ping),
     "syscalls": _verb(syscalls_request, SyscallsResult, show_syscalls),
     "timing": _verb(timing_request, TimingResult, show_timing),
@@ -370,19 +457,57 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
-    p = argparse.ArgumentParser(prog="tailcallctl", description="Control tailcalld, the eBPF tail-call dispatcher.")
-    p.add_argument("--socket", type=Path, default=None,
+class ArgumentsError(Exception):
+    """Bad arguments: what argparse would print before it exits 2, raised instead, so that main
+    can say it as JSON when --json was given."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentsError(self.format_usage(), f"{self.prog}: error: {message}")
+
+
+def _global_options(p: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
+    """The options every verb takes, declared once: on the main parser with their defaults, and
+    on each verb's with argparse.SUPPRESS (``default``), so that an option given before the
+    verb is not reset by the verb's parser, and one given after it is seen as well."""
+    p.add_argument("--json", action="store_true", default=default(False),
+                   help="print the daemon's reply as JSON, and errors as a JSON object on stdout")
+    p.add_argument("--no-legend", action="store_true", default=default(False),
+                   help="tables without their header and footer")
+    p.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                   help="no compiler warnings on success (failures are always said)")
+    p.add_argument("--socket", type=Path, default=default(None), metavar="PATH",
                    help=f"control socket (default: ${SOCKET_ENV}, else {default_socket()})")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply (default: 120)")
-    p.add_argument("--version", action="version", version=f"tailcallctl {__version__}")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p.add_argument("--timeout", type=float, default=default(120.0), metavar="SECONDS",
+                   help="seconds to wait for a reply (default: 120)")
+
+
+def _as_given(value: Any) -> Any:
+    return value
+
+
+def _suppressed(value: Any) -> Any:
+    return argparse.SUPPRESS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    _global_options(common, _suppressed)
+    p = _Parser(prog="tailcallctl", description="Control tailcalld, the eBPF tail-call dispatcher.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _global_options(p, _as_given)
+    p.add_argument("--version", action="store_true",
+                   help="print tailcallctl's version and the daemon's (when it answers on the socket)")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
     a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
     a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
     _add_handler_arguments(a)
-    a.add_argument("--quiet", action="store_true", help="no compiler warnings on success")
     a.add_argument("--exit", action="store_true",
                    help="the syscall's exit slot: the handler runs on sys_exit and sees the return value")
     a.add_argument("--fresh", action="store_true",
@@ -392,13 +517,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
     c = sub.add_parser("check", parents=[common], help="compile and load FILE for the verifier only; attach nothing")
     _add_handler_arguments(c)
-    c.add_argument("--quiet", action="store_true", help="no compiler warnings on success")
     d = sub.add_parser("detach", parents=[common], help="empty SLOT")
-    d.add_argument("slot", metavar="SLOT")
+    d.add_argument("slot", metavar="SLOT", help="syscall number or name")
     d.add_argument("--exit", action="store_true", help="empty the syscall's exit slot")
-    ls = sub.add_parser("list", parents=[common], help="show the filled slots")
-    ls.add_argument("--no-legend", action="store_true", help="no header and footer")
+    sub.add_parser("list", parents=[common], help="show the filled slots")
     sub.add_parser("status", parents=[common], help="show the daemon's state")
+    sh = sub.add_parser("show", parents=[common],
+                        help="one slot in full: its handler, the maps its program uses, and its source")
+    sh.add_argument("slot", metavar="SLOT", help="syscall number or name")
+    sh.add_argument("--exit", action="store_true", help="the syscall's exit slot")
+    shown = sh.add_mutually_exclusive_group()
+    shown.add_argument("--no-source", action="store_true", help="leave the source out")
+    shown.add_argument("--source", action="store_true", help="print only the source, as it was saved")
     t = sub.add_parser("top", parents=[common], help="live per-slot hits and misses per second (Ctrl-C to stop)")
     t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
                    help="between refreshes (default: 1)")
@@ -408,7 +538,6 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("syscalls", parents=[common],
                         help="syscall numbers and names of this machine (and ia32 on x86_64), with their slots")
     sc.add_argument("pattern", metavar="PATTERN", nargs="?", help="a shell pattern on names ('open*'), or a number")
-    sc.add_argument("--no-legend", action="store_true", help="no header and footer")
     tm = sub.add_parser("timing", parents=[common],
                         help="time the handlers for SECONDS more (list and top show it); 0 only asks")
     tm.add_argument("seconds", metavar="SECONDS", nargs="?", type=float, default=60.0,
@@ -420,7 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--exit", action="store_true", help="with --slot: its exit slot's events")
     ev.add_argument("-n", "--lines", type=int, metavar="N", default=None,
                     help="at most N of the latest events first (default: all kept; 10 with -f)")
+    apply_cli.add_parsers(sub, common)
     sub.add_parser("ping", parents=[common], help="check that the daemon answers")
+    me = sub.add_parser("metrics", parents=[common], help="print the daemon's Prometheus metrics (read from its metrics socket)")
+    me.add_argument("--metrics-socket", type=Path, metavar="PATH",
+                    help="the daemon's metrics_socket (default: metrics.sock beside the control socket)")
     sub.add_parser("unload-all", parents=[common],
                    help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")
     return p
@@ -430,7 +563,24 @@ def _complain(message: str) -> None:
     print(f"tailcallctl: {printable(message)}", file=sys.stderr)
 
 
-def _print_error(err: RemoteError) -> None:
+def _json_error(code: str, message: str, details: Any = None) -> None:
+    """An error as --json says it, on stdout (as bpftool -j does): the wire's ErrorBody."""
+    print(json.dumps({"error": ErrorBody(code=code, message=message, details=details).model_dump()}, indent=2))
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, details: Any = None) -> None:
+    """A failure of tailcallctl's own (no daemon, a bad reply, bad input): on stderr, or with
+    --json as a JSON error on stdout."""
+    if args.json:
+        _json_error(code, message, details)
+    else:
+        _complain(message)
+
+
+def _print_error(err: RemoteError, args: argparse.Namespace | None = None) -> None:
+    if args is not None and args.json:
+        _json_error(err.code, err.message, err.details)
+        return
     details = err.details if isinstance(err.details, dict) else {}
     message = err.message
     if err.code == RequestTooLarge.code and isinstance(details.get("limit"), int):
@@ -449,23 +599,83 @@ def _reply_problems(err: ValidationError) -> str:
                      for e in err.errors(include_url=False, include_input=False))
 
 
+def _wants_json(argv: list[str]) -> bool:
+    """--json among the arguments (before a ``--``): how errors found while parsing them are said."""
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code of arguments that do not parse (said on stderr as
+    argparse does, or as a JSON error on stdout with --json)."""
+    try:
+        return parser.parse_args(argv)
+    except ArgumentsError as err:
+        if _wants_json(argv):
+            _json_error(USAGE_ERROR, err.message, {"usage": err.usage.strip()})
+        else:
+            print(err.usage, end="", file=sys.stderr)
+            print(err.message, file=sys.stderr)
+        return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # `tailcallctl show x | head`: the reader has all it wanted
+        # Python would flush stdout again at exit, and fail again: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll says POLLERR), as opposed to a
+    BrokenPipeError of the daemon's socket."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no real stdout (a test's capture)
+        return False
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
+    if isinstance(args, int):
+        return args
+    if args.version:
+        return versions(args)
+    if args.verb is None:  # as bpftool: asking for nothing is asking for help, and is no error
+        parser.print_help()
+        return 0
     if args.verb == "top":  # client side: samples `list` (and renews `timing`)
         return _talking(args, lambda client: top.run(client, args, printable))
     if args.verb == "events":  # a reply, then (with -f) a stream
         return _talking(args, lambda client: events_cli.run(client, args, printable))
+    if args.verb == "metrics":  # HTTP on the metrics socket, not the control protocol
+        return show_metrics(args)
+    if args.verb in apply_cli.VERBS:  # files read (apply) or written (save) by tailcallctl itself
+        return apply_cli.main(args, _talking, printable, _fail)
     verb = VERBS[args.verb]
     try:
         fields = verb.request(args)  # inputs first: see the request builders
     except UsageError as err:
-        _complain(str(err))
+        _fail(args, USAGE_ERROR, str(err))
         return EXIT_USAGE
     return _talking(args, lambda client: _call(client, args, verb, fields))
 
 
+def _spinner(args: argparse.Namespace) -> Spinner:
+    """The progress line of a verb that may compile (on a terminal, never with --json)."""
+    what = f"{args.verb} {'<stdin>' if getattr(args, 'file', '-') == '-' else args.file}: compiling and loading"
+    return Spinner(printable(what), enabled=args.verb in HANDLER_VERBS and not args.json)
+
+
 def _call(client: Client, args: argparse.Namespace, verb: Verb[Any], fields: dict[str, Any]) -> int:
-    raw = client.call(args.verb, **fields)
+    with _spinner(args):  # erased before anything below prints, the error of a failed call too
+        raw = client.call(args.verb, **fields)
     # Validated for --json too: a reply that does not fit the protocol is not a success.
     result = verb.result.model_validate(raw)
     if args.json:
@@ -473,6 +683,58 @@ def _call(client: Client, args: argparse.Namespace, verb: Verb[Any], fields: dic
     else:
         verb.show(result, args)
     return 0
+
+
+def show_metrics(args: argparse.Namespace) -> int:
+    path = args.metrics_socket or (args.socket or default_socket()).parent / "metrics.sock"
+    try:
+        text = metrics_http.fetch(path, args.timeout)
+    except PermissionError:
+        _fail(args, PERMISSION_DENIED, f"permission denied on {path}: tailcalld's metrics are for root and its "
+                                       "allowed_group", {"socket": str(path)})
+        return EXIT_FAILURE
+    except (OSError, metrics_http.MetricsUnavailable) as err:
+        _fail(args, UNREACHABLE, f"cannot read tailcalld's metrics at {path}: {err} (is tailcalld running, with "
+                                 "metrics_socket?)", {"socket": str(path)})
+        return EXIT_FAILURE
+    sys.stdout.write(text.decode(errors="replace"))
+    return 0
+
+
+# --version asks the daemon too, but a version is no reason to wait long for one that hangs.
+VERSION_TIMEOUT = 5.0
+
+
+def versions(args: argparse.Namespace) -> int:
+    """tailcallctl's version, and the daemon's when it answers on the socket (a ping); exit 0
+    either way: the client's version is the answer, the daemon's is a bonus."""
+    path = args.socket or default_socket()
+    daemon: dict[str, Any] | None = None
+    problem = None
+    try:
+        with Client(path, timeout=min(args.timeout, VERSION_TIMEOUT)) as client:
+            pong = PingResult.model_validate(client.call("ping"))
+        daemon = {"version": pong.version, "pid": pong.pid, "socket": str(path)}
+    except RemoteError as err:
+        problem = f"{err.message} [{err.code}]"
+    except ValidationError as err:
+        problem = f"its reply does not fit the protocol ({_reply_problems(err)})"
+    except (OSError, ConnectionError, ValueError) as err:
+        problem = str(err)
+    if args.json:
+        print(json.dumps({"tailcallctl": __version__, "tailcalld": daemon,
+                          **({"tailcalld_unreachable": problem} if daemon is None else {})}, indent=2))
+    else:
+        print(f"tailcallctl {__version__}")
+        print(printable(f"tailcalld {daemon['version']} (pid {daemon['pid']}) at {path}" if daemon is not None
+                        else f"tailcalld: not reachable at {path} ({problem})"))
+    return 0
+
+
+def exit_code(verb: str, code: str) -> int:
+    """The exit code of a daemon error: attach, check and apply tell a handler that does not compile (3)
+    from one the kernel refuses (4); anything else is a failure (1)."""
+    return HANDLER_EXIT.get(code, EXIT_FAILURE) if verb in HANDLER_VERBS else EXIT_FAILURE
 
 
 def _talking(args: argparse.Namespace, work: Callable[[Client], int]) -> int:
@@ -483,18 +745,27 @@ def _talking(args: argparse.Namespace, work: Callable[[Client], int]) -> int:
         with Client(path, timeout=args.timeout) as client:
             return work(client)
     except RemoteError as err:
-        _print_error(err)
-        return CHECK_EXIT.get(err.code, EXIT_FAILURE) if args.verb == "check" else EXIT_FAILURE
+        _print_error(err, args)
+        return exit_code(args.verb, err.code)
+    except BrokenPipeError as err:
+        if _stdout_gone():  # our stdout, not the socket: main says nothing of it
+            raise
+        _fail(args, UNREACHABLE, f"tailcalld at {path} closed the connection: {err}", {"socket": str(path)})
+        return EXIT_FAILURE
     except ValidationError as err:
-        _complain(f"tailcalld's reply to {args.verb} does not fit the protocol ({_reply_problems(err)}); "
-                  "are tailcallctl and tailcalld the same version?")
+        _fail(args, BAD_REPLY, f"tailcalld's reply to {args.verb} does not fit the protocol ({_reply_problems(err)}); "
+                               "are tailcallctl and tailcalld the same version?")
         return EXIT_FAILURE
     except PermissionError:
-        _complain(f"permission denied on {path}: tailcalld serves root, and the members of its "
-                  "allowed_group if one is configured (sudo tailcallctl ...)")
+        _fail(args, PERMISSION_DENIED, f"permission denied on {path}: tailcalld serves root, and the members of its "
+                                       "allowed_group if one is configured (sudo tailcallctl ...)", {"socket": str(path)})
         return EXIT_FAILURE
     except (OSError, ConnectionError) as err:
-        _complain(f"cannot talk to tailcalld at {path}: {err} (is tailcalld running?)")
+        _fail(args, UNREACHABLE, f"cannot talk to tailcalld at {path}: {err} (is tailcalld running?)",
+              {"socket": str(path)})
+        return EXIT_FAILURE
+    except ValueError as err:  # a reply line that is not JSON
+        _fail(args, BAD_REPLY, f"tailcalld's reply to {args.verb} is not JSON ({err})")
         return EXIT_FAILURE
 
 

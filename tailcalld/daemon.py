@@ -21,10 +21,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__, events, notify, timing
-from .commands import CommandContext, StopReason
+from . import __version__, events, metrics, metrics_http, notify, timing
+from .commands import CommandContext, StopReason, run_apply
 from .compiler import Compiler
 from .config import DEFAULT_CONFIG, LiveSettings, Settings, bounds, load_settings
+from .desired_slots import DesiredSlots
 from .dispatcher import CALL, NR_SLOTS, remove_pins
 from .pins import PinDirLock
 from .errors import ConfigError, TailcalldError, UnsafePath
@@ -32,6 +33,7 @@ from .journal import log_misses, set_log_level, setup_logging, stderr_is_journal
 from .kernel import BpfKernel
 from .misses import MissMonitor, MissReport
 from .paths import open_trusted_dir
+from .peers import Peer
 from .server import ROOT_RESERVE, ControlServer, SocketPlace
 from .slots import SlotManager
 from .state import StateFile, StateStore
@@ -74,6 +76,9 @@ class Daemon:
         self._timing: OnDemandTiming | None = None
         self._events: events.EventHub | None = None
         self._reload_tasks: set[asyncio.Task[None]] = set()
+        self.metrics = metrics.Metrics()
+        self._metrics_endpoints: metrics_http.Endpoints | None = None
+        self._desired: DesiredSlots | None = None
 
     def request_stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
         self.stop_reason = reason
@@ -93,6 +98,8 @@ class Daemon:
             held.callback(place.close)
             if passed is None:
                 place.ensure_free()
+            self._metrics_endpoints = metrics_http.Endpoints(s, place.path)
+            held.callback(self._metrics_endpoints.release)
             store = StateStore(s.state_dir)
             held.callback(store.close)
             store.lock()
@@ -101,7 +108,8 @@ class Daemon:
             # Compile folders live with the socket, on the runtime tmpfs, not in state_dir: a compile
             # leaves the state_dir file system unable to go read-only for a while (Landlock keeps
             # the removed folder referenced), and a full state_dir must not stop compiles.
-            compiler = Compiler(self.live, cache_dir=s.state_dir / "cache", work_root=place.path.parent / "compile")
+            compiler = Compiler(self.live, cache_dir=s.state_dir / "cache", work_root=place.path.parent / "compile",
+                                observe=self.metrics.recorder.compiled)
             compat = self.syscalls.compat_table()
             kernel = await BpfKernel.open(s.pin_dir, compiler, compat, pin_lock)
             held.callback(kernel.close)
@@ -150,17 +158,26 @@ class Daemon:
             sock = passed
             place.set_access(s.allowed_gid)
         self._place = place
-        server = ControlServer(CommandContext(manager, self.live, self.request_stop, str(place.path),
-                                              timing=self._timing, events=self._events))
+        ctx = CommandContext(manager, self.live, self.request_stop, str(place.path), timing=self._timing,
+                             events=self._events, recorder=self.metrics.recorder)
+        server = ControlServer(ctx)
+        self.metrics.watch(ctx)
+        itself = Peer.this_process()  # who the journal says made desired_slots' changes
+        self._desired = DesiredSlots(self.live, lambda request: run_apply(ctx, request, itself))
         watchdog = _start_watchdog()
         try:
             await server.start(sock)
+            if self._metrics_endpoints is not None:
+                await self._metrics_endpoints.start(self.metrics.render, lambda: self.live.current.allowed_gid)
+            await self._desired.reconcile("start")  # served meanwhile; ready once the slots match it
             d = manager.kernel.info
             state = (f"upgraded from program {d.upgraded_from}" if d.upgraded_from
                      else "adopted from pins" if d.adopted else "loaded and pinned")
-            logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s",
+            metrics_at = self._metrics_endpoints.where if self._metrics_endpoints is not None else []
+            logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s%s",
                         __version__, d.prog_id, state, manager.slots_in_use, place.path,
-                        " (socket activation)" if passed is not None else "")
+                        " (socket activation)" if passed is not None else "",
+                        f"; metrics on {', '.join(metrics_at)}" if metrics_at else "")
             notify.notify("READY=1", self._status_line())
             self._maintenance = asyncio.create_task(self._maintain(manager))
             event_notices = asyncio.create_task(self._event_notices())
@@ -172,6 +189,8 @@ class Daemon:
             else:
                 logger.info("stopping; the dispatcher and handlers stay pinned under %s", s.pin_dir)
             await _cancel(self._maintenance)
+            if self._metrics_endpoints is not None:
+                await self._metrics_endpoints.stop()
             await server.close()
         finally:
             await _cancel(watchdog)
@@ -194,6 +213,11 @@ class Daemon:
                 await manager.repair_drift()
             except (OSError, TailcalldError):
                 logger.exception("could not check the slots against the kernel")
+            if self._desired is not None:
+                try:
+                    await self._desired.check()
+                except (OSError, TailcalldError):
+                    logger.exception("could not reconcile the slots to desired_slots")
             seconds = reports[0].seconds if reports else 0.0
             self._misses_per_min = sum(r.misses for r in reports) * 60 / seconds if seconds > 0 else 0.0
             self._publish_status()
@@ -262,6 +286,8 @@ class Daemon:
             logger.info("reloaded %s: %s", self.config_path,
                         ", ".join(f"{k}={getattr(self.live.current, k)!r}" for k in sorted(live))
                         if live else "no live change")
+            if self._desired is not None:
+                await self._desired.reconcile("reload")
         notify.notify("READY=1", self._status_line())
 
     def _check_paths(self) -> None:
@@ -281,6 +307,11 @@ class Daemon:
                 self._place.set_access(new.allowed_gid)
             except (OSError, TailcalldError) as exc:
                 logger.error("reload: could not give %s to group %s: %s", self._place.path, new.allowed_group, exc)
+            if self._metrics_endpoints is not None:
+                try:
+                    self._metrics_endpoints.set_access(new.allowed_gid)
+                except (OSError, TailcalldError) as exc:
+                    logger.error("reload: could not give the metrics socket to group %s: %s", new.allowed_group, exc)
         if self._manager is not None:
             if "watch_misses" in changed:
                 watch_all, watch = resolve_watch(new, self.syscalls)

@@ -175,6 +175,11 @@ class TimingUnavailable(TailcalldError):
     code = "timing_unavailable"
 
 
+class ApplyIncomplete(TailcalldError):
+    """An apply stopped part-way through switching slots: those switched stay switched."""
+    code = "apply_incomplete"
+
+
 class RequestError(Exception):
     """A request that failed before it could run, with the id its reply must echo."""
 

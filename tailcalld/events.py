@@ -194,6 +194,9 @@ class EventHub:
         self.delivered: dict[int, int] = {}  # per slot key: read from the ring by this daemon
         self._buckets: dict[int, tuple[float, float]] = {}  # slot key -> (tokens, last refill)
         self.suppressed: dict[int, int] = {}  # journal entries not written, since the last notice
+        # Since the start, for metrics: the per-notice counts above and in each Subscriber are reset.
+        self.suppressed_total: dict[int, int] = {}  # per slot key
+        self.dropped_total = 0  # events not sent to a follower that did not keep up, over all followers
         self._clock_offset = monotonic_to_wall()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
@@ -295,6 +298,7 @@ class EventHub:
     def _send(self, sub: Subscriber, lines: list[bytes]) -> None:
         if sub.buffered() > self._client_bytes():
             sub.dropped += len(lines)
+            self.dropped_total += len(lines)
             return
         if sub.dropped:
             lines.insert(0, _dropped(sub.dropped))
@@ -358,6 +362,7 @@ class EventHub:
         if tokens < 1:
             self._buckets[slot] = (tokens, now)
             self.suppressed[slot] = self.suppressed.get(slot, 0) + 1
+            self.suppressed_total[slot] = self.suppressed_total.get(slot, 0) + 1
             return
         self._buckets[slot] = (tokens - 1, now)
         event = json.loads(line)  # rate-limited: this slow way is taken a few times a second at most

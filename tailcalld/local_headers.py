@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .dialects import header_name_problem
@@ -34,9 +35,16 @@ def quoted_includes(text: str) -> list[str]:
     return _QUOTED_INCLUDE.findall(_COMMENT.sub(" ", text.replace("\\\n", "")))
 
 
-def find_local_headers(source_file: Path, source: str, max_count: int, max_bytes: int) -> dict[str, str]:
+def _open_and_read(path: Path, limit: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(limit + 1)
+
+
+def find_local_headers(source_file: Path, source: str, max_count: int, max_bytes: int,
+                       read: Callable[[Path, int], bytes] = _open_and_read) -> dict[str, str]:
     """The local headers of ``source`` (the text of ``source_file``), recursively, by name.
-    Raises HeaderError past ``max_count`` files or ``max_bytes`` bytes together."""
+    Raises HeaderError past ``max_count`` files or ``max_bytes`` bytes together.  ``read(path,
+    limit)`` reads at most limit + 1 bytes of a header (the daemon reads only trusted files)."""
     root = source_file.parent
     found: dict[str, str] = {}
     size = 0
@@ -50,7 +58,7 @@ def find_local_headers(source_file: Path, source: str, max_count: int, max_bytes
             if len(found) == max_count:
                 raise HeaderError(f"{source_file} includes more than {max_count} local headers; tailcalld "
                                   f"accepts at most {max_count}, and its max_headers may allow fewer")
-            found[name] = _read(root / name, max_bytes - size, max_bytes)
+            found[name] = _read(root / name, max_bytes - size, max_bytes, read)
             size += len(found[name].encode())
             pending.append((posixpath.dirname(name), found[name]))
     return found
@@ -71,13 +79,12 @@ def _local_name(root: Path, folder: str, target: str) -> str | None:
     return None
 
 
-def _read(path: Path, budget: int, max_bytes: int) -> str:
+def _read(path: Path, budget: int, max_bytes: int, read: Callable[[Path, int], bytes]) -> str:
     """The header's text, if it fits in the ``budget`` left of ``max_bytes``."""
     try:
-        with path.open("rb") as f:
-            data = f.read(budget + 1)
+        data = read(path, budget)
     except OSError as exc:
-        raise HeaderError(f"cannot read the local header {path}: {exc.strerror}") from None
+        raise HeaderError(f"cannot read the local header {path}: {exc.strerror or exc}") from None
     if len(data) > budget:
         raise HeaderError(f"with {path}, the local headers take more than {max_bytes} bytes; tailcalld accepts "
                           "at most that many together, and its max_headers_bytes may allow fewer")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
                       ValidationError, field_validator, model_validator)
@@ -53,33 +53,41 @@ class PingRequest(_Request):
     command: Literal["ping"]
 
 
-class _HandlerSpec(_Request):
-    """A handler as the client sends it: C source text, or a BPF ELF object in base64."""
+class HandlerFile(BaseModel):
+    """A handler's file as the client sends it: C source text (with the local headers it
+    includes), or a BPF ELF object in base64."""
 
+    model_config = ConfigDict(extra="forbid")
     source: Annotated[StrictStr, Field(min_length=1, max_length=MAX_SOURCE_CHARS)] | None = None
     object: Annotated[StrictStr, Field(min_length=1, max_length=MAX_OBJECT_CHARS,
                                        description="a BPF ELF object (.o), base64")] | None = None
-    dialect: Literal["auto", "bcc", "libbpf"] = Field(
-        "auto", description="C dialect of `source`; auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf")
     filename: Annotated[StrictStr, Field(max_length=4096)] = "<source>"
-    function: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] | None = None
     headers: Annotated[dict[HeaderName, Annotated[StrictStr, Field(max_length=MAX_SOURCE_CHARS)]],
                        Field(max_length=MAX_HEADERS)] | None = Field(
         None, description='local headers the source includes in quotes, by the name it includes them by: '
                           '{"syscount.h": "text", "sub/x.h": "text"}; compiled beside it')
-    variables: Annotated[dict[SettingName, SettingValue], Field(max_length=MAX_SETTINGS)] = Field(
-        default_factory=dict, description="--set: global variables of a libbpf handler (.rodata, .data, .bss), "
-                                          "written before the load; a value is read as its variable's type")
-    defines: Annotated[dict[SettingName, StrictStr], Field(max_length=MAX_SETTINGS)] = Field(
-        default_factory=dict, description="-D: macros for the compile of C source, NAME -> one-line VALUE")
 
     @model_validator(mode="after")
-    def _one_of_source_or_object(self) -> _HandlerSpec:
+    def _one_of_source_or_object(self) -> Self:
         if (self.source is None) == (self.object is None):
             raise ValueError("give exactly one of source (C text) or object (base64 ELF)")
         if self.headers and self.object is not None:
             raise ValueError("headers go with a source; an object is compiled already")
         return self
+
+
+class HandlerOptions(BaseModel):
+    """How a handler's file is made into its program: the function, the dialect, the loader's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    dialect: Literal["auto", "bcc", "libbpf"] = Field(
+        "auto", description="C dialect of `source`; auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf")
+    function: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] | None = None
+    variables: Annotated[dict[SettingName, SettingValue], Field(max_length=MAX_SETTINGS)] = Field(
+        default_factory=dict, description="--set: global variables of a libbpf handler (.rodata, .data, .bss), "
+                                          "written before the load; a value is read as its variable's type")
+    defines: Annotated[dict[SettingName, StrictStr], Field(max_length=MAX_SETTINGS)] = Field(
+        default_factory=dict, description="-D: macros for the compile of C source, NAME -> one-line VALUE")
 
     @field_validator("defines")
     @classmethod
@@ -87,6 +95,10 @@ class _HandlerSpec(_Request):
         for name, value in defines.items():
             check_define(name, value)
         return defines
+
+
+class _HandlerSpec(HandlerFile, HandlerOptions, _Request):
+    """A handler as the client sends it: its file and how to make it into a program."""
 
 
 HookField = Literal["enter", "exit"]
@@ -117,6 +129,13 @@ class DetachRequest(_Request):
 
 class ListRequest(_Request):
     command: Literal["list"]
+
+
+class ShowRequest(_Request):
+    """One slot in full: its record, the maps its program uses, the handler's saved source."""
+    command: Literal["show"]
+    slot: Slot
+    hook: HookField = "enter"
 
 
 class StatusRequest(_Request):
@@ -153,9 +172,48 @@ class UnloadAllRequest(_Request):
     command: Literal["unload-all"]
 
 
+# The most slot entries one apply may list: every enter and every exit slot of a 1024-slot table.
+MAX_APPLY_SLOTS = 2048
+
+
+class DesiredSlot(HandlerOptions):
+    """One slot of an apply: which handler (``file``, an index into ApplyRequest.files) and how."""
+
+    slot: Slot
+    hook: HookField = Field("enter", description=_HOOK_HELP)
+    file: Annotated[StrictInt, Field(ge=0, description="index of its file in `files`")]
+    journal: StrictBool = Field(False, description="write the slot's events to the journal too")
+
+
+class ApplyRequest(_Request):
+    """Make the slots match ``slots``: fill or replace each one listed, empty every other.  A file
+    several slots use is sent once.  Every new handler is built before any slot changes."""
+    command: Literal["apply"]
+    files: Annotated[list[HandlerFile], Field(max_length=MAX_APPLY_SLOTS)]
+    slots: Annotated[list[DesiredSlot], Field(max_length=MAX_APPLY_SLOTS)]
+    dry_run: StrictBool = Field(False, description="only say what would change (nothing is compiled)")
+    source: Annotated[StrictStr, Field(max_length=4096)] = Field(
+        "<apply>", description="where the slots were read from (the apply file's path), for messages and the journal")
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> Self:
+        for i, slot in enumerate(self.slots):
+            if slot.file >= len(self.files):
+                raise ValueError(f"slot entry {i} names file {slot.file}; there are {len(self.files)}")
+        return self
+
+
+class SaveRequest(_Request):
+    """The running slots with their handlers' files: what `tailcallctl save` writes."""
+    command: Literal["save"]
+
+
 Request = Annotated[PingRequest | AttachRequest | CheckRequest | DetachRequest | ListRequest | StatusRequest
-                    | SyscallsRequest | TimingRequest | EventsRequest | UnloadAllRequest, Field(discriminator="command")]
-COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "syscalls", "timing", "events", "unload-all")
+                    | SyscallsRequest | TimingRequest | EventsRequest | UnloadAllRequest | ApplyRequest | SaveRequest
+                    | ShowRequest,
+                    Field(discriminator="command")]
+COMMANDS = ("ping", "attach", "check", "detach", "list", "status", "syscalls", "timing", "events", "unload-all",
+            "apply", "save", "show")
 _request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
 
 
@@ -251,6 +309,8 @@ class AttachResult(BaseModel):
     log: str = Field("", description="the compiler's warnings and the loader's messages, if any")
     warnings: list[str] = Field(default_factory=list, description="tailcalld's own warnings about the handler "
                                                                   "(kernel headers that do not match the kernel)")
+    unchanged: bool = Field(False, description="the slot already ran this very handler: nothing was done "
+                                               "(prog_id is that program)")
 
 
 class CheckResult(BaseModel):
@@ -271,6 +331,29 @@ class DetachResult(BaseModel):
 
 class ListResult(BaseModel):
     slots: list[SlotInfo]
+
+
+class MapEntry(BaseModel):
+    """A map the slot's program uses, as bpftool map show names it."""
+    id: int
+    name: str | None = Field(None, description="None, as the fields below: known by its id alone (tailcalld "
+                                               "opens no map by id)")
+    type: str | None = Field(None, description="hash, array, percpu_array, ringbuf, ... (the kernel's map type)")
+    key_size: int | None = None
+    value_size: int | None = None
+    max_entries: int | None = None
+
+
+class ShowResult(BaseModel):
+    slot: SlotInfo = Field(description="the slot's entry, as list has it")
+    maps: list[MapEntry] = Field(description="the maps its program uses: the kernel's ids now")
+    maps_note: str | None = Field(None, description="when the maps are not the kernel's word now: why, and "
+                                                    "where they come from")
+    source: str | None = Field(description="the handler's C source as saved (state_dir/sources); None for an "
+                                           "object or a program of unknown source")
+    object_bytes: int | None = Field(None, description="the saved object's size, when the handler is a .o")
+    headers: dict[str, str] = Field(default_factory=dict, description="its local headers, by the name the "
+                                                                      "source includes them by")
 
 
 class StatusResult(BaseModel):
@@ -322,6 +405,69 @@ class SyscallsResult(BaseModel):
 class UnloadResult(BaseModel):
     slots_emptied: list[int]
     pins_removed: list[str]
+
+
+ApplyAction = Literal["add", "replace", "remove", "unchanged"]
+
+
+class SlotChange(BaseModel):
+    """What an apply did (or, dry, would do) to one slot."""
+    action: ApplyAction
+    slot: int
+    syscall: str
+    hook: HookField = "enter"
+    index: int | None = Field(description="the slot's entry in the request (the apply file's [[slot]] table, "
+                                           "from 0); None for a removal")
+    function: str | None = Field(description="the handler the slot runs after the apply (for a removal: ran); "
+                                             "None: not known before it is built (a dry run without --function)")
+    filename: str | None
+    prog_id: int | None = Field(description="the program the slot runs after the apply; None: dry run, or removed")
+    replaced_prog_id: int | None = Field(None, description="the program the slot ran before (replace, remove)")
+    replaced_function: str | None = None
+    replaced_filename: str | None = None
+    why: list[str] = Field(default_factory=list, description="replace: what differs (source, function, dialect, "
+                                                             "variables, defines, journal, kernel)")
+    log: str = Field("", description="the compiler's warnings and the loader's messages, if any")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class ApplyResult(BaseModel):
+    dry_run: bool
+    changes: list[SlotChange] = Field(description="one per slot listed or emptied, in the order applied: "
+                                                  "adds and replaces by slot, then removals")
+
+    @property
+    def changed(self) -> bool:
+        return any(c.action != "unchanged" for c in self.changes)
+
+
+class SavedFile(BaseModel):
+    """A handler file of the running set, once however many slots run it."""
+    sha256: str
+    filename: str | None
+    source: str | None = None
+    object: str | None = Field(None, description="base64")
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class SavedSlot(BaseModel):
+    slot: int
+    syscall: str
+    hook: HookField = "enter"
+    function: str | None
+    dialect: Literal["bcc", "libbpf", "object"] | None
+    filename: str | None
+    journal: bool = False
+    variables: dict[str, str] = Field(default_factory=dict)
+    defines: dict[str, str] = Field(default_factory=dict)
+    prog_id: int
+    file: int | None = Field(description="index of its file in `files`; None: its source is unknown (a program "
+                                         "adopted from the kernel), so it cannot be saved")
+
+
+class SaveResult(BaseModel):
+    slots: list[SavedSlot]
+    files: list[SavedFile]
 
 
 class ErrorBody(BaseModel):

@@ -26,7 +26,7 @@ from .compiler import Program
 from .errors import StateUnwritable, TailcalldError
 from .loader_settings import settings
 from .registry import Handler, Registry
-from .state import SlotRecord, StateFile
+from .state import SlotRecord, StateFile, map_records
 
 # What makes two records one program: the same handler (source, dialect, function) that ran
 # as the same program before.  Slots attached with --fresh ran separate programs: they stay apart.
@@ -153,8 +153,8 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
     except BaseException:
         prog.close()
         raise
-    registry.handlers[slot] = Handler(record.model_copy(update={"prog_id": prog.id}), prog,
-                                      requested_function=record.function)
+    rebuilt_record = record.model_copy(update={"prog_id": prog.id, "maps": map_records(prog.maps)})
+    registry.handlers[slot] = Handler(rebuilt_record, prog, requested_function=record.function)
     rebuilt.setdefault(key, prog)
     what = "was empty" if running is None else f"held program {running}, not the recorded {record.prog_id}"
     registry.correct(f"slot {label} {what}: rebuilt {record.function} from {record.filename} as program {prog.id}"

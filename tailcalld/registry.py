@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .compiler import Program
-from .dialects import tag_of
+from .dialects import Artifact, tag_of
 from .errors import StateUnwritable
 from .kernel import Kernel
+from .loader_settings import settings
 from .state import SlotRecord, StateFile, StateStore, record_build_key
 from .syscalls import SyscallTable
 
@@ -46,6 +47,27 @@ class Handler:
             self.prog.close()
 
 
+def differences(record: SlotRecord, artifact: Artifact, function: str | None, journal: bool) -> list[str]:
+    """What sets the handler ``record`` names apart from ``artifact`` made with ``function``
+    (None: the only raw_tp one, which the same file and settings always resolve alike) and
+    ``journal``; empty when it is the very same handler.  The source's (or object's) hash
+    covers its local headers; the file's name is not part of what a handler is."""
+    why = []
+    if record.source_sha256 != artifact.sha256:
+        why.append("source")
+    elif record.dialect != artifact.dialect:
+        why.append("dialect")
+    if function is not None and function != record.function:
+        why.append("function")
+    if settings(record.variables) != artifact.variables:
+        why.append("variables")
+    if settings(record.defines) != artifact.defines:
+        why.append("defines")
+    if record.journal != journal:
+        why.append("journal")
+    return why
+
+
 class Registry:
     def __init__(self, kernel: Kernel, store: StateStore, syscalls: SyscallTable) -> None:
         self.kernel = kernel
@@ -60,6 +82,7 @@ class Registry:
         # slots (and their compiles) run side by side.
         self.locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.corrections: deque[str] = deque(maxlen=MAX_CORRECTIONS)
+        self.corrections_total = 0  # since the start (metrics); the deque keeps only the latest
         # Bumped by every commit: a view of the kernel read before it is stale.
         self.generation = 0
         self._stale_state = False
@@ -74,6 +97,7 @@ class Registry:
     def correct(self, message: str, error: bool = False) -> None:
         """Log a correction the registry made to make kernel and desired state agree."""
         self.corrections.append(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {message}")
+        self.corrections_total += 1
         logger.log(logging.ERROR if error else logging.WARNING, "reconcile: %s", message,
                    extra={"TAILCALLD_RECONCILE": 1})
 

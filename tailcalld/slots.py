@@ -9,9 +9,10 @@ the in-memory fake kernel for the failure paths).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -24,8 +25,8 @@ from .kernel import DispatcherInfo, Kernel
 from .loader_settings import settings
 from .misses import Counters, MissMonitor
 from .peers import Peer
-from .registry import Handler, Registry
-from .state import SlotRecord, StateFile, StateStore
+from .registry import Handler, Registry, differences
+from .state import SlotRecord, StateFile, StateStore, map_records
 from .syscalls import Hook, SyscallTable
 
 logger = logging.getLogger("tailcalld")
@@ -41,6 +42,7 @@ class Attached:
     replaced_prog_id: int | None
     log: str = ""  # the compiler's warnings and the loader's messages (the user's file named)
     warnings: tuple[str, ...] = ()  # tailcalld's own (headers that do not match the kernel)
+    unchanged: bool = False  # the slot ran this very handler already: nothing was done
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class SlotManager:
         self.started_at = datetime.now(UTC)
         self._on_change = on_change  # e.g. to refresh systemd's STATUS=
         self._unloading = False
+        self._exit_fills = 0  # attaches and applies between preparing the exit dispatcher and filling its slot
 
     # -- keeping kernel and desired state in step -----------------------------------------------
 
@@ -154,10 +157,23 @@ class SlotManager:
     def _release_idle_exit(self) -> None:
         """Let the kernel detach the exit dispatcher once no exit slot is wanted.  While one is,
         it stays, and the kernel's exit prog array (1024 lookups) need not be read to know it."""
+        if self._exit_fills:
+            return
         if not any(self.syscalls.split(key)[1] == "exit" for key in self.registry.wanted()):
             self.kernel.release_idle()
 
     # -- changes --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def filling_exit_slots(self) -> Iterator[None]:
+        """While an attach or an apply fills exit slots: the exit dispatcher it prepared stays,
+        although no exit slot is wanted yet.  Without this the maintenance's drift repair, which
+        runs while an apply awaits its next compile, would let it go in between."""
+        self._exit_fills += 1
+        try:
+            yield
+        finally:
+            self._exit_fills -= 1
 
     def _check_open(self) -> None:
         if self._unloading:
@@ -173,26 +189,35 @@ class SlotManager:
         self._check_open()  # before the lock: unload-all holds every lock for good
         async with reg.locks[slot]:
             self._check_open()
+            same = None if fresh else self.running_as_asked(slot, artifact, function, journal)
+            if same is not None:  # not touched, not audited: nothing changes
+                return Attached(slot, self.syscalls.label(slot), same.record.function or "?", same.record.prog_id,
+                                same.prog.insns if same.prog is not None else 0, None, unchanged=True)
             prog = (None if fresh else self._already_loaded(artifact, function)) \
                 or await self.kernel.load(artifact, function)
             try:
-                await self.kernel.prepare(slot)  # the exit dispatcher, before the first exit slot
+                with self.filling_exit_slots():  # the dispatcher prepare attaches stays until commit
+                    try:
+                        await self.kernel.prepare(slot)  # the exit dispatcher, before the first exit slot
+                    except BaseException:
+                        prog.close()
+                        reg.release_unused_pins(artifact.sha256)
+                        raise
+                    # From here to the kernel update nothing awaits: no other change interleaves.
+                    try:
+                        replaced = self.kernel.slot(slot)
+                        record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
+                                            source_sha256=reg.store.put_artifact(artifact), filename=filename,
+                                            headers=artifact.header_sha256s, attached_by_uid=peer.uid,
+                                            attached_at=datetime.now(UTC), journal=journal,
+                                            variables=dict(artifact.variables), defines=dict(artifact.defines),
+                                            maps=map_records(prog.maps))
+                        old = reg.commit(slot, Handler(record, prog, requested_function=function))
+                    except BaseException:
+                        prog.close()
+                        reg.release_unused_pins(artifact.sha256)
+                        raise
             except BaseException:
-                prog.close()
-                reg.release_unused_pins(artifact.sha256)
-                raise
-            # From here to the kernel update nothing awaits: no other change interleaves.
-            try:
-                replaced = self.kernel.slot(slot)
-                record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
-                                    source_sha256=reg.store.put_artifact(artifact), filename=filename,
-                                    headers=artifact.header_sha256s, attached_by_uid=peer.uid,
-                                    attached_at=datetime.now(UTC), journal=journal,
-                                    variables=dict(artifact.variables), defines=dict(artifact.defines))
-                old = reg.commit(slot, Handler(record, prog, requested_function=function))
-            except BaseException:
-                prog.close()
-                reg.release_unused_pins(artifact.sha256)
                 self._release_idle_exit()
                 raise
             if old is not None:
@@ -205,6 +230,34 @@ class SlotManager:
                     + (f", was {replaced}" if replaced is not None else ""))
         return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced, prog.log,
                         prog.warnings)
+
+    def running_as_asked(self, slot: int, artifact: Artifact, function: str | None, journal: bool) -> Handler | None:
+        """The slot's handler if it is this very handler (registry.differences) and the kernel's
+        slot holds its program: asking for it again changes nothing."""
+        h = self.registry.handlers.get(slot)
+        if h is None or differences(h.record, artifact, function, journal):
+            return None
+        return h if self.kernel.slot(slot) == h.record.prog_id else None
+
+    def reusable_program(self, artifact: Artifact, function: str | None) -> Program | None:
+        """For apply (plan.py): see _already_loaded."""
+        return self._already_loaded(artifact, function)
+
+    def check_open(self) -> None:
+        """For apply (plan.py): refuse changes once unload-all began."""
+        self._check_open()
+
+    def audit(self, action: str, peer: Peer, slot: int | None, prog_id: int, sha: str | None, what: str) -> None:
+        """For apply (plan.py): a change to the journal, as attach and detach write theirs."""
+        self._audit(action, peer, slot, prog_id, sha, what)
+
+    def after_change(self, filled: list[int]) -> None:
+        """For apply (plan.py), once its changes are made: the exit dispatcher let go if no exit
+        slot is left, the miss counters told of the slots that hold a handler now, STATUS= redone."""
+        self._release_idle_exit()
+        for slot in filled:
+            self.misses.held_handler(slot)
+        self._on_change()
 
     def _already_loaded(self, artifact: Artifact, function: str | None) -> Program | None:
         """The program another slot (or this one) already runs for the same handler, with an fd
@@ -306,6 +359,15 @@ class SlotManager:
 
     def _hits(self, slot: int, missed: list[int], called: list[int]) -> int:
         return max(0, self.calls.since_start(slot, called) - self.misses.since_start(slot, missed))
+
+    def counted_slots(self) -> list[tuple[int, int, int]]:
+        """(slot key, hits, misses) since this daemon started, from the snapshot list and status
+        share: every wanted slot, and every watched one whose calls moved (the misses of a slot
+        whose handler was detached, a watch_misses slot).  For metrics."""
+        missed, called = self._recent_counts()
+        moved = (key for key in range(len(called)) if self.calls.since_start(key, called) and self.misses.watched(key))
+        return [(key, self._hits(key, missed, called), self.misses.since_start(key, missed))
+                for key in sorted(set(self.registry.wanted()).union(moved))]
 
     def syscall_table(self, pattern: str | None) -> list[SyscallView]:
         handlers = self.registry.handlers

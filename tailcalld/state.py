@@ -18,18 +18,37 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .bpfsys import MapInfo
 from .dialects import Artifact, Dialect, build_key
 from .errors import StateUnwritable
 from .paths import TrustedDir, open_trusted_dir
 
 STATE_VERSION = 1
 _ARTIFACT_NAME = re.compile(r"[0-9a-f]{64}\.(?:c|o|h|btf)")
+
+
+class MapRecord(BaseModel):
+    """A map of the handler's program, as the kernel had it when the program was loaded
+    (bpfsys.MapInfo): kept so that `show` can name the maps of a program a restart adopted."""
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    name: str
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def map_records(maps: Iterable[MapInfo]) -> list[MapRecord]:
+    return [MapRecord(id=m.id, name=m.name, type=m.type, key_size=m.key_size, value_size=m.value_size,
+                      max_entries=m.max_entries) for m in maps]
 
 
 class SlotRecord(BaseModel):
@@ -51,6 +70,8 @@ class SlotRecord(BaseModel):
     # The loader's settings it was attached with (--set, -D), reapplied when it is rebuilt.
     variables: dict[str, str] = {}
     defines: dict[str, str] = {}
+    # The maps its program uses (ids of this program's maps: they change when it is rebuilt).
+    maps: list[MapRecord] = []
 
 
 def record_build_key(record: SlotRecord) -> str | None:

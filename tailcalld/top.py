@@ -72,13 +72,13 @@ def _rate(old: SlotInfo | None, new: SlotInfo, seconds: float, cpus: int) -> Slo
                     per_s(new.events_lost, old.events_lost if old else 0))
 
 
-def table(sample: list[SlotRate], printable: Callable[[str], str]) -> str:
+def table(sample: list[SlotRate], printable: Callable[[str], str], legend: bool = True) -> str:
     rows = [[r.slot, printable(r.syscall), printable(r.function or "?"), f"{r.hits_per_s:.0f}",
              f"{r.misses_per_s:.0f}", "-" if r.avg_ns is None else f"{r.avg_ns:.0f}",
              "-" if r.cpu_percent is None else f"{r.cpu_percent:.2f}", f"{r.events_per_s:.0f}",
              f"{r.events_lost_per_s:.0f}"] for r in sample]
-    return tabulate(rows, headers=["SLOT", "SYSCALL", "FUNCTION", "HITS/S", "MISSES/S", "AVG NS", "CPU%", "EVENTS/S",
-                                   "LOST/S"], tablefmt="plain", disable_numparse=True)
+    headers = ["SLOT", "SYSCALL", "FUNCTION", "HITS/S", "MISSES/S", "AVG NS", "CPU%", "EVENTS/S", "LOST/S"]
+    return tabulate(rows, headers=headers if legend else [], tablefmt="plain", disable_numparse=True)
 
 
 def _sample(client: Client, args: argparse.Namespace) -> ListResult:
@@ -104,7 +104,8 @@ def run(client: Client, args: argparse.Namespace, printable: Callable[[str], str
             return 0
         if sys.stdout.isatty():
             print(CLEAR, end="")
-        print(f"tailcalld top: {len(sample)} slots, every {args.interval:g} s (Ctrl-C to stop)\n")
-        print(table(sample, printable), flush=True)
+        if not args.no_legend:
+            print(f"tailcalld top: {len(sample)} slots, every {args.interval:g} s (Ctrl-C to stop)\n")
+        print(table(sample, printable, legend=not args.no_legend), flush=True)
         before, then, shown = after, now, shown + 1
     return 0

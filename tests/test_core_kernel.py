@@ -182,7 +182,7 @@ def test_warm_attach_reuses_the_loaded_program(pin_root: Path, tmp_path: Path) -
         second = await m.attach(*attach("getppid", source), ME)  # same handler, another slot
         again = await m.attach(*attach(NR_FCHMODAT, source), ME)  # same handler, same slot
         assert first.prog_id == second.prog_id == again.prog_id  # one program: nothing was loaded again
-        assert again.replaced_prog_id == first.prog_id
+        assert again.unchanged and again.replaced_prog_id is None  # the slot ran it already: nothing done
         fresh = await m.attach(*attach("getppid", source), ME, fresh=True)
         assert fresh.prog_id != first.prog_id
         await m.detach(NR_FCHMODAT, ME)  # the shared program's other user keeps it

@@ -102,7 +102,7 @@ def test_the_articles_file_attaches_unmodified(daemon: DaemonProcess, tmp_path: 
     assert programs_named("raw_tracepoint_") == own_dispatchers  # the file's dispatcher never loaded
 
     r = daemon.ctl("attach", "268", str(EXAMPLES / "fchmodat_libbpf.bpf.c"))
-    assert r.returncode == 1 and "[function_ambiguous]" in r.stderr
+    assert r.returncode == 4 and "[function_ambiguous]" in r.stderr
     assert "enter_fchmodat" in r.stderr and "raw_tracepoint__sys_enter" in r.stderr
 
 
@@ -198,7 +198,7 @@ def test_libbpf_errors_and_check(daemon: DaemonProcess, tmp_path: Path) -> None:
     assert r.returncode == 4 and "[verifier_rejected]" in r.stderr
     assert "invalid bpf_context access" in r.stderr  # the verifier's own words, through libbpf's log
     r = daemon.ctl("attach", "268", str(rejected))
-    assert r.returncode == 1 and "invalid bpf_context access" in r.stderr
+    assert r.returncode == 4 and "invalid bpf_context access" in r.stderr
 
     bcc_bad = tmp_path / "bcc.c"
     bcc_bad.write_text("int h(struct bpf_raw_tracepoint_args *ctx) { return nope; }\n")

@@ -171,7 +171,7 @@ def test_forbidden_header_names_are_refused_and_change_nothing(daemon: DaemonPro
     handler = write_tree(tmp_path / "inner", "h.bpf.c", LIBBPF_HANDLER.replace('"counts.h"', '"../counts.h"'))
     write_tree(tmp_path, "counts.h", HEADERS["counts.h"], {})
     r = daemon.ctl("attach", "268", str(handler))
-    assert r.returncode == 1 and "[forbidden_include]" in r.stderr and "'..'" in r.stderr, r.stderr
+    assert r.returncode == 3 and "[forbidden_include]" in r.stderr and "'..'" in r.stderr, r.stderr
     assert slots(daemon) == {}
 
 

@@ -47,17 +47,17 @@ def attach(d: DaemonProcess, tmp_path: Path, source: str, *args: str) -> tuple[i
 
 def test_a_tracepoint_probe_is_refused(daemon: DaemonProcess, tmp_path: Path) -> None:
     code, err = attach(daemon, tmp_path, SETUID_MONITOR)
-    assert code == 1 and "[wrong_program_type]" in err, err
+    assert code == 4 and "[wrong_program_type]" in err, err
     assert "line 2: TRACEPOINT_PROBE(syscalls, sys_enter_setuid) declares a tracepoint program" in err
     assert daemon.call("list")["slots"] == []
 
 
 def test_a_kprobe_alone_is_refused_and_named_with_its_type(daemon: DaemonProcess, tmp_path: Path) -> None:
     code, err = attach(daemon, tmp_path, "int kprobe__do_sys_openat2(struct pt_regs *ctx) { return 0; }\n")
-    assert code == 1 and "[function_not_found]" in err and "kprobe__do_sys_openat2 (kprobe)" in err, err
+    assert code == 4 and "[function_not_found]" in err and "kprobe__do_sys_openat2 (kprobe)" in err, err
     code, err = attach(daemon, tmp_path, "int kprobe__do_sys_openat2(struct pt_regs *ctx) { return 0; }\n",
                        "--function", "kprobe__do_sys_openat2")
-    assert code == 1 and "[wrong_program_type]" in err and "is a kprobe program" in err, err
+    assert code == 4 and "[wrong_program_type]" in err and "is a kprobe program" in err, err
     assert daemon.call("list")["slots"] == []
 
 

@@ -250,7 +250,7 @@ def test_the_live_fields_are_the_ones_a_reload_applies() -> None:
                              "max_source_bytes", "max_object_bytes", "max_headers", "max_headers_bytes",
                              "max_connections", "idle_timeout", "compile_memory_max",
                              "max_map_bytes", "max_connections_per_uid", "events_journal_rate", "events_backlog",
-                             "events_client_bytes"}
+                             "events_client_bytes", "desired_slots"}
 
 
 def test_a_reload_applies_live_fields_keeps_the_rest_and_tells_the_reactions(tmp_path: Path) -> None:
@@ -271,3 +271,11 @@ def test_a_reload_with_no_live_change_runs_no_reaction(tmp_path: Path) -> None:
     live.on_reload(lambda old, new, changed: seen.append(changed))
     assert live.reload(Settings(state_dir=tmp_path), tmp_path / "t.toml") == frozenset()
     assert seen == [] and live.current == Settings()
+
+
+def test_desired_slots_is_an_absolute_path_or_none(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, 'desired_slots = ""\n')).desired_slots is None
+    assert load_settings(write(tmp_path, 'desired_slots = "/etc/tailcalld/slots.toml"\n')).desired_slots == \
+        Path("/etc/tailcalld/slots.toml")
+    err = config_error(write(tmp_path, 'desired_slots = "slots.toml"\n'))
+    assert "desired_slots" in err.message and "not an absolute path" in err.message

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tailcalld import ctl, events_cli
+from tailcalld import apply_cli, ctl, events_cli
 from tailcalld.client import SOCKET_ENV, RemoteError
 from tailcalld.errors import CompileError, SlotEmpty, TailcalldError, VerifierRejected
 from tailcalld.protocol import (COMMANDS, EventsRequest, EventsResult, SyscallEntry, SyscallsResult, AttachRequest, AttachResult, CheckResult, DetachResult, ListResult,
-                                PingResult, Request, RequestId, SlotInfo, StatusResult, TimingResult, UnloadResult, encode_error,
-                                encode_ok, parse_request)
+                                MapEntry, PingResult, Request, RequestId, ShowResult, SlotInfo, StatusResult, TimingResult,
+                                UnloadResult, encode_error, encode_ok, parse_request)
 
 NOBODY = 65534
 
@@ -75,26 +75,30 @@ def test_parse_detach_and_timeout() -> None:
     assert (args.verb, args.slot, args.timeout) == ("detach", "fchmodat", 2.5)
 
 
-@pytest.mark.parametrize("argv", [[], ["--socket", "/x"], ["frobnicate"], ["attach", "268"],
+@pytest.mark.parametrize("argv", [["frobnicate"], ["attach", "268"],
                                   ["detach"], ["list", "--bogus"], ["status", "extra"]])
 def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(ctl.ArgumentsError):
         ctl.build_parser().parse_args(argv)
-    assert info.value.code == 2
-    assert "usage: tailcallctl" in capsys.readouterr().err
+    assert ctl.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "usage: tailcallctl" in captured.err and "error: " in captured.err
+    assert captured.out == ""
 
 
-def test_main_without_verb_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        ctl.main([])
-    assert info.value.code == 2
-    assert "VERB" in capsys.readouterr().err
+@pytest.mark.parametrize("argv", [[], ["--socket", "/x"]])
+def test_main_without_verb_prints_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: tailcallctl") and "VERB" in captured.out
+    assert "exit codes:" in captured.out
+    assert captured.err == ""
 
 
 def test_verbs_are_the_protocol_commands() -> None:
-    """Every command of the protocol has a verb (events streams: events_cli), and every verb has
-    a round trip below."""
-    assert set(ctl.VERBS) | {"events"} == set(COMMANDS)
+    """Every command of the protocol has a verb (events streams: events_cli; apply and save read
+    and write files: apply_cli, tested in test_unit_apply), and every verb has a round trip below."""
+    assert set(ctl.VERBS) | {"events"} | set(apply_cli.VERBS) == set(COMMANDS)
     assert set(ctl.VERBS) == set(REPLIES)
 
 
@@ -363,6 +367,27 @@ REPLIES: dict[str, tuple[list[str], BaseModel, str, str]] = {
                  "ia32    268   statfs64  -       -\n"
                  "\n"
                  "3 syscalls listed; SLOT - means never dispatched (no 64-bit syscall of that name).\n", ""),
+    "show": (["fchmodat", "--no-source"],
+             ShowResult(slot=SlotInfo(slot=268, syscall="fchmodat", function="h", dialect="bcc", prog_id=91,
+                                      filename="h.c", source_sha256="ab" * 32, attached_at=None, hits=9, misses=3),
+                        maps=[MapEntry(id=12, name="hits", type="array", key_size=4, value_size=8, max_entries=7)],
+                        source=HANDLER_C),
+             "Slot      fchmodat (268)\n"
+             "Function  h\n"
+             "Dialect   bcc\n"
+             "Program   91\n"
+             "Source    h.c\n"
+             f"SHA-256   {'ab' * 32}\n"
+             "Since     -\n"
+             "By uid    -\n"
+             "Hits      9\n"
+             "Misses    3\n"
+             "Events    0 emitted, 0 lost, 0 delivered\n"
+             "\n"
+             "MAP ID    NAME    TYPE    KEY    VALUE    MAX ENTRIES\n"
+             "12        hits    array   4      8        7\n"
+             "\n"
+             "1 map listed.\n", ""),
     "timing": (["30"], TimingResult(on=True, seconds_left=30.0, dispatch_ns=41.6),
                "handler timing is on for 30 s more (see list, top); a call that falls through takes 42 ns\n", ""),
     "unload-all": ([], UnloadResult(slots_emptied=[110, 268], pins_removed=["a", "b", "c"]),
@@ -468,7 +493,8 @@ def test_attach_sends_the_handler(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("verb", "argv", "err", "exit_code"), [
     ("check", ["FILE"], CompileError("clang said no", {"log": "h.c:1: error\n"}), 3),
     ("check", ["FILE"], VerifierRejected("the kernel refused h"), 4),
-    ("attach", ["268", "FILE"], CompileError("clang said no"), 1),  # 3 and 4 are check's only
+    ("attach", ["268", "FILE"], CompileError("clang said no"), 3),  # as check's
+    ("attach", ["268", "FILE"], VerifierRejected("the kernel refused h"), 4),
     ("detach", ["268"], SlotEmpty("slot 268 is empty"), 1),
 ])
 def test_daemon_errors_exit_codes(verb: str, argv: list[str], err: TailcalldError, exit_code: int, tmp_path: Path,
@@ -480,17 +506,29 @@ def test_daemon_errors_exit_codes(verb: str, argv: list[str], err: TailcalldErro
     assert captured.err.startswith(f"tailcallctl: {err.message} [{err.code}]\n")
 
 
-@pytest.mark.parametrize("options", [[], ["--json"]])
-def test_reply_that_does_not_fit_the_model_fails(options: list[str], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_reply_that_does_not_fit_the_model_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     renamed = {**REPLIES["attach"][1].model_dump(mode="json"), "replaced": 90}
     del renamed["replaced_prog_id"]
-    code, _ = run_verb(tmp_path, "attach", ["268", "FILE"], ok(json.dumps(renamed).encode()), *options)
+    code, _ = run_verb(tmp_path, "attach", ["268", "FILE"], ok(json.dumps(renamed).encode()))
     captured = capsys.readouterr()
     assert code == 1
     assert captured.out == ""
     assert captured.err.startswith("tailcallctl: tailcalld's reply to attach does not fit the protocol "
                                    "(replaced_prog_id: Field required)")
+
+
+
+def test_reply_that_does_not_fit_the_model_fails_with_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --json too (a reply that does not fit is no success), said as a JSON error on stdout."""
+    renamed = {**REPLIES["attach"][1].model_dump(mode="json"), "replaced": 90}
+    del renamed["replaced_prog_id"]
+    code, _ = run_verb(tmp_path, "attach", ["268", "FILE"], ok(json.dumps(renamed).encode()), "--json")
+    captured = capsys.readouterr()
+    assert code == 1 and captured.err == ""
+    error = json.loads(captured.out)["error"]
+    assert error["code"] == "bad_reply"
+    assert error["message"].startswith("tailcalld's reply to attach does not fit the protocol "
+                                       "(replaced_prog_id: Field required)")
 
 
 # events ------------------------------------------------------------------------------------
