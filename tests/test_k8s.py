@@ -6,8 +6,6 @@ parts agreeing with each other and with what tests/test_container.py measured.""
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import json
 import secrets
 import subprocess
@@ -23,14 +21,13 @@ import pytest
 import yaml
 
 from harness import REPO, VENV_BIN, DaemonProcess
-from tailcalld.config import Settings, load_settings
+from tailcalld import desired
+from tailcalld.config import load_settings
 from test_container import LEAST_CAPS, checked, image, podman  # noqa: F401  (image: the fixture)
 
 K8S = REPO / "contrib" / "k8s"
 # The oldest Kubernetes release still in wide use that has everything the manifests use, and the newest bundled.
 VERSIONS = ["1.28.0", kubernetes_validate.utils.latest_version()]
-# The apply file's keys (notes on the apply format: README, "Declarative state").
-APPLY_KEYS = {"slot", "hook", "file", "function", "dialect", "journal", "set", "define"}
 METRICS_PORT = 9479
 
 
@@ -96,17 +93,14 @@ def test_the_validation_can_fail() -> None:
 
 
 def test_the_config_map_loads_with_tailcallds_own_loader(tmp_path: Path) -> None:
-    """What a node's daemon reads.  Keys other branches bring (contracts: metrics_listen,
-    desired_slots) are checked by value here and left out of the load while this checkout's
-    loader does not know them yet; once it does, it loads them too."""
-    pending = {"metrics_listen", "desired_slots"} - set(Settings.model_fields)
-    text = "\n".join(line for line in config_text().splitlines() if line.split("=", 1)[0].strip() not in pending)
+    """What a node's daemon reads."""
     path = tmp_path / "tailcalld.toml"
-    path.write_text(text)
+    path.write_text(config_text())
     settings = load_settings(path)
     assert str(settings.socket) == "/run/tailcalld/tailcalld.sock"
     assert str(settings.pin_dir).startswith("/sys/fs/bpf/")
-    assert config()["metrics_listen"] == f"0.0.0.0:{METRICS_PORT}"
+    assert settings.metrics_listen == f"0.0.0.0:{METRICS_PORT}"
+    assert str(settings.desired_slots) == "/etc/tailcalld-slots/slots.toml"
 
 
 def test_the_daemonset_wires_the_config_maps_to_the_daemon() -> None:
@@ -170,20 +164,13 @@ def write_slots(folder: Path) -> Path:
     return folder / PurePosixPath(config()["desired_slots"]).name
 
 
-def test_the_apply_file_reads(tmp_path: Path) -> None:
-    """With tailcalld's own apply-file reader where this checkout has it (tailcalld/desired.py),
-    else against the keys of the format; either way every file it names is in the ConfigMap."""
+def test_the_apply_file_reads_with_tailcallds_own_reader(tmp_path: Path) -> None:
+    """As the daemon's desired_slots reads it: the file and every handler file it names, which
+    must all be in the ConfigMap (a missing one is a DesiredFileError)."""
     apply_file = write_slots(tmp_path / "slots")
-    if importlib.util.find_spec("tailcalld.desired") is not None:
-        desired = importlib.import_module("tailcalld.desired")
-        request, _read = desired.read_request(apply_file)
-        assert [s["slot"] for s in request["slots"]] == ["fchmodat"]
-        return
-    entries = tomllib.loads(apply_file.read_text())["slot"]
-    assert [e["slot"] for e in entries] == ["fchmodat"]
-    for entry in entries:
-        assert set(entry) <= APPLY_KEYS and {"slot", "file"} <= set(entry), entry
-        assert (apply_file.parent / entry["file"]).is_file()
+    request, read = desired.read_request(apply_file)
+    assert [s["slot"] for s in request["slots"]] == ["fchmodat"]
+    assert {f.name for f in read} == set(resource("ConfigMap", "tailcalld-slots")["data"])
 
 
 def test_the_shipped_handlers_load_on_this_kernel(tmp_path: Path, daemon: DaemonProcess) -> None:
@@ -219,10 +206,9 @@ class KubeletVolume:
 
 
 def config_for_test(pin_dir: Path) -> str:
-    """The ConfigMap's tailcalld.toml with this test's pin folder, less the keys this checkout's
-    loader does not know yet (see test_the_config_map_loads_with_tailcallds_own_loader)."""
+    """The ConfigMap's tailcalld.toml with this test's pin folder, and desired_slots' files
+    checked every second rather than every ten."""
     data = config() | {"pin_dir": str(pin_dir), "miss_log_interval": 1}
-    data = {k: v for k, v in data.items() if k in Settings.model_fields}
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in data.items())
 
 
@@ -309,8 +295,6 @@ def test_the_daemonsets_pod_runs_and_its_probes_pass(pod: Pod) -> None:
 
 
 def test_the_pod_serves_metrics_on_the_annotated_port(pod: Pod) -> None:
-    if "metrics_listen" not in Settings.model_fields:
-        pytest.skip("metrics_listen (tailcalld/metrics.py) is not in this checkout yet")
     pod.wait_started()
     port = daemonset()["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
     fetch = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
@@ -332,8 +316,6 @@ def wait_slots(pod: Pod, expected: dict[str, str | None]) -> None:
 
 def test_editing_the_slots_config_map_rolls_a_handler_out_and_back(pod: Pod) -> None:
     """README's roll-out and roll-back, as the kubelet delivers a ConfigMap edit (a ..data swap)."""
-    if "desired_slots" not in Settings.model_fields:
-        pytest.skip("desired_slots (tailcalld/desired.py) is not in this checkout yet")
     pod.wait_started()
     first = resource("ConfigMap", "tailcalld-slots")["data"]
     wait_slots(pod, {"fchmodat": "enter_fchmodat"})
