@@ -6,6 +6,7 @@ parts agreeing with each other and with what tests/test_container.py measured.""
 from __future__ import annotations
 
 import copy
+import os
 import json
 import secrets
 import subprocess
@@ -114,8 +115,9 @@ def test_the_daemonset_wires_the_config_maps_to_the_daemon() -> None:
     assert volumes["slots"]["configMap"]["name"] == "tailcalld-slots"
     slots = resource("ConfigMap", "tailcalld-slots")["data"]
     assert PurePosixPath(cfg["desired_slots"]).name in slots
-    # Only a folder mount follows ConfigMap edits: a subPath one would keep the first version.
-    assert all("subPath" not in m for m in c["volumeMounts"])
+    # The apply file from the version's own folder (root's 0755), not the kubelet's 0777 one.
+    assert mount_of("slots", c)["subPath"] == "..data"
+    assert all("subPath" not in m for m in c["volumeMounts"] if m["name"] != "slots")
     # The state and the pins on the host.
     hosts = host_path_volumes()
     mounted = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -196,6 +198,7 @@ class KubeletVolume:
         self.version += 1
         stamp = f"..{self.version}"
         (self.folder / stamp).mkdir(parents=True)
+        self.folder.chmod(0o777)  # as the kubelet makes it (an emptyDir underneath)
         for name, text in data.items():
             (self.folder / stamp / name).write_text(text)
             link = self.folder / name
@@ -227,6 +230,8 @@ def engine_args_of(container: dict[str, Any], host_paths: dict[str, Path]) -> li
         volume = volumes[m["name"]]
         source = volume["hostPath"]["path"] if "hostPath" in volume else volume["configMap"]["name"]
         host = host_paths.get(source, Path(source))
+        if "subPath" in m:  # resolved once, when the container is made, as the kubelet does
+            host = Path(os.path.realpath(host / m["subPath"]))
         mode = ("ro" if m.get("readOnly") else "rw") + propagation.get(m.get("mountPropagation", ""), "")
         args += ["-v", f"{host}:{m['mountPath']}:{mode}"]
     return args
@@ -237,6 +242,21 @@ class Pod:
     name: str
     slots: KubeletVolume
     run_dir: Path  # the host folder mounted at /run/tailcalld
+    image: str
+    host_paths: dict[str, Path]
+
+    def start(self) -> None:
+        """The daemon container, made from the spec (a new one for each pod, as a rollout makes)."""
+        spec, c = pod_spec(), daemon_container()
+        pid_mode = ["--pid", "host"] if spec["hostPID"] else []
+        checked(podman("run", "-d", "--name", self.name, *pid_mode, *engine_args_of(c, self.host_paths), self.image,
+                       *c["args"]))
+
+    def rollout_restart(self) -> None:
+        """`kubectl rollout restart`: this node's pod replaced by a new one (pins and state stay)."""
+        checked(podman("stop", "-t", "30", self.name, timeout=60))
+        checked(podman("rm", "-f", self.name))
+        self.start()
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(VENV_BIN / "tailcallctl"), "--socket", str(self.run_dir / "tailcalld.sock"), *args],
@@ -275,11 +295,9 @@ def pod(image: str, tmp_path: Path, pin_root: Path) -> Iterator[Pod]:  # noqa: F
     [init] = spec["initContainers"]
     checked(podman("run", "--rm", *engine_args_of(init, host_paths), "--entrypoint", init["command"][0], image,
                    *init["command"][1:]))
-    c = daemon_container()
-    p = Pod(f"tailcalld-test-{secrets.token_hex(4)}", slots_volume, host_paths["/run/tailcalld"])
+    p = Pod(f"tailcalld-test-{secrets.token_hex(4)}", slots_volume, host_paths["/run/tailcalld"], image, host_paths)
     try:
-        pid_mode = ["--pid", "host"] if spec["hostPID"] else []
-        checked(podman("run", "-d", "--name", p.name, *pid_mode, *engine_args_of(c, host_paths), image, *c["args"]))
+        p.start()
         yield p
     finally:
         podman("rm", "-f", "-t", "5", p.name)
@@ -315,13 +333,18 @@ def wait_slots(pod: Pod, expected: dict[str, str | None]) -> None:
 
 
 def test_editing_the_slots_config_map_rolls_a_handler_out_and_back(pod: Pod) -> None:
-    """README's roll-out and roll-back, as the kubelet delivers a ConfigMap edit (a ..data swap)."""
+    """README's roll-out and roll-back: a ConfigMap edit as the kubelet delivers it (a new
+    version's folder and ..data swapped to it), then the node's pod replaced."""
     pod.wait_started()
     first = resource("ConfigMap", "tailcalld-slots")["data"]
     wait_slots(pod, {"fchmodat": "enter_fchmodat"})
     pod.slots.write(first | {"fchmodat.bpf.c": first["fchmodat.bpf.c"].replace("enter_fchmodat", "enter_fchmodat_v2")})
+    pod.rollout_restart()
+    pod.wait_started()
     wait_slots(pod, {"fchmodat": "enter_fchmodat_v2"})
     pod.slots.write(first)
+    pod.rollout_restart()
+    pod.wait_started()
     wait_slots(pod, {"fchmodat": "enter_fchmodat"})
 
 
