@@ -26,6 +26,8 @@ PKGS+=(prometheus)
 PKGS+=(groff-base man-db zsh)
 # gcc-multilib: the tests run real 32-bit (ia32) programs against the dispatcher's compat table.
 [ "$(dpkg --print-architecture)" = amd64 ] && PKGS+=(gcc-multilib)
+# podman + runc: tests/test_container.py builds the Dockerfile's image and runs it (scripts/podman.sh).
+PKGS+=(podman runc)
 # bpftrace: only the benchmark compares with it (`make bench` runs `setup.sh bench`).
 [ "${1:-}" = bench ] && PKGS+=(bpftrace)
 
@@ -74,6 +76,10 @@ mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 if [ -d /sys/kernel/tracing ] && ! mountpoint -q /sys/kernel/tracing; then
   mount -t tracefs tracefs /sys/kernel/tracing || warn "could not mount tracefs"
 fi
+
+# The Dockerfile's FROM (debian:bookworm-slim) in local storage: no container registry may answer,
+# so scripts/podman.sh makes it from the host's apt mirror when a pull fails (once; kept).
+bash scripts/podman.sh base || warn "no debian:bookworm-slim image for podman: tests/test_container.py will fail"
 
 # The venv must be made by the distro's python3: only it sees python3-bpfcc.
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import bcc' 2>/dev/null; then

@@ -312,6 +312,7 @@ class Compiler:
                 children.kill_group(proc.pid)
                 if proc.returncode is None:
                     await proc.wait()
+                children.reap_group(proc.pid)  # the clang of a killed worker, when we are PID 1
             output = _local_names(_tidy(out), work_dir)
             parent.setblocking(False)
             try:

@@ -1,4 +1,4 @@
-"""The Dockerfile, checked statically: no Docker engine runs on these machines."""
+"""The Dockerfile, checked statically (hadolint, COPY sources); tests/test_container.py builds and runs it."""
 
 from __future__ import annotations
 
