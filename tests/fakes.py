@@ -8,15 +8,19 @@ shows up as an fd count that does not return to where it was.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from tailcalld.compiler import Program
 from tailcalld.dialects import Artifact
 from tailcalld.errors import KernelError, StateUnwritable, TailcalldError
 from tailcalld.kernel import DispatcherInfo
+from tailcalld.misses import MissMonitor
+from tailcalld.slots import SlotManager
 from tailcalld.state import StateFile, StateStore
+from tailcalld.syscalls import SyscallTable
 
 NR_SLOTS = 1024
 
@@ -149,3 +153,21 @@ class FlakyStore(StateStore):
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def run_on_fake(tmp_path: Path, names: Mapping[str, int],
+                scenario: Callable[[FakeKernel, FlakyStore, SlotManager], Awaitable[None]],
+                kernel: FakeKernel | None = None) -> None:
+    """One scenario on a SlotManager over the fake kernel, restored from ``tmp_path/state`` as a
+    start would, and closed after whatever the scenario did."""
+    async def main() -> None:
+        k = kernel or FakeKernel()
+        syscalls = SyscallTable(NR_SLOTS, dict(names))
+        store = FlakyStore(tmp_path / "state")
+        manager = SlotManager(k, store, syscalls, MissMonitor(k.miss_totals, syscalls.label))
+        await manager.restore()
+        try:
+            await scenario(k, store, manager)
+        finally:
+            manager.close()
+    asyncio.run(main())

@@ -7,7 +7,6 @@ kernel's slots and our open program fds are all exactly as before.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,15 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from fakes import NR_SLOTS, FakeKernel, FlakyStore, open_fds
+from fakes import NR_SLOTS, FakeKernel, FlakyStore, open_fds, run_on_fake
 from tailcalld import reconcile
 from tailcalld.dialects import Artifact
 from tailcalld.errors import CompileError, KernelError, SlotEmpty, StateUnwritable, Unloading
-from tailcalld.misses import MissMonitor
 from tailcalld.peers import Peer
 from tailcalld.slots import SlotManager
 from tailcalld.state import SlotRecord
-from tailcalld.syscalls import SyscallTable
 
 ME = Peer(pid=1, uid=0, gid=0, comm="test")
 FCHMODAT, GETPPID = 268, 110
@@ -48,17 +45,8 @@ class Core:
 
 
 def run(tmp_path: Path, scenario: Callable[[Core], Awaitable[None]], kernel: FakeKernel | None = None) -> None:
-    async def main() -> None:
-        k = kernel or FakeKernel()
-        syscalls = SyscallTable(NR_SLOTS, {"fchmodat": FCHMODAT, "getppid": GETPPID})
-        store = FlakyStore(tmp_path / "state")
-        manager = SlotManager(k, store, syscalls, MissMonitor(k.miss_totals, syscalls.label))
-        await manager.restore()
-        try:
-            await scenario(Core(k, store, manager))
-        finally:
-            manager.close()
-    asyncio.run(main())
+    run_on_fake(tmp_path, {"fchmodat": FCHMODAT, "getppid": GETPPID},
+                lambda k, store, manager: scenario(Core(k, store, manager)), kernel)
 
 
 async def attach(c: Core, artifact: Artifact, slot: int = FCHMODAT, fresh: bool = False) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import NR_SLOTS, FakeKernel, FlakyStore, open_fds
+from fakes import NR_SLOTS, FakeKernel, FlakyStore, open_fds, run_on_fake
 from test_unit_ctl import one_shot_daemon
 from tailcalld import ctl
 from tailcalld.apply_cli import diff_lines, place_files, summary
@@ -24,11 +24,9 @@ from tailcalld.dialects import Artifact
 from tailcalld.desired import DesiredFileError, entry_text, parse, read_request
 from tailcalld.desired_slots import DesiredSlots, signature, trusted_read
 from tailcalld.errors import ApplyIncomplete, BadRequest, CompileError, UnknownSyscall, UnsafePath
-from tailcalld.misses import MissMonitor
 from tailcalld.peers import Peer
 from tailcalld.protocol import ApplyRequest, ApplyResult, SavedFile, SavedSlot, SaveResult, SlotChange, encode_ok
 from tailcalld.slots import SlotManager
-from tailcalld.syscalls import SyscallTable
 
 ME = Peer(pid=1, uid=0, gid=0, comm="test")
 FCHMODAT, GETPPID, KILL = 268, 110, 62
@@ -160,17 +158,8 @@ class Node:
 
 
 def run(tmp_path: Path, scenario: Callable[[Node], Awaitable[None]]) -> None:
-    async def main() -> None:
-        k = FakeKernel()
-        syscalls = SyscallTable(NR_SLOTS, {"fchmodat": FCHMODAT, "getppid": GETPPID, "kill": KILL})
-        store = FlakyStore(tmp_path / "state")
-        manager = SlotManager(k, store, syscalls, MissMonitor(k.miss_totals, syscalls.label))
-        await manager.restore()
-        try:
-            await scenario(Node(k, store, manager))
-        finally:
-            manager.close()
-    asyncio.run(main())
+    run_on_fake(tmp_path, {"fchmodat": FCHMODAT, "getppid": GETPPID, "kill": KILL},
+                lambda k, store, manager: scenario(Node(k, store, manager)))
 
 
 def actions(result: ApplyResult) -> list[tuple[str, int, str]]:
