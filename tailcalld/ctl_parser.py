@@ -1,0 +1,172 @@
+"""tailcallctl's arguments: the parser of every verb and option, and the exit codes --help prints.
+
+A module of its own, light on purpose: ``tailcallctl --help`` (and any verb's arguments) needs
+argparse and nothing of the daemon's -- no pydantic, no protocol models, no tabulate -- so that it
+answers within twice a bare Python start (issue 14).  ctl.py runs the verbs; ctl_docs.py makes
+the completion and the man page from ``build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .control_socket import SOCKET_ENV, default_socket
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+# attach, check and apply: which way a handler failed
+EXIT_NO_COMPILE = 3
+EXIT_REFUSED = 4
+EXIT_CODES = ((0, "success"),
+              (EXIT_FAILURE, "failure: a daemon error, the daemon unreachable, a reply that does not fit"),
+              (EXIT_USAGE, "bad usage: arguments, or a FILE that cannot be read or decoded"),
+              (EXIT_NO_COMPILE, "attach, check, apply: a handler does not compile"),
+              (EXIT_REFUSED, "attach, check, apply: the kernel (verifier, program type, function) refuses one"))
+EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)
+APPLY_VERBS = ("apply", "save")  # apply_cli.py runs them
+
+
+def _add_handler_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="handler: bcc or libbpf C source, or a BPF .o ('-' reads stdin)")
+    p.add_argument("--function", metavar="NAME", help="program to load (default: the only raw_tp one)")
+    p.add_argument("--dialect", choices=["auto", "bcc", "libbpf"], default="auto",
+                   help="C dialect (default: auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf)")
+    p.add_argument("--set", dest="variables", action="append", metavar="NAME=VALUE",
+                   help="set a global variable (.rodata, .data, .bss) of a libbpf handler before it is loaded: "
+                        "an integer (42, -1, 0x2a), true/false, or text for a char array; repeatable")
+    p.add_argument("-D", dest="defines", action="append", metavar="NAME[=VALUE]",
+                   help="define a macro for the compile of C source (bcc or libbpf; NAME alone: NAME=1); repeatable")
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value < 1e9:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        return value
+    return parse
+
+
+class ArgumentsError(Exception):
+    """Bad arguments: what argparse would print before it exits 2, raised instead, so that main
+    can say it as JSON when --json was given."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentsError(self.format_usage(), f"{self.prog}: error: {message}")
+
+
+def _global_options(p: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
+    """The options every verb takes, declared once: on the main parser with their defaults, and
+    on each verb's with argparse.SUPPRESS (``default``), so that an option given before the
+    verb is not reset by the verb's parser, and one given after it is seen as well."""
+    p.add_argument("--json", action="store_true", default=default(False),
+                   help="print the daemon's reply as JSON, and errors as a JSON object on stdout")
+    p.add_argument("--no-legend", action="store_true", default=default(False),
+                   help="tables without their header and footer")
+    p.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                   help="no compiler warnings on success (failures are always said)")
+    p.add_argument("--socket", type=Path, default=default(None), metavar="PATH",
+                   help=f"control socket (default: ${SOCKET_ENV}, else {default_socket()})")
+    p.add_argument("--timeout", type=float, default=default(120.0), metavar="SECONDS",
+                   help="seconds to wait for a reply (default: 120)")
+
+
+def _as_given(value: Any) -> Any:
+    return value
+
+
+def _suppressed(value: Any) -> Any:
+    return argparse.SUPPRESS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    _global_options(common, _suppressed)
+    p = _Parser(prog="tailcallctl", description="Control tailcalld, the eBPF tail-call dispatcher.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _global_options(p, _as_given)
+    p.add_argument("--version", action="store_true",
+                   help="print tailcallctl's version and the daemon's (when it answers on the socket)")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
+    a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
+    _add_handler_arguments(a)
+    a.add_argument("--exit", action="store_true",
+                   help="the syscall's exit slot: the handler runs on sys_exit and sees the return value")
+    a.add_argument("--fresh", action="store_true",
+                   help="compile and load anew, with maps of its own (default: reuse the program of a slot "
+                        "that already runs the same handler)")
+    a.add_argument("--journal", action="store_true",
+                   help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
+    c = sub.add_parser("check", parents=[common], help="compile and load FILE for the verifier only; attach nothing")
+    _add_handler_arguments(c)
+    d = sub.add_parser("detach", parents=[common], help="empty SLOT")
+    d.add_argument("slot", metavar="SLOT", help="syscall number or name")
+    d.add_argument("--exit", action="store_true", help="empty the syscall's exit slot")
+    sub.add_parser("list", parents=[common], help="show the filled slots")
+    sub.add_parser("status", parents=[common], help="show the daemon's state")
+    sh = sub.add_parser("show", parents=[common],
+                        help="one slot in full: its handler, the maps its program uses, and its source")
+    sh.add_argument("slot", metavar="SLOT", help="syscall number or name")
+    sh.add_argument("--exit", action="store_true", help="the syscall's exit slot")
+    shown = sh.add_mutually_exclusive_group()
+    shown.add_argument("--no-source", action="store_true", help="leave the source out")
+    shown.add_argument("--source", action="store_true", help="print only the source, as it was saved")
+    t = sub.add_parser("top", parents=[common], help="live per-slot hits and misses per second (Ctrl-C to stop)")
+    t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
+                   help="between refreshes (default: 1)")
+    t.add_argument("--iterations", type=_positive(int), default=None, metavar="N", help="stop after N refreshes")
+    t.add_argument("--no-time", action="store_true",
+                   help="do not switch handler timing on (it costs every syscall while top runs; see README)")
+    sc = sub.add_parser("syscalls", parents=[common],
+                        help="syscall numbers and names of this machine (and ia32 on x86_64), with their slots")
+    sc.add_argument("pattern", metavar="PATTERN", nargs="?", help="a shell pattern on names ('open*'), or a number")
+    tm = sub.add_parser("timing", parents=[common],
+                        help="time the handlers for SECONDS more (list and top show it); 0 only asks")
+    tm.add_argument("seconds", metavar="SECONDS", nargs="?", type=float, default=60.0,
+                    help="how long timing stays on unless renewed (default: 60, at most 600)")
+    ev = sub.add_parser("events", parents=[common],
+                        help="the handlers' latest events (TC_PRINTF, TC_EMIT); -f follows new ones")
+    ev.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
+    ev.add_argument("--slot", metavar="SLOT", help="only this syscall's events (number or name)")
+    ev.add_argument("--exit", action="store_true", help="with --slot: its exit slot's events")
+    ev.add_argument("-n", "--lines", type=int, metavar="N", default=None,
+                    help="at most N of the latest events first (default: all kept; 10 with -f)")
+    apply_parsers(sub, common)
+    sub.add_parser("ping", parents=[common], help="check that the daemon answers")
+    me = sub.add_parser("metrics", parents=[common], help="print the daemon's Prometheus metrics (read from its metrics socket)")
+    me.add_argument("--metrics-socket", type=Path, metavar="PATH",
+                    help="the daemon's metrics_socket (default: metrics.sock beside the control socket)")
+    sub.add_parser("unload-all", parents=[common],
+                   help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")
+    return p
+
+
+def apply_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """apply and save (apply_cli.py)."""
+    a = sub.add_parser("apply", parents=[common],
+                       help="make the slots match FILE (TOML: [[slot]] tables); slots it does not list are emptied")
+    a.add_argument("file", metavar="FILE", help="the apply file; handler files are found relative to its folder")
+    a.add_argument("--dry-run", action="store_true", help="print what would change, change nothing (compiles nothing)")
+    a.add_argument("-v", "--verbose", action="store_true", help="list the unchanged slots too")
+    s = sub.add_parser("save", parents=[common],
+                       help="print the running slots as an apply file, and write their sources beside it")
+    s.add_argument("-o", "--output", metavar="FILE", type=Path, help="write the apply file here (default: stdout)")
+    s.add_argument("--sources", metavar="DIR", type=Path,
+                   help="write the handler files here (default: the apply file's folder; with stdout, the current one)")
+    s.add_argument("--force", action="store_true", help="overwrite files that differ")
+    s.add_argument("--skip-unknown", action="store_true",
+                   help="leave out slots whose source tailcalld does not know (an apply of the file empties them)")
