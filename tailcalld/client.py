@@ -7,12 +7,15 @@ import json
 import socket
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any
 
 from . import reply_check
 # Re-exported: their home is light (control_socket.py); protocol.py is imported only when a reply
 # needs its models (reply_check.py), so that tailcallctl starts quickly.
 from .control_socket import SOCKET_ENV, default_socket  # noqa: F401
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class RemoteError(Exception):

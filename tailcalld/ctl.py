@@ -26,7 +26,6 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 # What every verb needs, and nothing more: tailcallctl starts on each call, and `list`, `status`
 # and `--help` answer within twice a bare Python start (issue 14).  pydantic and the protocol's
@@ -42,7 +41,10 @@ from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, Function
 from .plain_table import plain_table
 from .wire_limits import MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time (mypy knows the name)
 if TYPE_CHECKING:
+    from typing import Any
+
     from pydantic import ValidationError
 
     from .protocol import (AttachResult, CheckResult, DetachResult, ListResult, MapEntry, PingResult, ShowResult,
@@ -397,17 +399,14 @@ def show_ping(r: PingResult, args: argparse.Namespace) -> None:
     print(printable(f"tailcalld {r.version} (pid {r.pid}) is up"))
 
 
-R = TypeVar("R")
-
-
-class Verb(Generic[R]):
+class Verb:
     """A tailcallctl verb; its name is also the wire command it sends.  (A plain class, not a
     dataclass: dataclasses imports inspect, a tenth of a bare Python start.)"""
 
     __slots__ = ("request", "model", "show")
 
     def __init__(self, request: Callable[[argparse.Namespace], dict[str, Any]], model: str,
-                 show: Callable[[R, argparse.Namespace], None]) -> None:
+                 show: Callable[[Any, argparse.Namespace], None]) -> None:
         self.request = request  # the request's fields, from the arguments
         # The protocol model (in protocol.py) the reply's result must fit, by name: the models
         # are imported when a reply needs one, not when tailcallctl starts.  That `show` takes
@@ -415,7 +414,7 @@ class Verb(Generic[R]):
         self.model = model
         self.show = show  # that result, for people
 
-    def result(self, verb: str, raw: dict[str, Any]) -> R:
+    def result(self, verb: str, raw: dict[str, Any]) -> Any:
         """The reply's result as its model has it.  A list or status reply that plainly fits is
         read without pydantic (reply_check.py, the same values); any other goes through the
         model, which raises pydantic's ValidationError when it does not fit."""
@@ -427,7 +426,7 @@ class Verb(Generic[R]):
         return result
 
 
-VERBS: Mapping[str, Verb[Any]] = {
+VERBS: Mapping[str, Verb] = {
     "attach": Verb(attach_request, "AttachResult", show_attach),
     "check": Verb(check_request, "CheckResult", show_check),
     "detach": Verb(detach_request, "DetachResult", show_detach),
@@ -567,7 +566,7 @@ def _spinner(args: argparse.Namespace) -> Spinner:
     return Spinner(printable(what), enabled=args.verb in HANDLER_VERBS and not args.json)
 
 
-def _call(client: Client, args: argparse.Namespace, verb: Verb[Any], fields: dict[str, Any]) -> int:
+def _call(client: Client, args: argparse.Namespace, verb: Verb, fields: dict[str, Any]) -> int:
     with _spinner(args):  # erased before anything below prints, the error of a failed call too
         raw = client.call(args.verb, **fields)
     # Validated for --json too: a reply that does not fit the protocol is not a success.

@@ -9,11 +9,16 @@ the completion and the man page from ``build_parser``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
 
 from .control_socket import SOCKET_ENV, default_socket
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -63,7 +68,38 @@ class ArgumentsError(Exception):
         self.message = message
 
 
+def terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, which argparse's HelpFormatter asks for: $COLUMNS,
+    else stdout's terminal, else 80.  Here so that tailcallctl need not import shutil (and with
+    it bz2, lzma, fnmatch): every add_argument makes a formatter, help or not."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         terminal_columns() - 2 if width is None else width)  # argparse's own default
+
+
+class _RawDescriptionFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)  # the verbs' parsers too: add_parser makes a _Parser
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise ArgumentsError(self.format_usage(), f"{self.prog}: error: {message}")
 
@@ -96,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     _global_options(common, _suppressed)
     p = _Parser(prog="tailcallctl", description="Control tailcalld, the eBPF tail-call dispatcher.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog=EPILOG, formatter_class=_RawDescriptionFormatter)
     _global_options(p, _as_given)
     p.add_argument("--version", action="store_true",
                    help="print tailcallctl's version and the daemon's (when it answers on the socket)")

@@ -19,14 +19,17 @@ import re  # argparse has imported it already
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any, TypeAlias
 
 
 class Unsure(Exception):
     """A value this module does not vouch for: the pydantic model decides."""
 
 
-Check = Callable[[Any], Any]
+Check: TypeAlias = "Callable[[Any], Any]"
 REQUIRED = object()  # a field without a default
 
 
@@ -98,7 +101,7 @@ def _str_list(value: Any) -> list[str]:
 
 # Each field of a result model: its check, and its default (REQUIRED: none; a list or dict
 # default is copied, as the model's default_factory makes a new one).
-Spec = Mapping[str, tuple[Check, Any]]
+Spec: TypeAlias = "Mapping[str, tuple[Check, Any]]"
 
 SLOT_INFO: Spec = {
     "slot": (_int, REQUIRED), "syscall": (_str, REQUIRED), "function": (_optional(_str), REQUIRED),
