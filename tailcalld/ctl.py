@@ -530,7 +530,7 @@ def _stdout_gone() -> bool:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(lazy=True)  # only the verb run is made: see ctl_parser._VerbParsers
     args = parse_arguments(parser, argv)
     if isinstance(args, int):
         return args

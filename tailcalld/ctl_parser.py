@@ -18,7 +18,7 @@ from .control_socket import SOCKET_ENV, default_socket
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time (mypy knows the name)
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import Any, NoReturn, TypeAlias
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -128,16 +128,7 @@ def _suppressed(value: Any) -> Any:
     return argparse.SUPPRESS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    _global_options(common, _suppressed)
-    p = _Parser(prog="tailcallctl", description="Control tailcalld, the eBPF tail-call dispatcher.",
-                epilog=EPILOG, formatter_class=_RawDescriptionFormatter)
-    _global_options(p, _as_given)
-    p.add_argument("--version", action="store_true",
-                   help="print tailcallctl's version and the daemon's (when it answers on the socket)")
-    sub = p.add_subparsers(dest="verb", metavar="VERB")
-    a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
+def _attach(a: argparse.ArgumentParser) -> None:
     a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
     _add_handler_arguments(a)
     a.add_argument("--exit", action="store_true",
@@ -147,62 +138,171 @@ def build_parser() -> argparse.ArgumentParser:
                         "that already runs the same handler)")
     a.add_argument("--journal", action="store_true",
                    help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
-    c = sub.add_parser("check", parents=[common], help="compile and load FILE for the verifier only; attach nothing")
-    _add_handler_arguments(c)
-    d = sub.add_parser("detach", parents=[common], help="empty SLOT")
+
+
+def _detach(d: argparse.ArgumentParser) -> None:
     d.add_argument("slot", metavar="SLOT", help="syscall number or name")
     d.add_argument("--exit", action="store_true", help="empty the syscall's exit slot")
-    sub.add_parser("list", parents=[common], help="show the filled slots")
-    sub.add_parser("status", parents=[common], help="show the daemon's state")
-    sh = sub.add_parser("show", parents=[common],
-                        help="one slot in full: its handler, the maps its program uses, and its source")
+
+
+def _show(sh: argparse.ArgumentParser) -> None:
     sh.add_argument("slot", metavar="SLOT", help="syscall number or name")
     sh.add_argument("--exit", action="store_true", help="the syscall's exit slot")
     shown = sh.add_mutually_exclusive_group()
     shown.add_argument("--no-source", action="store_true", help="leave the source out")
     shown.add_argument("--source", action="store_true", help="print only the source, as it was saved")
-    t = sub.add_parser("top", parents=[common], help="live per-slot hits and misses per second (Ctrl-C to stop)")
+
+
+def _top(t: argparse.ArgumentParser) -> None:
     t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
                    help="between refreshes (default: 1)")
     t.add_argument("--iterations", type=_positive(int), default=None, metavar="N", help="stop after N refreshes")
     t.add_argument("--no-time", action="store_true",
                    help="do not switch handler timing on (it costs every syscall while top runs; see README)")
-    sc = sub.add_parser("syscalls", parents=[common],
-                        help="syscall numbers and names of this machine (and ia32 on x86_64), with their slots")
+
+
+def _syscalls(sc: argparse.ArgumentParser) -> None:
     sc.add_argument("pattern", metavar="PATTERN", nargs="?", help="a shell pattern on names ('open*'), or a number")
-    tm = sub.add_parser("timing", parents=[common],
-                        help="time the handlers for SECONDS more (list and top show it); 0 only asks")
+
+
+def _timing(tm: argparse.ArgumentParser) -> None:
     tm.add_argument("seconds", metavar="SECONDS", nargs="?", type=float, default=60.0,
                     help="how long timing stays on unless renewed (default: 60, at most 600)")
-    ev = sub.add_parser("events", parents=[common],
-                        help="the handlers' latest events (TC_PRINTF, TC_EMIT); -f follows new ones")
+
+
+def _events(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
     ev.add_argument("--slot", metavar="SLOT", help="only this syscall's events (number or name)")
     ev.add_argument("--exit", action="store_true", help="with --slot: its exit slot's events")
     ev.add_argument("-n", "--lines", type=int, metavar="N", default=None,
                     help="at most N of the latest events first (default: all kept; 10 with -f)")
-    apply_parsers(sub, common)
-    sub.add_parser("ping", parents=[common], help="check that the daemon answers")
-    me = sub.add_parser("metrics", parents=[common], help="print the daemon's Prometheus metrics (read from its metrics socket)")
-    me.add_argument("--metrics-socket", type=Path, metavar="PATH",
-                    help="the daemon's metrics_socket (default: metrics.sock beside the control socket)")
-    sub.add_parser("unload-all", parents=[common],
-                   help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")
-    return p
 
 
-def apply_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    """apply and save (apply_cli.py)."""
-    a = sub.add_parser("apply", parents=[common],
-                       help="make the slots match FILE (TOML: [[slot]] tables); slots it does not list are emptied")
+def _apply(a: argparse.ArgumentParser) -> None:
     a.add_argument("file", metavar="FILE", help="the apply file; handler files are found relative to its folder")
     a.add_argument("--dry-run", action="store_true", help="print what would change, change nothing (compiles nothing)")
     a.add_argument("-v", "--verbose", action="store_true", help="list the unchanged slots too")
-    s = sub.add_parser("save", parents=[common],
-                       help="print the running slots as an apply file, and write their sources beside it")
+
+
+def _save(s: argparse.ArgumentParser) -> None:
     s.add_argument("-o", "--output", metavar="FILE", type=Path, help="write the apply file here (default: stdout)")
     s.add_argument("--sources", metavar="DIR", type=Path,
                    help="write the handler files here (default: the apply file's folder; with stdout, the current one)")
     s.add_argument("--force", action="store_true", help="overwrite files that differ")
     s.add_argument("--skip-unknown", action="store_true",
                    help="leave out slots whose source tailcalld does not know (an apply of the file empties them)")
+
+
+def _metrics(me: argparse.ArgumentParser) -> None:
+    me.add_argument("--metrics-socket", type=Path, metavar="PATH",
+                    help="the daemon's metrics_socket (default: metrics.sock beside the control socket)")
+
+
+def _no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+Arguments: TypeAlias = "Callable[[argparse.ArgumentParser], None]"
+# Every verb, in --help's order: its help line, and what adds its own arguments (the global
+# options come from the common parent parser).
+VERB_PARSERS: tuple[tuple[str, str, Arguments], ...] = (
+    ("attach", "compile FILE and put it in SLOT (replaces atomically)", _attach),
+    ("check", "compile and load FILE for the verifier only; attach nothing", _add_handler_arguments),
+    ("detach", "empty SLOT", _detach),
+    ("list", "show the filled slots", _no_arguments),
+    ("status", "show the daemon's state", _no_arguments),
+    ("show", "one slot in full: its handler, the maps its program uses, and its source", _show),
+    ("top", "live per-slot hits and misses per second (Ctrl-C to stop)", _top),
+    ("syscalls", "syscall numbers and names of this machine (and ia32 on x86_64), with their slots", _syscalls),
+    ("timing", "time the handlers for SECONDS more (list and top show it); 0 only asks", _timing),
+    ("events", "the handlers' latest events (TC_PRINTF, TC_EMIT); -f follows new ones", _events),
+    ("apply", "make the slots match FILE (TOML: [[slot]] tables); slots it does not list are emptied", _apply),
+    ("save", "print the running slots as an apply file, and write their sources beside it", _save),
+    ("ping", "check that the daemon answers", _no_arguments),
+    ("metrics", "print the daemon's Prometheus metrics (read from its metrics socket)", _metrics),
+    ("unload-all", "empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon",
+     _no_arguments),
+)
+
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    _SubParsers = argparse._SubParsersAction
+
+
+class _Unmade:
+    """A verb's parser not made yet: how to make it."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], argparse.ArgumentParser]) -> None:
+        self.make = make
+
+
+class _VerbParsers(dict):  # type: ignore[type-arg]  # dict[str, ArgumentParser], as argparse and shtab expect
+    """The verbs' parsers by name (argparse's choices of the VERB argument), each made when it is
+    first looked up: only the verb being run is ever made.  Making an ArgumentParser costs gettext
+    lookups (a few stat() calls each), and made for all 15 verbs they were a third of what
+    `tailcallctl list` spent of its own.  build_parser makes them all before it returns one that
+    others may read (ctl_docs: shtab and argparse-manpage walk the dict)."""
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        parser = super().__getitem__(name)
+        if isinstance(parser, _Unmade):
+            parser = parser.make()
+            super().__setitem__(name, parser)
+        return parser  # type: ignore[no-any-return]
+
+    def add_unmade(self, name: str, make: Callable[[], argparse.ArgumentParser]) -> None:
+        super().__setitem__(name, _Unmade(make))
+
+    def make_all(self) -> None:
+        for name in self:
+            self[name]
+
+
+class _Verbs(_SubParsers):
+    """argparse's subparsers action (add_subparsers(action=...)), with verbs added unmade."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.verb_parsers = _VerbParsers()
+        self._name_parser_map = self.choices = self.verb_parsers
+
+    def add_verb(self, name: str, help: str, arguments: Arguments, common: argparse.ArgumentParser) -> None:
+        """What add_parser(name, parents=[common], help=help) does, but the parser is made
+        (and ``arguments`` added to it) on first use."""
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help))
+
+        def make() -> argparse.ArgumentParser:
+            parser = self._parser_class(prog=f"{self._prog_prefix} {name}", parents=[common])
+            arguments(parser)
+            return parser
+        self.verb_parsers.add_unmade(name, make)
+
+
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """tailcallctl's parser.  ``lazy``: each verb's own parser is made only when that verb is
+    parsed (tailcallctl itself, which parses once); otherwise all are made (for anyone who reads
+    the parser: ctl_docs, tests)."""
+    common = _Parser(add_help=False)
+    _global_options(common, _suppressed)
+    p = _Parser(prog="tailcallctl", description="Control tailcalld, the eBPF tail-call dispatcher.",
+                epilog=EPILOG, formatter_class=_RawDescriptionFormatter)
+    _global_options(p, _as_given)
+    p.add_argument("--version", action="store_true",
+                   help="print tailcallctl's version and the daemon's (when it answers on the socket)")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", action=_Verbs)
+    assert isinstance(sub, _Verbs)
+    for name, help, arguments in VERB_PARSERS:
+        sub.add_verb(name, help, arguments, common)
+    if not lazy:
+        sub.verb_parsers.make_all()
+    return p
+
+
+def apply_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """apply and save's parsers on ``sub`` (an add_subparsers action; build_parser adds them itself)."""
+    for name, help, arguments in VERB_PARSERS:
+        if name in APPLY_VERBS:
+            arguments(sub.add_parser(name, parents=[common], help=help))

@@ -8,11 +8,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness import VENV_BIN, DaemonProcess
-from tailcalld import ctl
+from tailcalld import ctl, ctl_parser
 
 # Each is a tenth of a bare Python start or more, and none is needed to parse arguments, ask the
 # daemon and print a table.
@@ -87,3 +88,55 @@ def test_console_script_is_the_plain_kind() -> None:
     script = Path(VENV_BIN / "tailcallctl").read_text()
     assert "from tailcalld.ctl import main" in script
     assert "importlib.metadata" not in script and "pkg_resources" not in script
+
+
+ARGVS = [[], ["list"], ["--json", "status", "--no-legend"], ["status", "--socket", "/x", "--timeout", "3"],
+         ["--socket", "list", "status"], ["attach", "268", "f.c", "-D", "X", "--set", "a=1", "--exit"],
+         ["top", "--interval", "2"], ["show", "fchmodat", "--source"], ["save", "-o", "x.toml"],
+         ["apply", "slots.toml", "--dry-run"], ["metrics", "--metrics-socket", "/m"], ["timing"], ["events", "-f"],
+         # refused
+         ["frob"], ["list", "x"], ["attach"], ["top", "--interval", "-1"], ["show", "1", "--source", "--no-source"],
+         ["--timeout"], ["status", "--bogus"]]
+
+
+def _outcome(parser_of: Any, argv: list[str]) -> str:
+    try:
+        return repr(sorted(vars(parser_of().parse_args(argv)).items()))
+    except ctl_parser.ArgumentsError as err:
+        return err.usage + err.message
+
+
+@pytest.mark.parametrize("argv", ARGVS, ids=" ".join)
+def test_lazy_parser_parses_as_the_whole_one(argv: list[str]) -> None:
+    """tailcallctl makes only the parser of the verb it runs; what it parses, and what it says of
+    arguments it refuses, is the same as with every verb's parser made."""
+    assert _outcome(lambda: ctl_parser.build_parser(lazy=True), argv) == _outcome(ctl_parser.build_parser, argv)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list", "--help"], ["attach", "-h"], ["top", "--help"]])
+def test_lazy_parser_helps_as_the_whole_one(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    said = []
+    for lazy in (True, False):
+        with pytest.raises(SystemExit) as exited:
+            ctl_parser.build_parser(lazy=lazy).parse_args(argv)
+        said.append((exited.value.code, capsys.readouterr()))
+    assert said[0] == said[1] and said[0][0] == 0 and said[0][1].out.startswith("usage: tailcallctl")
+
+
+def test_lazy_parser_makes_only_the_verb_it_parses() -> None:
+    parser = ctl_parser.build_parser(lazy=True)
+    verbs = next(a for a in parser._actions if isinstance(a, ctl_parser._Verbs)).verb_parsers
+    parser.parse_args(["list"])
+    made = [name for name in verbs if not isinstance(dict.__getitem__(verbs, name), ctl_parser._Unmade)]
+    assert made == ["list"]
+
+
+@pytest.mark.parametrize("columns", [None, "40", "0", "-3", "wide", "120"])
+def test_terminal_columns_are_shutils(columns: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert ctl_parser.terminal_columns() == shutil.get_terminal_size().columns
