@@ -567,7 +567,10 @@ def _spinner(args: argparse.Namespace) -> Spinner:
 
 
 def _call(client: Client, args: argparse.Namespace, verb: Verb, fields: dict[str, Any]) -> int:
-    with _spinner(args):  # erased before anything below prints, the error of a failed call too
+    if args.verb in HANDLER_VERBS:  # the others never spin: no need for the spinner's thread (and threading)
+        with _spinner(args):  # erased before anything below prints, the error of a failed call too
+            raw = client.call(args.verb, **fields)
+    else:
         raw = client.call(args.verb, **fields)
     # Validated for --json too: a reply that does not fit the protocol is not a success.
     result = verb.result(args.verb, raw)

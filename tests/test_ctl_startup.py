@@ -15,9 +15,11 @@ import pytest
 from harness import VENV_BIN, DaemonProcess
 from tailcalld import ctl, ctl_parser
 
-# Each is a tenth of a bare Python start or more, and none is needed to parse arguments, ask the
-# daemon and print a table.
-HEAVY = ("pydantic", "pydantic_core", "tabulate", "importlib.metadata", "asyncio", "dataclasses", "inspect",
+# None is needed to parse arguments, ask the daemon and print a table; together they were most of
+# what tailcallctl spent starting, several times a bare Python start (pydantic and the models alone
+# were more than one).
+HEAVY = ("pydantic", "pydantic_core", "tabulate", "importlib.metadata", "asyncio", "dataclasses", "inspect", "typing",
+         "shutil", "threading", "tailcalld.spinner",
          "tailcalld.protocol", "tailcalld.config", "tailcalld.server", "tailcalld.commands",
          "tailcalld.metrics_http", "tailcalld.apply_cli", "tailcalld.events_cli", "tailcalld.top",
          "tailcalld.elfstrip", "tailcalld.local_headers", "tailcalld.dialects")
