@@ -69,9 +69,11 @@ def test_the_busiest_slot_comes_first() -> None:
 
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "x"])
 def test_interval_must_be_positive(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
+    # the parser raises instead of exiting since #13 item 6 (so that main can say it as JSON); main exits 2
+    with pytest.raises(ctl.ArgumentsError):
         ctl.build_parser().parse_args(["top", "--interval", bad])
-    assert exit_.value.code == 2
+    assert ctl.main(["top", "--interval", bad]) == 2
+    assert "--interval" in capsys.readouterr().err
 
 
 @pytest.fixture
