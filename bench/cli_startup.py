@@ -3,11 +3,17 @@
 Each row is a whole process, as a person or a script runs it: fork, exec, the interpreter's start,
 tailcallctl's imports, the request to a real tailcalld (its own socket, a few slots filled) and
 the output (to /dev/null).  The rows are measured interleaved, round after round, so that other
-users' load falls on all of them alike; each is reported as its median, its fastest run and both
-as a ratio to the bare start of the same interpreter, and so is the CPU time the process used (user +
-system: what other users' load changes least) (the venv's python, which tailcallctl's
-console script runs on: the floor no Python CLI can go below).  The goal: list, status and
---help within 2x.
+users' load falls on all of them alike.  Each is reported as its median and its fastest run, and
+its CPU time (user + system: what other users' load changes least), each also as a ratio to the
+bare start of the same interpreter (the floor no Python CLI can go below).  The goal: list,
+status and --help within 2x.
+
+The checkout's venv has tailcalld installed editable: its bare start runs setuptools' editable
+finder, which imports pathlib, re and importlib.util -- modules tailcallctl needs too, so there the
+floor carries part of tailcallctl's own cost.  An installed tailcallctl (`make install`: a venv
+without that finder) starts like the system's python3.  So the second group of rows does that:
+/usr/bin/python3 (the venv's base interpreter) bare, and running tailcallctl's main from this
+checkout as pip's console script does (import, call main), with no site-packages needed.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,15 +43,27 @@ class StartupRow:
     ms: list[float] = field(default_factory=list)  # wall time of each run
     cpu_ms: list[float] = field(default_factory=list)  # its user + system CPU time
     goal: float | None = None  # x the bare start, where the issue sets one
+    group: str = "venv"  # the rows of a group are compared with its first (its bare start)
+
+
+REPO = Path(__file__).resolve().parent.parent
+# What pip's console script does, from this checkout, for a python3 without tailcalld installed.
+AS_INSTALLED = f"import sys; sys.path.insert(0, {str(REPO)!r}); from tailcalld.ctl import main; sys.exit(main())"
 
 
 def rows() -> list[StartupRow]:
     python, ctl = str(VENV_BIN / "python3"), str(VENV_BIN / "tailcallctl")
-    return [StartupRow("python3 -c pass (bare start, the floor)", [python, "-c", "pass"]),
+    base = str(Path(sys.base_prefix) / "bin" / "python3")
+    installed = [base, "-c", AS_INSTALLED]
+    return [StartupRow("python3 -c pass (the venv's: bare start, the floor)", [python, "-c", "pass"]),
             StartupRow("tailcallctl --help", [ctl, "--help"], goal=GOAL),
             StartupRow(f"tailcallctl list ({len(FILLED)} slots)", [ctl, "list"], goal=GOAL),
             StartupRow("tailcallctl status", [ctl, "status"], goal=GOAL),
-            StartupRow("tailcallctl list --json", [ctl, "list", "--json"])]
+            StartupRow("tailcallctl list --json", [ctl, "list", "--json"]),
+            StartupRow(f"{base} -c pass (no venv, no editable finder)", [base, "-c", "pass"], group="installed"),
+            StartupRow("as installed: tailcallctl --help", [*installed, "--help"], goal=GOAL, group="installed"),
+            StartupRow("as installed: tailcallctl list", [*installed, "list"], goal=GOAL, group="installed"),
+            StartupRow("as installed: tailcallctl status", [*installed, "status"], goal=GOAL, group="installed")]
 
 
 def _run_once(row: StartupRow, env: dict[str, str]) -> None:
@@ -84,9 +103,14 @@ HEADERS = ("command", "runs", "median ms", "fastest ms", "x bare (median)", "x b
 
 
 def table(measured: list[StartupRow]) -> str:
-    bare = measured[0]
-    bare_median, bare_min, bare_cpu = median(bare.ms), min(bare.ms), median(bare.cpu_ms)
-    lines = [(r.label, len(r.ms), median(r.ms), min(r.ms), median(r.ms) / bare_median, min(r.ms) / bare_min,
-              median(r.cpu_ms), median(r.cpu_ms) / bare_cpu if bare_cpu else float("nan"),
-              f"<= {r.goal:g}x" if r.goal else "-") for r in measured]
+    bare: dict[str, StartupRow] = {}  # each group's first row
+    for r in measured:
+        bare.setdefault(r.group, r)
+    lines = []
+    for r in measured:
+        b = bare[r.group]
+        b_cpu = median(b.cpu_ms)
+        lines.append((r.label, len(r.ms), median(r.ms), min(r.ms), median(r.ms) / median(b.ms), min(r.ms) / min(b.ms),
+                      median(r.cpu_ms), median(r.cpu_ms) / b_cpu if b_cpu else float("nan"),
+                      f"<= {r.goal:g}x" if r.goal else "-"))
     return format_table(HEADERS, lines)
