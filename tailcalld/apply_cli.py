@@ -23,6 +23,8 @@ from typing import Any
 from tabulate import tabulate
 
 from .client import Client, RemoteError
+# apply and save's arguments are parsed with every verb's, in the light ctl_parser.py (issue 14)
+from .ctl_parser import APPLY_VERBS as VERBS, apply_parsers as add_parsers  # noqa: F401
 from .desired import DesiredFileError, entry_text, read_request
 from .dialects import header_name_problem
 from .errors import RequestTooLarge
@@ -34,24 +36,7 @@ Talking = Callable[[argparse.Namespace, Callable[[Client], int]], int]
 Fail = Callable[[argparse.Namespace, str, str], None]
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-VERBS = ("apply", "save")
 SIGNS = {"add": "+", "replace": "~", "remove": "-", "unchanged": "="}
-
-
-def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    a = sub.add_parser("apply", parents=[common],
-                       help="make the slots match FILE (TOML: [[slot]] tables); slots it does not list are emptied")
-    a.add_argument("file", metavar="FILE", help="the apply file; handler files are found relative to its folder")
-    a.add_argument("--dry-run", action="store_true", help="print what would change, change nothing (compiles nothing)")
-    a.add_argument("-v", "--verbose", action="store_true", help="list the unchanged slots too")
-    s = sub.add_parser("save", parents=[common],
-                       help="print the running slots as an apply file, and write their sources beside it")
-    s.add_argument("-o", "--output", metavar="FILE", type=Path, help="write the apply file here (default: stdout)")
-    s.add_argument("--sources", metavar="DIR", type=Path,
-                   help="write the handler files here (default: the apply file's folder; with stdout, the current one)")
-    s.add_argument("--force", action="store_true", help="overwrite files that differ")
-    s.add_argument("--skip-unknown", action="store_true",
-                   help="leave out slots whose source tailcalld does not know (an apply of the file empties them)")
 
 
 def main(args: argparse.Namespace, talking: Talking, printable: Printable, fail: Fail) -> int:

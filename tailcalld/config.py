@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
+from .control_socket import DEFAULT_SOCKET  # noqa: F401  (its home: tailcallctl reads it without pydantic)
 from .errors import ConfigError
 from .protocol import MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS
 
 DEFAULT_CONFIG = Path("/etc/tailcalld/tailcalld.toml")
-DEFAULT_SOCKET = Path("/run/tailcalld/tailcalld.sock")
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LIVE: dict[str, Any] = {"live": True}  # json_schema_extra of a field a reload applies

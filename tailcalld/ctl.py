@@ -18,42 +18,39 @@ Exit codes (EXIT_CODES below, printed by --help and in the man page):
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import select
 import sys
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Generic, NoReturn, TypeVar
 
-from pydantic import BaseModel, ValidationError
-from tabulate import tabulate
-
-from . import __version__, apply_cli, events_cli, metrics_http, top
-from .client import SOCKET_ENV, Client, RemoteError, default_socket
+# What every verb needs, and nothing more: tailcallctl starts on each call, and `list`, `status`
+# and `--help` answer within twice a bare Python start (issue 14).  pydantic and the protocol's
+# models, tabulate, and each verb's own modules (apply_cli, events_cli, top, metrics_http,
+# elfstrip, local_headers, spinner) are imported by the functions that use them.
+# tests/test_ctl_startup.py checks what a verb imports.
+from . import __version__, reply_check
+from .client import Client, RemoteError, default_socket
+from .ctl_parser import (APPLY_VERBS, EPILOG, EXIT_CODES, EXIT_FAILURE, EXIT_NO_COMPILE, EXIT_REFUSED,  # noqa: F401
+                         EXIT_USAGE, ArgumentsError, build_parser)
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
-from .elfstrip import strip_debug
-from .local_headers import HeaderError, find_local_headers
-from .spinner import Spinner
-from .protocol import (ErrorBody, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS, AttachResult, CheckResult, DetachResult, ListResult,
-                       PingResult, MapEntry, ShowResult, SlotInfo, StatusResult, SyscallsResult, TimingResult, UnloadResult)
+from .plain_table import plain_table
+from .wire_limits import MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-# attach, check and apply: which way a handler failed
-EXIT_NO_COMPILE = 3
-EXIT_REFUSED = 4
-EXIT_CODES = ((0, "success"),
-              (EXIT_FAILURE, "failure: a daemon error, the daemon unreachable, a reply that does not fit"),
-              (EXIT_USAGE, "bad usage: arguments, or a FILE that cannot be read or decoded"),
-              (EXIT_NO_COMPILE, "attach, check, apply: a handler does not compile"),
-              (EXIT_REFUSED, "attach, check, apply: the kernel (verifier, program type, function) refuses one"))
-EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pydantic import ValidationError
+
+    from .protocol import (AttachResult, CheckResult, DetachResult, ListResult, MapEntry, PingResult, ShowResult,
+                           SlotInfo, StatusResult, SyscallsResult, TimingResult, UnloadResult)
+    from .spinner import Spinner
+
 # Keyed by the error classes' own codes, not literals: a misspelt class is a NameError at import,
 # a misspelt string would silently have sent that failure to exit 1.
 HANDLER_EXIT: Mapping[str, int] = {
@@ -116,6 +113,9 @@ def _read_handler(path: str, dialect: str) -> dict[str, Any]:
     data = _read_capped(path, MAX_OBJECT_FILE_BYTES)
     fields: dict[str, Any] = {"filename": "<stdin>" if path == "-" else Path(path).name}
     if data.startswith(ELF_MAGIC):
+        import base64
+
+        from .elfstrip import strip_debug
         stripped = strip_debug(data)  # the kernel never sees DWARF; libbpf reads .BTF and .BTF.ext
         if len(stripped) > MAX_OBJECT_BYTES:
             _refuse_size(path, len(stripped), MAX_OBJECT_BYTES, "in an object without its debug info, and its "
@@ -132,6 +132,7 @@ def _headers_beside(path: str, source: str) -> dict[str, str] | None:
     """The local headers ``source`` includes that sit next to ``path`` (none for stdin)."""
     if path == "-":
         return None
+    from .local_headers import HeaderError, find_local_headers
     try:
         return find_local_headers(Path(path), source, MAX_HEADERS, MAX_HEADERS_BYTES) or None
     except HeaderError as err:
@@ -289,8 +290,7 @@ def show_list(r: ListResult, args: argparse.Namespace) -> None:
     headers = ["SLOT", "SYSCALL", "HOOK", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     headers += (["AVG NS"] if timed else []) + (["SETTINGS"] if settings else [])
     if rows:
-        print(tabulate(rows, headers=[] if args.no_legend else headers, tablefmt="plain",
-                       disable_numparse=True))
+        print(plain_table(rows, headers=[] if args.no_legend else headers))
     if not args.no_legend:
         print(f"\n{len(rows)} slot{'s' if len(rows) != 1 else ''} listed.")
 
@@ -308,7 +308,7 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
     if r.upgraded_from:
         rows.append(("Upgraded", f"from dispatcher program {r.upgraded_from} at this start"))
     rows.append(("Timing", f"on for {r.timing_seconds_left:.0f} s more" if r.timing_seconds_left else "off"))
-    print(tabulate([(name, printable(str(value))) for name, value in rows], tablefmt="plain", disable_numparse=True))
+    print(plain_table([(name, printable(str(value))) for name, value in rows]))
     if r.corrections:
         print("\nCorrections (kernel and saved state disagreed, at start or while running):")
         for line in r.corrections:
@@ -319,8 +319,7 @@ def show_syscalls(r: SyscallsResult, args: argparse.Namespace) -> None:
     rows = [[e.abi, e.nr, e.name, "-" if e.slot is None else e.slot,
              "-" if e.prog_id is None else f"{printable(e.function or '?')} (program {e.prog_id})"] for e in r.syscalls]
     if rows:
-        print(tabulate(rows, headers=[] if args.no_legend else ["ABI", "NR", "NAME", "SLOT", "HANDLER"],
-                       tablefmt="plain", disable_numparse=True))
+        print(plain_table(rows, headers=[] if args.no_legend else ["ABI", "NR", "NAME", "SLOT", "HANDLER"]))
     if not args.no_legend:
         print(f"\n{len(rows)} syscall{'s' if len(rows) != 1 else ''} listed"
               + ("; SLOT - means never dispatched (no 64-bit syscall of that name)."
@@ -352,11 +351,11 @@ def show_show(r: ShowResult, args: argparse.Namespace) -> None:
                            + (", to the journal too" if s.journal else "")))
     if s.variables or s.defines:
         rows.append(("Settings", _settings_shown(s)))
-    print(tabulate([(name, printable(str(value))) for name, value in rows], tablefmt="plain", disable_numparse=True))
+    print(plain_table([(name, printable(str(value))) for name, value in rows]))
     print()
     if r.maps:
-        print(tabulate([_map_row(m) for m in r.maps], tablefmt="plain", disable_numparse=True,
-                       headers=[] if args.no_legend else ["MAP ID", "NAME", "TYPE", "KEY", "VALUE", "MAX ENTRIES"]))
+        print(plain_table([_map_row(m) for m in r.maps],
+                          headers=[] if args.no_legend else ["MAP ID", "NAME", "TYPE", "KEY", "VALUE", "MAX ENTRIES"]))
     if not args.no_legend:
         print(f"{chr(10) if r.maps else ''}{len(r.maps)} map{'s' if len(r.maps) != 1 else ''} listed"
               + (printable(f" ({r.maps_note}).") if r.maps_note else "."))
@@ -400,163 +399,45 @@ def show_ping(r: PingResult, args: argparse.Namespace) -> None:
     print(printable(f"tailcalld {r.version} (pid {r.pid}) is up"))
 
 
-R = TypeVar("R", bound=BaseModel)
+class Verb:
+    """A tailcallctl verb; its name is also the wire command it sends.  (A plain class, not a
+    dataclass: dataclasses imports inspect, a tenth of a bare Python start.)"""
+
+    __slots__ = ("request", "model", "show")
+
+    def __init__(self, request: Callable[[argparse.Namespace], dict[str, Any]], model: str,
+                 show: Callable[[Any, argparse.Namespace], None]) -> None:
+        self.request = request  # the request's fields, from the arguments
+        # The protocol model (in protocol.py) the reply's result must fit, by name: the models
+        # are imported when a reply needs one, not when tailcallctl starts.  That `show` takes
+        # this very model is checked by tests/test_ctl_startup.py.
+        self.model = model
+        self.show = show  # that result, for people
+
+    def result(self, verb: str, raw: dict[str, Any]) -> Any:
+        """The reply's result as its model has it.  A list or status reply that plainly fits is
+        read without pydantic (reply_check.py, the same values); any other goes through the
+        model, which raises pydantic's ValidationError when it does not fit."""
+        light = reply_check.READERS.get(verb)
+        result: Any = light(raw) if light is not None else None  # the model's plain twin
+        if result is None:
+            from . import protocol
+            result = getattr(protocol, self.model).model_validate(raw)
+        return result
 
 
-@dataclass(frozen=True)
-class Verb(Generic[R]):
-    """A tailcallctl verb; its name is also the wire command it sends."""
-
-    request: Callable[[argparse.Namespace], dict[str, Any]]  # the request's fields, from the arguments
-    result: type[R]  # the protocol model the reply's result must fit
-    show: Callable[[R, argparse.Namespace], None]  # that result, for people
-
-
-def _verb(request: Callable[[argparse.Namespace], dict[str, Any]], result: type[R],
-          show: Callable[[R, argparse.Namespace], None]) -> Verb[Any]:
-    """A Verb whose R mypy solves from `result` and `show` alone, so that it checks the printer
-    takes the declared model; a plain Verb(...) in VERBS would take R = Any from the dict's type."""
-    return Verb(request, result, show)
-
-
-VERBS: Mapping[str, Verb[Any]] = {
-    "attach": _verb(attach_request, AttachResult, show_attach),
-    "check": _verb(check_request, CheckResult, show_check),
-    "detach": _verb(detach_request, DetachResult, show_detach),
-    "list": _verb(no_fields, ListResult, show_list),
-    "status": _verb(no_fields, StatusResult, show_status),
-    "show": _verb(show_request, ShowResult, show_show),
-    "ping": _verb(no_fields, PingResult, show_ping),
-    "syscalls": _verb(syscalls_request, SyscallsResult, show_syscalls),
-    "timing": _verb(timing_request, TimingResult, show_timing),
-    "unload-all": _verb(no_fields, UnloadResult, show_unload_all),
+VERBS: Mapping[str, Verb] = {
+    "attach": Verb(attach_request, "AttachResult", show_attach),
+    "check": Verb(check_request, "CheckResult", show_check),
+    "detach": Verb(detach_request, "DetachResult", show_detach),
+    "list": Verb(no_fields, "ListResult", show_list),
+    "status": Verb(no_fields, "StatusResult", show_status),
+    "show": Verb(show_request, "ShowResult", show_show),
+    "ping": Verb(no_fields, "PingResult", show_ping),
+    "syscalls": Verb(syscalls_request, "SyscallsResult", show_syscalls),
+    "timing": Verb(timing_request, "TimingResult", show_timing),
+    "unload-all": Verb(no_fields, "UnloadResult", show_unload_all),
 }
-
-
-def _add_handler_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="handler: bcc or libbpf C source, or a BPF .o ('-' reads stdin)")
-    p.add_argument("--function", metavar="NAME", help="program to load (default: the only raw_tp one)")
-    p.add_argument("--dialect", choices=["auto", "bcc", "libbpf"], default="auto",
-                   help="C dialect (default: auto: SEC(), vmlinux.h or bpf/bpf_helpers.h mean libbpf)")
-    p.add_argument("--set", dest="variables", action="append", metavar="NAME=VALUE",
-                   help="set a global variable (.rodata, .data, .bss) of a libbpf handler before it is loaded: "
-                        "an integer (42, -1, 0x2a), true/false, or text for a char array; repeatable")
-    p.add_argument("-D", dest="defines", action="append", metavar="NAME[=VALUE]",
-                   help="define a macro for the compile of C source (bcc or libbpf; NAME alone: NAME=1); repeatable")
-
-
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not 0 < value < 1e9:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-        return value
-    return parse
-
-
-class ArgumentsError(Exception):
-    """Bad arguments: what argparse would print before it exits 2, raised instead, so that main
-    can say it as JSON when --json was given."""
-
-    def __init__(self, usage: str, message: str) -> None:
-        super().__init__(message)
-        self.usage = usage
-        self.message = message
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ArgumentsError(self.format_usage(), f"{self.prog}: error: {message}")
-
-
-def _global_options(p: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
-    """The options every verb takes, declared once: on the main parser with their defaults, and
-    on each verb's with argparse.SUPPRESS (``default``), so that an option given before the
-    verb is not reset by the verb's parser, and one given after it is seen as well."""
-    p.add_argument("--json", action="store_true", default=default(False),
-                   help="print the daemon's reply as JSON, and errors as a JSON object on stdout")
-    p.add_argument("--no-legend", action="store_true", default=default(False),
-                   help="tables without their header and footer")
-    p.add_argument("-q", "--quiet", action="store_true", default=default(False),
-                   help="no compiler warnings on success (failures are always said)")
-    p.add_argument("--socket", type=Path, default=default(None), metavar="PATH",
-                   help=f"control socket (default: ${SOCKET_ENV}, else {default_socket()})")
-    p.add_argument("--timeout", type=float, default=default(120.0), metavar="SECONDS",
-                   help="seconds to wait for a reply (default: 120)")
-
-
-def _as_given(value: Any) -> Any:
-    return value
-
-
-def _suppressed(value: Any) -> Any:
-    return argparse.SUPPRESS
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    _global_options(common, _suppressed)
-    p = _Parser(prog="tailcallctl", description="Control tailcalld, the eBPF tail-call dispatcher.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _global_options(p, _as_given)
-    p.add_argument("--version", action="store_true",
-                   help="print tailcallctl's version and the daemon's (when it answers on the socket)")
-    sub = p.add_subparsers(dest="verb", metavar="VERB")
-    a = sub.add_parser("attach", parents=[common], help="compile FILE and put it in SLOT (replaces atomically)")
-    a.add_argument("slot", metavar="SLOT", help="syscall number or name, e.g. 268 or fchmodat")
-    _add_handler_arguments(a)
-    a.add_argument("--exit", action="store_true",
-                   help="the syscall's exit slot: the handler runs on sys_exit and sees the return value")
-    a.add_argument("--fresh", action="store_true",
-                   help="compile and load anew, with maps of its own (default: reuse the program of a slot "
-                        "that already runs the same handler)")
-    a.add_argument("--journal", action="store_true",
-                   help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
-    c = sub.add_parser("check", parents=[common], help="compile and load FILE for the verifier only; attach nothing")
-    _add_handler_arguments(c)
-    d = sub.add_parser("detach", parents=[common], help="empty SLOT")
-    d.add_argument("slot", metavar="SLOT", help="syscall number or name")
-    d.add_argument("--exit", action="store_true", help="empty the syscall's exit slot")
-    sub.add_parser("list", parents=[common], help="show the filled slots")
-    sub.add_parser("status", parents=[common], help="show the daemon's state")
-    sh = sub.add_parser("show", parents=[common],
-                        help="one slot in full: its handler, the maps its program uses, and its source")
-    sh.add_argument("slot", metavar="SLOT", help="syscall number or name")
-    sh.add_argument("--exit", action="store_true", help="the syscall's exit slot")
-    shown = sh.add_mutually_exclusive_group()
-    shown.add_argument("--no-source", action="store_true", help="leave the source out")
-    shown.add_argument("--source", action="store_true", help="print only the source, as it was saved")
-    t = sub.add_parser("top", parents=[common], help="live per-slot hits and misses per second (Ctrl-C to stop)")
-    t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
-                   help="between refreshes (default: 1)")
-    t.add_argument("--iterations", type=_positive(int), default=None, metavar="N", help="stop after N refreshes")
-    t.add_argument("--no-time", action="store_true",
-                   help="do not switch handler timing on (it costs every syscall while top runs; see README)")
-    sc = sub.add_parser("syscalls", parents=[common],
-                        help="syscall numbers and names of this machine (and ia32 on x86_64), with their slots")
-    sc.add_argument("pattern", metavar="PATTERN", nargs="?", help="a shell pattern on names ('open*'), or a number")
-    tm = sub.add_parser("timing", parents=[common],
-                        help="time the handlers for SECONDS more (list and top show it); 0 only asks")
-    tm.add_argument("seconds", metavar="SECONDS", nargs="?", type=float, default=60.0,
-                    help="how long timing stays on unless renewed (default: 60, at most 600)")
-    ev = sub.add_parser("events", parents=[common],
-                        help="the handlers' latest events (TC_PRINTF, TC_EMIT); -f follows new ones")
-    ev.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
-    ev.add_argument("--slot", metavar="SLOT", help="only this syscall's events (number or name)")
-    ev.add_argument("--exit", action="store_true", help="with --slot: its exit slot's events")
-    ev.add_argument("-n", "--lines", type=int, metavar="N", default=None,
-                    help="at most N of the latest events first (default: all kept; 10 with -f)")
-    apply_cli.add_parsers(sub, common)
-    sub.add_parser("ping", parents=[common], help="check that the daemon answers")
-    me = sub.add_parser("metrics", parents=[common], help="print the daemon's Prometheus metrics (read from its metrics socket)")
-    me.add_argument("--metrics-socket", type=Path, metavar="PATH",
-                    help="the daemon's metrics_socket (default: metrics.sock beside the control socket)")
-    sub.add_parser("unload-all", parents=[common],
-                   help="empty every slot, remove the dispatcher and all pins, forget the state, stop the daemon")
-    return p
 
 
 def _complain(message: str) -> None:
@@ -565,6 +446,7 @@ def _complain(message: str) -> None:
 
 def _json_error(code: str, message: str, details: Any = None) -> None:
     """An error as --json says it, on stdout (as bpftool -j does): the wire's ErrorBody."""
+    from .protocol import ErrorBody  # a failure's path: the models' import is no one's wait
     print(json.dumps({"error": ErrorBody(code=code, message=message, details=details).model_dump()}, indent=2))
 
 
@@ -597,6 +479,13 @@ def _print_error(err: RemoteError, args: argparse.Namespace | None = None) -> No
 def _reply_problems(err: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(reply)'}: {e['msg']}"
                      for e in err.errors(include_url=False, include_input=False))
+
+
+def _model_refused(err: ValueError) -> ValidationError | None:
+    """``err`` when it is pydantic's ValidationError (a reply its model refused), else None.
+    A model refused something only if pydantic was imported: this never imports it."""
+    pydantic_core = sys.modules.get("pydantic_core")
+    return err if pydantic_core is not None and isinstance(err, pydantic_core.ValidationError) else None
 
 
 def _wants_json(argv: list[str]) -> bool:
@@ -641,7 +530,7 @@ def _stdout_gone() -> bool:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(lazy=True)  # only the verb run is made: see ctl_parser._VerbParsers
     args = parse_arguments(parser, argv)
     if isinstance(args, int):
         return args
@@ -651,12 +540,15 @@ def _main(argv: list[str]) -> int:
         parser.print_help()
         return 0
     if args.verb == "top":  # client side: samples `list` (and renews `timing`)
+        from . import top
         return _talking(args, lambda client: top.run(client, args, printable))
     if args.verb == "events":  # a reply, then (with -f) a stream
+        from . import events_cli
         return _talking(args, lambda client: events_cli.run(client, args, printable))
     if args.verb == "metrics":  # HTTP on the metrics socket, not the control protocol
         return show_metrics(args)
-    if args.verb in apply_cli.VERBS:  # files read (apply) or written (save) by tailcallctl itself
+    if args.verb in APPLY_VERBS:  # files read (apply) or written (save) by tailcallctl itself
+        from . import apply_cli
         return apply_cli.main(args, _talking, printable, _fail)
     verb = VERBS[args.verb]
     try:
@@ -669,15 +561,19 @@ def _main(argv: list[str]) -> int:
 
 def _spinner(args: argparse.Namespace) -> Spinner:
     """The progress line of a verb that may compile (on a terminal, never with --json)."""
+    from .spinner import Spinner
     what = f"{args.verb} {'<stdin>' if getattr(args, 'file', '-') == '-' else args.file}: compiling and loading"
     return Spinner(printable(what), enabled=args.verb in HANDLER_VERBS and not args.json)
 
 
-def _call(client: Client, args: argparse.Namespace, verb: Verb[Any], fields: dict[str, Any]) -> int:
-    with _spinner(args):  # erased before anything below prints, the error of a failed call too
+def _call(client: Client, args: argparse.Namespace, verb: Verb, fields: dict[str, Any]) -> int:
+    if args.verb in HANDLER_VERBS:  # the others never spin: no need for the spinner's thread (and threading)
+        with _spinner(args):  # erased before anything below prints, the error of a failed call too
+            raw = client.call(args.verb, **fields)
+    else:
         raw = client.call(args.verb, **fields)
     # Validated for --json too: a reply that does not fit the protocol is not a success.
-    result = verb.result.model_validate(raw)
+    result = verb.result(args.verb, raw)
     if args.json:
         print(json.dumps(raw, indent=2))  # as received, fields this tailcallctl does not know included
     else:
@@ -686,6 +582,7 @@ def _call(client: Client, args: argparse.Namespace, verb: Verb[Any], fields: dic
 
 
 def show_metrics(args: argparse.Namespace) -> int:
+    from . import metrics_http
     path = args.metrics_socket or (args.socket or default_socket()).parent / "metrics.sock"
     try:
         text = metrics_http.fetch(path, args.timeout)
@@ -708,6 +605,9 @@ VERSION_TIMEOUT = 5.0
 def versions(args: argparse.Namespace) -> int:
     """tailcallctl's version, and the daemon's when it answers on the socket (a ping); exit 0
     either way: the client's version is the answer, the daemon's is a bonus."""
+    from pydantic import ValidationError
+
+    from .protocol import PingResult
     path = args.socket or default_socket()
     daemon: dict[str, Any] | None = None
     problem = None
@@ -752,10 +652,6 @@ def _talking(args: argparse.Namespace, work: Callable[[Client], int]) -> int:
             raise
         _fail(args, UNREACHABLE, f"tailcalld at {path} closed the connection: {err}", {"socket": str(path)})
         return EXIT_FAILURE
-    except ValidationError as err:
-        _fail(args, BAD_REPLY, f"tailcalld's reply to {args.verb} does not fit the protocol ({_reply_problems(err)}); "
-                               "are tailcallctl and tailcalld the same version?")
-        return EXIT_FAILURE
     except PermissionError:
         _fail(args, PERMISSION_DENIED, f"permission denied on {path}: tailcalld serves root, and the members of its "
                                        "allowed_group if one is configured (sudo tailcallctl ...)", {"socket": str(path)})
@@ -764,8 +660,13 @@ def _talking(args: argparse.Namespace, work: Callable[[Client], int]) -> int:
         _fail(args, UNREACHABLE, f"cannot talk to tailcalld at {path}: {err} (is tailcalld running?)",
               {"socket": str(path)})
         return EXIT_FAILURE
-    except ValueError as err:  # a reply line that is not JSON
-        _fail(args, BAD_REPLY, f"tailcalld's reply to {args.verb} is not JSON ({err})")
+    except ValueError as err:
+        refused = _model_refused(err)
+        if refused is not None:
+            _fail(args, BAD_REPLY, f"tailcalld's reply to {args.verb} does not fit the protocol "
+                                   f"({_reply_problems(refused)}); are tailcallctl and tailcalld the same version?")
+        else:  # a reply line that is not JSON
+            _fail(args, BAD_REPLY, f"tailcalld's reply to {args.verb} is not JSON ({err})")
         return EXIT_FAILURE
 
 

@@ -11,7 +11,10 @@ a class of their own.  Anything that is not a ``TailcalldError`` is a bug and go
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+# Only annotations use typing: tailcallctl imports this module, and typing is a cost at its start.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class TailcalldError(Exception):

@@ -20,15 +20,11 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from .dialects import MAX_HEADER_NAME, header_name_problem
 from .errors import BadRequest, RequestError, TailcalldError, UnknownCommand
 from .loader_settings import IDENTIFIER, MAX_SETTINGS, MAX_VALUE_CHARS, check_define
+# The bounds on a handler (their own module: tailcallctl reads them without pydantic).
+from .wire_limits import MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS  # noqa: F401
 
 RequestId = StrictInt | StrictStr | None
 Slot = Annotated[StrictInt | StrictStr, Field(description="syscall number or name, e.g. 268 or 'fchmodat'")]
-MAX_SOURCE_CHARS = 1 << 20
-MAX_OBJECT_CHARS = 2 * MAX_SOURCE_CHARS  # base64: 1.5 MiB of object
-# The protocol's bounds on a source's local headers; the daemon's max_headers and
-# max_headers_bytes are within them.
-MAX_HEADERS = 256
-MAX_HEADERS_BYTES = 8 << 20
 
 
 def _header_name(name: str) -> str:

@@ -64,5 +64,12 @@ def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> 
     assert memory["daemon VmRSS, idle (no handlers)"].endswith("MiB")
     assert any(k.startswith("daemon VmRSS,") and "handlers in" in k for k in memory)
 
+    cli = {r["label"]: r for r in data["cli_rows"]}  # tailcallctl's start-up, against a bare Python start
+    assert any(label.startswith("python3 -c pass") for label in cli)
+    assert {"tailcallctl --help", "tailcallctl status"} <= set(cli) and any(k.startswith("tailcallctl list") for k in cli)
+    for label, row in cli.items():
+        assert row["ms"] and all(math.isfinite(x) and x > 0 for x in row["ms"]), label
+        assert len(NUMBER.findall(_table_line(table, label))) >= 5, f"numbers missing in the {label} row"
+
     assert data["pin_dirs"], "the benchmark made no pin folder"
     assert data["pins_left"] == [] and not any(Path(p).exists() for p in data["pin_dirs"])
