@@ -200,8 +200,10 @@ class SlotManager:
             self._check_open()
             same = None if fresh else self.running_as_asked(slot, artifact, function, journal)
             if same is not None:  # not touched, not audited: nothing changes
+                # Its warnings again (headers that do not match the kernel): they still hold.
                 return Attached(slot, self.syscalls.label(slot), same.record.function or "?", same.record.prog_id,
-                                same.prog.insns if same.prog is not None else 0, None, unchanged=True)
+                                same.prog.insns if same.prog is not None else 0, None,
+                                warnings=same.prog.warnings if same.prog is not None else (), unchanged=True)
             prog = (None if fresh else self._already_loaded(artifact, function)) \
                 or await self.kernel.load(artifact, function)
             try:
@@ -247,6 +249,8 @@ class SlotManager:
         h = self.registry.handlers.get(slot)
         if h is None or differences(h.record, artifact, function, journal):
             return None
+        if function is None and h.requested_function is not None:
+            return None  # it was chosen among several: without --function the file may not say which
         return h if self.kernel.slot(slot) == h.record.prog_id else None
 
     def reusable_program(self, artifact: Artifact, function: str | None) -> Program | None:
