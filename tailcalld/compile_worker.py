@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import Any
 
 from tailcalld import bpfsys, confine, mapbudget
 from tailcalld.bpf_object import BpfObject
-from tailcalld.dialects import clang_command, header_name_problem
+from tailcalld.dialects import PCH_REFUSED, clang_command, header_name_problem
 from tailcalld.diagnostics import verifier_verdict
 from tailcalld.errors import (CompileError, CompileOutOfMemory, CompilerCrashed, FunctionAmbiguous, FunctionNotFound,
                               MapError, TailcalldError, VerifierRejected, WrongProgramType)
@@ -216,6 +217,7 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
             b = NoAutoAttach(text=source, cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for a failed compile
             b, failure = None, exc
+    mark(request, "compile")  # bcc's BPF(): its clang passes, and the maps it creates
     if b is None:
         return _fail(_map_failure(said) or CompileError(f"the source does not compile ({failure})")), None, None
     # bcc creates the maps while it compiles, so this refuses them just after: the worker's
@@ -290,11 +292,26 @@ def refused(name: str, log: str, otherwise: str) -> VerifierRejected:
                             else f"the kernel refused {name!r} ({otherwise})")
 
 
+def run_clang(request: dict[str, Any], out: Path) -> subprocess.CompletedProcess[bytes]:
+    """clang on the source, with the precompiled vmlinux.h the daemon passed (pch.py) when there
+    is one; when clang refuses that PCH, again without it, and the result says so
+    (``pch_refused``: the daemon drops it).  What clang said of the PCH is not passed on."""
+    def clang(pch: str | None) -> subprocess.CompletedProcess[bytes]:
+        cmd = clang_command(list(request.get("include_dirs", [])), str(out),
+                            [*request.get("cflags", []), *channel_cflags(request)], pch)
+        return subprocess.run(cmd, input=request["source"].encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    pch = request.get("pch")
+    r = clang(pch)
+    if pch is not None and r.returncode != 0 and PCH_REFUSED.search(r.stdout.decode(errors="replace")):
+        request["pch_refused"] = True
+        r = clang(None)
+    return r
+
+
 def compile_with_clang(request: dict[str, Any], work_dir: Path) -> bytes:
     out = work_dir / "handler.bpf.o"
-    r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out),
-                                     [*request.get("cflags", []), *channel_cflags(request)]),
-                       input=request["source"].encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    r = run_clang(request, out)
     sys.stderr.buffer.write(r.stdout)
     sys.stderr.flush()
     if r.returncode != 0:
@@ -313,6 +330,7 @@ def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str,
     try:
         data = (base64.b64decode(request["object_b64"]) if request["dialect"] == "object"
                 else compile_with_clang(request, work_dir))
+        mark(request, "compile")
         obj = BpfObject(data, request.get("pin_root"), request.get("object_name"))
     except TailcalldError as err:
         return _fail(err), None, None
@@ -473,16 +491,32 @@ def _write_result(work_dir: Path, result: dict[str, Any]) -> None:
     os.replace(tmp, work_dir / RESULT_FILE)
 
 
+def mark(request: dict[str, Any], step: str) -> None:
+    """The time ``step`` ended (CLOCK_MONOTONIC: the daemon's clock too), for the result's
+    ``steps``: where a compile's time goes (BENCHMARKS.md)."""
+    request.setdefault("_steps", {})[step] = time.monotonic()
+
+
 def main() -> int:
+    request_steps = {"imported": time.monotonic()}  # the interpreter's start and the imports end here
     result_sock = socket.socket(fileno=int(sys.argv[1]))
     _die_with_parent(int(sys.argv[2]))
     request = json.loads(sys.stdin.buffer.read())
+    request["_steps"] = request_steps
     work_dir = Path(request["work_dir"])
     write_headers(request, work_dir)
     _prepare(request, work_dir)
+    mark(request, "prepared")
+    if request.get("dialect", "bcc") == "bcc":
+        from bcc import BPF  # noqa: F401, PLC0415 - timed apart from the compile (steps)
+        mark(request, "bcc_imported")
     result, fd, _keep = compile_and_load(request, work_dir)
+    mark(request, "loaded")
     if fd is not None:
         result["maps"] = program_maps(fd)
+    result["steps"] = request["_steps"]
+    if request.get("pch_refused"):
+        result["pch_refused"] = True
     sys.stdout.flush()
     sys.stderr.flush()
     _write_result(work_dir, result)
