@@ -21,7 +21,9 @@ Request (JSON on stdin):
 Result: written to work_dir/result.json (any size), the fd (if any) sent as one datagram:
     {"ok": true, "function": str}, or
     {"ok": false, "code": str, "message": str, "candidates": [str]}
-Usage: python -m tailcalld.compile_worker RESULT_FD PARENT_PID
+Usage: python -m tailcalld.compile_worker RESULT_FD PARENT_PID [bcc|libbpf]
+    (the kind is a worker started ahead of its request, tailcalld/spares.py: bcc's imports
+    bcc while it waits)
 """
 
 from __future__ import annotations
@@ -445,6 +447,8 @@ def _prepare(request: dict[str, Any], work_dir: Path) -> None:
     os.chdir(work_dir)
     os.environ["TMPDIR"] = str(work_dir)  # clang's own temporary files
     bpfsys.num_possible_cpus()  # read (and cached) while /sys is still readable
+    # Listed at the end (program_maps), when Landlock refuses to open the folder.
+    request["_fd_folder"] = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     open_channel(request)
     include_dirs = [*request.get("include_dirs", []),
                     *(flag[2:] for flag in request.get("cflags", []) if flag.startswith("-I"))]
@@ -472,12 +476,12 @@ def write_headers(request: dict[str, Any], work_dir: Path) -> None:
     request[key] = [f"-I{root}" if key == "cflags" else str(root), *request.get(key, [])]
 
 
-def program_maps(fd: int) -> list[dict[str, Any]]:
+def program_maps(fd: int, fd_folder: int | None = None) -> list[dict[str, Any]]:
     """The maps the loaded program uses, as the kernel has them (`tailcallctl show`): the worker
     holds an fd of each (bcc's and libbpf's own, the event channel's it was passed), the daemon
     only the program's, and nobody may open a map by its id.  A failure costs only this list."""
     try:
-        held = bpfsys.held_maps()
+        held = bpfsys.held_maps(fd_folder=fd_folder)
         return [dataclasses.asdict(held[i]) for i in bpfsys.prog_map_ids(fd) if i in held]
     except OSError:
         return []
@@ -498,11 +502,12 @@ def mark(request: dict[str, Any], step: str) -> None:
 
 
 def main() -> int:
-    request_steps = {"imported": time.monotonic()}  # the interpreter's start and the imports end here
     result_sock = socket.socket(fileno=int(sys.argv[1]))
     _die_with_parent(int(sys.argv[2]))
+    if sys.argv[3:] == ["bcc"]:  # a worker started ahead for bcc (spares.py): libbcc and LLVM now, not on the clock
+        from bcc import BPF  # noqa: F401, PLC0415
     request = json.loads(sys.stdin.buffer.read())
-    request["_steps"] = request_steps
+    request["_steps"] = {"imported": time.monotonic()}  # the request came: what the worker did before is done
     work_dir = Path(request["work_dir"])
     write_headers(request, work_dir)
     _prepare(request, work_dir)
@@ -513,7 +518,7 @@ def main() -> int:
     result, fd, _keep = compile_and_load(request, work_dir)
     mark(request, "loaded")
     if fd is not None:
-        result["maps"] = program_maps(fd)
+        result["maps"] = program_maps(fd, request.get("_fd_folder"))
     result["steps"] = request["_steps"]
     if request.get("pch_refused"):
         result["pch_refused"] = True
@@ -525,4 +530,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: the interpreter's and LLVM's teardown would only delay the daemon, which
+    # waits for the end of the output and kills the group anyway.
+    os._exit(code)

@@ -23,7 +23,6 @@ import math
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import bpfsys, children, confine, dialects, headers, pch
+from . import bpfsys, children, confine, dialects, headers, pch, spares
 from .bpf_object import object_name
 from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
@@ -167,6 +166,7 @@ class Compiler:
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
         self._vmlinux: Path | None = None  # the folder vmlinux_header gave (the BTF is the kernel's: it stays)
         self.precompiled = pch.Precompiled(lambda: self._settings.current.compile_timeout)
+        self._spares = spares.Spares(self._compile_root)
         # One folder per compile beneath this one (None: the system's temp folder).
         self._work_root = work_root
         # The event channel's pins (events.py), which handlers reach by fd: None without one.
@@ -263,9 +263,10 @@ class Compiler:
         found = await self.precompiled.ready(vmlinux)
         return str(found) if found is not None else None
 
-    async def close(self) -> None:
-        """Stop the background work (a precompile under way)."""
-        await self.precompiled.close()
+    def close(self) -> None:
+        """Stop the background work: the workers started ahead, a precompile under way."""
+        self._spares.close()
+        self.precompiled.close()
 
     async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
         tag = artifact.tag
@@ -314,9 +315,16 @@ class Compiler:
         request |= {"work_dir": str(work_dir), "memory_max": s.compile_memory_max, "max_map_bytes": s.max_map_bytes,
                     "cpu_seconds": math.ceil(s.compile_timeout) + 1}
         try:
-            return await self._run_in(work_dir, json.dumps(request).encode(), s.compile_timeout, s.compile_memory_max)
+            kind = "bcc" if request["dialect"] == "bcc" else "libbpf"
+            return await self._run_in(work_dir, json.dumps(request).encode(), s.compile_timeout, s.compile_memory_max,
+                                      kind)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _compile_root(self) -> Path:
+        root = self._work_root or Path(tempfile.gettempdir())
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return root
 
     def _new_work_dir(self) -> Path:
         """A fresh folder for one compile.  A full or read-only disk is said as such here,
@@ -333,14 +341,10 @@ class Compiler:
                                   {"path": str(root)}) from None
 
     async def _run_in(self, work_dir: Path, request: bytes, timeout: float,
-                      memory_max: int) -> tuple[dict[str, Any], int | None, str]:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with parent:
-            with child:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tailcalld.compile_worker", str(child.fileno()), str(os.getpid()),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                    pass_fds=(child.fileno(),), cwd=work_dir, start_new_session=True)
+                      memory_max: int, kind: str) -> tuple[dict[str, Any], int | None, str]:
+        worker = await self._spares.take(kind)
+        proc = worker.proc
+        with worker.sock as parent:
             try:
                 out, _ = await asyncio.wait_for(proc.communicate(request), timeout)
             except TimeoutError:
@@ -353,6 +357,7 @@ class Compiler:
                 children.kill_group(proc.pid)
                 if proc.returncode is None:
                     await proc.wait()
+                self._spares.replenish(kind)  # the next compile of this kind finds its worker started
             output = _local_names(_tidy(out), work_dir)
             parent.setblocking(False)
             try:

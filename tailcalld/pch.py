@@ -95,7 +95,7 @@ class Precompiled:
             paths = self._paths(folder, key)
             if await asyncio.to_thread(self._trusted, folder, paths, key, made_from):
                 return paths.pch
-        except (OSError, ToolFailed) as exc:
+        except (OSError, ValueError, ToolFailed) as exc:  # ValueError: a record that is not JSON
             logger.debug("no precompiled vmlinux.h in %s: %s", folder, exc)
         self.start_build(folder)
         return None
@@ -129,13 +129,10 @@ class Precompiled:
                 path.unlink()
         logger.warning("clang refused the precompiled %s; it is made again", pch)
 
-    async def close(self) -> None:
-        """Stop a build under way (its clang is killed with its group)."""
+    def close(self) -> None:
+        """Stop a build under way (its clang is killed with its group as the task ends)."""
         for task in self._builds.values():
             task.cancel()
-        for task in self._builds.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         self._builds.clear()
 
     async def _key(self, folder: Path) -> tuple[str, dict[str, object]]:
