@@ -289,11 +289,11 @@ class Compiler:
             vmlinux = await dialects.vmlinux_header(self._cache_dir, timeout, fallback=work_dir)
             out = work_dir / "object.bpf.o"
             source = bpf_source(source_name)
-            # Our own -D macros are none that vmlinux.h reads: the PCH serves (its first use
-            # at a daemon's first start starts making it, in the background).  Not in a
-            # fallback folder: it goes with this compile.
+            # Our own -D macros are none that vmlinux.h reads: the PCH serves when there is
+            # one.  Only a handler's compile has one made: a start (every test's daemon) does
+            # not spend ~2 s of CPU on it.  Never in a fallback folder: it goes with this compile.
             usable = vmlinux != work_dir and pch.usable_for(source, (), {})
-            found = await self.precompiled.ready(vmlinux) if usable else None
+            found = await self.precompiled.ready(vmlinux, make=False) if usable else None
             cmd = dialects.clang_command([str(vmlinux), bpf_include_dir()], str(out), cflags,
                                          str(found) if found is not None else None)
             done = await children.run(cmd, timeout, input=source.encode(), cwd=work_dir)

@@ -87,9 +87,9 @@ class Precompiled:
         self._verified: dict[Path, tuple[int, ...]] = {}  # PCH -> identity its sha256 was checked at
         self._builds: dict[Path, asyncio.Task[Path | None]] = {}
 
-    async def ready(self, folder: Path) -> Path | None:
-        """The PCH of ``folder``'s vmlinux.h when there is a trusted one; else None, and one is
-        being made (the compile goes on without it)."""
+    async def ready(self, folder: Path, make: bool = True) -> Path | None:
+        """The PCH of ``folder``'s vmlinux.h when there is a trusted one; else None, and (when
+        ``make``) one is being made: the compile goes on without it."""
         try:
             key, made_from = await self._key(folder)
             paths = self._paths(folder, key)
@@ -97,7 +97,8 @@ class Precompiled:
                 return paths.pch
         except (OSError, ValueError, ToolFailed) as exc:  # ValueError: a record that is not JSON
             logger.debug("no precompiled vmlinux.h in %s: %s", folder, exc)
-        self.start_build(folder)
+        if make:
+            self.start_build(folder)
         return None
 
     def start_build(self, folder: Path) -> asyncio.Task[Path | None]:

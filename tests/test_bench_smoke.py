@@ -64,5 +64,16 @@ def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> 
     assert memory["daemon VmRSS, idle (no handlers)"].endswith("MiB")
     assert any(k.startswith("daemon VmRSS,") and "handlers in" in k for k in memory)
 
+    cold = data["cold_attach"]
+    measured = {what: (n, p50) for what, n, p50, _p99, _note in cold["rows"]}
+    for wanted in ("cold attach, libbpf, over the socket", "cold attach, bcc, `tailcallctl attach` wall",
+                   "floor: `bpftool prog loadall` of the same object", "clang alone, the libbpf handler, with the PCH"):
+        assert measured[wanted][0] == 2 and measured[wanted][1] > 0, wanted
+        _table_line(table, wanted)
+    assert any(note.startswith("libbpf attach over the socket / floor: ") for note in cold["notes"])
+    steps = {label: by_step for label, by_step, _n in cold["steps"]}
+    assert "compile (clang with PCH)" in steps["libbpf: PCH, worker started ahead"]
+    assert "import bcc" in steps["bcc: worker started at the request"]
+
     assert data["pin_dirs"], "the benchmark made no pin folder"
     assert data["pins_left"] == [] and not any(Path(p).exists() for p in data["pin_dirs"])
