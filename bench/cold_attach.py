@@ -139,8 +139,9 @@ def bpftool_loadall(obj: Path, pins: PinDirs, n: int) -> list[float]:
 
 
 def clang_alone(folder: Path, pch: Path | None, n: int, workdir: Path) -> list[float]:
-    cmd = clang_command([str(folder), bpf_include_dir()], str(workdir / "alone.o"), (),
-                        str(pch) if pch is not None else None)
+    cmd = clang_command([str(folder), bpf_include_dir()], str(workdir / "alone.o"))
+    if pch is not None:
+        cmd = clang_command([str(folder), bpf_include_dir()], str(workdir / "alone.o"), (), str(pch))
     source = HANDLERS["libbpf"].read_text()
     return [_ms(lambda: subprocess.run(cmd, input=source, check=True, capture_output=True, text=True))
             for _ in range(n)]
