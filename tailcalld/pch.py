@@ -165,7 +165,7 @@ class Precompiled:
         if not _is_private(folder.stat()):
             return False
         st = paths.pch.lstat()
-        if not stat.S_ISREG(st.st_mode) or not _is_private(st):
+        if not stat.S_ISREG(st.st_mode) or not _is_private(st) or not _is_private(paths.record.lstat()):
             return False
         record = json.loads(paths.record.read_text())
         if not isinstance(record, dict) or record.get("key") != key or record.get("made_from") != made_from:
@@ -181,6 +181,9 @@ class Precompiled:
     async def _make(self, folder: Path, paths: Paths, key: str, made_from: dict[str, object]) -> None:
         if await asyncio.to_thread(self._trusted_quietly, folder, paths, key, made_from):
             return  # made meanwhile (a second compile asked while the first build ran)
+        for left in folder.glob(f".{HEADER}.*.tmp*"):  # a build a killed daemon left (one builds per folder)
+            with contextlib.suppress(FileNotFoundError):
+                left.unlink()
         tmp = folder / f".{paths.pch.name}.{os.getpid()}.tmp"
         try:
             done = await children.run(pch_command(folder, str(tmp)), self._timeout(), cwd=folder)

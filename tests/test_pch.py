@@ -131,7 +131,7 @@ def test_a_stale_pch_is_made_again(cache: Path, tmp_path: Path) -> None:
     assert clang(folder, ARTICLE, tmp_path / "b.o", then).returncode == 0
 
 
-@pytest.mark.parametrize("damage", ["bytes", "record", "others may write"])
+@pytest.mark.parametrize("damage", ["bytes", "record", "others may write", "others may write its record"])
 def test_a_damaged_or_unsafe_pch_is_not_used_and_is_made_again(cache: Path, damage: str) -> None:
     folder, pch = made(cache)
     record = pch.with_name(pch.name + ".json")
@@ -141,13 +141,17 @@ def test_a_damaged_or_unsafe_pch_is_not_used_and_is_made_again(cache: Path, dama
             f.write(b"\xde\xad\xbe\xef" * 16)
     elif damage == "record":
         record.write_text("{not json")
-    else:
+    elif damage == "others may write":
         pch.chmod(0o666)
+    else:
+        record.chmod(0o666)
+    (folder / ".vmlinux.h.0123.pch.4242.tmp").write_bytes(b"half")  # as a daemon killed mid-build leaves it
     damaged_inode = pch.stat().st_ino
     first, then = ready(folder)
     assert first is None and then == pch
     assert pch.stat().st_ino != damaged_inode and oct(pch.stat().st_mode & 0o777) == "0o600"
-    assert json.loads(record.read_text())["sha256"] == file_sha256(pch)
+    assert json.loads(record.read_text())["sha256"] == file_sha256(pch) and oct(record.stat().st_mode & 0o777) == "0o600"
+    assert not list(folder.glob(".*.tmp"))
 
 
 # -- through the compile worker and the kernel ----------------------------------------------
