@@ -204,7 +204,7 @@ def measure(pins: PinDirs, workdir: Path, loop: asyncio.AbstractEventLoop, n: in
             p50[f"{dialect} ctl"] = res.add(f"cold attach, {dialect}, `tailcallctl attach` wall", ctl,
                                             "what a person waits: the CLI's start-up included")
     with tempfile.TemporaryDirectory(prefix="tailcalld-bench-cold-") as tmp:
-        cache = Path(tmp) / "cache"
+        cache = workdir / "state" / "cache"  # the daemon's, stopped now: its vmlinux.h and PCH serve
         folder = loop.run_until_complete(vmlinux_header(cache, 120.0))
         obj = libbpf_object(folder, Path(tmp) / "fchmodat_libbpf.bpf.o")
         log(f"cold attach: {n} x bpftool prog loadall")

@@ -37,6 +37,7 @@ def _run_quick(tmp_path: Path) -> tuple[str, dict[str, Any]]:
 
 
 @pytest.mark.usefixtures("machine")  # root and bpffs, which bench.run checks for and does not set up
+@pytest.mark.timeout(600)  # ~1 min idle, over 5 min while others' tests load the 2 CPUs
 def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> None:
     table, data = _run_quick(tmp_path)
 
