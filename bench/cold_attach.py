@@ -88,9 +88,11 @@ def wait_for_pch(d: DaemonProcess, state_dir: Path, log: Callable[[str], None]) 
     return False
 
 
-def through_daemon(d: DaemonProcess, dialect: str, n: int, workdir: Path) -> tuple[list[float], list[float]]:
-    """n cold attaches over the socket, then n as `tailcallctl attach`, each followed by a detach."""
-    sock, ctl = [], []
+def through_daemon(d: DaemonProcess, dialect: str, n: int,
+                   workdir: Path) -> tuple[list[float], list[float], list[float]]:
+    """n cold attaches over the socket, then n as `tailcallctl attach`, each followed by a detach
+    (timed too as `tailcallctl detach`: the CLI's own cost, next to the attach's)."""
+    sock, ctl, ctl_detach = [], [], []
     args = {"function": FUNCTION, "filename": HANDLERS[dialect].name}
     with d.client() as c:
         for i in range(n):
@@ -109,8 +111,10 @@ def through_daemon(d: DaemonProcess, dialect: str, n: int, workdir: Path) -> tup
             ctl.append((time.perf_counter() - start) * 1e3)
             if done.returncode != 0:
                 raise RuntimeError(f"tailcallctl attach {path.name} failed: {done.stderr.strip()}")
-            c.call("detach", slot=TIMED_SLOT)
-    return sock, ctl
+            start = time.perf_counter()
+            d.ctl("detach", TIMED_SLOT)
+            ctl_detach.append((time.perf_counter() - start) * 1e3)
+    return sock, ctl, ctl_detach
 
 
 def libbpf_object(folder: Path, out: Path) -> Path:
@@ -196,13 +200,16 @@ def measure(pins: PinDirs, workdir: Path, loop: asyncio.AbstractEventLoop, n: in
     with running_daemon(pins, workdir) as d:
         if has_pch() and not wait_for_pch(d, workdir / "state", log):
             res.notes.append("the daemon had made no precompiled vmlinux.h: libbpf attaches compiled the header")
-        p50 = {}
+        p50: dict[str, float] = {}
+        detaches: list[float] = []
         for dialect in HANDLERS:
             log(f"cold attach: {n} + {n} {dialect} attaches through the daemon")
-            sock, ctl = through_daemon(d, dialect, n, workdir)
+            sock, ctl, ctl_detach = through_daemon(d, dialect, n, workdir)
             p50[dialect] = res.add(f"cold attach, {dialect}, over the socket", sock, "compile + load + swap")
             p50[f"{dialect} ctl"] = res.add(f"cold attach, {dialect}, `tailcallctl attach` wall", ctl,
                                             "what a person waits: the CLI's start-up included")
+            detaches.extend(ctl_detach)
+        res.add("`tailcallctl detach` wall (between them)", detaches, "the CLI's own start-up and one request")
     with tempfile.TemporaryDirectory(prefix="tailcalld-bench-cold-") as tmp:
         cache = workdir / "state" / "cache"  # the daemon's, stopped now: its vmlinux.h and PCH serve
         folder = loop.run_until_complete(vmlinux_header(cache, 120.0))
