@@ -157,9 +157,9 @@ def compiler_on(loop: asyncio.AbstractEventLoop, cache: Path, pch: bool, ahead: 
     switched as asked."""
     compiler = Compiler(LiveSettings(Settings(compile_timeout=120.0)), cache_dir=cache)
     if not pch and hasattr(compiler, "precompiled"):  # an older tailcalld has neither
-        async def none(folder: Path) -> None:
+        async def none(folder: Path, make: bool = True) -> None:
             return None
-        compiler.precompiled.ready = none  # type: ignore[method-assign]
+        compiler.precompiled.ready = none  # type: ignore[method-assign, assignment]
     if not ahead and hasattr(compiler, "_spares"):
         compiler._spares.replenish = lambda kind: None  # type: ignore[method-assign]  # noqa: SLF001
     try:
