@@ -512,9 +512,6 @@ def main() -> int:
     write_headers(request, work_dir)
     _prepare(request, work_dir)
     mark(request, "prepared")
-    if request.get("dialect", "bcc") == "bcc":
-        from bcc import BPF  # noqa: F401, PLC0415 - timed apart from the compile (steps)
-        mark(request, "bcc_imported")
     result, fd, _keep = compile_and_load(request, work_dir)
     mark(request, "loaded")
     if fd is not None:

@@ -380,8 +380,8 @@ def worker_steps(asked: float, started: float, marks: object, with_pch: bool) ->
     steps = {"prepare": started - asked}  # vmlinux.h, the PCH check, the wait for a turn
     if not isinstance(marks, dict):
         return steps
-    names = {"imported": "worker start (python, imports)", "prepared": "worker setup (limits, landlock)",
-             "bcc_imported": "import bcc", "compile": "compile (clang with PCH)" if with_pch else "compile",
+    names = {"imported": "worker start (python, imports; bcc's: libbcc)", "prepared": "worker setup (limits, landlock)",
+             "compile": "compile (clang with PCH)" if with_pch else "compile",
              "loaded": "load (verifier)"}
     last = started
     for mark, name in names.items():

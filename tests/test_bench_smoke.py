@@ -74,7 +74,7 @@ def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> 
     assert any(note.startswith("libbpf attach over the socket / floor: ") for note in cold["notes"])
     steps = {label: by_step for label, by_step, _n in cold["steps"]}
     assert "compile (clang with PCH)" in steps["libbpf: PCH, worker started ahead"]
-    assert "import bcc" in steps["bcc: worker started at the request"]
+    assert "load (verifier)" in steps["bcc: worker started at the request"]
 
     assert data["pin_dirs"], "the benchmark made no pin folder"
     assert data["pins_left"] == [] and not any(Path(p).exists() for p in data["pin_dirs"])

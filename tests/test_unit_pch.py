@@ -50,7 +50,7 @@ def test_clang_refusing_the_pch_is_told_from_the_users_own_errors() -> None:
 def test_steps_split_a_compile_at_the_workers_marks() -> None:
     marks = {"imported": 10.05, "prepared": 10.06, "compile": 10.16, "loaded": 10.2}
     steps = worker_steps(9.99, 10.0, marks, with_pch=True)
-    assert list(steps) == ["prepare", "worker start (python, imports)", "worker setup (limits, landlock)",
+    assert list(steps) == ["prepare", "worker start (python, imports; bcc's: libbcc)", "worker setup (limits, landlock)",
                            "compile (clang with PCH)", "load (verifier)"]
     assert steps["compile (clang with PCH)"] == pytest.approx(0.1) and steps["prepare"] == pytest.approx(0.01)
     assert worker_steps(1.0, 1.5, None, with_pch=False) == {"prepare": 0.5}  # a worker that died said nothing
