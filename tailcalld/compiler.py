@@ -6,6 +6,8 @@ log arrive on the child's stderr, and when the worker is done or runs past
 ``compile_timeout`` the whole group (clang included) is killed and the folder removed.  The
 worker confines itself (Landlock) and limits its memory (``compile_memory_max``).  The
 program fd comes back over a socketpair (SCM_RIGHTS), the result as a file in the folder.
+The worker is started before its request comes (spares.py), and libbpf compiles read a
+precompiled vmlinux.h when there is one (pch.py); each load's steps are timed (Program.steps).
 
 tailcalld's own dispatcher is compiled here too (``build_object``), by clang alone: its source
 is ours, so no worker and no Landlock, but the same folder, time bound and group kill.
