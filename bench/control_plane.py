@@ -408,7 +408,7 @@ def _memory_readings(d: DaemonProcess, handlers: int, workers: WorkerWatch, res:
     res.memory.append(("daemon VmHWM (peak RSS) over the whole run", _mib(status_kib(d.pid, "VmHWM"))))
     res.memory.append(("daemon has libbcc / libLLVM mapped", _maps_llvm(d.pid)))
     kids = children_of(d.pid)
-    res.memory.append(("compile workers alive now (their RSS)",
+    res.memory.append(("compile workers alive now, idle ones started ahead (their RSS)",
                        f"{len(kids)} ({sum(status_kib(k, 'VmRSS') or 0 for k in kids) / 1024:.1f} MiB)"))
     res.memory.append((f"compile worker peak RSS while compiling ({len(workers.seen)} seen)",
                        _mib(workers.peak_kib) if workers.seen else "none seen"))

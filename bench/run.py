@@ -27,7 +27,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `tailcalld` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cli_startup, control_plane, events_throughput, syscall_cost  # noqa: E402
+from bench import cli_startup, cold_attach, control_plane, events_throughput, syscall_cost  # noqa: E402
 from bench.control_plane import ControlResults, ControlSize  # noqa: E402
 from bench.syscall_cost import LoopSize, Row, Sample  # noqa: E402
 from bench.util import PinDirs, format_table  # noqa: E402
@@ -41,6 +41,7 @@ class Plan:
     control: ControlSize
     events_calls: int = 1_000_000  # getppid calls of the event-throughput loop, one event each
     cli_rounds: int = 60  # interleaved rounds of tailcallctl's start-up rows
+    cold_attaches: int = 15  # cold attaches of each handler, each way (part 6)
 
 
 FULL = Plan(7, LoopSize(calls=300_000, runs=10),
@@ -48,7 +49,7 @@ FULL = Plan(7, LoopSize(calls=300_000, runs=10),
                         handlers=50, swaps=2000), 1_000_000)
 QUICK = Plan(1, LoopSize(calls=20_000, runs=2),
              ControlSize(attaches=2, lists=20, clients=50, lists_per_client=2, seconds=0.2,
-                         handlers=3, swaps=20), 20_000, 2)
+                         handlers=3, swaps=20), 20_000, 2, 2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help=f"interleaved rounds of the per-syscall part (default {FULL.rounds})")
     p.add_argument("--calls", type=int, help=f"getppid calls per run (default {FULL.loop.calls})")
     p.add_argument("--runs", type=int, help=f"runs per configuration per round (default {FULL.loop.runs})")
-    p.add_argument("--only", choices=("syscall", "control", "events", "cli"), help="run one part only")
+    p.add_argument("--only", choices=("syscall", "control", "events", "cli", "cold"), help="run one part only")
     p.add_argument("--json", type=Path, help="also write every number to this file")
     return p.parse_args(argv)
 
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def plan_from(args: argparse.Namespace) -> Plan:
     base = QUICK if args.quick else FULL
     loop = LoopSize(args.calls or base.loop.calls, args.runs or base.loop.runs)
-    return Plan(args.rounds or base.rounds, loop, base.control, base.events_calls, base.cli_rounds)
+    return Plan(args.rounds or base.rounds, loop, base.control, base.events_calls, base.cli_rounds,
+                base.cold_attaches)
 
 
 def source_version() -> str:
@@ -143,7 +145,7 @@ def run_syscall_part(plan: Plan, pins: PinDirs, loop: asyncio.AbstractEventLoop,
 
 def report(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: list[Sample] | None,
            control: ControlResults | None, events: list[events_throughput.ThroughputRow] | None = None,
-           cli: list[cli_startup.StartupRow] | None = None) -> str:
+           cli: list[cli_startup.StartupRow] | None = None, cold: cold_attach.ColdResults | None = None) -> str:
     out = [f"tailcalld benchmark, {info['date']}: {info['model']}, {info['cpus']} CPUs, kernel {info['kernel']}",
            f"tailcalld: {info['tailcalld']}", f"command: {' '.join(sys.argv)}", ""]
     if rows is not None:
@@ -164,6 +166,10 @@ def report(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: li
         out += [f"tailcallctl start-up: wall time of each whole process against a real tailcalld, {plan.cli_rounds} "
                 "interleaved rounds; x bare = over the bare start of the same interpreter (the venv's python3).",
                 cli_startup.table(cli), ""]
+    if cold is not None:
+        out += [f"Cold attach of the article's handlers (examples/), {plan.cold_attaches} of each way, "
+                f"{cold_attach.PAUSE:g} s apart; the floor of a libbpf load: bpftool prog loadall of the same object",
+                cold_attach.tables(cold), ""]
     return "\n".join(out)
 
 
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = samples = control = None
     events: list[events_throughput.ThroughputRow] | None = None
     cli: list[cli_startup.StartupRow] | None = None
+    cold: cold_attach.ColdResults | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="tailcalld-bench-") as tmp:
             if args.only in (None, "syscall"):
@@ -193,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
                 events = events_throughput.measure(pins, plan.events_calls, log, Path(tmp))
             if args.only in (None, "cli"):
                 cli = cli_startup.measure(pins, Path(tmp) / "cli", plan.cli_rounds, log)
+            if args.only in (None, "cold"):
+                cold = cold_attach.measure(pins, Path(tmp), loop, plan.cold_attaches, log)
     finally:
         left = pins.sweep()
         loop.close()
         if left:
             log(f"removed pins left by an interrupted step: {', '.join(left)}")
-    print(report(plan, info, rows, samples, control, events, cli), flush=True)
+    print(report(plan, info, rows, samples, control, events, cli, cold), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(_as_json(plan, info, rows, samples, control, pins, events, cli), indent=1,
+        args.json.write_text(json.dumps(_as_json(plan, info, rows, samples, control, pins, events, cli, cold), indent=1,
                                         default=str))
     return 0
 
@@ -208,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
 def _as_json(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: list[Sample] | None,
              control: ControlResults | None, pins: PinDirs,
              events: list[events_throughput.ThroughputRow] | None = None,
-             cli: list[cli_startup.StartupRow] | None = None) -> dict[str, Any]:
+             cli: list[cli_startup.StartupRow] | None = None,
+             cold: cold_attach.ColdResults | None = None) -> dict[str, Any]:
     return {"machine": info, "command": sys.argv, "plan": asdict(plan),
+            "cold_attach": asdict(cold) if cold else None,
             "events_rows": [asdict(r) for r in events or []], "cli_rows": [asdict(r) for r in cli or []],
             "syscall_rows": [asdict(r) for r in rows or []], "samples": [asdict(s) for s in samples or []],
             "control": asdict(control) if control else None,

@@ -21,7 +21,9 @@ Request (JSON on stdin):
 Result: written to work_dir/result.json (any size), the fd (if any) sent as one datagram:
     {"ok": true, "function": str}, or
     {"ok": false, "code": str, "message": str, "candidates": [str]}
-Usage: python -m tailcalld.compile_worker RESULT_FD PARENT_PID
+Usage: python -m tailcalld.compile_worker RESULT_FD PARENT_PID [bcc|libbpf]
+    (the kind is a worker started ahead of its request, tailcalld/spares.py: bcc's imports
+    bcc while it waits)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +49,7 @@ from typing import Any
 
 from tailcalld import bpfsys, confine, mapbudget
 from tailcalld.bpf_object import BpfObject
-from tailcalld.dialects import clang_command, header_name_problem
+from tailcalld.dialects import PCH_REFUSED, clang_command, header_name_problem
 from tailcalld.diagnostics import verifier_verdict
 from tailcalld.errors import (CompileError, CompileOutOfMemory, CompilerCrashed, FunctionAmbiguous, FunctionNotFound,
                               MapError, TailcalldError, VerifierRejected, WrongProgramType)
@@ -216,6 +219,7 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
             b = NoAutoAttach(text=source, cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for a failed compile
             b, failure = None, exc
+    mark(request, "compile")  # bcc's BPF(): its clang passes, and the maps it creates
     if b is None:
         return _fail(_map_failure(said) or CompileError(f"the source does not compile ({failure})")), None, None
     # bcc creates the maps while it compiles, so this refuses them just after: the worker's
@@ -290,11 +294,26 @@ def refused(name: str, log: str, otherwise: str) -> VerifierRejected:
                             else f"the kernel refused {name!r} ({otherwise})")
 
 
+def run_clang(request: dict[str, Any], out: Path) -> subprocess.CompletedProcess[bytes]:
+    """clang on the source, with the precompiled vmlinux.h the daemon passed (pch.py) when there
+    is one; when clang refuses that PCH, again without it, and the result says so
+    (``pch_refused``: the daemon drops it).  What clang said of the PCH is not passed on."""
+    def clang(pch: str | None) -> subprocess.CompletedProcess[bytes]:
+        cmd = clang_command(list(request.get("include_dirs", [])), str(out),
+                            [*request.get("cflags", []), *channel_cflags(request)], pch)
+        return subprocess.run(cmd, input=request["source"].encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    pch = request.get("pch")
+    r = clang(pch)
+    if pch is not None and r.returncode != 0 and PCH_REFUSED.search(r.stdout.decode(errors="replace")):
+        request["pch_refused"] = True
+        r = clang(None)
+    return r
+
+
 def compile_with_clang(request: dict[str, Any], work_dir: Path) -> bytes:
     out = work_dir / "handler.bpf.o"
-    r = subprocess.run(clang_command(list(request.get("include_dirs", [])), str(out),
-                                     [*request.get("cflags", []), *channel_cflags(request)]),
-                       input=request["source"].encode(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    r = run_clang(request, out)
     sys.stderr.buffer.write(r.stdout)
     sys.stderr.flush()
     if r.returncode != 0:
@@ -313,6 +332,7 @@ def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str,
     try:
         data = (base64.b64decode(request["object_b64"]) if request["dialect"] == "object"
                 else compile_with_clang(request, work_dir))
+        mark(request, "compile")
         obj = BpfObject(data, request.get("pin_root"), request.get("object_name"))
     except TailcalldError as err:
         return _fail(err), None, None
@@ -427,6 +447,8 @@ def _prepare(request: dict[str, Any], work_dir: Path) -> None:
     os.chdir(work_dir)
     os.environ["TMPDIR"] = str(work_dir)  # clang's own temporary files
     bpfsys.num_possible_cpus()  # read (and cached) while /sys is still readable
+    # Listed at the end (program_maps), when Landlock refuses to open the folder.
+    request["_fd_folder"] = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     open_channel(request)
     include_dirs = [*request.get("include_dirs", []),
                     *(flag[2:] for flag in request.get("cflags", []) if flag.startswith("-I"))]
@@ -454,12 +476,12 @@ def write_headers(request: dict[str, Any], work_dir: Path) -> None:
     request[key] = [f"-I{root}" if key == "cflags" else str(root), *request.get(key, [])]
 
 
-def program_maps(fd: int) -> list[dict[str, Any]]:
+def program_maps(fd: int, fd_folder: int | None = None) -> list[dict[str, Any]]:
     """The maps the loaded program uses, as the kernel has them (`tailcallctl show`): the worker
     holds an fd of each (bcc's and libbpf's own, the event channel's it was passed), the daemon
     only the program's, and nobody may open a map by its id.  A failure costs only this list."""
     try:
-        held = bpfsys.held_maps()
+        held = bpfsys.held_maps(fd_folder=fd_folder)
         return [dataclasses.asdict(held[i]) for i in bpfsys.prog_map_ids(fd) if i in held]
     except OSError:
         return []
@@ -473,16 +495,30 @@ def _write_result(work_dir: Path, result: dict[str, Any]) -> None:
     os.replace(tmp, work_dir / RESULT_FILE)
 
 
+def mark(request: dict[str, Any], step: str) -> None:
+    """The time ``step`` ended (CLOCK_MONOTONIC: the daemon's clock too), for the result's
+    ``steps``: where a compile's time goes (BENCHMARKS.md)."""
+    request.setdefault("_steps", {})[step] = time.monotonic()
+
+
 def main() -> int:
     result_sock = socket.socket(fileno=int(sys.argv[1]))
     _die_with_parent(int(sys.argv[2]))
+    if sys.argv[3:] == ["bcc"]:  # a worker started ahead for bcc (spares.py): libbcc and LLVM now, not on the clock
+        from bcc import BPF  # noqa: F401, PLC0415
     request = json.loads(sys.stdin.buffer.read())
+    request["_steps"] = {"imported": time.monotonic()}  # the request came: what the worker did before is done
     work_dir = Path(request["work_dir"])
     write_headers(request, work_dir)
     _prepare(request, work_dir)
+    mark(request, "prepared")
     result, fd, _keep = compile_and_load(request, work_dir)
+    mark(request, "loaded")
     if fd is not None:
-        result["maps"] = program_maps(fd)
+        result["maps"] = program_maps(fd, request.get("_fd_folder"))
+    result["steps"] = request["_steps"]
+    if request.get("pch_refused"):
+        result["pch_refused"] = True
     sys.stdout.flush()
     sys.stderr.flush()
     _write_result(work_dir, result)
@@ -491,4 +527,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: the interpreter's and LLVM's teardown would only delay the daemon, which
+    # waits for the end of the output and kills the group anyway.
+    os._exit(code)

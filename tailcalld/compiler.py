@@ -6,6 +6,8 @@ log arrive on the child's stderr, and when the worker is done or runs past
 ``compile_timeout`` the whole group (clang included) is killed and the folder removed.  The
 worker confines itself (Landlock) and limits its memory (``compile_memory_max``).  The
 program fd comes back over a socketpair (SCM_RIGHTS), the result as a file in the folder.
+The worker is started before its request comes (spares.py), and libbpf compiles read a
+precompiled vmlinux.h when there is one (pch.py); each load's steps are timed (Program.steps).
 
 tailcalld's own dispatcher is compiled here too (``build_object``), by clang alone: its source
 is ours, so no worker and no Landlock, but the same folder, time bound and group kill.
@@ -23,7 +25,6 @@ import math
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import bpfsys, children, confine, dialects, headers
+from . import bpfsys, children, confine, dialects, headers, pch, spares
 from .bpf_object import object_name
 from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
@@ -115,7 +116,8 @@ class Program:
     (closing twice is a no-op: a recycled fd number must never be closed by mistake)."""
 
     def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "", btf: bytes | None = None,
-                 warnings: tuple[str, ...] = (), maps: tuple[bpfsys.MapInfo, ...] = ()) -> None:
+                 warnings: tuple[str, ...] = (), maps: tuple[bpfsys.MapInfo, ...] = (),
+                 steps: Mapping[str, float] | None = None) -> None:
         self._fd: int | None = fd
         self.id = id
         self.function = function
@@ -124,6 +126,7 @@ class Program:
         self.btf = btf  # the handler's own BTF (libbpf): how its TC_EMIT structs are decoded
         self.warnings = warnings  # tailcalld's own about the handler (headers.header_warning)
         self.maps = maps  # the maps it uses, as the compile worker saw them when it loaded it
+        self.steps = dict(steps or {})  # seconds of each step of its compile and load (worker_steps)
 
     @property
     def fd(self) -> int:
@@ -163,6 +166,9 @@ class Compiler:
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
         self._parallel_compiles = asyncio.Semaphore(max_parallel)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
+        self._vmlinux: Path | None = None  # the folder vmlinux_header gave (the BTF is the kernel's: it stays)
+        self.precompiled = pch.Precompiled(lambda: self._settings.current.compile_timeout)
+        self._spares = spares.Spares(self._compile_root)
         # One folder per compile beneath this one (None: the system's temp folder).
         self._work_root = work_root
         # The event channel's pins (events.py), which handlers reach by fd: None without one.
@@ -210,9 +216,13 @@ class Compiler:
             request["pin_root"] = str(pin_root) if pin_root else None
             if pin_root:
                 pin_root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # libbpf makes pin_root itself
+        asked = time.monotonic()
         if dialect == "libbpf":
-            vmlinux = await dialects.vmlinux_header(self._cache_dir, self._settings.current.compile_timeout)
+            assert source is not None
+            vmlinux = await self.vmlinux_folder()
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
+            if pch.usable_for(source, defines, headers or {}):
+                request["pch"] = await self._ready_pch(vmlinux)
         async with self._parallel_compiles:
             started = time.monotonic()  # the compile's own time, not its wait for a turn
             try:
@@ -221,6 +231,9 @@ class Compiler:
                 raise _name_the_file_in(err, filename, source) from None
             finally:
                 self._observe(dialect, time.monotonic() - started)
+        if result.get("pch_refused") and request.get("pch"):
+            self.precompiled.discard(Path(str(request["pch"])))
+        steps = worker_steps(asked, started, result.get("steps"), bool(request.get("pch")))
         output = name_the_file(output, filename, source)
         if not result.get("ok"):
             error = error_class(result.get("code", ""))
@@ -236,7 +249,26 @@ class Compiler:
         btf = base64.b64decode(result["btf_b64"]) if result.get("btf_b64") else None
         warnings = _warnings(source, filename) if dialect == "bcc" and source is not None else ()
         maps = tuple(bpfsys.MapInfo(**m) for m in result.get("maps", []))
-        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings, maps)
+        steps["finished"] = time.monotonic() - asked - sum(steps.values())
+        logger.debug("compiled and loaded %s (%s) in %.3f s: %s", result["function"], dialect, time.monotonic() - asked,
+                     ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
+        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings, maps, steps)
+
+    async def vmlinux_folder(self) -> Path:
+        """The folder of this kernel's vmlinux.h (dialects.vmlinux_header), found once: the BTF
+        it is made from is the running kernel's, read (5 MB) and hashed only the first time."""
+        if self._vmlinux is None or not (self._vmlinux / "vmlinux.h").exists():
+            self._vmlinux = await dialects.vmlinux_header(self._cache_dir, self._settings.current.compile_timeout)
+        return self._vmlinux
+
+    async def _ready_pch(self, vmlinux: Path) -> str | None:
+        found = await self.precompiled.ready(vmlinux)
+        return str(found) if found is not None else None
+
+    def close(self) -> None:
+        """Stop the background work: the workers started ahead, a precompile under way."""
+        self._spares.close()
+        self.precompiled.close()
 
     async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
         tag = artifact.tag
@@ -258,8 +290,20 @@ class Compiler:
         try:
             vmlinux = await dialects.vmlinux_header(self._cache_dir, timeout, fallback=work_dir)
             out = work_dir / "object.bpf.o"
-            cmd = dialects.clang_command([str(vmlinux), bpf_include_dir()], str(out), cflags)
-            done = await children.run(cmd, timeout, input=bpf_source(source_name).encode(), cwd=work_dir)
+            source = bpf_source(source_name)
+            # Our own -D macros are none that vmlinux.h reads: the PCH serves when there is
+            # one.  Only a handler's compile has one made: a start (every test's daemon) does
+            # not spend ~2 s of CPU on it.  Never in a fallback folder: it goes with this compile.
+            usable = vmlinux != work_dir and pch.usable_for(source, (), {})
+            found = await self.precompiled.ready(vmlinux, make=False) if usable else None
+            cmd = dialects.clang_command([str(vmlinux), bpf_include_dir()], str(out), cflags,
+                                         str(found) if found is not None else None)
+            done = await children.run(cmd, timeout, input=source.encode(), cwd=work_dir)
+            refused = dialects.PCH_REFUSED.search(done.stderr.decode(errors="replace"))
+            if done.returncode != 0 and found is not None and refused:
+                self.precompiled.discard(found)
+                cmd = dialects.clang_command([str(vmlinux), bpf_include_dir()], str(out), cflags)
+                done = await children.run(cmd, timeout, input=source.encode(), cwd=work_dir)
             if done.returncode != 0:
                 raise CompileError(f"clang could not compile tailcalld's {source_name} (exit status {done.returncode})",
                                    {"log": _tidy(done.stdout + done.stderr)})
@@ -273,9 +317,16 @@ class Compiler:
         request |= {"work_dir": str(work_dir), "memory_max": s.compile_memory_max, "max_map_bytes": s.max_map_bytes,
                     "cpu_seconds": math.ceil(s.compile_timeout) + 1}
         try:
-            return await self._run_in(work_dir, json.dumps(request).encode(), s.compile_timeout, s.compile_memory_max)
+            kind = "bcc" if request["dialect"] == "bcc" else "libbpf"
+            return await self._run_in(work_dir, json.dumps(request).encode(), s.compile_timeout, s.compile_memory_max,
+                                      kind)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _compile_root(self) -> Path:
+        root = self._work_root or Path(tempfile.gettempdir())
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return root
 
     def _new_work_dir(self) -> Path:
         """A fresh folder for one compile.  A full or read-only disk is said as such here,
@@ -292,14 +343,10 @@ class Compiler:
                                   {"path": str(root)}) from None
 
     async def _run_in(self, work_dir: Path, request: bytes, timeout: float,
-                      memory_max: int) -> tuple[dict[str, Any], int | None, str]:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with parent:
-            with child:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tailcalld.compile_worker", str(child.fileno()), str(os.getpid()),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                    pass_fds=(child.fileno(),), cwd=work_dir, start_new_session=True)
+                      memory_max: int, kind: str) -> tuple[dict[str, Any], int | None, str]:
+        worker = await self._spares.take(kind)
+        proc = worker.proc
+        with worker.sock as parent:
             try:
                 out, _ = await asyncio.wait_for(proc.communicate(request), timeout)
             except TimeoutError:
@@ -313,6 +360,7 @@ class Compiler:
                 if proc.returncode is None:
                     await proc.wait()
                 children.reap_group(proc.pid)  # the clang of a killed worker, when we are PID 1
+                self._spares.replenish(kind)  # the next compile of this kind finds its worker started
             output = _local_names(_tidy(out), work_dir)
             parent.setblocking(False)
             try:
@@ -325,6 +373,26 @@ class Compiler:
                 os.close(fd)
             raise _died(proc.returncode, output + _local_names(_unsaid(work_dir), work_dir), memory_max)
         return result, (fds[0] if fds else None), output
+
+
+def worker_steps(asked: float, started: float, marks: object, with_pch: bool) -> dict[str, float]:
+    """Seconds of each step of a load, from the daemon's marks (asked: the request came;
+    started: its turn came, the worker is spawned) and the worker's (``marks``: CLOCK_MONOTONIC
+    times at which each of its steps ended, compile_worker.mark).  Steps the worker did not
+    reach are left out."""
+    steps = {"prepare": started - asked}  # vmlinux.h, the PCH check, the wait for a turn
+    if not isinstance(marks, dict):
+        return steps
+    names = {"imported": "worker start (python, imports; bcc's: libbcc)", "prepared": "worker setup (limits, landlock)",
+             "compile": "compile (clang with PCH)" if with_pch else "compile",
+             "loaded": "load (verifier)"}
+    last = started
+    for mark, name in names.items():
+        at = marks.get(mark)
+        if isinstance(at, (int, float)):
+            steps[name] = max(0.0, at - last)
+            last = at
+    return steps
 
 
 def _read_result(work_dir: Path) -> dict[str, Any] | None:

@@ -110,6 +110,7 @@ class Daemon:
             # the removed folder referenced), and a full state_dir must not stop compiles.
             compiler = Compiler(self.live, cache_dir=s.state_dir / "cache", work_root=place.path.parent / "compile",
                                 observe=self.metrics.recorder.compiled)
+            held.callback(compiler.close)  # its workers started ahead, a precompile under way
             compat = self.syscalls.compat_table()
             kernel = await BpfKernel.open(s.pin_dir, compiler, compat, pin_lock)
             held.callback(kernel.close)

@@ -8,7 +8,6 @@ object:    a prebuilt BPF ELF object, loaded with libbpf as is.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import children
 from .errors import ToolFailed
 from .loader_settings import Settings
 
@@ -124,15 +122,36 @@ def target_arch() -> str:
     return _TARGET_ARCH.get(machine, machine)
 
 
-def clang_command(include_dirs: list[str], output: str, cflags: Sequence[str] = ()) -> list[str]:
-    """clang, as libbpf-tools build their .bpf.o: the source comes on stdin."""
+# What clang says when it will not use a precompiled header (pch.py: another clang, a changed
+# vmlinux.h, a damaged file, other options); the compile worker compiles again without it.
+# Said without a place (a user's `#error` has one: `<stdin>:3:2: error: ...`).
+PCH_REFUSED = re.compile(r"^(?:fatal )?error: .*(?:precompiled header|AST file|PCH file)", re.MULTILINE)
+
+
+def clang_options() -> list[str]:
+    """What every libbpf compile and the precompiled vmlinux.h (pch.py) are made with: a PCH is
+    only used by a compile with the same options."""
+    return ["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{target_arch()}"]
+
+
+def clang_command(include_dirs: list[str], output: str, cflags: Sequence[str] = (), pch: str | None = None) -> list[str]:
+    """clang, as libbpf-tools build their .bpf.o: the source comes on stdin.  ``pch``: a
+    precompiled vmlinux.h (pch.py), read as if included before the source."""
     multiarch = f"/usr/include/{platform.machine()}-linux-gnu"
-    cmd = ["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{target_arch()}", *cflags]
+    cmd = [*clang_options(), *cflags]
     cmd += [f"-I{d}" for d in include_dirs]
     if os.path.isdir(multiarch):
         cmd.append(f"-I{multiarch}")  # <asm/types.h> for <linux/bpf.h>
     cmd += bare_bpf_headers()
+    if pch is not None:
+        cmd += ["-include-pch", pch]
     return [*cmd, "-x", "c", "-c", "-", "-o", output]
+
+
+def pch_command(folder: Path, output: str) -> list[str]:
+    """clang making ``folder``/vmlinux.h into a precompiled header (pch.py).  vmlinux.h includes
+    nothing, so no include folders."""
+    return [*clang_options(), "-x", "c-header", str(folder / "vmlinux.h"), "-o", output]
 
 
 def bare_bpf_headers() -> list[str]:
@@ -146,6 +165,9 @@ async def vmlinux_header(cache_dir: Path, timeout: float, fallback: Path | None 
     When the cache cannot be written (a full or read-only state_dir) and ``fallback`` (an
     existing folder) is given, the header is made there, for one use: the dispatcher needs it
     at every start, and such a disk must not stop one (it takes bpftool ~0.15 s)."""
+    # Not at the top: the compile worker imports this module, and asyncio adds ~20 ms to its start.
+    import asyncio  # noqa: PLC0415
+
     try:
         btf = await asyncio.to_thread(BTF_VMLINUX.read_bytes)
     except OSError as exc:
@@ -166,6 +188,8 @@ async def vmlinux_header(cache_dir: Path, timeout: float, fallback: Path | None 
 
 
 async def _dump_vmlinux(timeout: float) -> bytes:
+    from . import children  # noqa: PLC0415 - asyncio, see vmlinux_header
+
     try:
         done = await children.run(["bpftool", "btf", "dump", "file", str(BTF_VMLINUX), "format", "c"], timeout)
     except ToolFailed as err:

@@ -225,6 +225,23 @@ def children_of(pid: int) -> list[int]:
     return [k for k in kids if _process_state(k) not in (None, "Z")]
 
 
+def idle_worker(pid: int) -> bool:
+    """A compile worker the daemon started ahead (tailcalld/spares.py), still waiting for its
+    request: it waits in the compile root, and one at work has moved into its compile's folder."""
+    try:
+        if b"tailcalld.compile_worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    return "tailcalld-compile-" not in cwd and not cwd.endswith(" (deleted)")
+
+
+def busy_children_of(pid: int) -> list[int]:
+    """children_of, without the idle compile workers: the processes of compiles under way or past."""
+    return [k for k in children_of(pid) if not idle_worker(k)]
+
+
 def _process_state(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -37,6 +37,7 @@ def _run_quick(tmp_path: Path) -> tuple[str, dict[str, Any]]:
 
 
 @pytest.mark.usefixtures("machine")  # root and bpffs, which bench.run checks for and does not set up
+@pytest.mark.timeout(600)  # ~1 min idle, over 5 min while others' tests load the 2 CPUs
 def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> None:
     table, data = _run_quick(tmp_path)
 
@@ -70,6 +71,16 @@ def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> 
     for label, row in cli.items():
         assert row["ms"] and all(math.isfinite(x) and x > 0 for x in row["ms"]), label
         assert len(NUMBER.findall(_table_line(table, label))) >= 5, f"numbers missing in the {label} row"
+    cold = data["cold_attach"]
+    measured = {what: (n, p50) for what, n, p50, _p99, _note in cold["rows"]}
+    for wanted in ("cold attach, libbpf, over the socket", "cold attach, bcc, `tailcallctl attach` wall",
+                   "floor: `bpftool prog loadall` of the same object", "clang alone, the libbpf handler, with the PCH"):
+        assert measured[wanted][0] == 2 and measured[wanted][1] > 0, wanted
+        _table_line(table, wanted)
+    assert any(note.startswith("libbpf attach over the socket / floor: ") for note in cold["notes"])
+    steps = {label: by_step for label, by_step, _n in cold["steps"]}
+    assert "compile (clang with PCH)" in steps["libbpf: PCH, worker started ahead"]
+    assert "load (verifier)" in steps["bcc: worker started at the request"]
 
     assert data["pin_dirs"], "the benchmark made no pin folder"
     assert data["pins_left"] == [] and not any(Path(p).exists() for p in data["pin_dirs"])

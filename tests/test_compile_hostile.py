@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from harness import (NR_FCHMODAT, DaemonProcess, children_of, kernel_slots, libbpf_pinned_handler, own_daemon,
+from harness import (NR_FCHMODAT, DaemonProcess, busy_children_of, kernel_slots, libbpf_pinned_handler, own_daemon,
                      pin_foreign_map)
 from tailcalld.client import Client, RemoteError
 from tailcalld.compile_worker import RESULT_FILE
@@ -236,9 +236,10 @@ def test_a_crashed_worker_is_named_with_its_status(served: DaemonProcess) -> Non
 
 
 def wait_for_worker(daemon_pid: int) -> int:
-    """The compile worker, once it runs (no deadline decides the test: pytest's timeout does)."""
+    """The compile worker, once it runs a compile (not one started ahead, idle: tailcalld/spares.py;
+    no deadline decides the test: pytest's timeout does)."""
     while True:
-        for pid in children_of(daemon_pid):
+        for pid in busy_children_of(daemon_pid):
             try:
                 if b"tailcalld.compile_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     return pid

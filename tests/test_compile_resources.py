@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DaemonProcess, children_of, kernel_slots, own_daemon
+from harness import DaemonProcess, busy_children_of, children_of, kernel_slots, own_daemon
 from tailcalld.client import RemoteError
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -72,10 +72,11 @@ def served(machine: None, subreaper: None, tmp_path_factory: pytest.TempPathFact
 
 
 def leftovers(d: DaemonProcess, before: set[int]) -> list[str]:
-    """Processes of past compiles: the daemon's children, and orphans re-parented to us (not
-    our children from ``before`` the compile, such as a journald the session started)."""
+    """Processes of past compiles: the daemon's children (but the idle workers it started ahead
+    for the next compiles), and orphans re-parented to us (not our children from ``before`` the
+    compile, such as a journald the session started)."""
     found = []
-    for pid in children_of(d.pid) + [p for p in children_of(os.getpid()) if p != d.pid and p not in before]:
+    for pid in busy_children_of(d.pid) + [p for p in children_of(os.getpid()) if p != d.pid and p not in before]:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (NR_FCHMODAT, VENV_BIN, DaemonProcess, Workload, children_of, counting_handler, fchmodat,
+from harness import (NR_FCHMODAT, VENV_BIN, DaemonProcess, Workload, busy_children_of, counting_handler, fchmodat,
                      read_counter, run_tailcalld, start_daemon, write_config)
 from tailcalld.client import Client, RemoteError
 from tailcalld.protocol import response_adapter
@@ -206,7 +206,7 @@ def test_compile_timeout_kills_the_compile_and_keeps_serving(tmp_path: Path, pin
                 c.call("attach", slot=268, source=slow_source(16))
             assert err.value.code == "compile_timeout"
             assert c.call("list") == {"slots": []}
-        assert children_of(d.proc.pid) == [], "the timed-out compile worker is still running"
+        assert busy_children_of(d.proc.pid) == [], "the timed-out compile worker is still running"
     finally:
         assert d.stop() == 0
 
