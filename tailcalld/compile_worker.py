@@ -57,6 +57,9 @@ from tailcalld.errors import (CompileError, CompileOutOfMemory, CompilerCrashed,
 RESULT_FILE = "result.json"
 HEADERS_DIR = "local-headers"  # the source's local headers, on the include path (see write_headers)
 STDERR_COPY = "stderr.log"  # what libbcc/libbpf print while the worker watches (see stderr_copy)
+# Made as soon as the request is read: a worker that ends without it never began the compile
+# (a worker started ahead and killed while idle, see compiler._run_in).
+REQUEST_READ = "request-read"
 # What LLVM, libstdc++, Python and libc say when an allocation fails (RLIMIT_AS reached).
 OUT_OF_MEMORY = re.compile(r"out of memory|std::bad_alloc|MemoryError|Cannot allocate memory", re.IGNORECASE)
 # How bcc and libbpf say that a map could not be created (before any program is verified).
@@ -509,6 +512,7 @@ def main() -> int:
     request = json.loads(sys.stdin.buffer.read())
     request["_steps"] = {"imported": time.monotonic()}  # the request came: what the worker did before is done
     work_dir = Path(request["work_dir"])
+    (work_dir / REQUEST_READ).touch()
     write_headers(request, work_dir)
     _prepare(request, work_dir)
     mark(request, "prepared")

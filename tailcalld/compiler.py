@@ -34,7 +34,7 @@ from typing import Any
 
 from . import bpfsys, children, confine, dialects, headers, pch, spares
 from .bpf_object import object_name
-from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, RESULT_FILE, STDERR_COPY, signal_name
+from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, REQUEST_READ, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
 from .diagnostics import name_the_file
 from .dialects import Artifact, Dialect
@@ -344,7 +344,20 @@ class Compiler:
 
     async def _run_in(self, work_dir: Path, request: bytes, timeout: float,
                       memory_max: int, kind: str) -> tuple[dict[str, Any], int | None, str]:
-        worker = await self._spares.take(kind)
+        worker, waited = await self._spares.take(kind)
+        try:
+            return await self._run_worker_in(worker, work_dir, request, timeout, memory_max, kind)
+        except CompilerCrashed:
+            # A worker started ahead can be killed while it waits (the OOM killer, an admin's
+            # kill) and still look alive when taken: if it never read the request, that is no
+            # fault of the handler's, and a worker started now does the compile.
+            if not waited or (work_dir / REQUEST_READ).exists():
+                raise
+        worker = await spares.spawn(kind, self._compile_root())
+        return await self._run_worker_in(worker, work_dir, request, timeout, memory_max, kind)
+
+    async def _run_worker_in(self, worker: spares.Worker, work_dir: Path, request: bytes, timeout: float,
+                             memory_max: int, kind: str) -> tuple[dict[str, Any], int | None, str]:
         proc = worker.proc
         with worker.sock as parent:
             try:

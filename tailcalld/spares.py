@@ -72,14 +72,15 @@ class Spares:
         self._idle: dict[str, Worker] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
 
-    async def take(self, kind: str) -> Worker:
-        """The idle worker of ``kind``, or a new one when there is none (or it died idle)."""
+    async def take(self, kind: str) -> tuple[Worker, bool]:
+        """The idle worker of ``kind``, or a new one when there is none (or it died idle); and
+        whether it had been waiting."""
         worker = self._idle.pop(kind, None)
         if worker is not None and worker.alive():
-            return worker
+            return worker, True
         if worker is not None:
             worker.discard()
-        return await spawn(kind, self._cwd())
+        return await spawn(kind, self._cwd()), False
 
     def replenish(self, kind: str) -> None:
         """Start the next worker of ``kind`` in the background, unless one waits or starts."""
