@@ -6,6 +6,7 @@ with the peer and the error; and journalctl -x explains the entries with the cat
 from __future__ import annotations
 
 import grp
+import json
 import os
 import subprocess
 from functools import partial
@@ -210,24 +211,36 @@ def test_a_slot_an_apply_could_not_fill_is_audited(tmp_path: Path, pin_root: Pat
 NOBODY = 65534  # in "nogroup" (Debian's name for gid 65534)
 
 
+# A client of the protocol run by the system's python3: the checkout (and its venv's tailcallctl)
+# may sit where an unprivileged user cannot reach it (/root/project on a fresh machine).
+ATTACH_SCRIPT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+request = {"id": 1, "command": "attach", "slot": "fchmodat", "filename": sys.argv[2], "source": sys.stdin.read()}
+s.sendall(json.dumps(request).encode() + b"\\n")
+print(s.makefile().readline().strip())
+"""
+
+
 @pytest.mark.usefixtures("journald")
 def test_a_failed_attach_names_the_unprivileged_peer_that_asked(tmp_path: Path, pin_root: Path,
                                                                 public_dir: Path) -> None:
-    """tailcallctl run by a member of allowed_group, as a user would: a compile error and a
-    verifier rejection each reach the user and the journal, with that user's uid and pid."""
+    """An attach by a member of allowed_group: a compile error and a verifier rejection each
+    reach the user and the journal, with that user's uid and pid."""
     d = start_daemon(tmp_path, pin_root / "daemon", allowed_group=grp.getgrgid(NOBODY).gr_name,
                      socket=public_dir / "s.sock")
     try:
         runs = []
         for name, source, code in (("broken.c", BROKEN, "compile_error"), ("rejected.c", REJECTED,
                                                                            "verifier_rejected")):
-            (public_dir / name).write_text(source)
-            ctl = subprocess.Popen([str(VENV_BIN / "tailcallctl"), "--socket", str(d.socket), "attach", "fchmodat",
-                                    str(public_dir / name)], user=NOBODY, group=NOBODY, extra_groups=[],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            out, err = ctl.communicate(timeout=120)
-            assert ctl.returncode not in (0, None) and code in out + err, (out, err)
-            runs.append((ctl.pid, name, code))
+            client = subprocess.Popen(["/usr/bin/python3", "-c", ATTACH_SCRIPT, str(d.socket), name], user=NOBODY,
+                                      group=NOBODY, extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+            out, err = client.communicate(source, timeout=120)
+            assert client.returncode == 0, err
+            assert json.loads(out)["error"]["code"] == code, out
+            runs.append((client.pid, name, code))
         assert d.call("list")["slots"] == []  # nothing attached
 
         failed = wait_journal(lambda: entries(d, MESSAGE_ID=FAILED_MESSAGE_ID), minimum=len(runs), timeout=30)
@@ -235,8 +248,8 @@ def test_a_failed_attach_names_the_unprivileged_peer_that_asked(tmp_path: Path, 
             (str(pid), name, code) for pid, name, code in runs]
         for e in failed:
             assert (e["PEER_UID"], e["PEER_COMM"], e["TAILCALLD_ACTION"], e["SLOT"]) == (
-                str(NOBODY), "tailcallctl", "attach-failed", str(NR_FCHMODAT))
-            assert e["MESSAGE"].endswith(f"(by uid {NOBODY}, pid {e['PEER_PID']}, tailcallctl)")
+                str(NOBODY), "python3", "attach-failed", str(NR_FCHMODAT))
+            assert e["MESSAGE"].endswith(f"(by uid {NOBODY}, pid {e['PEER_PID']}, python3)")
     finally:
         assert d.stop() == 0
 
