@@ -124,8 +124,10 @@ def test_the_staged_tree_runs_from_its_place(staged: Staged, tmp_path: Path) -> 
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
     d = DaemonProcess(proc, sock, pin_root / "daemon", conf / "tailcalld.toml", log, time.time())
     try:
-        ctl = ["nsenter", f"--target={proc.pid}", "--mount", "--", str(staged.at("/usr/local/bin/tailcallctl")),
-               "--socket", str(sock)]
+        # --root/--wd: entering a mount namespace resets the root to the namespace's; in a chroot
+        # (a fresh machine's) that is not the daemon's.
+        enter = ["nsenter", f"--target={proc.pid}", "--mount", "--root", "--wd", "--"]
+        ctl = [*enter, str(staged.at("/usr/local/bin/tailcallctl")), "--socket", str(sock)]
         for _ in range(600):
             assert proc.poll() is None, d.output()
             if sock.exists() and subprocess.run([*ctl, "ping"], capture_output=True).returncode == 0:
@@ -139,8 +141,7 @@ def test_the_staged_tree_runs_from_its_place(staged: Staged, tmp_path: Path) -> 
         fchmodat(25)
         assert read_counter(pin_root / "maps" / "count") == 25
         # systemd finds nothing wrong with the unit where its paths exist.
-        verify = subprocess.run(["nsenter", f"--target={proc.pid}", "--mount", "--", "systemd-analyze", "verify",
-                                 str(staged.at("/etc/systemd/system/tailcalld.service"))],
+        verify = subprocess.run([*enter, "systemd-analyze", "verify", str(staged.at("/etc/systemd/system/tailcalld.service"))],
                                 capture_output=True, text=True, timeout=60)
         assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
         # The daemon is the staged venv's, started through its script's shebang.
