@@ -225,7 +225,8 @@ def test_a_crashed_worker_is_named_with_its_status(served: DaemonProcess) -> Non
     t = threading.Thread(target=attach)
     t.start()
     try:
-        worker = wait_for_worker(served.pid)
+        worker = wait_for_worker(served.pid, t)
+        assert worker is not None, f"the attach ended before its compile worker was seen: {outcome}"
         os.kill(worker, signal.SIGSEGV)  # as a crash in bcc would
     finally:
         t.join()
@@ -235,10 +236,10 @@ def test_a_crashed_worker_is_named_with_its_status(served: DaemonProcess) -> Non
     assert served.call("ping")["version"]
 
 
-def wait_for_worker(daemon_pid: int) -> int:
+def wait_for_worker(daemon_pid: int, request: threading.Thread) -> int | None:
     """The compile worker, once it runs a compile (not one started ahead, idle: tailcalld/spares.py;
-    no deadline decides the test: pytest's timeout does)."""
-    while True:
+    no deadline decides the test: pytest's timeout does); None if ``request`` ended first."""
+    while request.is_alive():
         for pid in busy_children_of(daemon_pid):
             try:
                 if b"tailcalld.compile_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -246,3 +247,4 @@ def wait_for_worker(daemon_pid: int) -> int:
             except OSError:
                 continue
         threading.Event().wait(0.01)
+    return None
