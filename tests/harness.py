@@ -31,7 +31,7 @@ from typing import Any
 
 from tailcalld import bpfsys
 from tailcalld.client import Client
-from tailcalld.compiler import Compiler
+from tailcalld.compiler import Compiler, Program
 from tailcalld.config import LiveSettings, Settings
 from tailcalld.dispatcher import COUNTS, EXIT, LEGACY_PINS, NR_SLOTS, PROG_ARRAY, TIMING
 
@@ -493,9 +493,16 @@ def pin_old_dispatcher(pin_dir: Path, release: str, exit: bool = False) -> int:
         cflags += [f'-DTAILCALLD_COUNTS="{folder / COUNTS.pin}"', "-DTAILCALLD_EXIT"]
     else:
         cflags += [f'-DTAILCALLD_COUNTS="{pin_dir / COUNTS.pin}"', f'-DTAILCALLD_TIMING="{pin_dir / TIMING.pin}"']
-    compiler = Compiler(LiveSettings(Settings(compile_timeout=60.0)))
     source = (Path(__file__).with_name("data") / OLD_DISPATCHERS[release]).read_text()
-    prog = asyncio.run(compiler.load(source, name, cflags))
+
+    async def build() -> Program:
+        compiler = Compiler(LiveSettings(Settings(compile_timeout=60.0)))
+        try:
+            return await compiler.load(source, name, cflags)
+        finally:
+            compiler.close()  # its background work, before the loop ends
+
+    prog = asyncio.run(build())
     try:
         link = bpfsys.raw_tracepoint_open(EXIT.tracepoint if exit else "sys_enter", prog.fd)
     finally:

@@ -40,7 +40,8 @@ def new_compiler() -> Compiler:
 @asynccontextmanager
 async def core(pin_dir: Path, state_dir: Path) -> AsyncIterator[SlotManager]:
     syscalls = SyscallTable.for_this_machine(NR_SLOTS)
-    kernel = await BpfKernel.open(pin_dir, new_compiler(), syscalls.compat_table())
+    compiler = new_compiler()
+    kernel = await BpfKernel.open(pin_dir, compiler, syscalls.compat_table())
     manager = SlotManager(kernel, StateStore(state_dir), syscalls, MissMonitor(kernel.miss_totals, syscalls.label))
     try:
         await manager.restore()
@@ -48,6 +49,7 @@ async def core(pin_dir: Path, state_dir: Path) -> AsyncIterator[SlotManager]:
     finally:
         manager.close()
         kernel.close()
+        compiler.close()  # its workers started ahead, as the daemon's stop does
 
 
 def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:
