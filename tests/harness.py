@@ -238,8 +238,20 @@ def idle_worker(pid: int) -> bool:
 
 
 def busy_children_of(pid: int) -> list[int]:
-    """children_of, without the idle compile workers: the processes of compiles under way or past."""
-    return [k for k in children_of(pid) if not idle_worker(k)]
+    """children_of, without the idle compile workers (nor one being started: forked, its exec
+    to come, it still has the daemon's command line): the processes of compiles under way or past."""
+    try:
+        own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        own = None
+    return [k for k in children_of(pid) if not idle_worker(k) and not _same_cmdline(k, own)]
+
+
+def _same_cmdline(pid: int, cmdline: bytes | None) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline
+    except OSError:
+        return False
 
 
 def _process_state(pid: int) -> str | None:
