@@ -37,7 +37,15 @@ storage_on_overlayfs() {
   local at=/var/lib/containers/storage
   while [ ! -e "$at" ]; do at=$(dirname "$at"); done
   [ "$(stat -f -c %T "$at")" = overlayfs ] || return 0
-  export STORAGE_DRIVER=vfs
+  local storage_conf
+  storage_conf="$(dirname "$CONF")/storage.conf"
+  if [ ! -f "$storage_conf" ]; then
+    mkdir -p "$(dirname "$storage_conf")"
+    printf '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n' \
+      > "$storage_conf.tmp"
+    mv "$storage_conf.tmp" "$storage_conf"
+  fi
+  export CONTAINERS_STORAGE_CONF=$storage_conf
 }
 
 mirror() {  # the host's bookworm mirror, as apt itself parses its sources (never hard-coded)
