@@ -27,6 +27,10 @@ from harness import (
     write_config,
 )
 
+# The image build comes with the first test; where the container storage is plain copies (the
+# vfs driver podman.sh picks on an overlayfs, as in a fresh-machine chroot) it takes minutes.
+pytestmark = pytest.mark.timeout(1800)
+
 PODMAN = REPO / "scripts" / "podman.sh"
 # The apt and pip layers, tagged so that they outlive the per-run image: a rerun with only the code
 # changed builds in seconds.  Deliberately kept, like pip's cache; `podman rmi` it to start afresh.

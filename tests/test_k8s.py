@@ -26,6 +26,10 @@ from tailcalld import desired
 from tailcalld.config import load_settings
 from test_container import LEAST_CAPS, checked, image, podman  # noqa: F401  (image: the fixture)
 
+# The image build comes with the first test; where the container storage is plain copies (the
+# vfs driver podman.sh picks on an overlayfs, as in a fresh-machine chroot) it takes minutes.
+pytestmark = pytest.mark.timeout(1800)
+
 K8S = REPO / "contrib" / "k8s"
 # The oldest Kubernetes release still in wide use that has everything the manifests use, and the newest bundled.
 VERSIONS = ["1.28.0", kubernetes_validate.utils.latest_version()]
