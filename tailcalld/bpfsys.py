@@ -100,6 +100,7 @@ class MapInfo:
     value_size: int
     max_entries: int
     name: str
+    flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class ProgInfo:
     id: int
     name: str
     xlated_insns: int
+    tag: str = ""  # the kernel's hash of the instructions (map fds left out): bpftool's "tag"
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.bpf_raw_tracepoint_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.libbpf_num_possible_cpus.argtypes = []
+    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
+                                  ctypes.c_void_p]
     return lib
 
 
@@ -183,6 +187,41 @@ def frozen_array(name: str, value: bytes) -> int:
     return fd
 
 
+def map_create_flagged(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+                       flags: int) -> int:
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(_lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries,
+                                        ctypes.byref(opts)), f"create map {name}")
+
+
+class _ProgLoadOpts(ctypes.Structure):
+    """libbpf's struct bpf_prog_load_opts up to the log buffer (libbpf 1.0's layout; later
+    versions only add fields after it, which ``sz`` tells them we leave unset)."""
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_uint32),
+                ("prog_btf_fd", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32), ("prog_ifindex", ctypes.c_uint32),
+                ("kern_version", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_prog_fd", ctypes.c_uint32), ("attach_btf_obj_fd", ctypes.c_uint32),
+                ("fd_array", ctypes.c_void_p), ("func_info", ctypes.c_void_p), ("func_info_cnt", ctypes.c_uint32),
+                ("func_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_void_p),
+                ("line_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", ctypes.c_void_p)]
+
+
+def prog_load(prog_type: int, name: str, license: bytes, insns: bytes, log_size: int) -> tuple[int, str]:
+    """Load raw instructions; (fd, "") or (-errno, the verifier's log).  The first try asks for
+    no log, as bcc and libbpf do: a log slows the verifier, and most loads succeed."""
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    log = ctypes.create_string_buffer(log_size)
+    for level in (0, 1):
+        opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=level, log_size=log_size if level else 0,
+                             log_buf=ctypes.addressof(log) if level else None)
+        fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
+        if fd >= 0:
+            return fd, ""
+        err = ctypes.get_errno() or -fd
+    return -err, log.value.decode(errors="replace")
+
+
 def obj_pin(fd: int, path: str) -> None:
     _check(_lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
 
@@ -222,12 +261,13 @@ def _info(fd: int, struct: type[ctypes.Structure], what: str) -> ctypes.Structur
 
 def map_info(fd: int) -> MapInfo:
     i = _info(fd, _MapInfo, "map info")
-    return MapInfo(i.type, i.id, i.key_size, i.value_size, i.max_entries, i.name.decode(errors="replace"))
+    return MapInfo(i.type, i.id, i.key_size, i.value_size, i.max_entries, i.name.decode(errors="replace"),
+                   i.map_flags)
 
 
 def prog_info(fd: int) -> ProgInfo:
     i = _info(fd, _ProgInfo, "program info")
-    return ProgInfo(i.type, i.id, i.name.decode(errors="replace"), i.xlated_prog_len // 8)
+    return ProgInfo(i.type, i.id, i.name.decode(errors="replace"), i.xlated_prog_len // 8, bytes(i.tag).hex())
 
 
 def link_info(fd: int) -> LinkInfo:

@@ -133,6 +133,7 @@ def wanted_of(request: ApplyRequest, m: SlotManager, settings: Settings) -> list
 async def run_apply(ctx: CommandContext, request: ApplyRequest, peer: Peer) -> ApplyResult:
     """An apply, from a client or from the daemon's desired_slots."""
     m = ctx.manager
+    await m.restored()  # planned against the slots as the start's restore leaves them, not half-way
     try:
         changes = await ctx.applier.apply(wanted_of(request, m, ctx.settings.current), peer, request.source,
                                           request.dry_run)
@@ -252,7 +253,7 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         events_buffer_bytes=ctx.events.maps.size if ctx.events is not None else 0,
         version=__version__, pid=status.pid, started_at=status.started_at, pin_dir=str(d.pin_dir),
         socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
-        upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots,
+        upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots, restoring=status.restoring,
         hits_total=status.hits_total, misses_total=status.misses_total, miss_log_interval=s.miss_log_interval,
         connections=ctx.connections(), timing_seconds_left=ctx.timing.seconds_left() if ctx.timing else 0.0,
         corrections=status.corrections)

@@ -17,9 +17,12 @@ Request (JSON on stdin):
      "function": str | null, "cflags": [str], "include_dirs": [str], "pin_root": str | null,
      "channel": {"events": str, "counts": str, "call": str} | null, "tag": int,
      "headers": {name: text} | null, "variables": {name: value} (--set), "object_name": str,
-     "work_dir": str, "memory_max": int, "cpu_seconds": int, "max_map_bytes": int}
+     "work_dir": str, "memory_max": int, "cpu_seconds": int, "max_map_bytes": int,
+     "want_product": bool, "cached": product | null}
+    ``cached``: what an earlier compile produced (tailcalld/products.py), loaded instead of
+    compiling the source; ``want_product``: a compile's result carries its product.
 Result: written to work_dir/result.json (any size), the fd (if any) sent as one datagram:
-    {"ok": true, "function": str}, or
+    {"ok": true, "function": str, "product": product (when asked and possible)}, or
     {"ok": false, "code": str, "message": str, "candidates": [str]}
 Usage: python -m tailcalld.compile_worker RESULT_FD PARENT_PID [bcc|libbpf]
     (the kind is a worker started ahead of its request, tailcalld/spares.py: bcc's imports
@@ -47,7 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tailcalld import bpfsys, confine, mapbudget
+from tailcalld import bpfsys, confine, mapbudget, products
 from tailcalld.bpf_object import BpfObject
 from tailcalld.dialects import PCH_REFUSED, clang_command, header_name_problem
 from tailcalld.diagnostics import verifier_verdict
@@ -208,13 +211,16 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
         def _trace_autoload(self) -> None:
             return None
 
+    if request.get("cached") is not None:
+        return load_bcc_product(request, work_dir)
     source: str = request["source"]
     wanted: str | None = request.get("function")
     if (wrong := other_type_macro(source)) is not None:
         return _fail(wrong), None, None
     try:
         source, formats = number_printfs(source)
-        cflags = [*request.get("cflags", []), *channel_cflags(request), *format_cflags(formats)]
+        cflags = [*request.get("cflags", []), *channel_cflags(request),
+                  *format_cflags(formats, request.setdefault("_frozen", {}))]
     except TailcalldError as err:
         return _fail(err), None, None
     with stderr_copy(work_dir) as said:
@@ -261,7 +267,43 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
         fd = load_bcc_function(b, chosen, work_dir)
     except VerifierRejected as err:
         return _fail(err), None, b
-    return {"ok": True, "function": chosen}, fd, b
+    result: dict[str, Any] = {"ok": True, "function": chosen}
+    if request.get("want_product") and products.channel_fixed(request.get("channel_fds")) \
+            and not _PINNED_TABLE.search(source):
+        fname = chosen.encode()
+        insns = ctypes.string_at(lib.bpf_function_start(b.module, fname), lib.bpf_function_size(b.module, fname))
+        product = products.bcc_product(insns, lib.bpf_module_license(b.module), request.get("_frozen", {}))
+        if product is not None:
+            result["product"] = product
+    return result, fd, b
+
+
+# A bcc table opened from a pin (BPF_TABLE_PINNED) is shared with whoever pinned it: a load from
+# the compile cache would make a map of its own instead, so such handlers are compiled each time.
+_PINNED_TABLE = re.compile(r"\bBPF_\w*PINNED\w*\s*\(")
+
+
+def load_bcc_product(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:
+    """Load what an earlier bcc compile produced (products.bcc_product): its maps made anew,
+    their fds written into its instructions, then the kernel's verifier as for any load."""
+    product, name = request["cached"], request["function"]
+    try:
+        mapbudget.check([mapbudget.MapSpec(*spec) for spec in products.map_specs(product)], request["max_map_bytes"],
+                        bpfsys.num_possible_cpus())
+        made = products.create_maps(product)
+    except TailcalldError as err:
+        return _fail(err), None, None
+    except OSError as exc:
+        return _fail(MapError(f"the kernel refused to create a map: {exc}")), None, None
+    mark(request, "compile")  # no compile: the maps are made
+    insns = products.patched(base64.b64decode(product["insns_b64"]), made)
+    fd, log = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, name, product["license"].encode(), insns,
+                               VERIFIER_LOG_BYTES)
+    if fd < 0:
+        sys.stderr.write(log)
+        sys.stderr.flush()
+        return _fail(refused(name, log, os.strerror(-fd))), None, made
+    return {"ok": True, "function": name}, fd, made
 
 
 def load_bcc_function(b: Any, name: str, work_dir: Path) -> int:
@@ -333,7 +375,9 @@ def compile_with_clang(request: dict[str, Any], work_dir: Path) -> bytes:
 
 def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:
     try:
+        cached = request.get("cached")
         data = (base64.b64decode(request["object_b64"]) if request["dialect"] == "object"
+                else base64.b64decode(cached["object_b64"]) if cached is not None
                 else compile_with_clang(request, work_dir))
         mark(request, "compile")
         obj = BpfObject(data, request.get("pin_root"), request.get("object_name"))
@@ -358,6 +402,9 @@ def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str,
     except TailcalldError as err:
         return _fail(err), None, obj
     result: dict[str, Any] = {"ok": True, "function": chosen.name}
+    if request.get("want_product") and request["dialect"] == "libbpf" and request.get("cached") is None \
+            and products.channel_fixed(request.get("channel_fds")):
+        result["product"] = {"kind": "elf", "object_b64": base64.b64encode(data).decode()}
     btf = obj.btf()
     if btf is not None:
         result["btf_b64"] = base64.b64encode(btf).decode()
@@ -389,7 +436,9 @@ def open_channel(request: dict[str, Any]) -> None:
     if not channel:
         return
     try:
-        request["channel_fds"] = {name: bpfsys.obj_get(path) for name, path in channel.items()}
+        # At the same numbers in every worker (products.CHANNEL_FDS): they are compiled in.
+        request["channel_fds"] = {name: products.fixed_fd(bpfsys.obj_get(path), products.CHANNEL_FDS.get(name, -1))
+                                  for name, path in channel.items()}
     except OSError as exc:  # unpinned behind the daemon's back: it pins them again within miss_log_interval
         print(f"tailcalld: the event channel is not reachable ({exc}); TC_PRINTF and TC_EMIT cannot compile "
               "until the daemon has pinned it again", file=sys.stderr)
@@ -432,10 +481,15 @@ def number_printfs(source: str) -> tuple[str, list[bytes]]:
     return _PRINTF_CALL.sub(numbered, source), formats
 
 
-def format_cflags(formats: list[bytes]) -> list[str]:
+def format_cflags(formats: list[bytes], made: dict[int, bytes] | None = None) -> list[str]:
+    """The -D that names the formats' map, made here; ``made`` gets its fd and contents (a
+    product describes it: products.bcc_product)."""
     if not formats:
         return []
-    fd = bpfsys.frozen_array("tailcalld_fmt", b"".join(f.ljust(FORMAT_SLOT, b"\0") for f in formats))
+    value = b"".join(f.ljust(FORMAT_SLOT, b"\0") for f in formats)
+    fd = bpfsys.frozen_array("tailcalld_fmt", value)
+    if made is not None:
+        made[fd] = value
     return [f"-DTC_FMT_FD={fd}"]
 
 

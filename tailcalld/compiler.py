@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import bpfsys, children, confine, dialects, headers, pch, spares
+from . import bpfsys, children, confine, dialects, headers, pch, program_cache, spares
 from .bpf_object import object_name
 from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, REQUEST_READ, RESULT_FILE, STDERR_COPY, signal_name
 from .config import LiveSettings
@@ -59,6 +59,10 @@ _INCLUDE_TARGET = re.compile(r'^[<"]([^>"]+)[>"]')
 # "error: FILE:LINE:COL: in function NAME TYPE: what" or "LLVM ERROR: what"; only the what is kept.
 _FATAL_COMPILER_ERROR = re.compile(r"^(?:.*?\berror: (?:.*?: in function .*?\): )?|LLVM ERROR: )(?P<what>.+)$",
                                    re.MULTILINE)
+# Refusals of a load from the compile cache that compiling would repeat word for word: the
+# handler's own (a function not in it, a --set it has no global for), not the entry's.
+_HANDLER_FAULTS = frozenset({"function_not_found", "function_ambiguous", "wrong_program_type", "invalid_setting",
+                             "map_too_large"})
 # What the preprocessor removes before it sees a directive: comments, backslash-newlines.
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.DOTALL)
 
@@ -117,7 +121,7 @@ class Program:
 
     def __init__(self, fd: int, id: int, function: str, insns: int, log: str = "", btf: bytes | None = None,
                  warnings: tuple[str, ...] = (), maps: tuple[bpfsys.MapInfo, ...] = (),
-                 steps: Mapping[str, float] | None = None) -> None:
+                 steps: Mapping[str, float] | None = None, from_cache: bool = False) -> None:
         self._fd: int | None = fd
         self.id = id
         self.function = function
@@ -127,6 +131,7 @@ class Program:
         self.warnings = warnings  # tailcalld's own about the handler (headers.header_warning)
         self.maps = maps  # the maps it uses, as the compile worker saw them when it loaded it
         self.steps = dict(steps or {})  # seconds of each step of its compile and load (worker_steps)
+        self.from_cache = from_cache  # loaded from the compile cache (program_cache.py), not compiled
 
     @property
     def fd(self) -> int:
@@ -158,14 +163,16 @@ def bpf_source(name: str) -> str:
 
 
 class Compiler:
-    def __init__(self, settings: LiveSettings, max_parallel: int = 2, cache_dir: Path | None = None,
+    def __init__(self, settings: LiveSettings, max_parallel: int | None = None, cache_dir: Path | None = None,
                  work_root: Path | None = None,
                  observe: Callable[[str, float], None] = lambda dialect, seconds: None) -> None:
         self._settings = settings  # compile_timeout and the limits are live: read at each compile
         self._observe = observe  # (dialect, seconds) of every compile and load, failed or not (metrics)
         # Each compile is ~0.5 s of one CPU; more at once than cores only adds latency.
-        self._parallel_compiles = asyncio.Semaphore(max_parallel)
+        self._parallel_compiles = asyncio.Semaphore(max_parallel or len(os.sched_getaffinity(0)))
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "tailcalld-cache"
+        self.cache = program_cache.ProgramCache(self._cache_dir / "programs",
+                                                lambda: self._settings.current.compile_cache_bytes)
         self._vmlinux: Path | None = None  # the folder vmlinux_header gave (the BTF is the kernel's: it stays)
         self.precompiled = pch.Precompiled(lambda: self._settings.current.compile_timeout)
         self._spares = spares.Spares(self._compile_root)
@@ -221,8 +228,28 @@ class Compiler:
             assert source is not None
             vmlinux = await self.vmlinux_folder()
             request["include_dirs"] = [str(vmlinux), bpf_include_dir()]
-            if pch.usable_for(source, defines, headers or {}):
-                request["pch"] = await self._ready_pch(vmlinux)
+        key = self._cache_key(request) if dialect != "object" and self.cache.enabled else None
+        if key is not None:
+            program = await self._load_cached(key, request, asked, filename, source)
+            if program is not None:
+                return program
+            request["want_product"] = True
+        if dialect == "libbpf" and pch.usable_for(source or "", defines, headers or {}):
+            request["pch"] = await self._ready_pch(Path(request["include_dirs"][0]))  # type: ignore[index]
+        result, fd, output, started = await self._compile(request, filename, source)
+        if result.get("pch_refused") and request.get("pch"):
+            self.precompiled.discard(Path(str(request["pch"])))
+        steps = worker_steps(asked, started, result.get("steps"), bool(request.get("pch")))
+        output = name_the_file(output, filename, source)
+        if key is not None and result.get("ok") and isinstance(result.get("product"), dict):
+            entry = program_cache.Entry(result["product"], result["function"], output)
+            await asyncio.to_thread(self.cache.put, key, entry)
+        return self._program(request, result, fd, output, steps, asked, filename, source)
+
+    async def _compile(self, request: dict[str, object], filename: str | None,
+                       source: str | None) -> tuple[dict[str, Any], int | None, str, float]:
+        """Run the worker on ``request`` once its turn comes: (result, fd, output, when it started)."""
+        dialect = str(request["dialect"])
         async with self._parallel_compiles:
             started = time.monotonic()  # the compile's own time, not its wait for a turn
             try:
@@ -231,10 +258,46 @@ class Compiler:
                 raise _name_the_file_in(err, filename, source) from None
             finally:
                 self._observe(dialect, time.monotonic() - started)
-        if result.get("pch_refused") and request.get("pch"):
-            self.precompiled.discard(Path(str(request["pch"])))
-        steps = worker_steps(asked, started, result.get("steps"), bool(request.get("pch")))
-        output = name_the_file(output, filename, source)
+        return result, fd, output, started
+
+    def _cache_key(self, request: Mapping[str, object]) -> str:
+        """What a product depends on, of the request (the cache adds tailcalld and the kernel).
+        A libbpf object holds every function: the function is chosen when it is loaded."""
+        handler = {name: request.get(name) for name in ("dialect", "source", "headers", "cflags", "tag", "include_dirs")}
+        handler["channel"] = request.get("channel") is not None
+        if request["dialect"] == "bcc":
+            handler["function"] = request.get("function")
+        return self.cache.key(handler)
+
+    async def _load_cached(self, key: str, request: dict[str, object], asked: float, filename: str | None,
+                           source: str | None) -> Program | None:
+        """The program loaded from the cache entry of ``key``; None when there is none, or when
+        it no longer loads (then it is dropped, and the caller compiles)."""
+        entry = await asyncio.to_thread(self.cache.get, key)
+        if entry is None:
+            return None
+        cached = request | {"cached": entry.product, "function": request.get("function") if request["dialect"] ==
+                            "libbpf" else entry.function}
+        try:
+            result, fd, output, started = await self._compile(cached, filename, source)
+        except TailcalldError as err:
+            self.cache.drop(key, f"loading it failed ({err.message})")
+            return None
+        if not result.get("ok"):
+            if result.get("code") in _HANDLER_FAULTS:  # the compile would say the same (a function not found)
+                return self._program(cached, result, fd, name_the_file(output, filename, source), {}, asked,
+                                     filename, source)
+            self.cache.drop(key, f"it no longer loads ({result.get('message', '?')})")
+            return None
+        steps = worker_steps(asked, started, result.get("steps"), False)
+        steps["from cache"] = steps.pop("compile", 0.0)
+        return self._program(cached, result, fd, entry.log, steps, asked, filename, source, from_cache=True)
+
+    def _program(self, request: Mapping[str, object], result: dict[str, Any], fd: int | None, output: str,
+                 steps: dict[str, float], asked: float, filename: str | None, source: str | None,
+                 from_cache: bool = False) -> Program:
+        """The worker's answer as a Program, or its failure raised."""
+        dialect = request["dialect"]
         if not result.get("ok"):
             error = error_class(result.get("code", ""))
             details = {"log": output, "candidates": result.get("candidates", [])}
@@ -250,9 +313,11 @@ class Compiler:
         warnings = _warnings(source, filename) if dialect == "bcc" and source is not None else ()
         maps = tuple(bpfsys.MapInfo(**m) for m in result.get("maps", []))
         steps["finished"] = time.monotonic() - asked - sum(steps.values())
-        logger.debug("compiled and loaded %s (%s) in %.3f s: %s", result["function"], dialect, time.monotonic() - asked,
+        logger.debug("%s %s (%s) in %.3f s: %s", "loaded from the compile cache" if from_cache else "compiled and loaded",
+                     result["function"], dialect, time.monotonic() - asked,
                      ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
-        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings, maps, steps)
+        return Program(fd, info.id, result["function"], info.xlated_insns, output, btf, warnings, maps, steps,
+                       from_cache)
 
     async def vmlinux_folder(self) -> Path:
         """The folder of this kernel's vmlinux.h (dialects.vmlinux_header), found once: the BTF
@@ -269,6 +334,12 @@ class Compiler:
         """Stop the background work: the workers started ahead, a precompile under way."""
         self._spares.close()
         self.precompiled.close()
+
+    async def aclose(self) -> None:
+        """``close``, and wait for the workers started ahead to be gone (tests that end their
+        event loop right after)."""
+        await self.precompiled.aclose()
+        await self._spares.aclose()
 
     async def load_artifact(self, artifact: Artifact, function: str | None, pin_root: Path | None = None) -> Program:
         tag = artifact.tag
@@ -317,7 +388,8 @@ class Compiler:
         request |= {"work_dir": str(work_dir), "memory_max": s.compile_memory_max, "max_map_bytes": s.max_map_bytes,
                     "cpu_seconds": math.ceil(s.compile_timeout) + 1}
         try:
-            kind = "bcc" if request["dialect"] == "bcc" else "libbpf"
+            # A bcc product loads without libbcc: a worker of the lighter kind does it.
+            kind = "bcc" if request["dialect"] == "bcc" and request.get("cached") is None else "libbpf"
             return await self._run_in(work_dir, json.dumps(request).encode(), s.compile_timeout, s.compile_memory_max,
                                       kind)
         finally:

@@ -67,6 +67,11 @@ class Settings(BaseModel):
     compile_timeout: float = Field(60.0, ge=1, le=3600, strict=True,
                                    description="seconds a compile+load may take before it is killed",
                                    json_schema_extra=LIVE)
+    # What compiles produced, kept under state_dir/cache/programs (program_cache.py): a restart
+    # or reboot loads the handlers again without compiling them.  A bcc entry is ~10 KiB, a
+    # libbpf one (the object, with its BTF) tens of KiB: 64 MiB holds thousands.
+    compile_cache_bytes: int = Field(64 << 20, ge=0, le=16 << 30, strict=True, json_schema_extra=LIVE,
+                                     description="bytes of compiled handlers kept for later loads; 0: no cache")
     allowed_group: str | None = Field(None, json_schema_extra=LIVE,
                                       description="group whose members may use the socket (0660); root-equivalent")
     log_level: LogLevel = Field("info", json_schema_extra=LIVE)

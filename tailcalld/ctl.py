@@ -268,6 +268,8 @@ def _prog(s: SlotInfo) -> str:
         return str(s.prog_id)
     if s.state == "not-restored":
         return f"{s.prog_id} (not restored)"
+    if s.state == "restoring":
+        return f"{s.prog_id} (restoring)"
     return f"{s.prog_id} (kernel: {'empty' if s.kernel_prog_id is None else s.kernel_prog_id})"
 
 
@@ -301,7 +303,8 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
         ("Dispatcher", f"program {r.dispatcher_prog_id}, link {r.dispatcher_link_id}"
                        f" ({'adopted from pins' if r.adopted else 'loaded at start'})"),
         ("Pins", r.pin_dir), ("Socket", r.socket),
-        ("Slots", f"{r.slots_used} in use of {r.nr_slots}"),
+        ("Slots", f"{r.slots_used} in use of {r.nr_slots}"
+                  + (f", {r.restoring} more being restored (list: restoring)" if r.restoring else "")),
         ("Hits", f"{r.hits_total} handler runs since start"),
         ("Misses", f"{r.misses_total} since start, logged every {r.miss_log_interval:g} s"),
     ]

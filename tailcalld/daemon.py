@@ -34,6 +34,7 @@ from .kernel import BpfKernel
 from .misses import MissMonitor, MissReport
 from .paths import open_trusted_dir
 from .peers import Peer
+from .reconcile import Restore
 from .server import ROOT_RESERVE, ControlServer, SocketPlace
 from .slots import SlotManager
 from .state import StateFile, StateStore
@@ -71,6 +72,7 @@ class Daemon:
         self._manager: SlotManager | None = None
         self._place: SocketPlace | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._event_notices_task: asyncio.Task[None] | None = None
         self._compat_misses: MissMonitor | None = None
         self._misses_per_min = 0.0
         self._timing: OnDemandTiming | None = None
@@ -144,14 +146,14 @@ class Daemon:
                 lambda: self.live.current.events_journal_rate, lambda: self.live.current.events_backlog,
                 lambda: self.live.current.events_client_bytes)
             held.callback(self._events.stop)
-            await manager.restore()
-            # After the restore: what waits in the ring is decoded by the BTF of the handlers
-            # the restore put back.
-            self._events.start(asyncio.get_running_loop())
+            # What needs no compile, before the socket is served; the slots to rebuild (after a
+            # reboot) are rebuilt behind it, and list shows them as restoring meanwhile.
+            restore = await manager.begin_restore()
             await self._watch_exit_misses(watch)
-            await self._serve(manager, place, passed)
+            await self._serve(manager, place, passed, restore)
 
-    async def _serve(self, manager: SlotManager, place: SocketPlace, passed: socket.socket | None) -> None:
+    async def _serve(self, manager: SlotManager, place: SocketPlace, passed: socket.socket | None,
+                     restore: Restore) -> None:
         s = self.live.current
         if passed is None:
             sock = place.bind(s.allowed_gid)
@@ -166,24 +168,17 @@ class Daemon:
         itself = Peer.this_process()  # who the journal says made desired_slots' changes
         self._desired = DesiredSlots(self.live, lambda request: run_apply(ctx, request, itself))
         watchdog = _start_watchdog()
+        startup: asyncio.Task[None] | None = None
         try:
             await server.start(sock)
             if self._metrics_endpoints is not None:
                 await self._metrics_endpoints.start(self.metrics.render, lambda: self.live.current.allowed_gid)
-            await self._desired.reconcile("start")  # served meanwhile; ready once the slots match it
-            d = manager.kernel.info
-            state = (f"upgraded from program {d.upgraded_from}" if d.upgraded_from
-                     else "adopted from pins" if d.adopted else "loaded and pinned")
-            metrics_at = self._metrics_endpoints.where if self._metrics_endpoints is not None else []
-            logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s%s",
-                        __version__, d.prog_id, state, manager.slots_in_use, place.path,
-                        " (socket activation)" if passed is not None else "",
-                        f"; metrics on {', '.join(metrics_at)}" if metrics_at else "")
-            notify.notify("READY=1", self._status_line())
-            self._maintenance = asyncio.create_task(self._maintain(manager))
-            event_notices = asyncio.create_task(self._event_notices())
+            startup = asyncio.create_task(self._finish_start(manager, place, passed, restore))
+            startup.add_done_callback(self._start_ended)
             await self._stopping.wait()
-            await _cancel(event_notices)
+            # A stop during the restore cancels it: the slots not rebuilt yet stay recorded.
+            failed = await _cancel_start(startup)
+            await _cancel(self._event_notices_task)
             notify.notify("STOPPING=1")
             if self.stop_reason is StopReason.UNLOADED:
                 logger.info("stopping after unload-all; nothing of tailcalld is left in the kernel")
@@ -193,12 +188,40 @@ class Daemon:
             if self._metrics_endpoints is not None:
                 await self._metrics_endpoints.stop()
             await server.close()
+            if failed is not None:
+                raise failed
         finally:
             await _cancel(watchdog)
             if passed is None:  # systemd owns an activated socket and its file; they outlive us
                 sock.close()
                 with contextlib.suppress(OSError):
                     place.remove()
+
+    async def _finish_start(self, manager: SlotManager, place: SocketPlace, passed: socket.socket | None,
+                            restore: Restore) -> None:
+        """Behind the served socket: the rebuilds of the restore, desired_slots, then READY=1."""
+        await manager.finish_restore(restore)
+        logger.info("%s", restore.summary, extra=restore.fields)
+        assert self._events is not None and self._desired is not None
+        # After the restore: what waits in the ring is decoded by the BTF of the handlers it put back.
+        self._events.start(asyncio.get_running_loop())
+        await self._desired.reconcile("start")  # served meanwhile; ready once the slots match it
+        d = manager.kernel.info
+        state = (f"upgraded from program {d.upgraded_from}" if d.upgraded_from
+                 else "adopted from pins" if d.adopted else "loaded and pinned")
+        metrics_at = self._metrics_endpoints.where if self._metrics_endpoints is not None else []
+        logger.info("tailcalld %s ready: dispatcher program %d %s, %d slots in use, listening on %s%s%s",
+                    __version__, d.prog_id, state, manager.slots_in_use, place.path,
+                    " (socket activation)" if passed is not None else "",
+                    f"; metrics on {', '.join(metrics_at)}" if metrics_at else "")
+        notify.notify("READY=1", self._status_line())
+        self._maintenance = asyncio.create_task(self._maintain(manager))
+        self._event_notices_task = asyncio.create_task(self._event_notices())
+
+    def _start_ended(self, task: asyncio.Task[None]) -> None:
+        """A start that failed half-way behind the socket stops the daemon (``_serve`` raises it)."""
+        if not task.cancelled() and task.exception() is not None:
+            self._stopping.set()
 
     async def _maintain(self, manager: SlotManager) -> None:
         """Every miss_log_interval: the new misses to the journal, pins and drift repaired, STATUS= refreshed."""
@@ -268,7 +291,9 @@ class Daemon:
 
     def _status_line(self) -> str:
         used = self._manager.slots_in_use if self._manager else 0
-        return f"STATUS={used} slot{'s' if used != 1 else ''} in use, {self._misses_per_min:.0f} misses/min"
+        restoring = self._manager.restoring if self._manager else 0
+        return (f"STATUS={used} slot{'s' if used != 1 else ''} in use"
+                + (f", {restoring} being restored" if restoring else "") + f", {self._misses_per_min:.0f} misses/min")
 
     def _publish_status(self) -> None:
         notify.notify(self._status_line())
@@ -353,6 +378,14 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _cancel_start(task: asyncio.Task[None]) -> BaseException | None:
+    """Cancel the start's rest if it still runs; the exception it failed with, if it did."""
+    if not task.done():
+        await _cancel(task)
+        return None
+    return None if task.cancelled() else task.exception()
 
 
 async def _main_async(settings: Settings, config_path: Path) -> None:

@@ -136,6 +136,12 @@ class Precompiled:
             task.cancel()
         self._builds.clear()
 
+    async def aclose(self) -> None:
+        """``close``, and wait for the build to have ended (its clang killed and reaped)."""
+        builds = list(self._builds.values())
+        self.close()
+        await asyncio.gather(*builds, return_exceptions=True)
+
     async def _key(self, folder: Path) -> tuple[str, dict[str, object]]:
         """What a PCH of ``folder`` must have been made from: clang (its version), the flags
         and vmlinux.h (its sha256, size and mtime: a rewritten one is another header)."""

@@ -236,9 +236,10 @@ class SlotInfo(BaseModel):
     defines: dict[str, str] = Field(default_factory=dict, description="the -D it was attached with")
     # Keep these last, in this order: commands.ListCache serialises the rest once per record
     # and writes only these per request.
-    state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"] = Field(
+    state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored", "restoring"] = Field(
         "in-sync", description="the kernel's slot compared with what tailcalld wants there; not-restored: the "
-                               "recorded handler could not be rebuilt at start (retried at the next start)")
+                               "recorded handler could not be rebuilt at start (retried at the next start); "
+                               "restoring: the start is rebuilding it now (a change of the slot waits for it)")
     kernel_prog_id: int | None = Field(None, description="the program the kernel's slot holds now")
     hits: int = Field(0, description="times the slot's handler ran since the daemon started")
     misses: int = Field(description="tail-call misses of this slot since the daemon started")
@@ -364,6 +365,8 @@ class StatusResult(BaseModel):
     upgraded_from: int | None = Field(None, description="program id of the older dispatcher this start replaced")
     slots_used: int
     nr_slots: int
+    restoring: int = Field(0, description="slots the start is still rebuilding (after a reboot: compiles, or loads "
+                                          "from the compile cache); list shows them as restoring")
     hits_total: int = Field(0, description="handler runs on all slots since the daemon started")
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
     miss_log_interval: float

@@ -7,6 +7,13 @@ The rule, per slot, when the state file is readable (it is the desired state):
   recorded handler is rebuilt from its saved source and put back;
 * the slot is filled but nothing is recorded for it: it is emptied.
 
+The start is split in two (``begin_restore``, ``finish_restore``) so that the socket answers
+while handlers are rebuilt: everything that needs no compile is done before anything is
+served, and the slots to rebuild are left *restoring*, each behind its slot's lock (a change
+asked for meanwhile waits for that slot alone).  The rebuilds then run side by side, as many at
+once as the compiler allows (one per core), and load from the compile cache what was compiled
+before (program_cache.py).
+
 With no state file, or an unreadable one (moved aside), the kernel wins: what runs is adopted
 and recorded with its source unknown.  Every correction is logged and kept for status.
 
@@ -20,7 +27,9 @@ get it back.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
 
 from .compiler import Program
 from .errors import StateUnwritable, TailcalldError
@@ -49,14 +58,53 @@ def adopted_unknown(registry: Registry, slot: int, prog_id: int) -> Handler:
     return adopted(registry, unknown_record(registry, slot, prog_id))
 
 
-async def restore(registry: Registry) -> None:
-    """At start, before anything is served: no lock is needed, nothing else runs."""
+@dataclass
+class Restore:
+    """The slots a start rebuilds (slot -> what runs there, its record), and how it went."""
+
+    pending: dict[int, tuple[int | None, SlotRecord]]
+    started: float = field(default_factory=time.monotonic)
+    rebuilt: int = 0
+    from_cache: int = 0
+    failed: int = 0
+    adopted: int = 0  # found running as recorded: nothing to do
+    seconds: float = 0.0  # from the start of begin_restore to the last slot rebuilt
+
+    @property
+    def summary(self) -> str:
+        cached = f", {self.from_cache} loaded from the compile cache and {self.rebuilt - self.from_cache} compiled"
+        return (f"restore: {self.rebuilt} of {len(self.pending)} slots rebuilt in {self.seconds:.2f} s"
+                + (cached if self.rebuilt else "") + (f", {self.failed} could not be" if self.failed else "")
+                + f"; {self.adopted} found running as recorded")
+
+    @property
+    def fields(self) -> dict[str, object]:
+        """The journal entry's fields (journalctl TAILCALLD_RESTORE=1 -o json)."""
+        return {"TAILCALLD_RESTORE": 1, "TAILCALLD_RESTORE_SECONDS": f"{self.seconds:.3f}",
+                "TAILCALLD_RESTORE_SLOTS": len(self.pending), "TAILCALLD_RESTORE_REBUILT": self.rebuilt,
+                "TAILCALLD_RESTORE_CACHE_HITS": self.from_cache, "TAILCALLD_RESTORE_FAILED": self.failed,
+                "TAILCALLD_RESTORE_ADOPTED": self.adopted}
+
+
+async def restore(registry: Registry) -> Restore:
+    """The whole restore at once (tests, and tools that serve nothing meanwhile)."""
+    plan = await begin_restore(registry)
+    await finish_restore(registry, plan)
+    return plan
+
+
+async def begin_restore(registry: Registry) -> Restore:
+    """At start, before anything is served (no lock is needed: nothing else runs): everything
+    that needs no compile.  The slots left to rebuild are in ``registry.restoring``, each with
+    its lock held, until ``finish_restore``."""
+    started = time.monotonic()
     registry.store.prepare()
     loaded = registry.store.load()
     if loaded.problem:
         registry.correct(loaded.problem, error=True)
     records = _usable_records(registry, loaded.state) if loaded.found else {}
     kernel = registry.kernel.occupied()
+    plan = Restore({}, started)
     if not loaded.found:
         for slot, prog_id in sorted(kernel.items()):
             registry.handlers[slot] = adopted_unknown(registry, slot, prog_id)
@@ -64,12 +112,18 @@ async def restore(registry: Registry) -> None:
                 registry.correct(f"slot {registry.label(slot)}: kept program {prog_id} found in the kernel "
                                  "(source unknown: it cannot be rebuilt after a reboot)")
     else:
-        rebuilt: dict[ShareKey, Program] = {}
         for slot in sorted(set(kernel) | set(records)):
-            await _restore_slot(registry, slot, kernel.get(slot), records.get(slot), rebuilt)
+            _restore_at_once(registry, slot, kernel.get(slot), records.get(slot), plan)
     registry.keep_programs()
-    if loaded.found and registry.desired() == loaded.state:
-        return  # nothing to write: a read-only state_dir is no reason not to start
+    for slot, (_, record) in plan.pending.items():
+        registry.restoring[slot] = record
+        await registry.locks[slot].acquire()  # nobody else holds it yet: at once
+    if not (loaded.found and registry.desired() == loaded.state):  # a read-only state_dir is no reason not to start
+        _save(registry)
+    return plan
+
+
+def _save(registry: Registry) -> None:
     try:
         registry.save()
     except StateUnwritable as err:
@@ -106,10 +160,9 @@ def _usable_records(registry: Registry, state: StateFile) -> dict[int, SlotRecor
     return usable
 
 
-async def _restore_slot(registry: Registry, slot: int, running: int | None, record: SlotRecord | None,
-                        rebuilt: dict[ShareKey, Program]) -> None:
-    """``rebuilt``: the programs this start has rebuilt so far, so that slots which shared one
-    program before (a warm attach) share one again, maps included, instead of getting a copy each."""
+def _restore_at_once(registry: Registry, slot: int, running: int | None, record: SlotRecord | None,
+                     plan: Restore) -> None:
+    """What a slot needs that takes no compile; a slot to rebuild goes to ``plan.pending``."""
     label = registry.label(slot)
     if record is None:
         assert running is not None
@@ -118,6 +171,7 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
         return
     if running == record.prog_id:
         registry.handlers[slot] = adopted(registry, record)
+        plan.adopted += 1
         return
     if record.source_sha256 is None:
         if running is None:
@@ -127,38 +181,93 @@ async def _restore_slot(registry: Registry, slot: int, running: int | None, reco
             registry.handlers[slot] = adopted_unknown(registry, slot, running)
             registry.correct(f"slot {label}: kept program {running} found in the kernel")
         return
-    key: ShareKey = (record.source_sha256, record.dialect, record.function, record.prog_id)
-    shared = rebuilt.get(key)
+    plan.pending[slot] = (running, record)
+
+
+async def finish_restore(registry: Registry, plan: Restore) -> None:
+    """Rebuild the slots ``begin_restore`` left restoring, side by side; each slot's lock is
+    released as soon as its slot is done.  Slots that shared one program before (a warm attach)
+    share one again, maps included, instead of getting a copy each.  Cancelled (a stop during
+    the restore), the slots not rebuilt keep their records for the next start."""
+    groups: dict[ShareKey, list[int]] = {}
+    for slot, (_, record) in sorted(plan.pending.items()):
+        key: ShareKey = (record.source_sha256, record.dialect, record.function, record.prog_id)
+        groups.setdefault(key, []).append(slot)
     try:
-        await registry.kernel.prepare(slot)  # an exit slot's dispatcher, gone with a reboot
-        if shared is not None:
-            prog = shared.dup()
-        else:
-            artifact = replace(registry.store.artifact(record.source_sha256, record.dialect, record.headers),
-                               filename=record.filename, variables=settings(record.variables),
-                               defines=settings(record.defines))
-            prog = await registry.kernel.load(artifact, record.function)
-    except (TailcalldError, OSError, ValueError) as err:
-        if running is None:  # nothing runs there: keep the record, the next start tries again
-            registry.unrestored[slot] = record
-            outcome = "the slot stays empty until a start can rebuild it"
-        else:  # something runs there: keep it rather than trace nothing
-            registry.handlers[slot] = adopted_unknown(registry, slot, running)
-            outcome = f"program {running}, found in the slot, is kept"
-        registry.correct(f"slot {label}: could not rebuild {record.function} from "
-                         f"{record.filename} ({err}); {outcome}", error=True)
-        return
+        await asyncio.gather(*(_rebuild_group(registry, slots, plan) for slots in groups.values()))
+    finally:
+        for slot in list(registry.restoring):  # cancelled: recorded, not rebuilt
+            registry.unrestored[slot] = registry.restoring.pop(slot)
+            _release(registry, slot)
+    if plan.pending:
+        registry.keep_programs()
+        _save(registry)  # the rebuilt slots' new program ids
+    plan.seconds = time.monotonic() - plan.started
+
+
+def _release(registry: Registry, slot: int) -> None:
+    lock = registry.locks[slot]
+    if lock.locked():
+        lock.release()
+
+
+async def _rebuild_group(registry: Registry, slots: list[int], plan: Restore) -> None:
+    """Rebuild the first slot's handler and give every slot of ``slots`` (one program before)
+    that program."""
+    prog: Program | None = None
+    try:
+        for slot in slots:
+            running, record = plan.pending[slot]
+            try:
+                await registry.kernel.prepare(slot)  # an exit slot's dispatcher, gone with a reboot
+                if prog is None:
+                    assert record.source_sha256 is not None  # those with no source are not pending
+                    artifact = replace(registry.store.artifact(record.source_sha256, record.dialect, record.headers),
+                                       filename=record.filename, variables=settings(record.variables),
+                                       defines=settings(record.defines))
+                    prog = await registry.kernel.load(artifact, record.function)
+                    plan.from_cache += prog.from_cache
+                    _put_back(registry, slot, running, record, prog, shared=False)
+                else:
+                    _put_back(registry, slot, running, record, prog.dup(), shared=True)
+                plan.rebuilt += 1
+            except (TailcalldError, OSError, ValueError) as err:
+                _not_rebuilt(registry, slot, running, record, err)
+                plan.failed += 1
+            finally:
+                registry.restoring.pop(slot, None)
+                _release(registry, slot)
+    finally:
+        if prog is not None and all(h.prog is not prog for h in registry.handlers.values()):
+            prog.close()  # its slot could not take it
+
+
+def _put_back(registry: Registry, slot: int, running: int | None, record: SlotRecord, prog: Program,
+              shared: bool) -> None:
     try:
         registry.kernel.set_slot(slot, prog)
     except BaseException:
-        prog.close()
+        if shared:
+            prog.close()
         raise
     rebuilt_record = record.model_copy(update={"prog_id": prog.id, "maps": map_records(prog.maps)})
     registry.handlers[slot] = Handler(rebuilt_record, prog, requested_function=record.function)
-    rebuilt.setdefault(key, prog)
+    registry.generation += 1  # a view of the kernel read before this is stale (repair_drift)
     what = "was empty" if running is None else f"held program {running}, not the recorded {record.prog_id}"
-    registry.correct(f"slot {label} {what}: rebuilt {record.function} from {record.filename} as program {prog.id}"
-                     + (", shared as before" if shared is not None else ""))
+    how = ", shared as before" if shared else " from the compile cache" if prog.from_cache else ""
+    registry.correct(f"slot {registry.label(slot)} {what}: rebuilt {record.function} from {record.filename} "
+                     f"as program {prog.id}{how}")
+
+
+def _not_rebuilt(registry: Registry, slot: int, running: int | None, record: SlotRecord, err: Exception) -> None:
+    if running is None:  # nothing runs there: keep the record, the next start tries again
+        registry.unrestored[slot] = record
+        outcome = "the slot stays empty until a start can rebuild it"
+    else:  # something runs there: keep it rather than trace nothing
+        registry.handlers[slot] = adopted_unknown(registry, slot, running)
+        outcome = f"program {running}, found in the slot, is kept"
+    registry.correct(f"slot {registry.label(slot)}: could not rebuild {record.function} from "
+                     f"{record.filename} ({err}); {outcome}", error=True)
 
 
 def repair_drift(registry: Registry, kernel: dict[int, int], generation: int) -> None:

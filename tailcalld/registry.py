@@ -78,6 +78,8 @@ class Registry:
         # reboot, say): kept in the state file so the next start tries again, until an attach
         # or detach on the slot says otherwise.
         self.unrestored: dict[int, SlotRecord] = {}
+        # Recorded slots the start is rebuilding right now, behind their locks (reconcile.py).
+        self.restoring: dict[int, SlotRecord] = {}
         # One lock per slot: two changes of one slot are serialised, changes of different
         # slots (and their compiles) run side by side.
         self.locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -142,8 +144,9 @@ class Registry:
     # -- persistence ----------------------------------------------------------------------------
 
     def wanted(self) -> dict[int, SlotRecord]:
-        """Every slot tailcalld wants filled: those it runs, and those it could not rebuild yet."""
-        return {**self.unrestored, **{s: h.record for s, h in self.handlers.items()}}
+        """Every slot tailcalld wants filled: those it runs, those it is rebuilding, and those it
+        could not rebuild yet."""
+        return {**self.unrestored, **self.restoring, **{s: h.record for s, h in self.handlers.items()}}
 
     def desired(self) -> StateFile:
         """The state file's form: enter and exit slots apart, each under its syscall number."""

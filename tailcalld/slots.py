@@ -69,7 +69,7 @@ class Unloaded:
 
 
 # How a wanted slot's kernel content compares with what tailcalld wants there.
-SlotState = Literal["in-sync", "kernel-empty", "kernel-other", "not-restored"]
+SlotState = Literal["in-sync", "kernel-empty", "kernel-other", "not-restored", "restoring"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +82,12 @@ class SlotView:
     hits: int  # times the slot's handler ran since this daemon started
     misses: int  # tail-call misses of the slot since this daemon started
     restored: bool = True  # False: recorded, but its handler could not be rebuilt at start
+    restoring: bool = False  # the start is rebuilding its handler right now
 
     @property
     def state(self) -> SlotState:
+        if self.restoring:
+            return "restoring"
         if not self.restored:
             return "not-restored"
         if self.kernel_prog_id == self.record.prog_id:
@@ -107,6 +110,7 @@ class Status:
     pid: int
     dispatcher: DispatcherInfo
     slots_used: int
+    restoring: int
     hits_total: int
     misses_total: int
     corrections: list[str]
@@ -125,13 +129,44 @@ class SlotManager:
         self._on_change = on_change  # e.g. to refresh systemd's STATUS=
         self._unloading = False
         self._exit_fills = 0  # attaches and applies between preparing the exit dispatcher and filling its slot
+        self._restored = asyncio.Event()  # cleared while the start rebuilds slots
+        self._restored.set()
 
     # -- keeping kernel and desired state in step -----------------------------------------------
 
-    async def restore(self) -> None:
-        """Rebuild the slot table at start (see ``reconcile``)."""
-        await reconcile.restore(self.registry)
+    async def restore(self) -> reconcile.Restore:
+        """Rebuild the slot table at start, all at once (see ``reconcile``)."""
+        plan = await self.begin_restore()
+        await self.finish_restore(plan)
+        return plan
+
+    async def begin_restore(self) -> reconcile.Restore:
+        """What the start needs before the socket is served (see ``reconcile.begin_restore``);
+        the slots it leaves restoring are rebuilt by ``finish_restore``."""
+        plan = await reconcile.begin_restore(self.registry)
+        self._restored.clear()
+        self._held_handlers()
+        return plan
+
+    async def finish_restore(self, plan: reconcile.Restore) -> None:
+        try:
+            await reconcile.finish_restore(self.registry, plan)
+        finally:
+            self._restored.set()
+            self._held_handlers()
         self._release_idle_exit()  # an exit dispatcher whose slots all went away
+        self._on_change()
+
+    async def restored(self) -> None:
+        """Wait for the end of the start's restore (an apply plans against the restored slots)."""
+        await self._restored.wait()
+
+    @property
+    def restoring(self) -> int:
+        """Slots the start is still rebuilding."""
+        return len(self.registry.restoring)
+
+    def _held_handlers(self) -> None:
         for slot in self.registry.handlers:
             self.misses.held_handler(slot)
 
@@ -332,6 +367,7 @@ class SlotManager:
             await lock.acquire()  # never released: the daemon exits after an unload
         slots = sorted(reg.handlers)
         reg.unrestored.clear()
+        reg.restoring.clear()
         reg.store.save(StateFile())
         for slot in slots:
             self.kernel.clear_slot(slot)
@@ -390,7 +426,7 @@ class SlotManager:
         reg = self.registry
         return [SlotView(record, label(slot), *self.syscalls.split(slot), self.kernel.slot(slot),
                          self._hits(slot, missed, called), self.misses.since_start(slot, missed),
-                         slot not in reg.unrestored)
+                         slot not in reg.unrestored, slot in reg.restoring)
                 for slot, record in sorted(reg.wanted().items())]
 
     def _recent_counts(self) -> tuple[list[int], list[int]]:
@@ -424,7 +460,7 @@ class SlotManager:
         # Hits of the slots tailcalld fills: elsewhere calls and misses are equal, and summing
         # two racing totals over every syscall of the machine would only add noise.
         hits = sum(self._hits(slot, missed, called) for slot in self.registry.handlers)
-        return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, hits,
+        return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, self.restoring, hits,
                       sum(missed) - sum(self.misses.baseline), list(self.registry.corrections))
 
     def close(self) -> None:

@@ -98,6 +98,22 @@ class Spares:
         if old is not None:
             old.discard()
 
+    async def aclose(self) -> None:
+        """``close``, then wait until the killed workers have ended and their pipes are closed:
+        nothing of theirs is left for the garbage collector to close after the event loop."""
+        starting, idle = list(self._starting.values()), list(self._idle.values())
+        self.close()
+        await asyncio.gather(*starting, return_exceptions=True)
+        idle += [w for w in self._idle.values() if w not in idle]  # started while cancelled
+        self.close()
+        for worker in idle:
+            if worker.proc.stdin is not None:
+                worker.proc.stdin.close()
+            await worker.proc.wait()
+            if worker.proc.stdout is not None:
+                await worker.proc.stdout.read()
+        await asyncio.sleep(0)  # the transports' connection_lost, scheduled by the reads' end
+
     def close(self) -> None:
         """Kill the idle workers (and stop any being started)."""
         for task in self._starting.values():

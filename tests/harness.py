@@ -165,8 +165,9 @@ class DaemonProcess:
 
 
 def start_daemon(tmp: Path, pin_dir: Path, prefix: Sequence[str] = (), args: Sequence[str] = (),
-                 **settings: object) -> DaemonProcess:
-    """A tailcalld with its config, socket, state and log in ``tmp``, once it answers a ping.
+                 restored: bool = True, **settings: object) -> DaemonProcess:
+    """A tailcalld with its config, socket, state and log in ``tmp``, once it answers a ping
+    and (``restored``) has rebuilt every recorded slot it rebuilds (the socket answers before).
     ``prefix`` runs it through another command that execs it (nsenter), so its pid stays ours;
     ``args`` go after its --config."""
     settings.setdefault("socket", tmp / "tailcalld.sock")
@@ -184,6 +185,10 @@ def start_daemon(tmp: Path, pin_dir: Path, prefix: Sequence[str] = (), args: Seq
             raise AssertionError(f"tailcalld exited with {proc.returncode}:\n{d.output()}")
         with contextlib.suppress(OSError), d.client(timeout=5) as c:
             c.call("ping")
+            if not restored:
+                return d
+            while time.monotonic() < deadline and c.call("status").get("restoring"):
+                time.sleep(0.05)
             return d
         time.sleep(0.05)
     d.stop()
@@ -512,7 +517,7 @@ def pin_old_dispatcher(pin_dir: Path, release: str, exit: bool = False) -> int:
         try:
             return await compiler.load(source, name, cflags)
         finally:
-            compiler.close()  # its background work, before the loop ends
+            await compiler.aclose()  # its background work, before the loop ends
 
     prog = asyncio.run(build())
     try:

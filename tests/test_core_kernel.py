@@ -49,7 +49,7 @@ async def core(pin_dir: Path, state_dir: Path) -> AsyncIterator[SlotManager]:
     finally:
         manager.close()
         kernel.close()
-        compiler.close()  # its workers started ahead, as the daemon's stop does
+        await compiler.aclose()  # its workers started ahead, gone before the loop ends
 
 
 def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:

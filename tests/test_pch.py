@@ -169,7 +169,7 @@ def load(cache: Path, source: str, function: str | None = "enter_fchmodat") -> P
         try:
             return await compiler.load(source, function, dialect="libbpf", filename="article.bpf.c")
         finally:
-            compiler.close()
+            await compiler.aclose()
 
     return asyncio.run(go())
 

@@ -118,6 +118,7 @@ BOUNDS = {
     "max_connections": (1, 1024),
     "idle_timeout": (1, 86400),
     "compile_timeout": (1, 3600),
+    "compile_cache_bytes": (0, 16 << 30),
     "max_connections_per_uid": (1, 1024),
     "compile_memory_max": (256 << 20, 64 << 30),
     "max_map_bytes": (1, 64 << 30),
@@ -250,7 +251,7 @@ def test_the_live_fields_are_the_ones_a_reload_applies() -> None:
                              "max_source_bytes", "max_object_bytes", "max_headers", "max_headers_bytes",
                              "max_connections", "idle_timeout", "compile_memory_max",
                              "max_map_bytes", "max_connections_per_uid", "events_journal_rate", "events_backlog",
-                             "events_client_bytes", "desired_slots"}
+                             "events_client_bytes", "desired_slots", "compile_cache_bytes"}
 
 
 def test_a_reload_applies_live_fields_keeps_the_rest_and_tells_the_reactions(tmp_path: Path) -> None:
