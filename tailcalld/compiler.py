@@ -244,6 +244,10 @@ class Compiler:
         if key is not None and result.get("ok") and isinstance(result.get("product"), dict):
             entry = program_cache.Entry(result["product"], result["function"], output)
             await asyncio.to_thread(self.cache.put, key, entry)
+            if dialect == "bcc" and function is None:
+                # Also under the function it resolved to: a restart asks for it by name.
+                named = self._cache_key(request | {"function": result["function"]})
+                await asyncio.to_thread(self.cache.put, named, entry)
         return self._program(request, result, fd, output, steps, asked, filename, source)
 
     async def _compile(self, request: dict[str, object], filename: str | None,

@@ -66,7 +66,7 @@ def tag(p: Program) -> tuple[str, int, list[str]]:
 
 async def load(c: Compiler, dialect: str) -> Program:
     if dialect == "bcc":
-        return await c.load(BCC_HANDLER, None, dialect="bcc", filename="runs.c")
+        return await c.load(BCC_HANDLER, "count_runs", dialect="bcc", filename="runs.c")
     return await c.load(LIBBPF_HANDLER, "enter_fchmodat", dialect="libbpf", filename="fchmodat.bpf.c")
 
 
@@ -165,6 +165,22 @@ def test_an_entry_that_no_longer_loads_is_dropped_and_the_handler_compiled(
             p = await load(c, dialect)  # the compile's entry replaced the bad one
             assert p.from_cache
             p.close()
+    run(scenario)
+
+
+def test_a_bcc_handler_loaded_as_the_only_function_is_found_by_its_name(tmp_path: Path) -> None:
+    """An attach names no function (the only raw_tp one); a restart asks for the one it got."""
+    async def scenario() -> None:
+        async with compiler(tmp_path) as c:
+            first = await c.load(BCC_HANDLER, None, dialect="bcc", filename="runs.c")
+            named = await c.load(BCC_HANDLER, "count_runs", dialect="bcc", filename="runs.c")
+            unnamed = await c.load(BCC_HANDLER, None, dialect="bcc", filename="runs.c")
+            try:
+                assert (first.from_cache, named.from_cache, unnamed.from_cache) == (False, True, True)
+                assert tag(named) == tag(unnamed) == tag(first)
+            finally:
+                for p in (first, named, unnamed):
+                    p.close()
     run(scenario)
 
 
