@@ -27,7 +27,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `tailcalld` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cli_startup, cold_attach, control_plane, events_throughput, syscall_cost  # noqa: E402
+from bench import cli_startup, cold_attach, control_plane, events_throughput, restore, syscall_cost  # noqa: E402
 from bench.control_plane import ControlResults, ControlSize  # noqa: E402
 from bench.syscall_cost import LoopSize, Row, Sample  # noqa: E402
 from bench.util import PinDirs, format_table  # noqa: E402
@@ -42,6 +42,8 @@ class Plan:
     events_calls: int = 1_000_000  # getppid calls of the event-throughput loop, one event each
     cli_rounds: int = 60  # interleaved rounds of tailcallctl's start-up rows
     cold_attaches: int = 15  # cold attaches of each handler, each way (part 6)
+    restore_handlers: int = 50  # recorded bcc handlers a reboot brings back (part 7)
+    restore_rounds: int = 3
 
 
 FULL = Plan(7, LoopSize(calls=300_000, runs=10),
@@ -49,7 +51,7 @@ FULL = Plan(7, LoopSize(calls=300_000, runs=10),
                         handlers=50, swaps=2000), 1_000_000)
 QUICK = Plan(1, LoopSize(calls=20_000, runs=2),
              ControlSize(attaches=2, lists=20, clients=50, lists_per_client=2, seconds=0.2,
-                         handlers=3, swaps=20), 20_000, 2, 2)
+                         handlers=3, swaps=20), 20_000, 2, 2, 3, 1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help=f"interleaved rounds of the per-syscall part (default {FULL.rounds})")
     p.add_argument("--calls", type=int, help=f"getppid calls per run (default {FULL.loop.calls})")
     p.add_argument("--runs", type=int, help=f"runs per configuration per round (default {FULL.loop.runs})")
-    p.add_argument("--only", choices=("syscall", "control", "events", "cli", "cold"), help="run one part only")
+    p.add_argument("--only", choices=("syscall", "control", "events", "cli", "cold", "restore"),
+                   help="run one part only")
     p.add_argument("--json", type=Path, help="also write every number to this file")
     return p.parse_args(argv)
 
@@ -67,7 +70,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     base = QUICK if args.quick else FULL
     loop = LoopSize(args.calls or base.loop.calls, args.runs or base.loop.runs)
     return Plan(args.rounds or base.rounds, loop, base.control, base.events_calls, base.cli_rounds,
-                base.cold_attaches)
+                base.cold_attaches, base.restore_handlers, base.restore_rounds)
 
 
 def source_version() -> str:
@@ -145,7 +148,8 @@ def run_syscall_part(plan: Plan, pins: PinDirs, loop: asyncio.AbstractEventLoop,
 
 def report(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: list[Sample] | None,
            control: ControlResults | None, events: list[events_throughput.ThroughputRow] | None = None,
-           cli: list[cli_startup.StartupRow] | None = None, cold: cold_attach.ColdResults | None = None) -> str:
+           cli: list[cli_startup.StartupRow] | None = None, cold: cold_attach.ColdResults | None = None,
+           restored: restore.RestoreResults | None = None) -> str:
     out = [f"tailcalld benchmark, {info['date']}: {info['model']}, {info['cpus']} CPUs, kernel {info['kernel']}",
            f"tailcalld: {info['tailcalld']}", f"command: {' '.join(sys.argv)}", ""]
     if rows is not None:
@@ -170,6 +174,11 @@ def report(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: li
         out += [f"Cold attach of the article's handlers (examples/), {plan.cold_attaches} of each way, "
                 f"{cold_attach.PAUSE:g} s apart; the floor of a libbpf load: bpftool prog loadall of the same object",
                 cold_attach.tables(cold), ""]
+    if restored is not None:
+        out += [f"Reboot to traced: a tailcalld with {restored.handlers} recorded bcc handlers started on an empty pin "
+                f"folder (a reboot), {restored.rounds} interleaved rounds; 'socket answers' counts from the process's "
+                "start (polled every 50 ms), 'all slots back' until status says no slot is restoring.",
+                restore.table(restored), ""]
     return "\n".join(out)
 
 
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     events: list[events_throughput.ThroughputRow] | None = None
     cli: list[cli_startup.StartupRow] | None = None
     cold: cold_attach.ColdResults | None = None
+    restored: restore.RestoreResults | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="tailcalld-bench-") as tmp:
             if args.only in (None, "syscall"):
@@ -202,15 +212,18 @@ def main(argv: list[str] | None = None) -> int:
                 cli = cli_startup.measure(pins, Path(tmp) / "cli", plan.cli_rounds, log)
             if args.only in (None, "cold"):
                 cold = cold_attach.measure(pins, Path(tmp), loop, plan.cold_attaches, log)
+            if args.only in (None, "restore"):
+                (Path(tmp) / "restore").mkdir()
+                restored = restore.measure(pins, Path(tmp) / "restore", plan.restore_handlers, plan.restore_rounds, log)
     finally:
         left = pins.sweep()
         loop.close()
         if left:
             log(f"removed pins left by an interrupted step: {', '.join(left)}")
-    print(report(plan, info, rows, samples, control, events, cli, cold), flush=True)
+    print(report(plan, info, rows, samples, control, events, cli, cold, restored), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(_as_json(plan, info, rows, samples, control, pins, events, cli, cold), indent=1,
-                                        default=str))
+        args.json.write_text(json.dumps(_as_json(plan, info, rows, samples, control, pins, events, cli, cold, restored),
+                                        indent=1, default=str))
     return 0
 
 
@@ -218,8 +231,10 @@ def _as_json(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: 
              control: ControlResults | None, pins: PinDirs,
              events: list[events_throughput.ThroughputRow] | None = None,
              cli: list[cli_startup.StartupRow] | None = None,
-             cold: cold_attach.ColdResults | None = None) -> dict[str, Any]:
+             cold: cold_attach.ColdResults | None = None,
+             restored: restore.RestoreResults | None = None) -> dict[str, Any]:
     return {"machine": info, "command": sys.argv, "plan": asdict(plan),
+            "restore": asdict(restored) if restored else None,
             "cold_attach": asdict(cold) if cold else None,
             "events_rows": [asdict(r) for r in events or []], "cli_rows": [asdict(r) for r in cli or []],
             "syscall_rows": [asdict(r) for r in rows or []], "samples": [asdict(s) for s in samples or []],

@@ -19,8 +19,8 @@ Request (JSON on stdin):
      "headers": {name: text} | null, "variables": {name: value} (--set), "object_name": str,
      "work_dir": str, "memory_max": int, "cpu_seconds": int, "max_map_bytes": int,
      "want_product": bool, "cached": product | null}
-    ``cached``: what an earlier compile produced (tailcalld/products.py), loaded instead of
-    compiling the source; ``want_product``: a compile's result carries its product.
+    ``cached``: the object an earlier libbpf compile produced (tailcalld/products.py), loaded
+    instead of compiling the source; ``want_product``: a compile's result carries its product.
 Result: written to work_dir/result.json (any size), the fd (if any) sent as one datagram:
     {"ok": true, "function": str, "product": product (when asked and possible)}, or
     {"ok": false, "code": str, "message": str, "candidates": [str]}
@@ -211,8 +211,6 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
         def _trace_autoload(self) -> None:
             return None
 
-    if request.get("cached") is not None:
-        return load_bcc_product(request, work_dir)
     source: str = request["source"]
     wanted: str | None = request.get("function")
     if (wrong := other_type_macro(source)) is not None:
@@ -281,29 +279,6 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
 # A bcc table opened from a pin (BPF_TABLE_PINNED) is shared with whoever pinned it: a load from
 # the compile cache would make a map of its own instead, so such handlers are compiled each time.
 _PINNED_TABLE = re.compile(r"\bBPF_\w*PINNED\w*\s*\(")
-
-
-def load_bcc_product(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:
-    """Load what an earlier bcc compile produced (products.bcc_product): its maps made anew,
-    their fds written into its instructions, then the kernel's verifier as for any load."""
-    product, name = request["cached"], request["function"]
-    try:
-        mapbudget.check([mapbudget.MapSpec(*spec) for spec in products.map_specs(product)], request["max_map_bytes"],
-                        bpfsys.num_possible_cpus())
-        made = products.create_maps(product)
-    except TailcalldError as err:
-        return _fail(err), None, None
-    except OSError as exc:
-        return _fail(MapError(f"the kernel refused to create a map: {exc}")), None, None
-    mark(request, "compile")  # no compile: the maps are made
-    insns = products.patched(base64.b64decode(product["insns_b64"]), made)
-    fd, log = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, name, product["license"].encode(), insns,
-                               VERIFIER_LOG_BYTES)
-    if fd < 0:
-        sys.stderr.write(log)
-        sys.stderr.flush()
-        return _fail(refused(name, log, os.strerror(-fd))), None, made
-    return {"ok": True, "function": name}, fd, made
 
 
 def load_bcc_function(b: Any, name: str, work_dir: Path) -> int:

@@ -32,14 +32,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import bpfsys, children, confine, dialects, headers, pch, program_cache, spares
+from . import bpfsys, children, confine, dialects, headers, pch, products, program_cache, spares
 from .bpf_object import object_name
-from .compile_worker import HEADERS_DIR, OUT_OF_MEMORY, REQUEST_READ, RESULT_FILE, STDERR_COPY, signal_name
+from .compile_worker import (HEADERS_DIR, OUT_OF_MEMORY, REQUEST_READ, RESULT_FILE, STDERR_COPY, VERIFIER_LOG_BYTES,
+                             signal_name)
 from .config import LiveSettings
 from .diagnostics import name_the_file
 from .dialects import Artifact, Dialect
 from .errors import (BadRequest, CompileError, CompileOutOfMemory, CompilerCrashed, CompileTimeout, ForbiddenInclude,
-                     StateUnwritable, TailcalldError, error_class)
+                     MapTooLarge, StateUnwritable, TailcalldError, error_class)
 from .loader_settings import Settings, define_flags
 
 logger = logging.getLogger("tailcalld")
@@ -280,6 +281,8 @@ class Compiler:
         entry = await asyncio.to_thread(self.cache.get, key)
         if entry is None:
             return None
+        if entry.product.get("kind") == "bcc":
+            return await self._load_bcc_product(key, entry, request, asked, filename, source)
         cached = request | {"cached": entry.product, "function": request.get("function") if request["dialect"] ==
                             "libbpf" else entry.function}
         try:
@@ -296,6 +299,31 @@ class Compiler:
         steps = worker_steps(asked, started, result.get("steps"), False)
         steps["from cache"] = steps.pop("compile", 0.0)
         return self._program(cached, result, fd, entry.log, steps, asked, filename, source, from_cache=True)
+
+    async def _load_bcc_product(self, key: str, entry: program_cache.Entry, request: Mapping[str, object],
+                                asked: float, filename: str | None, source: str | None) -> Program | None:
+        """A bcc product, loaded by the daemon itself (products.load_bcc), off the event loop: the
+        verifier may take a while on a large program."""
+        s = self._settings.current
+        try:
+            fd, maps = await asyncio.to_thread(products.load_bcc, entry.product, entry.function, self.channel,
+                                               s.max_map_bytes, VERIFIER_LOG_BYTES)
+        except MapTooLarge as err:  # the handler's fault (a lowered max_map_bytes): compiling says the same
+            raise _name_the_file_in(err, filename, source) from None
+        except (TailcalldError, OSError, KeyError, ValueError, TypeError) as err:
+            self.cache.drop(key, f"it no longer loads ({err})")
+            return None
+        try:
+            info = bpfsys.prog_info(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        warnings = _warnings(source, filename) if source is not None else ()
+        steps = {"prepare": 0.0, "from cache": time.monotonic() - asked}
+        self._observe("bcc", steps["from cache"])
+        logger.debug("loaded %s (bcc) from the compile cache in %.3f s", entry.function, steps["from cache"])
+        return Program(fd, info.id, entry.function, info.xlated_insns, entry.log, None, warnings, maps, steps,
+                       from_cache=True)
 
     def _program(self, request: Mapping[str, object], result: dict[str, Any], fd: int | None, output: str,
                  steps: dict[str, float], asked: float, filename: str | None, source: str | None,
@@ -361,11 +389,26 @@ class Compiler:
         a folder removed after.  Raises CompileError (clang's output as details["log"]) or
         ToolFailed (no clang, or past compile_timeout)."""
         timeout = self._settings.current.compile_timeout
+        source = bpf_source(source_name)
+        # The dispatcher is compiled at every start after a reboot: from the cache, the socket
+        # answers ~0.3 s sooner.  The kernel's BTF and our headers are in every key.
+        key = self.cache.key({"own": source_name, "source": source, "cflags": list(cflags)}) \
+            if self.cache.enabled else None
+        if key is not None:
+            entry = await asyncio.to_thread(self.cache.get, key)
+            if entry is not None and isinstance(entry.product.get("object_b64"), str):
+                return base64.b64decode(entry.product["object_b64"])
+        data = await self._build_own_object(source_name, source, cflags, timeout)
+        if key is not None:
+            product = {"kind": "elf", "object_b64": base64.b64encode(data).decode()}
+            await asyncio.to_thread(self.cache.put, key, program_cache.Entry(product, "", ""))
+        return data
+
+    async def _build_own_object(self, source_name: str, source: str, cflags: Sequence[str], timeout: float) -> bytes:
         work_dir = self._new_work_dir()
         try:
             vmlinux = await dialects.vmlinux_header(self._cache_dir, timeout, fallback=work_dir)
             out = work_dir / "object.bpf.o"
-            source = bpf_source(source_name)
             # Our own -D macros are none that vmlinux.h reads: the PCH serves when there is
             # one.  Only a handler's compile has one made: a start (every test's daemon) does
             # not spend ~2 s of CPU on it.  Never in a fallback folder: it goes with this compile.
@@ -392,8 +435,7 @@ class Compiler:
         request |= {"work_dir": str(work_dir), "memory_max": s.compile_memory_max, "max_map_bytes": s.max_map_bytes,
                     "cpu_seconds": math.ceil(s.compile_timeout) + 1}
         try:
-            # A bcc product loads without libbcc: a worker of the lighter kind does it.
-            kind = "bcc" if request["dialect"] == "bcc" and request.get("cached") is None else "libbpf"
+            kind = "bcc" if request["dialect"] == "bcc" else "libbpf"
             return await self._run_in(work_dir, json.dumps(request).encode(), s.compile_timeout, s.compile_memory_max,
                                       kind)
         finally:

@@ -10,7 +10,9 @@ into the instructions at compile time.  The compile worker therefore opens the c
 same numbers every time (``CHANNEL_FDS``): a product loads in any later worker, and one source
 compiles to the same bytes whichever worker compiled it.
 
-Used inside the compile worker only: no asyncio, no pydantic.
+The compile worker captures products; a bcc product is loaded again by the daemon itself
+(``load_bcc``): a few bpf() calls on data it made and checked, where a worker would cost a
+process start per handler.  No asyncio, no pydantic: the worker imports this module.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import resource
 import struct
 from typing import Any
 
-from . import bpfsys
+from . import bpfsys, mapbudget
+from .errors import MapError, VerifierRejected
 
 # Where the compile worker puts the event channel's maps; well above anything a worker opens
 # itself (fewer than 20 fds), and below the 1024 of a default RLIMIT_NOFILE.
@@ -131,3 +134,33 @@ def create_maps(product: dict[str, Any]) -> dict[int, int]:
             os.close(fd)
         raise
     return made
+
+
+def load_bcc(product: dict[str, Any], name: str, channel: dict[str, str] | None, max_map_bytes: int,
+             log_size: int) -> tuple[int, tuple[bpfsys.MapInfo, ...]]:
+    """Load a bcc product as the raw_tp program ``name``: its maps made anew (checked against
+    ``max_map_bytes`` first), the event channel's opened from their pins (``channel``: name ->
+    path), every fd written into the instructions.  Returns the program's fd and its maps.
+    Raises MapTooLarge, MapError, or VerifierRejected with the verifier's log."""
+    mapbudget.check([mapbudget.MapSpec(*spec) for spec in map_specs(product)], max_map_bytes,
+                    bpfsys.num_possible_cpus())
+    fds: dict[int, int] = {}
+    try:
+        try:
+            for map_name, path in (channel or {}).items():
+                if map_name in CHANNEL_FDS:
+                    fds[CHANNEL_FDS[map_name]] = bpfsys.obj_get(path)
+            fds |= create_maps(product)
+        except OSError as exc:
+            raise MapError(f"the kernel refused a map of the cached handler: {exc}") from None
+        insns = patched(base64.b64decode(product["insns_b64"]), fds)
+        fd, log = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, name, product["license"].encode(), insns,
+                                   log_size)
+        if fd < 0:
+            raise VerifierRejected(f"the kernel refused {name!r} ({os.strerror(-fd)})", {"log": log})
+        used = set(bpfsys.prog_map_ids(fd))
+        maps = tuple(info for info in (bpfsys.map_info(f) for f in fds.values()) if info.id in used)
+        return fd, maps
+    finally:
+        for f in fds.values():
+            os.close(f)
