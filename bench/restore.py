@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness import DaemonProcess, remove_pin_tree, start_daemon
+from tailcalld.journal import journald_listening
+from tests.harness import DaemonProcess, journal, remove_pin_tree, start_daemon
 
 from .control_plane import fill_slots
 from .util import PinDirs, format_table, percentile, pinned_link_progs, wait_progs_gone
@@ -56,12 +57,20 @@ def _start(workdir: Path, pin_dir: Path, settings: dict[str, object]) -> tuple[D
 
 
 def _summary(d: DaemonProcess) -> tuple[int, int, float, int]:
-    """(rebuilt, of, seconds, from cache) from the daemon's restore entry (its stderr copy)."""
-    found = _SUMMARY.findall(d.output())
-    if not found:
-        raise RuntimeError(f"no restore summary in the daemon's log:\n{d.output()[-2000:]}")
-    rebuilt, of, seconds, cached = found[-1]
-    return int(rebuilt), int(of), float(seconds), int(cached or 0)
+    """(rebuilt, of, seconds, from cache) from the daemon's restore entry: in the journal when
+    one listens, else on its stderr."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = _SUMMARY.findall(d.output())
+        if not found and journald_listening():
+            found = _SUMMARY.findall("\n".join(e.get("MESSAGE", "")
+                                               for e in journal(_PID=str(d.pid), TAILCALLD_RESTORE="1")))
+        if found:
+            rebuilt, of, seconds, cached = found[-1]
+            return int(rebuilt), int(of), float(seconds), int(cached or 0)
+        if time.monotonic() > deadline:  # journald stores what it was sent a little later
+            raise RuntimeError(f"no restore entry of tailcalld {d.pid}, in the journal or its log:\n{d.output()[-2000:]}")
+        time.sleep(0.1)
 
 
 def measure(pins: PinDirs, workdir: Path, handlers: int, rounds: int, log: Callable[[str], None]) -> RestoreResults:
