@@ -45,7 +45,7 @@ class RestoreResults:
     rows: list[RestoreRow]
 
 
-def _start(workdir: Path, pin_dir: Path, settings: dict[str, object]) -> tuple[DaemonProcess, float, float]:
+def start_timed(workdir: Path, pin_dir: Path, settings: dict[str, object]) -> tuple[DaemonProcess, float, float]:
     """A daemon; seconds until its socket answered, and until its restore had ended."""
     started = time.monotonic()
     d = start_daemon(workdir, pin_dir, restored=False, **settings)
@@ -90,7 +90,7 @@ def measure(pins: PinDirs, workdir: Path, handlers: int, rounds: int, log: Calla
                     dispatcher = pinned_link_progs(pin_dir)
                     remove_pin_tree(pin_dir)
                     wait_progs_gone(dispatcher)
-                d, answered, back = _start(workdir, pin_dir, how["settings"])  # type: ignore[arg-type]
+                d, answered, back = start_timed(workdir, pin_dir, how["settings"])  # type: ignore[arg-type]
                 try:
                     rebuilt, _, seconds, cached = _summary(d)
                 finally:

@@ -27,7 +27,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `tailcalld` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cli_startup, cold_attach, control_plane, events_throughput, restore, syscall_cost  # noqa: E402
+from bench import cli_startup, cold_attach, control_plane, events_throughput, restore, scale, syscall_cost  # noqa: E402
 from bench.control_plane import ControlResults, ControlSize  # noqa: E402
 from bench.syscall_cost import LoopSize, Row, Sample  # noqa: E402
 from bench.util import PinDirs, format_table  # noqa: E402
@@ -44,6 +44,8 @@ class Plan:
     cold_attaches: int = 15  # cold attaches of each handler, each way (part 6)
     restore_handlers: int = 50  # recorded bcc handlers a reboot brings back (part 7)
     restore_rounds: int = 3
+    scale_slots: int = 300  # slots filled, bcc and libbpf alternating (part 8)
+    scale_rounds: int = 20
 
 
 FULL = Plan(7, LoopSize(calls=300_000, runs=10),
@@ -51,7 +53,7 @@ FULL = Plan(7, LoopSize(calls=300_000, runs=10),
                         handlers=50, swaps=2000), 1_000_000)
 QUICK = Plan(1, LoopSize(calls=20_000, runs=2),
              ControlSize(attaches=2, lists=20, clients=50, lists_per_client=2, seconds=0.2,
-                         handlers=3, swaps=20), 20_000, 2, 2, 3, 1)
+                         handlers=3, swaps=20), 20_000, 2, 2, 3, 1, 6, 2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help=f"interleaved rounds of the per-syscall part (default {FULL.rounds})")
     p.add_argument("--calls", type=int, help=f"getppid calls per run (default {FULL.loop.calls})")
     p.add_argument("--runs", type=int, help=f"runs per configuration per round (default {FULL.loop.runs})")
-    p.add_argument("--only", choices=("syscall", "control", "events", "cli", "cold", "restore"),
+    p.add_argument("--only", choices=("syscall", "control", "events", "cli", "cold", "restore", "scale"),
                    help="run one part only")
     p.add_argument("--json", type=Path, help="also write every number to this file")
     return p.parse_args(argv)
@@ -70,7 +72,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     base = QUICK if args.quick else FULL
     loop = LoopSize(args.calls or base.loop.calls, args.runs or base.loop.runs)
     return Plan(args.rounds or base.rounds, loop, base.control, base.events_calls, base.cli_rounds,
-                base.cold_attaches, base.restore_handlers, base.restore_rounds)
+                base.cold_attaches, base.restore_handlers, base.restore_rounds, base.scale_slots, base.scale_rounds)
 
 
 def source_version() -> str:
@@ -149,7 +151,7 @@ def run_syscall_part(plan: Plan, pins: PinDirs, loop: asyncio.AbstractEventLoop,
 def report(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: list[Sample] | None,
            control: ControlResults | None, events: list[events_throughput.ThroughputRow] | None = None,
            cli: list[cli_startup.StartupRow] | None = None, cold: cold_attach.ColdResults | None = None,
-           restored: restore.RestoreResults | None = None) -> str:
+           restored: restore.RestoreResults | None = None, scaled: scale.ScaleResults | None = None) -> str:
     out = [f"tailcalld benchmark, {info['date']}: {info['model']}, {info['cpus']} CPUs, kernel {info['kernel']}",
            f"tailcalld: {info['tailcalld']}", f"command: {' '.join(sys.argv)}", ""]
     if rows is not None:
@@ -179,6 +181,11 @@ def report(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: li
                 f"folder (a reboot), {restored.rounds} interleaved rounds; 'socket answers' counts from the process's "
                 "start (polled every 50 ms), 'all slots back' until status says no slot is restoring.",
                 restore.table(restored), ""]
+    if scaled is not None:
+        out += [f"Many slots: one tailcalld empty, then with {scaled.slots} slots filled (bcc and libbpf alternating, "
+                f"{scaled.fill_s:.1f} s to fill); CLI rows are whole processes, {scaled.rounds} interleaved rounds, "
+                "x = over the bare python start of the same round set; restart/reboot as in part 7.",
+                scale.table(scaled), ""]
     return "\n".join(out)
 
 
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     cli: list[cli_startup.StartupRow] | None = None
     cold: cold_attach.ColdResults | None = None
     restored: restore.RestoreResults | None = None
+    scaled: scale.ScaleResults | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="tailcalld-bench-") as tmp:
             if args.only in (None, "syscall"):
@@ -215,15 +223,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.only in (None, "restore"):
                 (Path(tmp) / "restore").mkdir()
                 restored = restore.measure(pins, Path(tmp) / "restore", plan.restore_handlers, plan.restore_rounds, log)
+            if args.only in (None, "scale"):
+                (Path(tmp) / "scale").mkdir()
+                scaled = scale.measure(pins, Path(tmp) / "scale", plan.scale_slots, plan.scale_rounds, log)
     finally:
         left = pins.sweep()
         loop.close()
         if left:
             log(f"removed pins left by an interrupted step: {', '.join(left)}")
-    print(report(plan, info, rows, samples, control, events, cli, cold, restored), flush=True)
+    print(report(plan, info, rows, samples, control, events, cli, cold, restored, scaled), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(_as_json(plan, info, rows, samples, control, pins, events, cli, cold, restored),
-                                        indent=1, default=str))
+        args.json.write_text(json.dumps(_as_json(plan, info, rows, samples, control, pins, events, cli, cold, restored,
+                                                 scaled), indent=1, default=str))
     return 0
 
 
@@ -232,8 +243,9 @@ def _as_json(plan: Plan, info: dict[str, str], rows: list[Row] | None, samples: 
              events: list[events_throughput.ThroughputRow] | None = None,
              cli: list[cli_startup.StartupRow] | None = None,
              cold: cold_attach.ColdResults | None = None,
-             restored: restore.RestoreResults | None = None) -> dict[str, Any]:
-    return {"machine": info, "command": sys.argv, "plan": asdict(plan),
+             restored: restore.RestoreResults | None = None,
+             scaled: scale.ScaleResults | None = None) -> dict[str, Any]:
+    return {"machine": info, "command": sys.argv, "plan": asdict(plan), "scale": asdict(scaled) if scaled else None,
             "restore": asdict(restored) if restored else None,
             "cold_attach": asdict(cold) if cold else None,
             "events_rows": [asdict(r) for r in events or []], "cli_rows": [asdict(r) for r in cli or []],

@@ -107,6 +107,9 @@ def _lib() -> ctypes.CDLL:
     lib.bpf_map__initial_value.argtypes = [vp, ctypes.POINTER(ctypes.c_size_t)]
     lib.bpf_map__initial_value.restype = vp
     lib.bpf_map__set_initial_value.argtypes = [vp, ctypes.c_char_p, ctypes.c_size_t]
+    lib.bpf_program__insns.argtypes, lib.bpf_program__insns.restype = [vp], vp
+    lib.bpf_program__insn_cnt.argtypes, lib.bpf_program__insn_cnt.restype = [vp], ctypes.c_size_t
+    lib.bpf_map__pin_path.argtypes, lib.bpf_map__pin_path.restype = [vp], ctypes.c_char_p
     return lib
 
 
@@ -303,6 +306,23 @@ class BpfObject:
         if lib.bpf_object__load(self._obj) != 0:
             raise VerifierRejected(f"the kernel refused {name!r} (see libbpf's log and the verifier's below)")
         return lib.bpf_program__fd(self._progs[name])
+
+    def loaded_insns(self, name: str) -> bytes | None:
+        """The instructions of ``name`` as libbpf handed them to the kernel (relocated, map fds
+        written in); None when libbpf keeps none."""
+        lib = _lib()
+        prog = self._progs[name]
+        insns, count = lib.bpf_program__insns(prog), lib.bpf_program__insn_cnt(prog)
+        return ctypes.string_at(insns, count * 8) if insns and count else None
+
+    def pins_maps(self) -> bool:
+        """Whether a map of the object is pinned by name (shared through bpffs)."""
+        lib = _lib()
+        m = None
+        while m := lib.bpf_object__next_map(self._obj, m):
+            if lib.bpf_map__pin_path(m):
+                return True
+        return False
 
     def verifier_log(self) -> str:
         """What the verifier said in the last load_only with ``log_bytes`` (libbpf prints only a

@@ -222,6 +222,23 @@ def prog_load(prog_type: int, name: str, license: bytes, insns: bytes, log_size:
     return -err, log.value.decode(errors="replace")
 
 
+def array_value(map_fd: int, key: int, value_size: int) -> bytes:
+    """Entry ``key`` of an array map, as bytes."""
+    k = ctypes.c_uint32(key)
+    value = ctypes.create_string_buffer(value_size)
+    _check(_lib().bpf_map_lookup_elem(map_fd, ctypes.byref(k), value), f"read entry {key}")
+    return value.raw
+
+
+def array_fill(map_fd: int, key: int, value: bytes, freeze: bool = False) -> None:
+    """Write entry ``key`` of an array map; ``freeze``: no more writes from user space after."""
+    k = ctypes.c_uint32(key)
+    buf = ctypes.create_string_buffer(value, len(value))
+    _check(_lib().bpf_map_update_elem(map_fd, ctypes.byref(k), buf, BPF_ANY), f"write entry {key}")
+    if freeze:
+        _check(_lib().bpf_map_freeze(map_fd), "freeze the map")
+
+
 def obj_pin(fd: int, path: str) -> None:
     _check(_lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
 

@@ -270,7 +270,7 @@ def load_with_bcc(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, An
             and not _PINNED_TABLE.search(source):
         fname = chosen.encode()
         insns = ctypes.string_at(lib.bpf_function_start(b.module, fname), lib.bpf_function_size(b.module, fname))
-        product = products.bcc_product(insns, lib.bpf_module_license(b.module), request.get("_frozen", {}))
+        product = products.insns_product(insns, lib.bpf_module_license(b.module), request.get("_frozen", {}))
         if product is not None:
             result["product"] = product
     return result, fd, b
@@ -377,13 +377,29 @@ def load_with_libbpf(request: dict[str, Any], work_dir: Path) -> tuple[dict[str,
     except TailcalldError as err:
         return _fail(err), None, obj
     result: dict[str, Any] = {"ok": True, "function": chosen.name}
-    if request.get("want_product") and request["dialect"] == "libbpf" and request.get("cached") is None \
-            and products.channel_fixed(request.get("channel_fds")):
-        result["product"] = {"kind": "elf", "object_b64": base64.b64encode(data).decode()}
     btf = obj.btf()
     if btf is not None:
         result["btf_b64"] = base64.b64encode(btf).decode()
+    if request.get("want_product") and request["dialect"] == "libbpf" and request.get("cached") is None \
+            and products.channel_fixed(request.get("channel_fds")):
+        result["product"] = {"kind": "elf", "object_b64": base64.b64encode(data).decode()}
+        loaded = _loaded_insns(obj, chosen.name, data, request)
+        if loaded is not None:
+            result["product"]["insns"] = loaded | {"btf_b64": result.get("btf_b64")}
     return result, fd, obj
+
+
+def _loaded_insns(obj: BpfObject, name: str, data: bytes, request: dict[str, Any]) -> dict[str, Any] | None:
+    """What libbpf handed the kernel for ``name`` (products.insns_product), and what it was
+    made with: the function asked for and the --set values.  None for an object whose maps are
+    pinned by name (a load must find those pins), or when libbpf kept no instructions."""
+    insns, license = obj.loaded_insns(name), products.elf_license(data)
+    if obj.pins_maps() or insns is None or license is None:
+        return None
+    product = products.insns_product(insns, license, {})
+    if product is None:
+        return None
+    return product | {"function": name, "requested": request.get("function"), "variables": request.get("variables", {})}
 
 
 def compile_and_load(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:
@@ -458,7 +474,7 @@ def number_printfs(source: str) -> tuple[str, list[bytes]]:
 
 def format_cflags(formats: list[bytes], made: dict[int, bytes] | None = None) -> list[str]:
     """The -D that names the formats' map, made here; ``made`` gets its fd and contents (a
-    product describes it: products.bcc_product)."""
+    product describes it: products.insns_product)."""
     if not formats:
         return []
     value = b"".join(f.ljust(FORMAT_SLOT, b"\0") for f in formats)

@@ -281,8 +281,18 @@ class Compiler:
         entry = await asyncio.to_thread(self.cache.get, key)
         if entry is None:
             return None
-        if entry.product.get("kind") == "bcc":
-            return await self._load_bcc_product(key, entry, request, asked, filename, source)
+        product = entry.product
+        if product.get("kind") == "bcc":
+            program = await self._load_insns(product, entry, asked, filename, source)
+            if program is None:
+                self.cache.drop(key, "it no longer loads")
+            return program
+        insns = product.get("insns")
+        if isinstance(insns, dict) and request.get("function") in (insns.get("requested"), insns.get("function")) \
+                and request.get("variables", {}) == insns.get("variables"):
+            program = await self._load_insns(insns, entry, asked, filename, source)
+            if program is not None:
+                return program  # else libbpf loads the object, as it would any
         cached = request | {"cached": entry.product, "function": request.get("function") if request["dialect"] ==
                             "libbpf" else entry.function}
         try:
@@ -300,30 +310,33 @@ class Compiler:
         steps["from cache"] = steps.pop("compile", 0.0)
         return self._program(cached, result, fd, entry.log, steps, asked, filename, source, from_cache=True)
 
-    async def _load_bcc_product(self, key: str, entry: program_cache.Entry, request: Mapping[str, object],
-                                asked: float, filename: str | None, source: str | None) -> Program | None:
-        """A bcc product, loaded by the daemon itself (products.load_bcc), off the event loop: the
-        verifier may take a while on a large program."""
+    async def _load_insns(self, product: dict[str, Any], entry: program_cache.Entry, asked: float,
+                          filename: str | None, source: str | None) -> Program | None:
+        """Instructions from the cache (products.load_insns), loaded by the daemon itself, off
+        the event loop (the verifier may take a while on a large program); None when they no
+        longer load (said in the journal)."""
         s = self._settings.current
+        function = str(product.get("function") or entry.function)
         try:
-            fd, maps = await asyncio.to_thread(products.load_bcc, entry.product, entry.function, self.channel,
+            fd, maps = await asyncio.to_thread(products.load_insns, product, function, self.channel,
                                                s.max_map_bytes, VERIFIER_LOG_BYTES)
         except MapTooLarge as err:  # the handler's fault (a lowered max_map_bytes): compiling says the same
             raise _name_the_file_in(err, filename, source) from None
         except (TailcalldError, OSError, KeyError, ValueError, TypeError) as err:
-            self.cache.drop(key, f"it no longer loads ({err})")
+            logger.warning("compile cache: %s from the cache does not load (%s)", function, err)
             return None
         try:
             info = bpfsys.prog_info(fd)
         except OSError:
             os.close(fd)
             raise
-        warnings = _warnings(source, filename) if source is not None else ()
+        dialect = "bcc" if product.get("kind") == "bcc" else "libbpf"
+        warnings = _warnings(source, filename) if dialect == "bcc" and source is not None else ()
+        btf = base64.b64decode(product["btf_b64"]) if product.get("btf_b64") else None
         steps = {"prepare": 0.0, "from cache": time.monotonic() - asked}
-        self._observe("bcc", steps["from cache"])
-        logger.debug("loaded %s (bcc) from the compile cache in %.3f s", entry.function, steps["from cache"])
-        return Program(fd, info.id, entry.function, info.xlated_insns, entry.log, None, warnings, maps, steps,
-                       from_cache=True)
+        self._observe(dialect, steps["from cache"])
+        logger.debug("loaded %s (%s) from the compile cache in %.3f s", function, dialect, steps["from cache"])
+        return Program(fd, info.id, function, info.xlated_insns, entry.log, btf, warnings, maps, steps, from_cache=True)
 
     def _program(self, request: Mapping[str, object], result: dict[str, Any], fd: int | None, output: str,
                  steps: dict[str, float], asked: float, filename: str | None, source: str | None,

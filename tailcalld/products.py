@@ -1,18 +1,20 @@
 """What a compile produced, in a form that loads again without compiling (the compile cache).
 
-A libbpf handler's product is the object clang wrote: libbpf loads it as it would a `.o`.  A
-bcc handler's is what bcc handed the kernel: its instructions, with the maps they refer to
-described (bcc creates each map while it compiles, and writes the map's fd into the
-instructions), so that a load creates the maps anew and writes their fds in instead.
+A bcc handler's product is what bcc handed the kernel: its instructions, with the maps they
+refer to described (bcc creates each map while it compiles, and writes the map's fd into the
+instructions), so that a load creates the maps anew and writes their fds in instead.  A libbpf
+handler's is the object clang wrote (libbpf loads it as it would a `.o`), and beside it the
+same kind of instructions for the function and --set values it was loaded with, as libbpf
+relocated them; a handler whose maps are pinned by name has only the object.
 
 Both refer to the event channel's maps by fd number (tailcalld.h's TC_EVENTS_FD...), written
 into the instructions at compile time.  The compile worker therefore opens the channel at the
 same numbers every time (``CHANNEL_FDS``): a product loads in any later worker, and one source
 compiles to the same bytes whichever worker compiled it.
 
-The compile worker captures products; a bcc product is loaded again by the daemon itself
-(``load_bcc``): a few bpf() calls on data it made and checked, where a worker would cost a
-process start per handler.  No asyncio, no pydantic: the worker imports this module.
+The compile worker captures products; instructions are loaded again by the daemon itself
+(``load_insns``): a few bpf() calls on data it made and checked, where a worker would cost a
+process start per handler (and libbpf a parse of the kernel's BTF).  No asyncio, no pydantic: the worker imports this module.
 """
 
 from __future__ import annotations
@@ -85,12 +87,13 @@ def patched(insns: bytes, fds: dict[int, int]) -> bytes:
     return bytes(out)
 
 
-def bcc_product(insns: bytes, license: bytes, frozen: dict[int, bytes]) -> dict[str, Any] | None:
-    """The product of a bcc load of ``insns``; None when one of its maps cannot be made again
-    from a description (then the handler is compiled at each load, as before the cache).
+def insns_product(insns: bytes, license: bytes, frozen: dict[int, bytes]) -> dict[str, Any] | None:
+    """Loaded ``insns`` with their maps described; None when one of the maps cannot be made
+    again from a description (then the handler is compiled at each load, as before the cache).
     ``frozen``: the frozen arrays the worker made itself (TC_PRINTF's formats), by fd, with
     their contents.  Every other fd the instructions name must be one of the channel's or a
-    map this process holds."""
+    map this process holds.  A one-entry array (a libbpf data section: .rodata, .data, .bss)
+    keeps its contents, as the loader wrote them; a read-only one (.rodata) is frozen again."""
     maps: list[dict[str, Any]] = []
     channel = set(CHANNEL_FDS.values())
     for fd in sorted({fd for _, fd in map_refs(insns)}):
@@ -105,10 +108,42 @@ def bcc_product(insns: bytes, license: bytes, frozen: dict[int, bytes]) -> dict[
             return None
         if info.type not in RECREATABLE_MAP_TYPES:
             return None
-        maps.append({"fd": fd, "type": info.type, "name": info.name, "key_size": info.key_size,
-                     "value_size": info.value_size, "max_entries": info.max_entries, "flags": info.flags})
+        spec: dict[str, Any] = {"fd": fd, "type": info.type, "name": info.name, "key_size": info.key_size,
+                                "value_size": info.value_size, "max_entries": info.max_entries, "flags": info.flags}
+        if info.type == bpfsys.BPF_MAP_TYPE_ARRAY and info.max_entries == 1:
+            try:
+                spec["initial_b64"] = base64.b64encode(bpfsys.array_value(fd, 0, info.value_size)).decode()
+            except OSError:
+                return None
+            spec["freeze"] = bool(info.flags & bpfsys.BPF_F_RDONLY_PROG)
+        maps.append(spec)
     return {"kind": "bcc", "insns_b64": base64.b64encode(insns).decode(), "license": license.decode(errors="replace"),
             "maps": maps}
+
+
+def elf_license(data: bytes) -> bytes | None:
+    """The contents of an ELF object's "license" section (what libbpf gives the kernel), up to
+    its NUL; None when there is none or the file is no 64-bit little-endian ELF."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:  # (name offset, file offset, size)
+        base = shoff + i * shentsize
+        name, = struct.unpack_from("<I", data, base)
+        offset, size = struct.unpack_from("<QQ", data, base + 0x18)
+        return name, offset, size
+
+    try:
+        _, names_at, _ = section(shstrndx)
+        for i in range(shnum):
+            name, offset, size = section(i)
+            if data[names_at + name:data.index(b"\0", names_at + name)] == b"license":
+                return data[offset:offset + size].split(b"\0", 1)[0]
+    except (struct.error, ValueError):
+        return None
+    return None
 
 
 def map_specs(product: dict[str, Any]) -> list[tuple[str, int, int, int, int]]:
@@ -126,9 +161,11 @@ def create_maps(product: dict[str, Any]) -> dict[int, int]:
         for m in product["maps"]:
             if "frozen_b64" in m:
                 made[m["fd"]] = bpfsys.frozen_array("tailcalld_fmt", base64.b64decode(m["frozen_b64"]))
-            else:
-                made[m["fd"]] = bpfsys.map_create_flagged(m["type"], m["name"], m["key_size"], m["value_size"],
-                                                          m["max_entries"], m["flags"])
+                continue
+            fd = made[m["fd"]] = bpfsys.map_create_flagged(m["type"], m["name"], m["key_size"], m["value_size"],
+                                                           m["max_entries"], m["flags"])
+            if "initial_b64" in m:
+                bpfsys.array_fill(fd, 0, base64.b64decode(m["initial_b64"]), freeze=m.get("freeze", False))
     except BaseException:
         for fd in made.values():
             os.close(fd)
@@ -136,9 +173,9 @@ def create_maps(product: dict[str, Any]) -> dict[int, int]:
     return made
 
 
-def load_bcc(product: dict[str, Any], name: str, channel: dict[str, str] | None, max_map_bytes: int,
-             log_size: int) -> tuple[int, tuple[bpfsys.MapInfo, ...]]:
-    """Load a bcc product as the raw_tp program ``name``: its maps made anew (checked against
+def load_insns(product: dict[str, Any], name: str, channel: dict[str, str] | None, max_map_bytes: int,
+               log_size: int) -> tuple[int, tuple[bpfsys.MapInfo, ...]]:
+    """Load instructions (``insns_product``) as the raw_tp program ``name``: its maps made anew (checked against
     ``max_map_bytes`` first), the event channel's opened from their pins (``channel``: name ->
     path), every fd written into the instructions.  Returns the program's fd and its maps.
     Raises MapTooLarge, MapError, or VerifierRejected with the verifier's log."""
