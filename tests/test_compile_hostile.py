@@ -207,9 +207,11 @@ def test_a_result_of_any_size_arrives(served: DaemonProcess) -> None:
     assert len(err.value.details["candidates"]) == n
 
 
-def slow_source(levels: int = 20) -> str:
-    lines = ["#define E0(x) x+1", *[f"#define E{i}(x) E{i - 1}(E{i - 1}(x))" for i in range(1, levels + 1)]]
-    return "\n".join([*lines, f"int slow(struct bpf_raw_tracepoint_args *ctx) {{ return E{levels}(0); }}"]) + "\n"
+def slow_source(depth: int = 16) -> str:
+    """A compile of seconds within any memory limit: 2^depth additions of a volatile, each one
+    an instruction (a macro nest that runs out of memory first may end before it is seen)."""
+    macros = "#define A0 (x + 1)\n" + "".join(f"#define A{i} (A{i - 1} + A{i - 1})\n" for i in range(1, depth + 1))
+    return macros + f"int slow(struct bpf_raw_tracepoint_args *ctx) {{ volatile int x = 1; return A{depth} & 0; }}\n"
 
 
 def test_a_crashed_worker_is_named_with_its_status(served: DaemonProcess) -> None:
