@@ -211,15 +211,18 @@ def prog_load(prog_type: int, name: str, license: bytes, insns: bytes, log_size:
     """Load raw instructions; (fd, "") or (-errno, the verifier's log).  The first try asks for
     no log, as bcc and libbpf do: a log slows the verifier, and most loads succeed."""
     buf = ctypes.create_string_buffer(insns, len(insns))
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts))
+    fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
+    if fd >= 0:
+        return fd, ""
+    # Only now the log's buffer: a megabyte per load, kept by malloc once freed, adds up over
+    # hundreds of loads (a restore).
     log = ctypes.create_string_buffer(log_size)
-    for level in (0, 1):
-        opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=level, log_size=log_size if level else 0,
-                             log_buf=ctypes.addressof(log) if level else None)
-        fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
-        if fd >= 0:
-            return fd, ""
-        err = ctypes.get_errno() or -fd
-    return -err, log.value.decode(errors="replace")
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=1, log_size=log_size, log_buf=ctypes.addressof(log))
+    fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
+    if fd >= 0:  # the verifier changed its mind: as good as the first try
+        return fd, ""
+    return -(ctypes.get_errno() or -fd), log.value.decode(errors="replace")
 
 
 def array_value(map_fd: int, key: int, value_size: int) -> bytes:

@@ -175,6 +175,7 @@ class Compiler:
         self.cache = program_cache.ProgramCache(self._cache_dir / "programs",
                                                 lambda: self._settings.current.compile_cache_bytes)
         self._vmlinux: Path | None = None  # the folder vmlinux_header gave (the BTF is the kernel's: it stays)
+        self._vmlinux_lock = asyncio.Lock()
         self.precompiled = pch.Precompiled(lambda: self._settings.current.compile_timeout)
         self._spares = spares.Spares(self._compile_root)
         # One folder per compile beneath this one (None: the system's temp folder).
@@ -367,9 +368,10 @@ class Compiler:
     async def vmlinux_folder(self) -> Path:
         """The folder of this kernel's vmlinux.h (dialects.vmlinux_header), found once: the BTF
         it is made from is the running kernel's, read (5 MB) and hashed only the first time."""
-        if self._vmlinux is None or not (self._vmlinux / "vmlinux.h").exists():
-            self._vmlinux = await dialects.vmlinux_header(self._cache_dir, self._settings.current.compile_timeout)
-        return self._vmlinux
+        async with self._vmlinux_lock:  # a restore asks for it hundreds of times at once: found once
+            if self._vmlinux is None or not (self._vmlinux / "vmlinux.h").exists():
+                self._vmlinux = await dialects.vmlinux_header(self._cache_dir, self._settings.current.compile_timeout)
+            return self._vmlinux
 
     async def _ready_pch(self, vmlinux: Path) -> str | None:
         found = await self.precompiled.ready(vmlinux)
