@@ -399,7 +399,8 @@ def _loaded_insns(obj: BpfObject, name: str, data: bytes, request: dict[str, Any
     product = products.insns_product(insns, license, {})
     if product is None:
         return None
-    return product | {"function": name, "requested": request.get("function"), "variables": request.get("variables", {})}
+    return product | {"kind": "libbpf", "function": name, "requested": request.get("function"),
+                      "variables": request.get("variables", {})}
 
 
 def compile_and_load(request: dict[str, Any], work_dir: Path) -> tuple[dict[str, Any], int | None, object]:

@@ -82,5 +82,17 @@ def test_quick_benchmark_prints_every_row_and_leaves_no_pins(tmp_path: Path) -> 
     assert "compile (clang with PCH)" in steps["libbpf: PCH, worker started ahead"]
     assert "load (verifier)" in steps["bcc: worker started at the request"]
 
+    restore = {r["way"]: r for r in data["restore"]["rows"]}  # part 7: every recorded slot came back
+    handlers = data["restore"]["handlers"]
+    assert restore["reboot, compile cache warm"]["from_cache"] == [handlers]
+    assert restore["reboot, compile cache off (compiles)"]["rebuilt"] == [handlers]
+    assert restore["reboot, compile cache off (compiles)"]["from_cache"] == [0]
+    for way in restore:
+        _table_line(table, way)
+    scale = {r["what"]: r for r in data["scale"]["rows"]}  # part 8: measured empty and filled
+    for what in ("list (tailcallctl, whole process)", "daemon RSS, running", "reboot (cache warm): all slots back"):
+        assert scale[what]["empty"] and scale[what]["filled"], what
+        _table_line(table, what)
+
     assert data["pin_dirs"], "the benchmark made no pin folder"
     assert data["pins_left"] == [] and not any(Path(p).exists() for p in data["pin_dirs"])

@@ -232,11 +232,17 @@ def _run_on_a_terminal(argv: list[str]) -> tuple[int, str, str]:
         os.close(master)
 
 
+# Seconds of clang on any machine: 2^14 additions of a volatile, each an instruction.
+SLOW_LIBBPF = LIBBPF_WITH_MAP.replace("u32 key = 0;", "volatile int x = 1; u32 key = A14 & 0;").replace(
+    '#include "vmlinux.h"', '#include "vmlinux.h"\n#define A0 (x + 1)\n'
+    + "".join(f"#define A{i} (A{i - 1} + A{i - 1})\n" for i in range(1, 15)))
+
+
 def test_spinner_on_a_terminal_is_erased_and_absent_elsewhere(daemon: DaemonProcess, tmp_path: Path) -> None:
-    """A libbpf compile (clang over vmlinux.h, then the load) keeps tailcallctl waiting well past
-    the spinner's 0.3 s."""
+    """A compile of seconds keeps tailcallctl waiting well past the spinner's 0.3 s (a plain
+    libbpf handler compiles in less on an idle machine, and a second time comes from the cache)."""
     handler = tmp_path / "seen.bpf.c"
-    handler.write_text(LIBBPF_WITH_MAP)
+    handler.write_text(SLOW_LIBBPF)
     ctl = [str(VENV_BIN / "tailcallctl"), "--socket", str(daemon.socket)]
     code, out, terminal = _run_on_a_terminal([*ctl, "attach", "getpgid", str(handler), "--fresh", "-q"])
     assert code == 0, terminal
