@@ -199,9 +199,9 @@ async def finish_restore(registry: Registry, plan: Restore) -> None:
         for slot in list(registry.restoring):  # cancelled: recorded, not rebuilt
             registry.unrestored[slot] = registry.restoring.pop(slot)
             _release(registry, slot)
-    if plan.pending:
-        registry.keep_programs()
-        _save(registry)  # the rebuilt slots' new program ids
+        if plan.pending:  # also when cancelled: the slots rebuilt so far are not rebuilt again
+            registry.keep_programs()
+            _save(registry)  # the rebuilt slots' new program ids
     plan.seconds = time.monotonic() - plan.started
 
 
