@@ -234,9 +234,10 @@ async def _rebuild_group(registry: Registry, slots: list[int], plan: Restore) ->
             except (TailcalldError, OSError, ValueError) as err:
                 _not_rebuilt(registry, slot, running, record, err)
                 plan.failed += 1
-            finally:
-                registry.restoring.pop(slot, None)
-                _release(registry, slot)
+            # Done with either way.  Cancelled (a stop), the slot stays restoring for
+            # finish_restore to keep its record.
+            registry.restoring.pop(slot, None)
+            _release(registry, slot)
     finally:
         if prog is not None and all(h.prog is not prog for h in registry.handlers.values()):
             prog.close()  # its slot could not take it
