@@ -294,8 +294,7 @@ class Compiler:
             program = await self._load_insns(insns, entry, asked, filename, source)
             if program is not None:
                 return program  # else libbpf loads the object, as it would any
-        cached = request | {"cached": entry.product, "function": request.get("function") if request["dialect"] ==
-                            "libbpf" else entry.function}
+        cached = request | {"cached": product}  # a libbpf object: the worker loads it, no clang
         try:
             result, fd, output, started = await self._compile(cached, filename, source)
         except TailcalldError as err:

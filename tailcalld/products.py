@@ -190,7 +190,11 @@ def load_insns(product: dict[str, Any], name: str, channel: dict[str, str] | Non
             fds |= create_maps(product)
         except OSError as exc:
             raise MapError(f"the kernel refused a map of the cached handler: {exc}") from None
-        insns = patched(base64.b64decode(product["insns_b64"]), fds)
+        raw = base64.b64decode(product["insns_b64"])
+        unknown = {fd for _, fd in map_refs(raw)} - set(fds)
+        if unknown:  # never an fd of whatever this process holds at that number
+            raise MapError(f"the cached instructions name maps by fds {sorted(unknown)} that nothing here provides")
+        insns = patched(raw, fds)
         fd, log = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, name, product["license"].encode(), insns,
                                    log_size)
         if fd < 0:

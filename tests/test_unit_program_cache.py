@@ -3,6 +3,7 @@ and how products rewrite the map fds in instructions."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tailcalld import products
+from tailcalld.errors import MapError
 from tailcalld.program_cache import Entry, ProgramCache
 
 HANDLER = {"dialect": "bcc", "source": "int f(void *ctx) { return 0; }", "cflags": [], "function": None}
@@ -134,3 +136,13 @@ def test_a_product_describes_its_maps_for_the_budget_check() -> None:
                          "flags": 0}, {"fd": 6, "frozen_b64": "AAAA"}]}
     assert products.map_specs(product) == [("seen", 1, 4, 8, 128)]
     assert json.loads(json.dumps(product)) == product  # what the cache stores is plain JSON
+
+
+def test_instructions_naming_an_fd_nothing_provides_are_refused_before_any_load() -> None:
+    """A product made with the event channel, loaded where there is none: fd 900 of this process
+    (whatever it is) must never be written into a program."""
+    exit_ = struct.pack("<BBhi", 0x95, 0, 0, 0)
+    product = {"insns_b64": base64.b64encode(_ld_map(products.CHANNEL_FDS["events"]) + exit_).decode(),
+               "license": "GPL", "maps": []}
+    with pytest.raises(MapError, match=r"fds \[900\]"):
+        products.load_insns(product, "f", None, 1 << 20, 4096)
