@@ -286,7 +286,8 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
         case AttachRequest():
             with ctx.recorder.attaching():
                 a = await m.attach(request.slot, attach_artifact(request, settings, m, peer), request.function,
-                                   request.filename, peer, request.fresh, request.hook, request.journal)
+                                   request.filename, peer, request.fresh, request.hook, request.journal,
+                                   request.expect)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings),
@@ -296,7 +297,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             return CheckResult(function=c.function, dialect=c.dialect, prog_type="raw_tracepoint", insns=c.insns,
                                log=c.log, warnings=list(c.warnings))
         case DetachRequest():
-            d = await m.detach(request.slot, peer, request.hook)
+            d = await m.detach(request.slot, peer, request.hook, request.expect)
             return DetachResult(slot=m.syscalls.split(d.slot)[0], hook=request.hook, syscall=d.syscall,
                                 prog_id=d.prog_id)
         case ListRequest():

@@ -13,6 +13,7 @@ Exit codes (EXIT_CODES below, printed by --help and in the man page):
   2  bad usage: arguments, or a FILE that cannot be read or decoded (with or without a daemon)
   3  attach, check: the handler does not compile
   4  attach, check: the kernel (verifier, program type, function) refuses it
+  5  attach, detach --expect: the slot holds another program (nothing was changed)
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from pathlib import Path
 # tests/test_ctl_startup.py checks what a verb imports.
 from . import __version__, reply_check
 from .client import Client, RemoteError, default_socket
-from .ctl_parser import (APPLY_VERBS, EPILOG, EXIT_CODES, EXIT_FAILURE, EXIT_NO_COMPILE, EXIT_REFUSED,  # noqa: F401
-                         EXIT_USAGE, ArgumentsError, build_parser)
+from .ctl_parser import (APPLY_VERBS, EPILOG, EXIT_CODES, EXIT_CONFLICT, EXIT_FAILURE, EXIT_NO_COMPILE,  # noqa: F401
+                         EXIT_REFUSED, EXIT_USAGE, ArgumentsError, build_parser)
 from .errors import (CompileError, ForbiddenInclude, FunctionAmbiguous, FunctionNotFound, ObjectError,
                      RequestTooLarge, VerifierRejected, WrongProgramType)
 from .plain_table import plain_table
@@ -197,7 +198,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def attach_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None, "journal": args.journal or None,
-            "hook": "exit" if args.exit else None, **_settings(args), **_read_handler(args.file, args.dialect)}
+            "hook": "exit" if args.exit else None, "expect": args.expect, **_settings(args),
+            **_read_handler(args.file, args.dialect)}
 
 
 def check_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,7 +207,7 @@ def check_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def detach_request(args: argparse.Namespace) -> dict[str, Any]:
-    return {"slot": args.slot, "hook": "exit" if args.exit else None}
+    return {"slot": args.slot, "hook": "exit" if args.exit else None, "expect": args.expect}
 
 
 def no_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -636,7 +638,9 @@ def versions(args: argparse.Namespace) -> int:
 
 def exit_code(verb: str, code: str) -> int:
     """The exit code of a daemon error: attach, check and apply tell a handler that does not compile (3)
-    from one the kernel refuses (4); anything else is a failure (1)."""
+    from one the kernel refuses (4); a compare-and-swap that lost is 5; anything else is a failure (1)."""
+    if code == "conflict":
+        return EXIT_CONFLICT
     return HANDLER_EXIT.get(code, EXIT_FAILURE) if verb in HANDLER_VERBS else EXIT_FAILURE
 
 

@@ -25,11 +25,13 @@ EXIT_USAGE = 2
 # attach, check and apply: which way a handler failed
 EXIT_NO_COMPILE = 3
 EXIT_REFUSED = 4
+EXIT_CONFLICT = 5  # attach or detach --expect: the slot holds another program
 EXIT_CODES = ((0, "success"),
               (EXIT_FAILURE, "failure: a daemon error, the daemon unreachable, a reply that does not fit"),
               (EXIT_USAGE, "bad usage: arguments, or a FILE that cannot be read or decoded"),
               (EXIT_NO_COMPILE, "attach, check, apply: a handler does not compile"),
-              (EXIT_REFUSED, "attach, check, apply: the kernel (verifier, program type, function) refuses one"))
+              (EXIT_REFUSED, "attach, check, apply: the kernel (verifier, program type, function) refuses one"),
+              (EXIT_CONFLICT, "attach, detach --expect: the slot holds another program (nothing was changed)"))
 EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)
 APPLY_VERBS = ("apply", "save")  # apply_cli.py runs them
 
@@ -56,6 +58,19 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{text} is not a positive number")
         return value
     return parse
+
+
+def _expected(text: str) -> int | str:
+    """--expect's value: a program id, or "empty"."""
+    if text == "empty":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a program id nor 'empty'")
+
+
+_EXPECT_HELP = ("change the slot only if it still holds program PROG_ID (`tailcallctl list`), or nothing: "
+                "'empty'; else nothing changes and the exit status is 5")
 
 
 class ArgumentsError(Exception):
@@ -138,11 +153,13 @@ def _attach(a: argparse.ArgumentParser) -> None:
                         "that already runs the same handler)")
     a.add_argument("--journal", action="store_true",
                    help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
+    a.add_argument("--expect", type=_expected, metavar="PROG_ID|empty", help=_EXPECT_HELP)
 
 
 def _detach(d: argparse.ArgumentParser) -> None:
     d.add_argument("slot", metavar="SLOT", help="syscall number or name")
     d.add_argument("--exit", action="store_true", help="empty the syscall's exit slot")
+    d.add_argument("--expect", type=_expected, metavar="PROG_ID|empty", help=_EXPECT_HELP)
 
 
 def _show(sh: argparse.ArgumentParser) -> None:

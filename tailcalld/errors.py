@@ -143,6 +143,12 @@ class Unloading(TailcalldError):
     code = "unloading"
 
 
+class Conflict(TailcalldError):
+    """attach or detach with --expect: the slot holds another program than the one expected (or
+    one where it was expected empty).  details: slot, hook, expected, current (None: empty)."""
+    code = "conflict"
+
+
 class ConfigError(TailcalldError):
     code = "config_error"
 

@@ -98,6 +98,11 @@ class _HandlerSpec(HandlerFile, HandlerOptions, _Request):
 
 
 HookField = Literal["enter", "exit"]
+# Compare-and-swap: the change is made only if the slot still holds this program (its id), or
+# nothing ("empty"); else the request fails with `conflict`, naming the program it holds.
+Expect = Annotated[StrictInt, Field(ge=1)] | Literal["empty"]
+_EXPECT_HELP = ("change the slot only if it holds this program (id) or nothing ('empty'), checked under the "
+                "slot's lock; else error conflict with details.current")
 _HOOK_HELP = ("enter: on sys_enter, the handler sees the arguments; exit: on sys_exit, it sees the return "
               "value (ctx->args[1])")
 
@@ -110,6 +115,7 @@ class AttachRequest(_HandlerSpec):
                                                  "(by default that program is reused, maps included)")
     journal: StrictBool = Field(False, description="write the slot's events (TC_PRINTF, TC_EMIT) to the journal "
                                                    "too, at most events_journal_rate per second")
+    expect: Expect | None = Field(None, description=_EXPECT_HELP)
 
 
 class CheckRequest(_HandlerSpec):
@@ -121,6 +127,7 @@ class DetachRequest(_Request):
     command: Literal["detach"]
     slot: Slot
     hook: HookField = "enter"
+    expect: Expect | None = Field(None, description=_EXPECT_HELP)
 
 
 class ListRequest(_Request):

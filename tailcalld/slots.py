@@ -21,7 +21,7 @@ from . import audit, reconcile
 from .audit import Fields as AuditFields
 from .compiler import Program
 from .dialects import Artifact, Dialect
-from .errors import SlotEmpty, StateUnwritable, TailcalldError, Unloading
+from .errors import Conflict, SlotEmpty, StateUnwritable, TailcalldError, Unloading
 from .kernel import DispatcherInfo, Kernel
 from .loader_settings import settings
 from .misses import Counters, MissMonitor
@@ -67,6 +67,9 @@ class Unloaded:
     slots: list[int]
     pins: list[str]
 
+
+# What a compare-and-swap expects a slot to hold: a program id, or nothing.
+Expect = int | Literal["empty"]
 
 # How a wanted slot's kernel content compares with what tailcalld wants there.
 SlotState = Literal["in-sync", "kernel-empty", "kernel-other", "not-restored", "restoring"]
@@ -215,24 +218,43 @@ class SlotManager:
         if self._unloading:
             raise Unloading("tailcalld is unloading everything; no more changes")
 
+    def _check_expected(self, slot: int, expect: Expect | None) -> None:
+        """Compare-and-swap: raise Conflict unless the slot holds the expected program.  Called
+        with the slot's lock held, which every change of the slot takes: nothing can change it
+        between this check and the change's commit."""
+        if expect is None:
+            return
+        handler = self.registry.handlers.get(slot)
+        current = handler.record.prog_id if handler is not None else None
+        if current == (None if expect == "empty" else expect):
+            return
+        nr, hook = self.syscalls.split(slot)
+        holds = f"holds program {current}" if current is not None else "is empty"
+        wanted = "empty" if expect == "empty" else f"program {expect}"
+        raise Conflict(f"slot {self.registry.label(slot)} {holds}, not {wanted} as expected; nothing was changed",
+                       {"slot": nr, "hook": hook, "expected": expect, "current": current})
+
     async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
-                     peer: Peer, fresh: bool = False, hook: Hook = "enter", journal: bool = False) -> Attached:
+                     peer: Peer, fresh: bool = False, hook: Hook = "enter", journal: bool = False,
+                     expect: Expect | None = None) -> Attached:
         """Put the handler in the slot (its exit slot for ``hook="exit"``).  Unless ``fresh``, a
         program already loaded from the same artifact and function is reused (no compile): it then
-        shares its maps with its other slots.  A failure is audited, then raised."""
+        shares its maps with its other slots.  ``expect``: only if the slot holds that program
+        (or is "empty"), else Conflict.  A failure is audited, then raised."""
         try:
-            return await self._attach(slot_spec, artifact, function, filename, peer, fresh, hook, journal)
+            return await self._attach(slot_spec, artifact, function, filename, peer, fresh, hook, journal, expect)
         except Exception as err:
             self.audit_failure("attach", peer, slot_spec, hook, err, audit.attach_fields(filename, function, artifact))
             raise
 
     async def _attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
-                      peer: Peer, fresh: bool, hook: Hook, journal: bool) -> Attached:
+                      peer: Peer, fresh: bool, hook: Hook, journal: bool, expect: Expect | None) -> Attached:
         slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
         async with reg.locks[slot]:
             self._check_open()
+            self._check_expected(slot, expect)  # under the lock, so until the commit below
             same = None if fresh else self.running_as_asked(slot, artifact, function, journal)
             if same is not None:  # not touched, not audited: nothing changes
                 # Its warnings again (headers that do not match the kernel): they still hold.
@@ -327,20 +349,21 @@ class SlotManager:
         self.registry.release_unused_pins(artifact.sha256)
         return Checked(prog.function, artifact.dialect, prog.insns, prog.log, prog.warnings)
 
-    async def detach(self, slot_spec: int | str, peer: Peer, hook: Hook = "enter") -> Detached:
+    async def detach(self, slot_spec: int | str, peer: Peer, hook: Hook = "enter", expect: Expect | None = None) -> Detached:
         """Empty the slot.  A failure (an empty slot among them) is audited, then raised."""
         try:
-            return await self._detach(slot_spec, peer, hook)
+            return await self._detach(slot_spec, peer, hook, expect)
         except Exception as err:
             self.audit_failure("detach", peer, slot_spec, hook, err, {})
             raise
 
-    async def _detach(self, slot_spec: int | str, peer: Peer, hook: Hook) -> Detached:
+    async def _detach(self, slot_spec: int | str, peer: Peer, hook: Hook, expect: Expect | None) -> Detached:
         slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
         async with reg.locks[slot]:
             self._check_open()
+            self._check_expected(slot, expect)
             prog_id = self.kernel.slot(slot)
             known = slot in reg.handlers or slot in reg.unrestored
             if prog_id is None and not known:
