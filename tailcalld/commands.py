@@ -14,13 +14,14 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
 from . import __version__, audit
 from .config import LiveSettings, Settings
 from .dialects import Artifact, detect
-from .errors import BadRequest, EventsUnavailable, SourceTooLarge, TailcalldError, TimingUnavailable
+from .errors import BadRequest, DeadlinePassed, EventsUnavailable, SourceTooLarge, TailcalldError, TimingUnavailable
 from .events import EventHub, EventStats
 from .loader_settings import check_dialect, settings as loader_settings
 from .metrics import Recorder
@@ -194,6 +195,19 @@ def _saved_file(m: SlotManager, r: SlotRecord, files: list[SavedFile]) -> int | 
     return len(files) - 1
 
 
+def deadline(request: AttachRequest) -> datetime | None:
+    """When an attach --for/--until ends; raises DeadlinePassed for an --until already past."""
+    now = datetime.now(UTC)
+    if request.for_seconds is not None:
+        return now + timedelta(seconds=request.for_seconds)
+    if request.until is None:
+        return None
+    if request.until <= now:
+        raise DeadlinePassed(f"until {request.until.isoformat()} is past (it is {now:%Y-%m-%dT%H:%M:%SZ}); "
+                             "nothing was changed", {"until": request.until.isoformat()})
+    return request.until.astimezone(UTC)
+
+
 def slot_info(view: SlotView) -> SlotInfo:
     r = view.record
     # model_construct: these values come from our own validated records; list is the
@@ -202,7 +216,7 @@ def slot_info(view: SlotView) -> SlotInfo:
         slot=view.nr, hook=view.hook, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
         attached_by_uid=r.attached_by_uid, journal=r.journal, variables=r.variables, defines=r.defines,
-        state=view.state,
+        expires_at=r.expires_at, state=view.state,
         kernel_prog_id=view.kernel_prog_id, hits=view.hits, misses=view.misses)
 
 
@@ -287,7 +301,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             with ctx.recorder.attaching():
                 a = await m.attach(request.slot, attach_artifact(request, settings, m, peer), request.function,
                                    request.filename, peer, request.fresh, request.hook, request.journal,
-                                   request.expect)
+                                   request.expect, deadline(request))
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings),

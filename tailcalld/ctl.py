@@ -25,7 +25,7 @@ import select
 import sys
 import unicodedata
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 # What every verb needs, and nothing more: tailcallctl starts on each call, and `list`, `status`
@@ -168,6 +168,17 @@ def printable_block(text: str) -> str:
     return printable(text, keep="\n\t")
 
 
+def _left(until: datetime | None) -> str:
+    """The time an attach --for/--until has left, as people read it: 42s, 3m05s, 2h10m, 3d04h."""
+    if until is None:
+        return "-"
+    seconds = max(0, int((until - datetime.now(UTC)).total_seconds()))
+    for size, unit, small, small_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s")):
+        if seconds >= size:
+            return f"{seconds // size}{unit}{seconds % size // small:02d}{small_unit}"
+    return f"{seconds}s"
+
+
 def _since(value: datetime | None) -> str:
     if value is None:
         return "-"
@@ -198,7 +209,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def attach_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None, "journal": args.journal or None,
-            "hook": "exit" if args.exit else None, "expect": args.expect, **_settings(args),
+            "hook": "exit" if args.exit else None, "expect": args.expect, "for_seconds": args.for_seconds,
+            "until": args.until, **_settings(args),
             **_read_handler(args.file, args.dialect)}
 
 
@@ -287,12 +299,13 @@ def _settings_shown(s: SlotInfo) -> str:
 def show_list(r: ListResult, args: argparse.Namespace) -> None:
     timed = any(s.timed_runs is not None for s in r.slots)  # the column only while timing is on
     settings = any(s.variables or s.defines for s in r.slots)  # the column only when some slot has any
+    ending = any(s.expires_at is not None for s in r.slots)  # the column only when an attach --for runs
     rows = [[s.slot, printable(s.syscall), s.hook, printable(s.function or "?"), s.dialect or "?", _prog(s),
              printable(s.filename or "-"), _since(s.attached_at), s.hits, s.misses] + ([_avg_ns(s)] if timed else [])
-            + ([printable(_settings_shown(s)) or "-"] if settings else [])
+            + ([printable(_settings_shown(s)) or "-"] if settings else []) + ([_left(s.expires_at)] if ending else [])
             for s in r.slots]
     headers = ["SLOT", "SYSCALL", "HOOK", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
-    headers += (["AVG NS"] if timed else []) + (["SETTINGS"] if settings else [])
+    headers += (["AVG NS"] if timed else []) + (["SETTINGS"] if settings else []) + (["LEFT"] if ending else [])
     if rows:
         print(plain_table(rows, headers=[] if args.no_legend else headers))
     if not args.no_legend:

@@ -69,6 +69,31 @@ def _expected(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{text!r} is neither a program id nor 'empty'")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """--for's value: seconds, or a number with s, m, h or d."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no duration (90, 90s, 5m, 2h, 1d)") from None
+    if not 0 < seconds <= 366 * 86400:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration above 0 and at most a year")
+    return seconds
+
+
+def _time(text: str) -> str:
+    """--until's value as the daemon takes it: ISO 8601 with an offset (the local one if none)."""
+    from datetime import datetime  # noqa: PLC0415 - only for this option (tailcallctl's start-up)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no ISO 8601 time (2026-12-24T18:00)") from None
+    return (when if when.tzinfo is not None else when.astimezone()).isoformat()
+
+
 _EXPECT_HELP = ("change the slot only if it still holds program PROG_ID (`tailcallctl list`), or nothing: "
                 "'empty'; else nothing changes and the exit status is 5")
 
@@ -154,6 +179,11 @@ def _attach(a: argparse.ArgumentParser) -> None:
     a.add_argument("--journal", action="store_true",
                    help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
     a.add_argument("--expect", type=_expected, metavar="PROG_ID|empty", help=_EXPECT_HELP)
+    ends = a.add_mutually_exclusive_group()
+    ends.add_argument("--for", dest="for_seconds", type=_duration, metavar="DURATION",
+                      help="then the slot goes back to what it held before, also across restarts: 90, 90s, 5m, 2h, 1d")
+    ends.add_argument("--until", type=_time, metavar="TIME",
+                      help="as --for, until TIME: ISO 8601, local time unless it has an offset (2026-12-24T18:00)")
 
 
 def _detach(d: argparse.ArgumentParser) -> None:

@@ -73,6 +73,7 @@ class Daemon:
         self._place: SocketPlace | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._event_notices_task: asyncio.Task[None] | None = None
+        self._expiries: asyncio.Task[None] | None = None
         self._compat_misses: MissMonitor | None = None
         self._misses_per_min = 0.0
         self._timing: OnDemandTiming | None = None
@@ -179,6 +180,7 @@ class Daemon:
             # A stop during the restore cancels it: the slots not rebuilt yet stay recorded.
             failed = await _cancel_start(startup)
             await _cancel(self._event_notices_task)
+            await _cancel(self._expiries)
             notify.notify("STOPPING=1")
             if self.stop_reason is StopReason.UNLOADED:
                 logger.info("stopping after unload-all; nothing of tailcalld is left in the kernel")
@@ -217,6 +219,8 @@ class Daemon:
         notify.notify("READY=1", self._status_line())
         self._maintenance = asyncio.create_task(self._maintain(manager))
         self._event_notices_task = asyncio.create_task(self._event_notices())
+        # Attaches --for/--until: a deadline passed while the daemon was stopped ends at once.
+        self._expiries = asyncio.create_task(manager.expire_due(Peer.this_process()))
 
     def _start_ended(self, task: asyncio.Task[None]) -> None:
         """A start that failed half-way behind the socket stops the daemon (``_serve`` raises it)."""

@@ -143,6 +143,11 @@ class Unloading(TailcalldError):
     code = "unloading"
 
 
+class DeadlinePassed(TailcalldError):
+    """attach --until a time already past: the attach would end before it began."""
+    code = "deadline_passed"
+
+
 class Conflict(TailcalldError):
     """attach or detach with --expect: the slot holds another program than the one expected (or
     one where it was expected empty).  details: slot, hook, expected, current (None: empty)."""

@@ -14,7 +14,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
                       ValidationError, field_validator, model_validator)
 
 from .dialects import MAX_HEADER_NAME, header_name_problem
@@ -98,6 +98,7 @@ class _HandlerSpec(HandlerFile, HandlerOptions, _Request):
 
 
 HookField = Literal["enter", "exit"]
+MAX_ATTACH_SECONDS = 366 * 86400  # attach --for: a year at most (a slip of units is caught)
 # Compare-and-swap: the change is made only if the slot still holds this program (its id), or
 # nothing ("empty"); else the request fails with `conflict`, naming the program it holds.
 Expect = Annotated[StrictInt, Field(ge=1)] | Literal["empty"]
@@ -116,6 +117,16 @@ class AttachRequest(_HandlerSpec):
     journal: StrictBool = Field(False, description="write the slot's events (TC_PRINTF, TC_EMIT) to the journal "
                                                    "too, at most events_journal_rate per second")
     expect: Expect | None = Field(None, description=_EXPECT_HELP)
+    # An attach that ends: the slot goes back to what it held before (also after a stop or reboot).
+    for_seconds: Annotated[float, Field(gt=0, le=MAX_ATTACH_SECONDS, strict=True)] | None = Field(
+        None, description="the handler stays this many seconds, then the slot goes back to what it held before")
+    until: AwareDatetime | None = Field(None, description="as for_seconds, until this time (ISO 8601 with its offset)")
+
+    @model_validator(mode="after")
+    def _one_deadline(self) -> Self:
+        if self.for_seconds is not None and self.until is not None:
+            raise ValueError("give for_seconds or until, not both")
+        return self
 
 
 class CheckRequest(_HandlerSpec):
@@ -241,6 +252,8 @@ class SlotInfo(BaseModel):
     journal: bool = Field(False, description="its events go to the journal too (attach --journal)")
     variables: dict[str, str] = Field(default_factory=dict, description="the --set it was attached with")
     defines: dict[str, str] = Field(default_factory=dict, description="the -D it was attached with")
+    expires_at: datetime | None = Field(None, description="attach --for/--until: when the slot goes back to "
+                                                          "what it held before; None: it stays")
     # Keep these last, in this order: commands.ListCache serialises the rest once per record
     # and writes only these per request.
     state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored", "restoring"] = Field(

@@ -109,7 +109,7 @@ SLOT_INFO: Spec = {
     "filename": (_optional(_str), REQUIRED), "source_sha256": (_optional(_str), REQUIRED),
     "attached_at": (_optional(_datetime), REQUIRED), "attached_by_uid": (_optional(_int), None),
     "hook": (_one_of("enter", "exit"), "enter"), "journal": (_bool, False),
-    "variables": (_str_dict, {}), "defines": (_str_dict, {}),
+    "variables": (_str_dict, {}), "defines": (_str_dict, {}), "expires_at": (_optional(_datetime), None),
     "state": (_one_of("in-sync", "kernel-empty", "kernel-other", "not-restored", "restoring"), "in-sync"),
     "kernel_prog_id": (_optional(_int), None), "hits": (_int, 0), "misses": (_int, REQUIRED),
     "timed_runs": (_optional(_int), None), "timed_ns": (_optional(_int), None),

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -133,6 +133,7 @@ class SlotManager:
         self._unloading = False
         self._exit_fills = 0  # attaches and applies between preparing the exit dispatcher and filling its slot
         self._restored = asyncio.Event()  # cleared while the start rebuilds slots
+        self._deadlines_changed = asyncio.Event()  # an attach --for came or went: expire_due looks again
         self._restored.set()
 
     # -- keeping kernel and desired state in step -----------------------------------------------
@@ -218,6 +219,79 @@ class SlotManager:
         if self._unloading:
             raise Unloading("tailcalld is unloading everything; no more changes")
 
+    def _held_before(self, slot: int) -> SlotRecord | None:
+        """What an attach --for replaces, to come back when it ends: the slot's record (one that
+        could not be rebuilt at start too), with its program id as it is now."""
+        handler = self.registry.handlers.get(slot)
+        return handler.record if handler is not None else self.registry.unrestored.get(slot)
+
+    # -- attaches that end ----------------------------------------------------------------------
+
+    async def expire_due(self, peer: Peer) -> None:
+        """Forever: at each deadline of an attach --for/--until (the earliest first; one passed
+        while the daemon was stopped, at once), the slot goes back to what it held before.  Any
+        change of the slot meanwhile replaced that record: its deadline went with it."""
+        while True:
+            self._deadlines_changed.clear()
+            deadlines = {slot: h.record.expires_at for slot, h in self.registry.handlers.items()
+                         if h.record.expires_at is not None}
+            now = datetime.now(UTC)
+            for slot in sorted(s for s, at in deadlines.items() if at <= now):
+                await self._expire(slot, peer)
+            if any(at <= now for at in deadlines.values()):
+                continue  # what came back may have a deadline of its own, passed as well
+            wait = min((at - now).total_seconds() for at in deadlines.values()) if deadlines else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._deadlines_changed.wait(), wait)
+
+    async def _expire(self, slot: int, peer: Peer) -> None:
+        reg = self.registry
+        if self._unloading:
+            return
+        async with reg.locks[slot]:
+            handler = reg.handlers.get(slot)
+            record = handler.record if handler is not None else None
+            if record is None or record.expires_at is None or record.expires_at > datetime.now(UTC):
+                return  # changed meanwhile
+            back = record.previous
+            prog = None
+            if back is not None and back.source_sha256 is not None:
+                try:
+                    prog = await self._rebuild(back)
+                except (TailcalldError, OSError, ValueError) as err:
+                    logger.error("slot %s: the attach of %s ended, and %s, which it replaced, could not be rebuilt "
+                                 "(%s); the slot is emptied", reg.label(slot), record.function, back.function, err)
+            if prog is not None and back is not None:
+                new = Handler(back.model_copy(update={"prog_id": prog.id, "maps": map_records(prog.maps)}), prog,
+                              requested_function=back.function)
+                try:
+                    old = reg.commit(slot, new)
+                except BaseException:
+                    prog.close()
+                    raise
+                what = f"back to {back.function} as program {prog.id}"
+            else:
+                old = reg.commit(slot, None)
+                what = "emptied" if back is None else f"emptied ({back.function} could not be rebuilt)"
+            self._release_idle_exit()
+            if old is not None:
+                old.close()
+                reg.release_unused_pins(old.record.source_sha256)
+        self._on_change()
+        self._audit("expire", peer, slot, record.prog_id, record.source_sha256,
+                    f"{record.function} in slot {reg.label(slot)} (program {record.prog_id}) ended at "
+                    f"{record.expires_at:%Y-%m-%dT%H:%M:%SZ}: {what}",
+                    {"FILENAME": record.filename or "", "FUNCTION": record.function or ""})
+
+    async def _rebuild(self, record: SlotRecord) -> Program:
+        """A recorded handler loaded again from its saved source (the compile cache's, at once)."""
+        assert record.source_sha256 is not None
+        await self.kernel.prepare(record.slot)
+        artifact = replace(self.registry.store.artifact(record.source_sha256, record.dialect, record.headers),
+                           filename=record.filename, variables=settings(record.variables),
+                           defines=settings(record.defines))
+        return await self.kernel.load(artifact, record.function)
+
     def _check_expected(self, slot: int, expect: Expect | None) -> None:
         """Compare-and-swap: raise Conflict unless the slot holds the expected program.  Called
         with the slot's lock held, which every change of the slot takes: nothing can change it
@@ -236,26 +310,30 @@ class SlotManager:
 
     async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
                      peer: Peer, fresh: bool = False, hook: Hook = "enter", journal: bool = False,
-                     expect: Expect | None = None) -> Attached:
+                     expect: Expect | None = None, expires_at: datetime | None = None) -> Attached:
         """Put the handler in the slot (its exit slot for ``hook="exit"``).  Unless ``fresh``, a
         program already loaded from the same artifact and function is reused (no compile): it then
         shares its maps with its other slots.  ``expect``: only if the slot holds that program
-        (or is "empty"), else Conflict.  A failure is audited, then raised."""
+        (or is "empty"), else Conflict.  ``expires_at``: then the slot goes back to what it holds
+        now (``expire_due``).  A failure is audited, then raised."""
         try:
-            return await self._attach(slot_spec, artifact, function, filename, peer, fresh, hook, journal, expect)
+            return await self._attach(slot_spec, artifact, function, filename, peer, fresh, hook, journal, expect,
+                                      expires_at)
         except Exception as err:
             self.audit_failure("attach", peer, slot_spec, hook, err, audit.attach_fields(filename, function, artifact))
             raise
 
     async def _attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
-                      peer: Peer, fresh: bool, hook: Hook, journal: bool, expect: Expect | None) -> Attached:
+                      peer: Peer, fresh: bool, hook: Hook, journal: bool, expect: Expect | None,
+                      expires_at: datetime | None) -> Attached:
         slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
         async with reg.locks[slot]:
             self._check_open()
             self._check_expected(slot, expect)  # under the lock, so until the commit below
-            same = None if fresh else self.running_as_asked(slot, artifact, function, journal)
+            # An attach with a deadline always replaces: what it replaces is what comes back.
+            same = None if fresh or expires_at else self.running_as_asked(slot, artifact, function, journal)
             if same is not None:  # not touched, not audited: nothing changes
                 # Its warnings again (headers that do not match the kernel): they still hold.
                 return Attached(slot, self.syscalls.label(slot), same.record.function or "?", same.record.prog_id,
@@ -279,7 +357,8 @@ class SlotManager:
                                             headers=artifact.header_sha256s, attached_by_uid=peer.uid,
                                             attached_at=datetime.now(UTC), journal=journal,
                                             variables=dict(artifact.variables), defines=dict(artifact.defines),
-                                            maps=map_records(prog.maps))
+                                            maps=map_records(prog.maps), expires_at=expires_at,
+                                            previous=self._held_before(slot) if expires_at else None)
                         old = reg.commit(slot, Handler(record, prog, requested_function=function))
                     except BaseException:
                         prog.close()
@@ -293,6 +372,7 @@ class SlotManager:
                 reg.release_unused_pins(old.record.source_sha256)
             self.misses.held_handler(slot)
         self._on_change()
+        self._deadlines_changed.set()
         self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
                     f"{prog.function} ({artifact.dialect}) in slot {reg.label(slot)}: program {prog.id}"
                     + (f", was {replaced}" if replaced is not None else ""),

@@ -72,6 +72,10 @@ class SlotRecord(BaseModel):
     defines: dict[str, str] = {}
     # The maps its program uses (ids of this program's maps: they change when it is rebuilt).
     maps: list[MapRecord] = []
+    # An attach --for/--until: when the slot goes back to ``previous`` (what it held before this
+    # attach; None: nothing).  Kept in the state file, so a deadline outlives a stop or a reboot.
+    expires_at: datetime | None = None
+    previous: SlotRecord | None = None
 
 
 def record_build_key(record: SlotRecord) -> str | None:
@@ -87,8 +91,15 @@ class StateFile(BaseModel):
     exit_slots: dict[int, SlotRecord] = {}  # exit slots (raw_tracepoint/sys_exit), by syscall number
 
     def records(self) -> list[SlotRecord]:
-        """Every record, enter and exit slots alike."""
-        return [*self.slots.values(), *self.exit_slots.values()]
+        """Every record, enter and exit slots alike, and those the slots go back to when an
+        attach --for ends (their sources are kept too)."""
+        found = []
+        for top in [*self.slots.values(), *self.exit_slots.values()]:
+            record: SlotRecord | None = top
+            while record is not None:
+                found.append(record)
+                record = record.previous
+        return found
 
 
 class LoadedState(BaseModel):
