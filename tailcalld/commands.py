@@ -268,6 +268,7 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         version=__version__, pid=status.pid, started_at=status.started_at, pin_dir=str(d.pin_dir),
         socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
         upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots, restoring=status.restoring,
+        next_expiry=status.next_expiry,
         hits_total=status.hits_total, misses_total=status.misses_total, miss_log_interval=s.miss_log_interval,
         connections=ctx.connections(), timing_seconds_left=ctx.timing.seconds_left() if ctx.timing else 0.0,
         corrections=status.corrections)

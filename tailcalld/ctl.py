@@ -325,6 +325,8 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
     ]
     if r.upgraded_from:
         rows.append(("Upgraded", f"from dispatcher program {r.upgraded_from} at this start"))
+    if r.next_expiry is not None:
+        rows.append(("Next end", f"of an attach --for/--until in {_left(r.next_expiry)} (list: LEFT)"))
     rows.append(("Timing", f"on for {r.timing_seconds_left:.0f} s more" if r.timing_seconds_left else "off"))
     print(plain_table([(name, printable(str(value))) for name, value in rows]))
     if r.corrections:

@@ -124,6 +124,14 @@ class DaemonCollector(Collector):
             r = view.record
             info.add_metric([str(view.nr), view.syscall, view.hook, r.function or "",
                              (r.dialect or "") if r.source_sha256 else "", str(r.prog_id), r.source_sha256 or ""], 1)
+        ending = GaugeMetricFamily("tailcalld_slot_expiry_timestamp_seconds", "When an attach --for/--until ends "
+                                   "and the slot goes back to what it held before (Unix time); only such slots",
+                                   labels=SLOT_LABELS)
+        restoring = GaugeMetricFamily("tailcalld_slots_restoring", "Recorded slots the start is still rebuilding",
+                                      value=m.restoring)
+        for view in views:
+            if view.record.expires_at is not None:
+                ending.add_metric([str(view.nr), view.syscall, view.hook], view.record.expires_at.timestamp())
         status = m.status()
         total = CounterMetricFamily("tailcalld_misses", "Tail-call misses of every slot, filled or not, since the "
                                     "daemon started", value=status.misses_total)
@@ -131,7 +139,7 @@ class DaemonCollector(Collector):
         corrections = CounterMetricFamily("tailcalld_reconcile_corrections", "Corrections made to bring the kernel's "
                                           "slots and the saved state together (see status)",
                                           value=m.registry.corrections_total)
-        return [hits, misses, info, total, used, corrections]
+        return [hits, misses, info, ending, restoring, total, used, corrections]
 
     def _timing(self, views: list[SlotView]) -> Iterable[Metric]:
         timing = self._ctx.timing

@@ -387,6 +387,8 @@ class StatusResult(BaseModel):
     nr_slots: int
     restoring: int = Field(0, description="slots the start is still rebuilding (after a reboot: compiles, or loads "
                                           "from the compile cache); list shows them as restoring")
+    next_expiry: datetime | None = Field(None, description="the earliest end of an attach --for/--until (list: the "
+                                                           "expires_at of each such slot); None: none")
     hits_total: int = Field(0, description="handler runs on all slots since the daemon started")
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
     miss_log_interval: float

@@ -114,6 +114,7 @@ class Status:
     dispatcher: DispatcherInfo
     slots_used: int
     restoring: int
+    next_expiry: datetime | None
     hits_total: int
     misses_total: int
     corrections: list[str]
@@ -563,7 +564,9 @@ class SlotManager:
         # Hits of the slots tailcalld fills: elsewhere calls and misses are equal, and summing
         # two racing totals over every syscall of the machine would only add noise.
         hits = sum(self._hits(slot, missed, called) for slot in self.registry.handlers)
-        return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, self.restoring, hits,
+        ends = [h.record.expires_at for h in self.registry.handlers.values() if h.record.expires_at is not None]
+        return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, self.restoring,
+                      min(ends, default=None), hits,
                       sum(missed) - sum(self.misses.baseline), list(self.registry.corrections))
 
     def close(self) -> None:

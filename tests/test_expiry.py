@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import DaemonProcess, journal, kernel_slots, prog_name_by_id, saved_slots, start_daemon, wait_journal, \
-    wait_until
+from harness import DaemonProcess, journal, kernel_slots, prog_name_by_id, remove_pin_tree, saved_slots, start_daemon, \
+    wait_journal, wait_until
 from tailcalld.client import RemoteError
+from tailcalld.metrics_http import fetch
 
 SLOT = 306  # fsconfig: no test process calls it
 
@@ -42,6 +43,10 @@ def test_the_slot_goes_back_to_what_it_held(journald: None, daemon: DaemonProces
     assert timedelta(0) < left <= timedelta(seconds=2)
     table = daemon.ctl("list").stdout
     assert "LEFT" in table and "h_temp" in table
+    assert daemon.call("status")["next_expiry"] == listed["expires_at"]
+    assert "Next end" in daemon.ctl("status").stdout
+    metrics = fetch(daemon.socket.parent / "metrics.sock").decode()
+    assert f'tailcalld_slot_expiry_timestamp_seconds{{hook="enter",slot="{SLOT}",syscall=' in metrics
     wait_until(lambda: (slot_of(daemon) or {}).get("function") == "h_base", timeout=30, period=0.2)
     back = slot_of(daemon)
     assert back is not None and back["expires_at"] is None and back["state"] == "in-sync"
@@ -49,6 +54,7 @@ def test_the_slot_goes_back_to_what_it_held(journald: None, daemon: DaemonProces
     [entry] = wait_journal(lambda: journal(_PID=str(daemon.pid), TAILCALLD_ACTION="expire"))
     assert entry["SLOT"] == str(SLOT) and "back to h_base" in entry["MESSAGE"]
     assert "LEFT" not in daemon.ctl("list").stdout  # the column only while an attach ends
+    assert daemon.call("status")["next_expiry"] is None
 
 
 def test_an_empty_slot_is_empty_again_and_a_later_change_keeps_its_place(daemon: DaemonProcess) -> None:
@@ -63,7 +69,8 @@ def test_an_empty_slot_is_empty_again_and_a_later_change_keeps_its_place(daemon:
     assert running(daemon) == "h_kept"
 
 
-def test_a_deadline_passed_while_stopped_is_honoured_at_start(tmp_path: Path, pin_root: Path) -> None:
+@pytest.mark.parametrize("reboot", [False, True], ids=["restart", "reboot"])
+def test_a_deadline_passed_while_stopped_is_honoured_at_start(tmp_path: Path, pin_root: Path, reboot: bool) -> None:
     d = start_daemon(tmp_path, pin_root / "daemon")
     try:
         d.call("attach", slot=SLOT, source=handler("base"), filename="base.c")
@@ -71,6 +78,8 @@ def test_a_deadline_passed_while_stopped_is_honoured_at_start(tmp_path: Path, pi
     finally:
         assert d.stop() == 0
     time.sleep(3)  # the deadline passes with no daemon: the pinned handler runs on
+    if reboot:  # then the start rebuilds the ended handler first (its record), and ends it
+        remove_pin_tree(pin_root / "daemon")
     d = start_daemon(tmp_path, pin_root / "daemon")
     try:
         wait_until(lambda: (slot_of(d) or {}).get("function") == "h_base", timeout=30, period=0.2)
