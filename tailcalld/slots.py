@@ -68,6 +68,8 @@ class Unloaded:
     pins: list[str]
 
 
+EXPIRY_RETRY = 10.0  # seconds before an attach's end that could not be applied is tried again
+
 # What a compare-and-swap expects a slot to hold: a program id, or nothing.
 Expect = int | Literal["empty"]
 
@@ -237,8 +239,17 @@ class SlotManager:
             deadlines = {slot: h.record.expires_at for slot, h in self.registry.handlers.items()
                          if h.record.expires_at is not None}
             now = datetime.now(UTC)
+            failed = False
             for slot in sorted(s for s, at in deadlines.items() if at <= now):
-                await self._expire(slot, peer)
+                try:
+                    await self._expire(slot, peer)
+                except (TailcalldError, OSError) as err:  # a full disk, say: the slot keeps its handler for now
+                    logger.error("slot %s: the end of an attach --for could not be applied (%s); retried in %g s",
+                                 self.registry.label(slot), getattr(err, "message", err), EXPIRY_RETRY)
+                    failed = True
+            if failed:
+                await asyncio.sleep(EXPIRY_RETRY)
+                continue
             if any(at <= now for at in deadlines.values()):
                 continue  # what came back may have a deadline of its own, passed as well
             wait = min((at - now).total_seconds() for at in deadlines.values()) if deadlines else None

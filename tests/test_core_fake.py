@@ -250,3 +250,41 @@ def test_a_failed_exit_attach_leaves_no_exit_dispatcher(tmp_path: Path) -> None:
         assert c.snapshot() == before and not c.kernel.exit_attached
 
     run(tmp_path, scenario)
+
+
+def test_an_end_that_cannot_be_written_is_retried_and_a_chain_unwinds(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """attach --for over attach --for: the slot unwinds one deadline at a time, back to the
+    first handler; a state file that cannot be written when a deadline passes keeps the slot as
+    it is (memory, disk and kernel agree) until a later try succeeds."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from tailcalld import slots
+    monkeypatch.setattr(slots, "EXPIRY_RETRY", 0.05)
+    V3 = Artifact("bcc", b"int v3(struct bpf_raw_tracepoint_args *ctx) { return 0; }")
+
+    async def scenario(c: Core) -> None:
+        m = c.manager
+        first = await attach(c, V1)
+        soon = datetime.now(UTC) + timedelta(seconds=0.3)
+        second = (await m.attach(FCHMODAT, V2, None, "v2.c", ME, expires_at=soon)).prog_id
+        top = (await m.attach(FCHMODAT, V3, None, "v3.c", ME, expires_at=soon + timedelta(seconds=0.2))).prog_id
+        chain = m.registry.handlers[FCHMODAT].record
+        assert chain.previous is not None and chain.previous.prog_id == second
+        assert chain.previous.previous is not None and chain.previous.previous.prog_id == first
+        c.store.fail_saves = [True]  # the disk is full when the first end comes
+        runner = asyncio.create_task(m.expire_due(ME))
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.02)
+                handler = m.registry.handlers.get(FCHMODAT)
+                if handler is not None and handler.record.source_sha256 == V1.sha256:
+                    break
+            handler = m.registry.handlers[FCHMODAT]
+            assert handler.record.source_sha256 == V1.sha256 and handler.record.expires_at is None
+            assert c.kernel.slots == {FCHMODAT: handler.record.prog_id} == c.saved_slots()
+            assert top not in c.kernel.slots.values()
+        finally:
+            runner.cancel()
+    run(tmp_path, scenario)
