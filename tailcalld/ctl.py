@@ -371,6 +371,9 @@ def show_show(r: ShowResult, args: argparse.Namespace) -> None:
                            + (", to the journal too" if s.journal else "")))
     if s.variables or s.defines:
         rows.append(("Settings", _settings_shown(s)))
+    if s.expires_at is not None:
+        rows.append(("Ends", f"{_since(s.expires_at)} (in {_left(s.expires_at)}): the slot goes back to what it "
+                             "held before"))
     print(plain_table([(name, printable(str(value))) for name, value in rows]))
     print()
     if r.maps:

@@ -45,6 +45,7 @@ def test_the_slot_goes_back_to_what_it_held(journald: None, daemon: DaemonProces
     assert "LEFT" in table and "h_temp" in table
     assert daemon.call("status")["next_expiry"] == listed["expires_at"]
     assert "Next end" in daemon.ctl("status").stdout
+    assert "the slot goes back to what it held before" in daemon.ctl("show", str(SLOT), "--no-source").stdout
     metrics = fetch(daemon.socket.parent / "metrics.sock").decode()
     assert f'tailcalld_slot_expiry_timestamp_seconds{{hook="enter",slot="{SLOT}",syscall=' in metrics
     wait_until(lambda: (slot_of(daemon) or {}).get("function") == "h_base", timeout=30, period=0.2)
