@@ -239,16 +239,18 @@ class SlotManager:
             deadlines = {slot: h.record.expires_at for slot, h in self.registry.handlers.items()
                          if h.record.expires_at is not None}
             now = datetime.now(UTC)
-            failed = False
+            stuck = False
             for slot in sorted(s for s, at in deadlines.items() if at <= now):
+                if self._unloading:
+                    return  # unload-all empties every slot: nothing comes back
                 try:
                     await self._expire(slot, peer)
                 except (TailcalldError, OSError) as err:  # a full disk, say: the slot keeps its handler for now
                     logger.error("slot %s: the end of an attach --for could not be applied (%s); retried in %g s",
                                  self.registry.label(slot), getattr(err, "message", err), EXPIRY_RETRY)
-                    failed = True
-            if failed:
-                await asyncio.sleep(EXPIRY_RETRY)
+                    stuck = True
+            if stuck:
+                await asyncio.sleep(EXPIRY_RETRY)  # never a loop that does not yield
                 continue
             if any(at <= now for at in deadlines.values()):
                 continue  # what came back may have a deadline of its own, passed as well
@@ -258,8 +260,6 @@ class SlotManager:
 
     async def _expire(self, slot: int, peer: Peer) -> None:
         reg = self.registry
-        if self._unloading:
-            return
         async with reg.locks[slot]:
             handler = reg.handlers.get(slot)
             record = handler.record if handler is not None else None
