@@ -241,6 +241,17 @@ def engine_args_of(container: dict[str, Any], host_paths: dict[str, Path]) -> li
     return args
 
 
+def exec_in(container: str, *command: str) -> subprocess.CompletedProcess[str]:
+    """``podman exec``, as the kubelet runs an exec probe.  Where podman itself runs in a chroot
+    (fresh-machine.sh), runc cannot pivot_root, so it chroots the container instead, and an exec
+    (which joins the container's namespaces, not its chroot) cannot even enter its working
+    folder: the test cannot run there, which is said as a skip, not a failure."""
+    done = podman("exec", container, *command)
+    if done.returncode != 0 and "chdir to cwd" in done.stderr and "set in config.json failed" in done.stderr:
+        pytest.skip(f"podman exec does not work here (podman in a chroot?): {done.stderr.strip()[:300]}")
+    return done
+
+
 @dataclass
 class Pod:
     name: str
@@ -267,7 +278,7 @@ class Pod:
                               capture_output=True, text=True, timeout=120)
 
     def probe(self, which: str) -> subprocess.CompletedProcess[str]:
-        return podman("exec", self.name, *daemon_container()[which]["exec"]["command"])
+        return exec_in(self.name, *daemon_container()[which]["exec"]["command"])
 
     def logs(self) -> str:
         r = podman("logs", self.name)
@@ -320,7 +331,7 @@ def test_the_pod_serves_metrics_on_the_annotated_port(pod: Pod) -> None:
     pod.wait_started()
     port = daemonset()["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
     fetch = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
-    text = checked(podman("exec", pod.name, "python3", "-c", fetch))
+    text = checked(exec_in(pod.name, "python3", "-c", fetch))
     assert "tailcalld_build_info" in text, text[:2000]
 
 
