@@ -1,4 +1,5 @@
-"""A BPF object's debug info removed before it is sent (tailcallctl), as `llvm-strip -g` would.
+"""A BPF object's debug info removed before it is sent (tailcallctl), as `llvm-strip -g` would;
+and one section's bytes read (``section``).
 
 Why: `clang -g` puts the source's DWARF in `.debug_*` sections (650 KB for a small handler
 that includes vmlinux.h), which the kernel never sees: libbpf skips them and uses `.BTF` and
@@ -53,7 +54,20 @@ def strip_debug(data: bytes) -> bytes:
         return data
 
 
-def _strip(data: bytes) -> bytes:
+def section(data: bytes, name: str) -> bytes | None:
+    """The bytes of the section called ``name`` (the compile cache reads an object's "license"
+    as libbpf gives it to the kernel); None when there is none, or the file is not one this
+    module understands."""
+    try:
+        _, _, sections, names = _parse(data)
+        found = next((s for i, s in enumerate(sections) if i and _name(data, names, s.name) == name), None)
+    except (_NotUnderstood, struct.error):
+        return None
+    return None if found is None or found.type == _SHT_NOBITS else data[found.offset:found.offset + found.size]
+
+
+def _parse(data: bytes) -> tuple[str, list[object], list[_Section], _Section]:
+    """(byte order, ELF header fields, section headers, the section name table's header)."""
     if len(data) < 64 or data[4] != _ELFCLASS64 or data[5] not in _ENDIAN:
         raise _NotUnderstood("not a 64-bit ELF file")
     order = _ENDIAN[data[5]]
@@ -65,7 +79,11 @@ def _strip(data: bytes) -> bytes:
     for s in sections:
         if s.type != _SHT_NOBITS and s.offset + s.size > len(data):
             raise _NotUnderstood("a section past the end of the file")
-    names = sections[shstrndx]
+    return order, header, sections, sections[shstrndx]
+
+
+def _strip(data: bytes) -> bytes:
+    order, header, sections, names = _parse(data)
     debug = {i for i, s in enumerate(sections) if i and _name(data, names, s.name).startswith(_DEBUG_PREFIXES)}
     if not debug:
         return data

@@ -25,7 +25,7 @@ import resource
 import struct
 from typing import Any
 
-from . import bpfsys, mapbudget
+from . import bpfsys, elfstrip, mapbudget
 from .errors import MapError, VerifierRejected
 
 # Where the compile worker puts the event channel's maps; well above anything a worker opens
@@ -123,27 +123,9 @@ def insns_product(insns: bytes, license: bytes, frozen: dict[int, bytes]) -> dic
 
 def elf_license(data: bytes) -> bytes | None:
     """The contents of an ELF object's "license" section (what libbpf gives the kernel), up to
-    its NUL; None when there is none or the file is no 64-bit little-endian ELF."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-
-    def section(i: int) -> tuple[int, int, int]:  # (name offset, file offset, size)
-        base = shoff + i * shentsize
-        name, = struct.unpack_from("<I", data, base)
-        offset, size = struct.unpack_from("<QQ", data, base + 0x18)
-        return name, offset, size
-
-    try:
-        _, names_at, _ = section(shstrndx)
-        for i in range(shnum):
-            name, offset, size = section(i)
-            if data[names_at + name:data.index(b"\0", names_at + name)] == b"license":
-                return data[offset:offset + size].split(b"\0", 1)[0]
-    except (struct.error, ValueError):
-        return None
-    return None
+    its NUL; None when there is none or the file is not one elfstrip understands."""
+    found = elfstrip.section(data, "license")
+    return None if found is None else found.split(b"\0", 1)[0]
 
 
 def map_specs(product: dict[str, Any]) -> list[tuple[str, int, int, int, int]]:
