@@ -16,6 +16,7 @@ import platform
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -159,6 +160,14 @@ def bare_bpf_headers() -> list[str]:
     return ["-idirafter", str(BARE_BPF_HEADERS)] if BARE_BPF_HEADERS.is_dir() else []
 
 
+@cache
+def kernel_btf_sha256() -> str:
+    """The SHA-256 of the running kernel's BTF (5 MB: read once per process; the kernel does not
+    change under it).  What vmlinux.h's folder and the compile cache's keys are named by.
+    Raises OSError when it cannot be read."""
+    return hashlib.sha256(BTF_VMLINUX.read_bytes()).hexdigest()
+
+
 async def vmlinux_header(cache_dir: Path, timeout: float, fallback: Path | None = None) -> Path:
     """A folder holding vmlinux.h for the running kernel, generated once per BTF (that is, per
     kernel) with bpftool and kept under ``cache_dir``.  bpftool gets ``timeout`` seconds.
@@ -169,11 +178,11 @@ async def vmlinux_header(cache_dir: Path, timeout: float, fallback: Path | None 
     import asyncio  # noqa: PLC0415
 
     try:
-        btf = await asyncio.to_thread(BTF_VMLINUX.read_bytes)
+        btf = await asyncio.to_thread(kernel_btf_sha256)
     except OSError as exc:
         raise ToolFailed(f"libbpf C needs the kernel's BTF, and {BTF_VMLINUX} cannot be read: "
                          f"{exc.strerror}") from None
-    folder = cache_dir / f"vmlinux-{hashlib.sha256(btf).hexdigest()[:16]}"
+    folder = cache_dir / f"vmlinux-{btf[:16]}"
     if (folder / "vmlinux.h").exists():
         return folder
     header = await _dump_vmlinux(timeout)

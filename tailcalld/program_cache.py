@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .dialects import BTF_VMLINUX
+from .dialects import kernel_btf_sha256
 
 logger = logging.getLogger("tailcalld")
 
@@ -67,7 +67,7 @@ class ProgramCache:
             if item.name.endswith(".h"):
                 headers.update(item.name.encode() + b"\0" + item.read_bytes())
         try:
-            btf = hashlib.sha256(BTF_VMLINUX.read_bytes()).hexdigest()
+            btf = kernel_btf_sha256()
         except OSError:
             btf = ""  # bcc compiles against the headers of the release alone
         uname = platform.uname()
