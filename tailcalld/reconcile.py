@@ -221,11 +221,7 @@ async def _rebuild_group(registry: Registry, slots: list[int], plan: Restore) ->
             try:
                 await registry.kernel.prepare(slot)  # an exit slot's dispatcher, gone with a reboot
                 if prog is None:
-                    assert record.source_sha256 is not None  # those with no source are not pending
-                    artifact = replace(registry.store.artifact(record.source_sha256, record.dialect, record.headers),
-                                       filename=record.filename, variables=settings(record.variables),
-                                       defines=settings(record.defines))
-                    prog = await registry.kernel.load(artifact, record.function)
+                    prog = await load_recorded(registry, record)
                     plan.from_cache += prog.from_cache
                     _put_back(registry, slot, running, record, prog, shared=False)
                 else:
@@ -241,6 +237,16 @@ async def _rebuild_group(registry: Registry, slots: list[int], plan: Restore) ->
     finally:
         if prog is not None and all(h.prog is not prog for h in registry.handlers.values()):
             prog.close()  # its slot could not take it
+
+
+async def load_recorded(registry: Registry, record: SlotRecord) -> Program:
+    """The handler ``record`` names, loaded again from its saved source and settings (from the
+    compile cache when it was compiled before).  Raises what loading raises, and ValueError for
+    a saved source that does not match its hash."""
+    assert record.source_sha256 is not None  # only a record with a source is rebuilt
+    artifact = replace(registry.store.artifact(record.source_sha256, record.dialect, record.headers),
+                       filename=record.filename, variables=settings(record.variables), defines=settings(record.defines))
+    return await registry.kernel.load(artifact, record.function)
 
 
 def _put_back(registry: Registry, slot: int, running: int | None, record: SlotRecord, prog: Program,

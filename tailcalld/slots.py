@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -297,12 +297,8 @@ class SlotManager:
 
     async def _rebuild(self, record: SlotRecord) -> Program:
         """A recorded handler loaded again from its saved source (the compile cache's, at once)."""
-        assert record.source_sha256 is not None
         await self.kernel.prepare(record.slot)
-        artifact = replace(self.registry.store.artifact(record.source_sha256, record.dialect, record.headers),
-                           filename=record.filename, variables=settings(record.variables),
-                           defines=settings(record.defines))
-        return await self.kernel.load(artifact, record.function)
+        return await reconcile.load_recorded(self.registry, record)
 
     def _check_expected(self, slot: int, expect: Expect | None) -> None:
         """Compare-and-swap: raise Conflict unless the slot holds the expected program.  Called
