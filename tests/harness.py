@@ -244,12 +244,29 @@ def idle_worker(pid: int) -> bool:
 
 def busy_children_of(pid: int) -> list[int]:
     """children_of, without the idle compile workers (nor one being started: forked, its exec
-    to come, it still has the daemon's command line): the processes of compiles under way or past."""
+    to come, it still has the daemon's command line; or in its execve: see ``settled``): the
+    processes of compiles under way or past."""
     try:
         own = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         own = None
-    return [k for k in children_of(pid) if not idle_worker(k) and not _same_cmdline(k, own)]
+    return [k for k in children_of(pid)
+            if settled(k) and not idle_worker(k) and not _same_cmdline(k, own)]
+
+
+def settled(pid: int, timeout: float = 1.0) -> bool:
+    """Whether ``pid`` is still a live process once it has a command line again.  A process in
+    the middle of an execve (a worker the daemon starts ahead, between its old memory and its
+    new) or of its exit shows an empty one for a moment: it is told apart only after that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes():
+                break
+        except OSError:
+            return False
+        time.sleep(0.005)
+    return _process_state(pid) not in (None, "Z")
 
 
 def _same_cmdline(pid: int, cmdline: bytes | None) -> bool:

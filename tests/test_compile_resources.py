@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DaemonProcess, busy_children_of, children_of, kernel_slots, own_daemon
+from harness import DaemonProcess, busy_children_of, children_of, kernel_slots, own_daemon, settled
 from tailcalld.client import RemoteError
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -76,7 +76,8 @@ def leftovers(d: DaemonProcess, before: set[int]) -> list[str]:
     for the next compiles), and orphans re-parented to us (not our children from ``before`` the
     compile, such as a journald the session started)."""
     found = []
-    for pid in busy_children_of(d.pid) + [p for p in children_of(os.getpid()) if p != d.pid and p not in before]:
+    orphans = [p for p in children_of(os.getpid()) if p != d.pid and p not in before and settled(p)]
+    for pid in busy_children_of(d.pid) + orphans:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
