@@ -27,6 +27,7 @@ from typing import Any
 from tailcalld.compiler import Compiler, Program
 from tailcalld.config import LiveSettings, Settings
 from tailcalld.dispatcher import EXIT, NR_SLOTS, Dispatcher
+from tailcalld.scope import SCOPE_DIR, Scopes, cgroup2_mounts
 from tailcalld.timing import SOURCE as TIMING_SOURCE
 from tailcalld.timing import HandlerTimer, target_of
 from tailcalld.syscalls import SyscallTable
@@ -162,41 +163,76 @@ def tracepoint_getppid(_env: Env) -> Iterator[Attached]:
         wait_progs_gone(ids)
 
 
+@contextlib.contextmanager
+def _bench_cgroup(scope: str | None) -> Iterator[str | None]:
+    """The cgroup a scoped configuration's guard checks: "all", the cgroup v2 root (every task
+    is in its subtree: the guard lets every call through); "none", an empty cgroup of the
+    benchmark's own (the guard lets none through)."""
+    mounts = cgroup2_mounts()
+    if scope is None or not mounts:
+        yield None
+        return
+    if scope == "all":
+        yield str(mounts[0])
+        return
+    empty = mounts[0] / f"tailcalld-bench-{os.getpid()}"
+    empty.mkdir(exist_ok=True)
+    try:
+        yield str(empty)
+    finally:
+        empty.rmdir()
+
+
+def _no_cgroup2() -> str | None:
+    return None if cgroup2_mounts() else "no cgroup v2 hierarchy is mounted"
+
+
 def tailcalld_dispatcher(fill: Callable[[Env], list[int]], exit_fill: Callable[[Env], list[int]] | None = None,
-                         timed: bool = False) -> Attacher:
+                         timed: bool = False, scope: str | None = None) -> Attacher:
     """tailcalld's own dispatcher, loaded and pinned by tailcalld's code in a fresh pin folder,
     with the empty handler in the slots ``fill`` names; with ``exit_fill``, the exit dispatcher
-    too, the empty handler in those exit slots; ``timed``: handler timing switched on."""
+    too, the empty handler in those exit slots; ``timed``: handler timing switched on;
+    ``scope``: the handler behind a cgroup guard (``_bench_cgroup``), as attach --cgroup puts it."""
 
     @contextlib.contextmanager
     def attach(env: Env) -> Iterator[Attached]:
         pin_dir = env.pins.new("dispatcher")
         dispatchers: list[Dispatcher] = []
         timer: HandlerTimer | None = None
+        scopes: Scopes | None = None
         ids: set[int] = set()
         try:
-            enter = env.loop.run_until_complete(Dispatcher.open_or_load(pin_dir, env.compiler, env.compat))
-            dispatchers.append(enter)
-            for slot in fill(env):
-                enter.set_slot(slot, env.handler().fd)
-            if exit_fill is not None:
-                exit_ = env.loop.run_until_complete(
-                    Dispatcher.open_or_load(pin_dir, env.compiler, env.compat, hook=EXIT))
-                dispatchers.append(exit_)
-                for slot in exit_fill(env):
-                    exit_.set_slot(slot, env.handler().fd)
-            if timed:
-                target = target_of(enter)
-                build = env.compiler.build_own_object(TIMING_SOURCE, target.cflags)
-                timer = HandlerTimer.attach(env.loop.run_until_complete(build), target)
-            ids = {d.prog_id for d in dispatchers} | (timer.prog_ids() if timer else set())
-            # Read from the pin, the way anyone but the daemon would see the counter.
-            yield Attached(ids, getppid_misses=lambda: slot_misses(pin_dir, env.getppid_nr))
+            with _bench_cgroup(scope) as cgroup:
+                enter = env.loop.run_until_complete(Dispatcher.open_or_load(pin_dir, env.compiler, env.compat))
+                dispatchers.append(enter)
+                for slot in fill(env):
+                    if cgroup is None:
+                        enter.set_slot(slot, env.handler().fd)
+                        continue
+                    scopes = scopes or Scopes(pin_dir / SCOPE_DIR, 2 * NR_SLOTS)
+                    guard = scopes.make_guard(slot, env.handler().fd, cgroup)
+                    enter.set_slot(slot, guard.fd)
+                    scopes.installed(slot, guard)
+                if exit_fill is not None:
+                    exit_ = env.loop.run_until_complete(
+                        Dispatcher.open_or_load(pin_dir, env.compiler, env.compat, hook=EXIT))
+                    dispatchers.append(exit_)
+                    for slot in exit_fill(env):
+                        exit_.set_slot(slot, env.handler().fd)
+                if timed:
+                    target = target_of(enter)
+                    build = env.compiler.build_own_object(TIMING_SOURCE, target.cflags)
+                    timer = HandlerTimer.attach(env.loop.run_until_complete(build), target)
+                ids = {d.prog_id for d in dispatchers} | (timer.prog_ids() if timer else set())
+                # Read from the pin, the way anyone but the daemon would see the counter.
+                yield Attached(ids, getppid_misses=lambda: slot_misses(pin_dir, env.getppid_nr))
         finally:
             if timer is not None:
                 timer.close()
             ids = ids or pinned_link_progs(pin_dir)
             remove_pin_tree(pin_dir)  # the link pins first: that detaches the dispatchers
+            if scopes is not None:
+                scopes.close()
             for d in dispatchers:
                 d.close()  # our fds were the last references
             wait_progs_gone(ids)
@@ -273,6 +309,10 @@ def configurations() -> list[Configuration]:
         Configuration("exit", "tailcalld, empty handler in getppid exit slot (both dispatchers)",
                       tailcalld_dispatcher(lambda env: [], exit_fill=getppid), "miss"),
         Configuration("timed", "tailcalld, hit, handler timing on", tailcalld_dispatcher(getppid, timed=True), "hit"),
+        Configuration("scoped", "tailcalld, hit through a cgroup guard (attach --cgroup, caller inside)",
+                      tailcalld_dispatcher(getppid, scope="all"), "hit", unavailable=_no_cgroup2),
+        Configuration("scoped_out", "tailcalld, cgroup guard, caller outside (a scope miss)",
+                      tailcalld_dispatcher(getppid, scope="none"), "hit", unavailable=_no_cgroup2),
         Configuration("bpftrace", "bpftrace raw_syscalls:sys_enter count by id", bpftrace_counting,
                       unavailable=_bpftrace_missing),
         Configuration("tracepoint", "tracepoint syscalls:sys_enter_getppid (bcc)", tracepoint_getppid),

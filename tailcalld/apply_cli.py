@@ -176,7 +176,7 @@ def apply_file_text(result: SaveResult, where: dict[int, str], prefix: str) -> s
             continue
         slot: str | int = s.slot if s.syscall.startswith("syscall_") else s.syscall
         lines.append(entry_text(slot, s.hook, prefix + where[s.file], s.function, s.dialect, s.journal,
-                                s.variables, s.defines))
+                                s.variables, s.defines, s.cgroup))
     return "\n".join(lines)
 
 

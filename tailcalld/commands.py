@@ -33,6 +33,7 @@ from .protocol import (ApplyRequest, ApplyResult, AttachRequest, AttachResult, C
                        ShowResult, SlotChange, SlotInfo, StatusRequest, StatusResult, SyscallEntry, SyscallsRequest,
                        SyscallsResult, TimingRequest, TimingResult, UnloadAllRequest, UnloadResult)
 from .slot_details import slot_details
+from .scope import check_cgroup_path
 from .slots import SlotManager, SlotView, Status
 from .state import SlotRecord
 from .timing import OnDemandTiming, SlotTimes
@@ -125,9 +126,11 @@ def wanted_of(request: ApplyRequest, m: SlotManager, settings: Settings) -> list
         try:
             key = m.syscalls.key(m.syscalls.resolve(s.slot), s.hook)
             artifact = artifact_from(file, s, settings)
+            if s.cgroup is not None:
+                check_cgroup_path(s.cgroup)
         except TailcalldError as err:
             raise at_entry(err, request.source, i, file.filename) from None
-        wanted.append(Wanted(i, key, artifact, s.function, s.journal, file.filename))
+        wanted.append(Wanted(i, key, artifact, s.function, s.journal, file.filename, s.cgroup))
     return wanted
 
 
@@ -178,7 +181,8 @@ def save_result(m: SlotManager) -> SaveResult:
             file = index[found]
         slots.append(SavedSlot(slot=nr, hook=hook, syscall=m.syscalls.label(key), function=r.function,
                                dialect=r.dialect if r.source_sha256 else None, filename=r.filename,
-                               journal=r.journal, variables=r.variables, defines=r.defines, prog_id=r.prog_id,
+                               journal=r.journal, cgroup=r.cgroup, variables=r.variables, defines=r.defines,
+                               prog_id=r.prog_id,
                                file=file))
     return SaveResult(slots=slots, files=files)
 
@@ -216,8 +220,8 @@ def slot_info(view: SlotView) -> SlotInfo:
         slot=view.nr, hook=view.hook, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
         attached_by_uid=r.attached_by_uid, journal=r.journal, variables=r.variables, defines=r.defines,
-        expires_at=r.expires_at, state=view.state,
-        kernel_prog_id=view.kernel_prog_id, hits=view.hits, misses=view.misses)
+        expires_at=r.expires_at, cgroup=r.cgroup, state=view.state,
+        kernel_prog_id=view.kernel_prog_id, hits=view.hits, misses=view.misses, scope_misses=view.scope_misses)
 
 
 class ListCache:
@@ -225,8 +229,8 @@ class ListCache:
     changes when its record does, so each entry is serialised once (by the SlotInfo model) and
     only its last fields (state, kernel program, hits, misses, timing) are written per request."""
 
-    _TAIL = (b',"state":"kernel-empty","kernel_prog_id":null,"hits":0,"misses":0,"timed_runs":null,"timed_ns":null,'
-             b'"events_emitted":0,"events_lost":0,"events_delivered":0}')
+    _TAIL = (b',"state":"kernel-empty","kernel_prog_id":null,"hits":0,"misses":0,"scope_misses":0,"timed_runs":null,'
+             b'"timed_ns":null,"events_emitted":0,"events_lost":0,"events_delivered":0}')
 
     def __init__(self) -> None:
         self._heads: dict[int, tuple[SlotRecord, bytes]] = {}
@@ -242,15 +246,15 @@ class ListCache:
         timed = (b"null,\"timed_ns\":null" if times is None or slot >= len(times.hits)
                  else b"%d,\"timed_ns\":%d" % (times.hits[slot], times.hit_ns[slot]))
         emitted, lost, delivered = events.of(slot) if events is not None else (0, 0, 0)
-        return (b'"%s","kernel_prog_id":%s,"hits":%d,"misses":%d,"timed_runs":%s,'
+        return (b'"%s","kernel_prog_id":%s,"hits":%d,"misses":%d,"scope_misses":%d,"timed_runs":%s,'
                 b'"events_emitted":%d,"events_lost":%d,"events_delivered":%d}') % (
-            v.state.encode(), kernel, v.hits, v.misses, timed, emitted, lost, delivered)
+            v.state.encode(), kernel, v.hits, v.misses, v.scope_misses, timed, emitted, lost, delivered)
 
     def _head(self, view: SlotView) -> bytes:
         cached = self._heads.get(view.record.slot)
         if cached is not None and cached[0] is view.record:
             return cached[1]
-        text = slot_info(SlotView(view.record, view.syscall, view.nr, view.hook, None, 0, 0)).model_dump_json().encode()
+        text = slot_info(SlotView(view.record, view.syscall, view.nr, view.hook, None, 0, 0, 0)).model_dump_json().encode()
         assert text.endswith(self._TAIL), "state ... timed_ns must stay SlotInfo's last fields"
         head = text[:-len(self._TAIL)] + b',"state":'
         self._heads[view.record.slot] = (view.record, head)
@@ -268,7 +272,7 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         version=__version__, pid=status.pid, started_at=status.started_at, pin_dir=str(d.pin_dir),
         socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
         upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots, restoring=status.restoring,
-        next_expiry=status.next_expiry,
+        next_expiry=status.next_expiry, scoped=status.scoped,
         hits_total=status.hits_total, misses_total=status.misses_total, miss_log_interval=s.miss_log_interval,
         connections=ctx.connections(), timing_seconds_left=ctx.timing.seconds_left() if ctx.timing else 0.0,
         corrections=status.corrections)
@@ -302,7 +306,7 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             with ctx.recorder.attaching():
                 a = await m.attach(request.slot, attach_artifact(request, settings, m, peer), request.function,
                                    request.filename, peer, request.fresh, request.hook, request.journal,
-                                   request.expect, deadline(request))
+                                   request.expect, deadline(request), request.cgroup)
             return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings),

@@ -210,7 +210,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def attach_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None, "journal": args.journal or None,
             "hook": "exit" if args.exit else None, "expect": args.expect, "for_seconds": args.for_seconds,
-            "until": args.until, **_settings(args),
+            "until": args.until, "cgroup": args.cgroup, **_settings(args),
             **_read_handler(args.file, args.dialect)}
 
 
@@ -300,12 +300,15 @@ def show_list(r: ListResult, args: argparse.Namespace) -> None:
     timed = any(s.timed_runs is not None for s in r.slots)  # the column only while timing is on
     settings = any(s.variables or s.defines for s in r.slots)  # the column only when some slot has any
     ending = any(s.expires_at is not None for s in r.slots)  # the column only when an attach --for runs
+    scoped = any(s.cgroup is not None for s in r.slots)  # the columns only when an attach --cgroup runs
     rows = [[s.slot, printable(s.syscall), s.hook, printable(s.function or "?"), s.dialect or "?", _prog(s),
              printable(s.filename or "-"), _since(s.attached_at), s.hits, s.misses] + ([_avg_ns(s)] if timed else [])
             + ([printable(_settings_shown(s)) or "-"] if settings else []) + ([_left(s.expires_at)] if ending else [])
+            + ([printable(s.cgroup or "-"), s.scope_misses if s.cgroup else "-"] if scoped else [])
             for s in r.slots]
     headers = ["SLOT", "SYSCALL", "HOOK", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     headers += (["AVG NS"] if timed else []) + (["SETTINGS"] if settings else []) + (["LEFT"] if ending else [])
+    headers += ["CGROUP", "OUTSIDE"] if scoped else []
     if rows:
         print(plain_table(rows, headers=[] if args.no_legend else headers))
     if not args.no_legend:
@@ -320,7 +323,8 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
         ("Pins", r.pin_dir), ("Socket", r.socket),
         ("Slots", f"{r.slots_used} in use of {r.nr_slots}"
                   + (f", {r.restoring} more being restored (list: restoring)" if r.restoring else "")),
-        ("Hits", f"{r.hits_total} handler runs since start"),
+        ("Hits", f"{r.hits_total} handler runs since start"
+                 + (f"; {r.scoped} slot{'s' if r.scoped != 1 else ''} scoped to a cgroup" if r.scoped else "")),
         ("Misses", f"{r.misses_total} since start, logged every {r.miss_log_interval:g} s"),
     ]
     if r.upgraded_from:
@@ -371,6 +375,9 @@ def show_show(r: ShowResult, args: argparse.Namespace) -> None:
                            + (", to the journal too" if s.journal else "")))
     if s.variables or s.defines:
         rows.append(("Settings", _settings_shown(s)))
+    if s.cgroup is not None:
+        rows.append(("Cgroup", f"{s.cgroup}: runs for its tasks only; {s.scope_misses} calls of other tasks since "
+                               "start"))
     if s.expires_at is not None:
         rows.append(("Ends", f"{_since(s.expires_at)} (in {_left(s.expires_at)}): the slot goes back to what it "
                              "held before"))

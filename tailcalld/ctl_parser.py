@@ -60,6 +60,11 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def _cgroup_path(text: str) -> str:
+    """--cgroup's value, made absolute here: the daemon does not share the caller's folder."""
+    return os.path.abspath(text)
+
+
 def _expected(text: str) -> int | str:
     """--expect's value: a program id, or "empty"."""
     if text == "empty":
@@ -179,6 +184,9 @@ def _attach(a: argparse.ArgumentParser) -> None:
     a.add_argument("--journal", action="store_true",
                    help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
     a.add_argument("--expect", type=_expected, metavar="PROG_ID|empty", help=_EXPECT_HELP)
+    a.add_argument("--cgroup", type=_cgroup_path, metavar="PATH",
+                   help="run the handler only for tasks in this cgroup v2 folder's subtree, e.g. "
+                        "/sys/fs/cgroup/system.slice/nginx.service; other tasks' calls count as scope misses")
     ends = a.add_mutually_exclusive_group()
     ends.add_argument("--for", dest="for_seconds", type=_duration, metavar="DURATION",
                       help="then the slot goes back to what it held before, also across restarts: 90, 90s, 5m, 2h, 1d")

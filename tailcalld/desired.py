@@ -8,6 +8,7 @@ save` writes it and the daemon's ``desired_slots`` names it.
     function = "enter_fchmodat"  # optional: the program in the file
     dialect = "auto"             # optional: auto | bcc | libbpf (C source only)
     journal = false              # optional: events to the journal too
+    cgroup = "/sys/fs/cgroup/system.slice/nginx.service"  # optional: its tasks only
     set = { debug = "1" }        # optional: loader-set globals (attach --set)
     define = { VERBOSE = "1" }   # optional: -D macros
 
@@ -66,6 +67,7 @@ class SlotEntry(BaseModel):
     function: Identifier | None = None
     dialect: Literal["auto", "bcc", "libbpf"] = "auto"
     journal: StrictBool = False
+    cgroup: Annotated[StrictStr, Field(min_length=1, max_length=4096)] | None = None  # attach --cgroup
     # TOML numbers and booleans are taken as they are written (set = { pid = 42, on = true }).
     variables: dict[Identifier, StrictStr | StrictBool | StrictInt] = Field(default_factory=dict, alias="set")
     defines: dict[Identifier, StrictStr | StrictInt] = Field(default_factory=dict, alias="define")
@@ -134,7 +136,7 @@ def read_request(path: Path, read: Reader = plain_read, origin: str | None = Non
             files.append(fields)
             read_files += used[1:]  # its local headers (the file itself is in already)
         slots.append({"slot": entry.slot, "hook": entry.hook, "file": index_of[name], "function": entry.function,
-                      "dialect": entry.dialect, "journal": entry.journal,
+                      "dialect": entry.dialect, "journal": entry.journal, "cgroup": entry.cgroup,
                       "variables": {k: _text_value(v) for k, v in entry.variables.items()},
                       "defines": {k: str(v) for k, v in entry.defines.items()}})
     return {"files": files, "slots": slots, "source": origin}, read_files
@@ -197,7 +199,7 @@ def _table(values: dict[str, str]) -> str:
 
 
 def entry_text(slot: str | int, hook: str, file: str, function: str | None, dialect: str | None, journal: bool,
-               variables: dict[str, str], defines: dict[str, str]) -> str:
+               variables: dict[str, str], defines: dict[str, str], cgroup: str | None = None) -> str:
     """One [[slot]] table, with only the fields that differ from their defaults (dialect is
     always written for C: the file's detection could say otherwise if the handler was forced)."""
     lines = ["[[slot]]", f"slot = {_string(slot) if isinstance(slot, str) else slot}"]
@@ -210,6 +212,8 @@ def entry_text(slot: str | int, hook: str, file: str, function: str | None, dial
         lines.append(f"dialect = {_string(dialect)}")
     if journal:
         lines.append("journal = true")
+    if cgroup is not None:
+        lines.append(f"cgroup = {_string(cgroup)}")
     if variables:
         lines.append(f"set = {_table(variables)}")
     if defines:

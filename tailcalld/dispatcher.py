@@ -16,6 +16,7 @@ Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops)
     exit/          the exit dispatcher's own prog_array, counts and (while an exit slot is
                    filled) link and prog (tcx_<hash>), on raw_tracepoint/sys_exit; it reads the
                    compat table above and writes the call map above
+    scope/         the cgroup guards of scoped slots and their maps (scope.py)
     handlers/      what handlers leave: <sha256>/ the maps a libbpf handler pins by name,
                    progs/<id> each program a slot runs (enter and exit slots alike)
 
@@ -43,6 +44,7 @@ from .bpf_object import BpfObject
 from .compiler import Compiler, bpf_source
 from .errors import KernelError, ObjectError, PinConflict
 from .events import PINS as EVENT_PINS
+from .scope import SCOPE_DIR
 from .pins import HANDLERS_PINS, PinDirLock, open_or_create_map, pin_again, remove_handler_pins
 from .syscalls import COMPAT_NR, Hook
 
@@ -476,6 +478,7 @@ def remove_pins(pin_dir: Path) -> list[str]:
         exit_dir.rmdir()
     removed += _remove_dispatcher_pins(pin_dir)
     removed += remove_handler_pins(pin_dir / HANDLERS_PINS)
+    removed += remove_handler_pins(pin_dir / SCOPE_DIR)  # the cgroup guards and their maps
     with contextlib.suppress(OSError):
         pin_dir.rmdir()
     return removed

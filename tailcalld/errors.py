@@ -154,6 +154,12 @@ class Conflict(TailcalldError):
     code = "conflict"
 
 
+class BadCgroup(TailcalldError):
+    """attach --cgroup PATH: the path names no cgroup v2 folder.  details: cgroup (and, when
+    the path is on no cgroup v2 hierarchy, cgroup2_mounts: where there is one)."""
+    code = "bad_cgroup"
+
+
 class ConfigError(TailcalldError):
     code = "config_error"
 

@@ -22,6 +22,7 @@ from .dialects import Artifact
 from .dispatcher import COUNT_FIELDS, COUNTS, EXIT, LINK_PIN, Dispatcher, remove_pins
 from .pins import PinDirLock, handler_pin_dir, keep_program_pins, open_program_pin, remove_handler_pins
 from .errors import KernelError
+from .scope import SCOPE_DIR, Scopes
 from .timing import TimingTarget, target_of
 
 logger = logging.getLogger("tailcalld")
@@ -49,8 +50,17 @@ class Kernel(Protocol):
     def occupied(self) -> dict[int, int]:
         """slot -> program id, for every filled slot."""
 
-    def set_slot(self, slot: int, prog: Program) -> None:
-        """Put ``prog`` in ``slot``, replacing any occupant in one update.  Raises KernelError."""
+    def set_slot(self, slot: int, prog: Program, cgroup: str | None = None) -> None:
+        """Put ``prog`` in ``slot``, replacing any occupant in one update.  ``cgroup``: it runs
+        only for tasks in that cgroup v2 subtree (a path; one that names no cgroup yet makes
+        it run for nobody until it does, see ``follow_cgroups``).  Raises KernelError."""
+
+    def follow_cgroups(self, wanted: Mapping[int, str]) -> list[tuple[int, str]]:
+        """Point each scoped slot (key -> its cgroup's path) at the cgroup its path names now (a
+        cgroup made again is a new one); returns what changed: (slot key, in words)."""
+
+    def scope_miss_totals(self) -> list[int]:
+        """Calls per slot key of tasks outside a scoped slot's cgroup (the handler did not run)."""
 
     def clear_slot(self, slot: int) -> bool:
         """Empty ``slot``; False if it was empty already.  Raises KernelError."""
@@ -114,6 +124,9 @@ class BpfKernel:
     def __init__(self, dispatcher: Dispatcher, compiler: Compiler, compat: dict[int, int] | None = None,
                  exit_dispatcher: Dispatcher | None = None) -> None:
         self._dispatcher = dispatcher
+        # Made at the first scoped attach (scope.py): a start that finds them adopts them.
+        scope_dir = dispatcher.pin_dir / SCOPE_DIR
+        self._scopes = Scopes(scope_dir, 2 * dispatcher.nr_slots) if scope_dir.exists() else None
         self._compiler = compiler
         self._compat = compat
         self._exit = exit_dispatcher
@@ -140,7 +153,13 @@ class BpfKernel:
             except BaseException:
                 enter.close()
                 raise
-        return cls(enter, compiler, compat, exit_dispatcher)
+        try:
+            return cls(enter, compiler, compat, exit_dispatcher)
+        except BaseException:  # the scope's pins refused
+            enter.close()
+            if exit_dispatcher is not None:
+                exit_dispatcher.close()
+            raise
 
     def _where(self, key: int) -> tuple[Dispatcher | None, int]:
         if key < self._nr:
@@ -149,23 +168,60 @@ class BpfKernel:
 
     def slot(self, slot: int) -> int | None:
         dispatcher, index = self._where(slot)
-        return None if dispatcher is None else dispatcher.slot_prog_id(index)
+        if dispatcher is None:
+            return None
+        return self._behind_guard(slot, dispatcher.slot_prog_id(index))
+
+    def _behind_guard(self, key: int, prog_id: int | None) -> int | None:
+        """A scoped slot holds its guard: what it stands for is the handler behind it."""
+        if prog_id is None or self._scopes is None or not self._scopes.scoped(key):
+            return prog_id
+        return self._scopes.handler_id(key, prog_id) or prog_id
 
     def occupied(self) -> dict[int, int]:
         found = self._dispatcher.occupied()
         if self._exit is not None:
             found |= {self._nr + nr: prog_id for nr, prog_id in self._exit.occupied().items()}
-        return found
+        return {key: self._behind_guard(key, prog_id) or prog_id for key, prog_id in found.items()}
 
-    def set_slot(self, slot: int, prog: Program) -> None:
+    def set_slot(self, slot: int, prog: Program, cgroup: str | None = None) -> None:
         dispatcher, index = self._where(slot)
         if dispatcher is None:
             raise KernelError(f"exit slot {index}: the exit dispatcher is not attached (prepare first)")
-        dispatcher.set_slot(index, prog.fd)
+        if cgroup is None:
+            dispatcher.set_slot(index, prog.fd)
+            if self._scopes is not None and self._scopes.scoped(slot):
+                self._scopes.removed(slot, wait=True)  # a guard may still be running the old handler
+            return
+        scopes = self._open_scopes()
+        guard = scopes.make_guard(slot, prog.fd, cgroup)
+        try:
+            dispatcher.set_slot(index, guard.fd)  # the one update that switches handler and cgroup
+        except BaseException:
+            scopes.discard(guard)
+            raise
+        scopes.installed(slot, guard)
+
+    def _open_scopes(self) -> Scopes:
+        if self._scopes is None:
+            try:
+                self._scopes = Scopes(self.info.pin_dir / SCOPE_DIR, 2 * self._nr)
+            except OSError as exc:
+                raise KernelError(f"the cgroup scope's maps could not be made: {exc}") from None
+        return self._scopes
 
     def clear_slot(self, slot: int) -> bool:
         dispatcher, index = self._where(slot)
-        return False if dispatcher is None else dispatcher.clear_slot(index)
+        cleared = False if dispatcher is None else dispatcher.clear_slot(index)
+        if self._scopes is not None and self._scopes.scoped(slot):
+            self._scopes.removed(slot, wait=False)
+        return cleared
+
+    def follow_cgroups(self, wanted: Mapping[int, str]) -> list[tuple[int, str]]:
+        return self._scopes.follow(wanted) if self._scopes is not None else []
+
+    def scope_miss_totals(self) -> list[int]:
+        return self._scopes.miss_totals() if self._scopes is not None else [0] * (2 * self._nr)
 
     async def prepare(self, slot: int) -> None:
         if slot < self._nr or self._exit is not None:
@@ -241,6 +297,8 @@ class BpfKernel:
 
     def close(self) -> None:
         """Drop our handles; the pins keep the dispatchers attached and the slots filled."""
+        if self._scopes is not None:
+            self._scopes.close()
         if self._exit is not None:
             self._exit.close()
         self._dispatcher.close()

@@ -129,9 +129,14 @@ class DaemonCollector(Collector):
                                    labels=SLOT_LABELS)
         restoring = GaugeMetricFamily("tailcalld_slots_restoring", "Recorded slots the start is still rebuilding",
                                       value=m.restoring)
+        scope = CounterMetricFamily("tailcalld_slot_scope_misses", "Calls of tasks outside the cgroup a slot's handler "
+                                    "is scoped to (attach --cgroup) since the daemon started; only such slots",
+                                    labels=[*SLOT_LABELS, "cgroup"])
         for view in views:
             if view.record.expires_at is not None:
                 ending.add_metric([str(view.nr), view.syscall, view.hook], view.record.expires_at.timestamp())
+            if view.record.cgroup is not None:
+                scope.add_metric([str(view.nr), view.syscall, view.hook, view.record.cgroup], view.scope_misses)
         status = m.status()
         total = CounterMetricFamily("tailcalld_misses", "Tail-call misses of every slot, filled or not, since the "
                                     "daemon started", value=status.misses_total)
@@ -139,7 +144,7 @@ class DaemonCollector(Collector):
         corrections = CounterMetricFamily("tailcalld_reconcile_corrections", "Corrections made to bring the kernel's "
                                           "slots and the saved state together (see status)",
                                           value=m.registry.corrections_total)
-        return [hits, misses, info, ending, restoring, total, used, corrections]
+        return [hits, misses, info, ending, scope, restoring, total, used, corrections]
 
     def _timing(self, views: list[SlotView]) -> Iterable[Metric]:
         timing = self._ctx.timing

@@ -56,6 +56,7 @@ class Wanted:
     function: str | None  # None: the only raw_tp one
     journal: bool
     filename: str
+    cgroup: str | None = None  # attach --cgroup
 
 
 @dataclass
@@ -117,7 +118,7 @@ def plan(manager: SlotManager, wanted: list[Wanted]) -> list[Step]:
         if record is None:
             steps.append(Step("add", w.key, w, None))
             continue
-        why = differences(record, w.artifact, w.function, w.journal)
+        why = differences(record, w.artifact, w.function, w.journal, w.cgroup)
         if w.key in reg.unrestored:
             why.append("not restored")
         elif not why and manager.kernel.slot(w.key) != record.prog_id:
@@ -202,7 +203,7 @@ class Applier:
                             headers=w.artifact.header_sha256s, attached_by_uid=peer.uid,
                             attached_at=datetime.now(UTC), journal=w.journal,
                             variables=dict(w.artifact.variables), defines=dict(w.artifact.defines),
-                            maps=map_records(prog.maps))
+                            maps=map_records(prog.maps), cgroup=w.cgroup)
         replaced = m.kernel.slot(s.key)
         old = reg.commit(s.key, Handler(record, prog, requested_function=w.function))
         s.prog = None  # the slot owns it now

@@ -121,6 +121,9 @@ class AttachRequest(_HandlerSpec):
     for_seconds: Annotated[float, Field(gt=0, le=MAX_ATTACH_SECONDS, strict=True)] | None = Field(
         None, description="the handler stays this many seconds, then the slot goes back to what it held before")
     until: AwareDatetime | None = Field(None, description="as for_seconds, until this time (ISO 8601 with its offset)")
+    cgroup: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
+        None, description="run the handler only for tasks in this cgroup v2 folder's subtree (an absolute path, "
+                          "e.g. /sys/fs/cgroup/system.slice/nginx.service); other tasks' calls count as scope_misses")
 
     @model_validator(mode="after")
     def _one_deadline(self) -> Self:
@@ -197,6 +200,8 @@ class DesiredSlot(HandlerOptions):
     hook: HookField = Field("enter", description=_HOOK_HELP)
     file: Annotated[StrictInt, Field(ge=0, description="index of its file in `files`")]
     journal: StrictBool = Field(False, description="write the slot's events to the journal too")
+    cgroup: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
+        None, description="as attach's cgroup: the handler runs for this cgroup v2 subtree's tasks only")
 
 
 class ApplyRequest(_Request):
@@ -254,6 +259,8 @@ class SlotInfo(BaseModel):
     defines: dict[str, str] = Field(default_factory=dict, description="the -D it was attached with")
     expires_at: datetime | None = Field(None, description="attach --for/--until: when the slot goes back to "
                                                           "what it held before; None: it stays")
+    cgroup: str | None = Field(None, description="attach --cgroup: the handler runs only for tasks in this cgroup "
+                                                 "v2 subtree; None: for every task")
     # Keep these last, in this order: commands.ListCache serialises the rest once per record
     # and writes only these per request.
     state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored", "restoring"] = Field(
@@ -263,6 +270,8 @@ class SlotInfo(BaseModel):
     kernel_prog_id: int | None = Field(None, description="the program the kernel's slot holds now")
     hits: int = Field(0, description="times the slot's handler ran since the daemon started")
     misses: int = Field(description="tail-call misses of this slot since the daemon started")
+    scope_misses: int = Field(0, description="calls of tasks outside the slot's cgroup (attach --cgroup) since "
+                                             "the daemon started: the handler did not run for them")
     timed_runs: int | None = Field(None, description="handler runs timed since timing was switched on; "
                                                      "None: timing is off (see the timing command)")
     timed_ns: int | None = Field(None, description="their nanoseconds, dispatcher entry to handler return")
@@ -389,6 +398,7 @@ class StatusResult(BaseModel):
                                           "from the compile cache); list shows them as restoring")
     next_expiry: datetime | None = Field(None, description="the earliest end of an attach --for/--until (list: the "
                                                            "expires_at of each such slot); None: none")
+    scoped: int = Field(0, description="slots whose handler runs for one cgroup only (attach --cgroup)")
     hits_total: int = Field(0, description="handler runs on all slots since the daemon started")
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
     miss_log_interval: float
@@ -479,6 +489,7 @@ class SavedSlot(BaseModel):
     dialect: Literal["bcc", "libbpf", "object"] | None
     filename: str | None
     journal: bool = False
+    cgroup: str | None = None
     variables: dict[str, str] = Field(default_factory=dict)
     defines: dict[str, str] = Field(default_factory=dict)
     prog_id: int

@@ -252,7 +252,7 @@ async def load_recorded(registry: Registry, record: SlotRecord) -> Program:
 def _put_back(registry: Registry, slot: int, running: int | None, record: SlotRecord, prog: Program,
               shared: bool) -> None:
     try:
-        registry.kernel.set_slot(slot, prog)
+        registry.kernel.set_slot(slot, prog, record.cgroup)
     except BaseException:
         if shared:
             prog.close()
@@ -302,7 +302,7 @@ def _repair_slot(registry: Registry, slot: int, running: int | None, ours: Handl
     what = "was emptied" if running is None else f"held program {running}"
     label = registry.label(slot)
     if ours.prog is not None:
-        registry.kernel.set_slot(slot, ours.prog)
+        registry.kernel.set_slot(slot, ours.prog, ours.record.cgroup)
         registry.correct(f"slot {label} {what} outside tailcalld: put program {ours.prog.id} "
                          f"({ours.record.function}) back")
     elif running is None:  # adopted by id alone: no handle to put back

@@ -47,10 +47,11 @@ class Handler:
             self.prog.close()
 
 
-def differences(record: SlotRecord, artifact: Artifact, function: str | None, journal: bool) -> list[str]:
+def differences(record: SlotRecord, artifact: Artifact, function: str | None, journal: bool,
+                cgroup: str | None = None) -> list[str]:
     """What sets the handler ``record`` names apart from ``artifact`` made with ``function``
-    (None: the only raw_tp one, which the same file and settings always resolve alike) and
-    ``journal``; empty when it is the very same handler.  The source's (or object's) hash
+    (None: the only raw_tp one, which the same file and settings always resolve alike),
+    ``journal`` and ``cgroup``; empty when it is the very same handler.  The source's (or object's) hash
     covers its local headers; the file's name is not part of what a handler is."""
     why = []
     if record.source_sha256 != artifact.sha256:
@@ -65,6 +66,8 @@ def differences(record: SlotRecord, artifact: Artifact, function: str | None, jo
         why.append("defines")
     if record.journal != journal:
         why.append("journal")
+    if record.cgroup != cgroup:
+        why.append("cgroup")
     return why
 
 
@@ -199,7 +202,7 @@ class Registry:
         try:
             if new is not None:
                 assert new.prog is not None
-                self.kernel.set_slot(slot, new.prog)
+                self.kernel.set_slot(slot, new.prog, new.record.cgroup)
             else:
                 self.kernel.clear_slot(slot)
         except BaseException:

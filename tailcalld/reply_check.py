@@ -110,9 +110,10 @@ SLOT_INFO: Spec = {
     "attached_at": (_optional(_datetime), REQUIRED), "attached_by_uid": (_optional(_int), None),
     "hook": (_one_of("enter", "exit"), "enter"), "journal": (_bool, False),
     "variables": (_str_dict, {}), "defines": (_str_dict, {}), "expires_at": (_optional(_datetime), None),
+    "cgroup": (_optional(_str), None),
     "state": (_one_of("in-sync", "kernel-empty", "kernel-other", "not-restored", "restoring"), "in-sync"),
     "kernel_prog_id": (_optional(_int), None), "hits": (_int, 0), "misses": (_int, REQUIRED),
-    "timed_runs": (_optional(_int), None), "timed_ns": (_optional(_int), None),
+    "scope_misses": (_int, 0), "timed_runs": (_optional(_int), None), "timed_ns": (_optional(_int), None),
     "events_emitted": (_int, 0), "events_lost": (_int, 0), "events_delivered": (_int, 0),
 }
 
@@ -121,7 +122,7 @@ STATUS_RESULT: Spec = {
     "pin_dir": (_str, REQUIRED), "socket": (_str, REQUIRED), "dispatcher_prog_id": (_int, REQUIRED),
     "dispatcher_link_id": (_int, REQUIRED), "adopted": (_bool, REQUIRED), "upgraded_from": (_optional(_int), None),
     "slots_used": (_int, REQUIRED), "nr_slots": (_int, REQUIRED), "restoring": (_int, 0),
-    "next_expiry": (_optional(_datetime), None), "hits_total": (_int, 0),
+    "next_expiry": (_optional(_datetime), None), "scoped": (_int, 0), "hits_total": (_int, 0),
     "misses_total": (_int, REQUIRED), "miss_log_interval": (_float, REQUIRED), "connections": (_int, 0),
     "timing_seconds_left": (_float, 0.0), "corrections": (_str_list, []), "events_emitted": (_int, 0),
     "events_lost": (_int, 0), "events_delivered": (_int, 0), "events_subscribers": (_int, 0),

@@ -27,6 +27,7 @@ from .loader_settings import settings
 from .misses import Counters, MissMonitor
 from .peers import Peer
 from .registry import Handler, Registry, differences
+from .scope import check_cgroup_path
 from .state import SlotRecord, StateFile, StateStore, map_records
 from .syscalls import Hook, SyscallTable
 
@@ -86,6 +87,7 @@ class SlotView:
     kernel_prog_id: int | None  # what the kernel's slot holds now
     hits: int  # times the slot's handler ran since this daemon started
     misses: int  # tail-call misses of the slot since this daemon started
+    scope_misses: int  # calls of tasks outside its cgroup (attach --cgroup) since this daemon started
     restored: bool = True  # False: recorded, but its handler could not be rebuilt at start
     restoring: bool = False  # the start is rebuilding its handler right now
 
@@ -98,6 +100,14 @@ class SlotView:
         if self.kernel_prog_id == self.record.prog_id:
             return "in-sync"
         return "kernel-empty" if self.kernel_prog_id is None else "kernel-other"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Read together with one misses snapshot (``SlotManager._recent_counts``)."""
+
+    calls: list[int]
+    scope_misses: list[int]
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,7 @@ class Status:
     slots_used: int
     restoring: int
     next_expiry: datetime | None
+    scoped: int  # slots whose handler runs for one cgroup only
     hits_total: int
     misses_total: int
     corrections: list[str]
@@ -128,8 +139,10 @@ class SlotManager:
         self.kernel = kernel
         self.syscalls = syscalls
         self.misses = misses
-        self.calls = Counters(kernel.call_totals, misses.clock)  # hits = calls - misses
-        self._calls_seen: tuple[list[int], list[int]] | None = None  # (misses snapshot, calls read with it)
+        self.calls = Counters(kernel.call_totals, misses.clock)  # hits = calls - misses - scope misses
+        self.scope_misses = Counters(kernel.scope_miss_totals, misses.clock)
+        # (misses snapshot, calls and scope misses read with it)
+        self._calls_seen: tuple[list[int], Counts] | None = None
         self.registry = Registry(kernel, store, syscalls)
         self.started_at = datetime.now(UTC)
         self._on_change = on_change  # e.g. to refresh systemd's STATUS=
@@ -153,6 +166,7 @@ class SlotManager:
         plan = await reconcile.begin_restore(self.registry)
         self._restored.clear()
         self._held_handlers()
+        self.follow_cgroups()  # the scoped slots adopted as they run
         return plan
 
     async def finish_restore(self, plan: reconcile.Restore) -> None:
@@ -161,6 +175,7 @@ class SlotManager:
         finally:
             self._restored.set()
             self._held_handlers()
+        self.follow_cgroups()
         self._release_idle_exit()  # an exit dispatcher whose slots all went away
         self._on_change()
 
@@ -184,9 +199,18 @@ class SlotManager:
         kernel = await asyncio.to_thread(self.kernel.occupied)
         if not self._unloading:
             reconcile.repair_drift(self.registry, kernel, generation)
+            self.follow_cgroups()
             self._release_idle_exit()
             self.registry.keep_programs()  # also pins again what an `rm -rf pin_dir` took
             self.registry.flush()
+
+    def follow_cgroups(self) -> None:
+        """Scoped slots follow their cgroup's path (scope.py): a service restarted by systemd runs
+        in a cgroup made anew under the same path."""
+        if self._unloading:
+            return
+        for slot, change in self.kernel.follow_cgroups(self._scoped()):
+            self.registry.correct(f"slot {self.registry.label(slot)}: {change}")
 
     def restore_pins(self) -> None:
         """Pin the dispatcher again if its pins were removed while we run (see Kernel.restore_pins)."""
@@ -318,30 +342,34 @@ class SlotManager:
 
     async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
                      peer: Peer, fresh: bool = False, hook: Hook = "enter", journal: bool = False,
-                     expect: Expect | None = None, expires_at: datetime | None = None) -> Attached:
+                     expect: Expect | None = None, expires_at: datetime | None = None,
+                     cgroup: str | None = None) -> Attached:
         """Put the handler in the slot (its exit slot for ``hook="exit"``).  Unless ``fresh``, a
         program already loaded from the same artifact and function is reused (no compile): it then
         shares its maps with its other slots.  ``expect``: only if the slot holds that program
         (or is "empty"), else Conflict.  ``expires_at``: then the slot goes back to what it holds
-        now (``expire_due``).  A failure is audited, then raised."""
+        now (``expire_due``).  ``cgroup``: it runs only for tasks in that cgroup v2 subtree
+        (scope.py).  A failure is audited, then raised."""
         try:
             return await self._attach(slot_spec, artifact, function, filename, peer, fresh, hook, journal, expect,
-                                      expires_at)
+                                      expires_at, cgroup)
         except Exception as err:
             self.audit_failure("attach", peer, slot_spec, hook, err, audit.attach_fields(filename, function, artifact))
             raise
 
     async def _attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
                       peer: Peer, fresh: bool, hook: Hook, journal: bool, expect: Expect | None,
-                      expires_at: datetime | None) -> Attached:
+                      expires_at: datetime | None, cgroup: str | None) -> Attached:
         slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
+        if cgroup is not None:
+            check_cgroup_path(cgroup)  # before any compile: a misspelt path costs nothing
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
         async with reg.locks[slot]:
             self._check_open()
             self._check_expected(slot, expect)  # under the lock, so until the commit below
             # An attach with a deadline always replaces: what it replaces is what comes back.
-            same = None if fresh or expires_at else self.running_as_asked(slot, artifact, function, journal)
+            same = None if fresh or expires_at else self.running_as_asked(slot, artifact, function, journal, cgroup)
             if same is not None:  # not touched, not audited: nothing changes
                 # Its warnings again (headers that do not match the kernel): they still hold.
                 return Attached(slot, self.syscalls.label(slot), same.record.function or "?", same.record.prog_id,
@@ -365,7 +393,7 @@ class SlotManager:
                                             headers=artifact.header_sha256s, attached_by_uid=peer.uid,
                                             attached_at=datetime.now(UTC), journal=journal,
                                             variables=dict(artifact.variables), defines=dict(artifact.defines),
-                                            maps=map_records(prog.maps), expires_at=expires_at,
+                                            maps=map_records(prog.maps), expires_at=expires_at, cgroup=cgroup,
                                             previous=self._held_before(slot) if expires_at else None)
                         old = reg.commit(slot, Handler(record, prog, requested_function=function))
                     except BaseException:
@@ -383,16 +411,25 @@ class SlotManager:
         self._deadlines_changed.set()
         self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
                     f"{prog.function} ({artifact.dialect}) in slot {reg.label(slot)}: program {prog.id}"
+                    + (f", for cgroup {cgroup}" if cgroup is not None else "")
                     + (f", was {replaced}" if replaced is not None else ""),
-                    {"FILENAME": filename, "FUNCTION": prog.function})
+                    self._attach_fields(filename, prog.function, cgroup))
         return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced, prog.log,
                         prog.warnings)
 
-    def running_as_asked(self, slot: int, artifact: Artifact, function: str | None, journal: bool) -> Handler | None:
-        """The slot's handler if it is this very handler (registry.differences) and the kernel's
-        slot holds its program: asking for it again changes nothing."""
+    @staticmethod
+    def _attach_fields(filename: str, function: str, cgroup: str | None) -> AuditFields:
+        fields: AuditFields = {"FILENAME": filename, "FUNCTION": function}
+        if cgroup is not None:
+            fields["CGROUP"] = cgroup
+        return fields
+
+    def running_as_asked(self, slot: int, artifact: Artifact, function: str | None, journal: bool,
+                         cgroup: str | None = None) -> Handler | None:
+        """The slot's handler if it is this very handler (registry.differences), scoped alike, and
+        the kernel's slot holds its program: asking for it again changes nothing."""
         h = self.registry.handlers.get(slot)
-        if h is None or differences(h.record, artifact, function, journal):
+        if h is None or differences(h.record, artifact, function, journal, cgroup):
             return None
         if function is None and h.requested_function is not None:
             return None  # it was chosen among several: without --function the file may not say which
@@ -532,33 +569,45 @@ class SlotManager:
         refilled behind our back shows as such before the next drift repair.  Slots whose
         handler could not be rebuilt at start are listed too (their kernel slot is empty or
         holds what was found there)."""
-        missed, called = self._recent_counts()
+        missed, counts = self._recent_counts()
         label = self.syscalls.label
         reg = self.registry
         return [SlotView(record, label(slot), *self.syscalls.split(slot), self.kernel.slot(slot),
-                         self._hits(slot, missed, called), self.misses.since_start(slot, missed),
-                         slot not in reg.unrestored, slot in reg.restoring)
+                         self._hits(slot, missed, counts), self.misses.since_start(slot, missed),
+                         self._scope_missed(slot, counts), slot not in reg.unrestored, slot in reg.restoring)
                 for slot, record in sorted(reg.wanted().items())]
 
-    def _recent_counts(self) -> tuple[list[int], list[int]]:
-        """Misses and calls as one snapshot, shared by list and status like the miss counters
-        alone were.  The calls are read right after the misses: a miss between the two reads
-        can only make calls - misses one too high, never negative or stale by a whole interval."""
+    def _recent_counts(self) -> tuple[list[int], Counts]:
+        """Misses, calls and scope misses as one snapshot, shared by list and status like the
+        miss counters alone were.  The others are read right after the misses: a miss between
+        the reads can only make a slot's hits one too high, never negative or stale by a whole
+        interval.  The scope's counters are read only while some slot is scoped."""
         missed = self.misses.recent_totals()
         if self._calls_seen is None or self._calls_seen[0] is not missed:
-            self._calls_seen = (missed, self.calls.read())
+            calls = self.calls.read()
+            scoped = self.scope_misses.read() if self._scoped() else self.scope_misses.baseline
+            self._calls_seen = (missed, Counts(calls, scoped))
         return missed, self._calls_seen[1]
 
-    def _hits(self, slot: int, missed: list[int], called: list[int]) -> int:
-        return max(0, self.calls.since_start(slot, called) - self.misses.since_start(slot, missed))
+    def _scoped(self) -> dict[int, str]:
+        """Slot key -> cgroup path of every scoped slot tailcalld runs."""
+        return {slot: h.record.cgroup for slot, h in self.registry.handlers.items() if h.record.cgroup is not None}
+
+    def _scope_missed(self, slot: int, counts: Counts) -> int:
+        return max(0, self.scope_misses.since_start(slot, counts.scope_misses))
+
+    def _hits(self, slot: int, missed: list[int], counts: Counts) -> int:
+        return max(0, self.calls.since_start(slot, counts.calls) - self.misses.since_start(slot, missed)
+                   - self._scope_missed(slot, counts))
 
     def counted_slots(self) -> list[tuple[int, int, int]]:
         """(slot key, hits, misses) since this daemon started, from the snapshot list and status
         share: every wanted slot, and every watched one whose calls moved (the misses of a slot
         whose handler was detached, a watch_misses slot).  For metrics."""
-        missed, called = self._recent_counts()
-        moved = (key for key in range(len(called)) if self.calls.since_start(key, called) and self.misses.watched(key))
-        return [(key, self._hits(key, missed, called), self.misses.since_start(key, missed))
+        missed, counts = self._recent_counts()
+        moved = (key for key in range(len(counts.calls))
+                 if self.calls.since_start(key, counts.calls) and self.misses.watched(key))
+        return [(key, self._hits(key, missed, counts), self.misses.since_start(key, missed))
                 for key in sorted(set(self.registry.wanted()).union(moved))]
 
     def syscall_table(self, pattern: str | None) -> list[SyscallView]:
@@ -567,13 +616,13 @@ class SlotManager:
                 for abi, nr, name, slot in self.syscalls.matching(pattern)]
 
     def status(self) -> Status:
-        missed, called = self._recent_counts()
+        missed, counts = self._recent_counts()
         # Hits of the slots tailcalld fills: elsewhere calls and misses are equal, and summing
         # two racing totals over every syscall of the machine would only add noise.
-        hits = sum(self._hits(slot, missed, called) for slot in self.registry.handlers)
+        hits = sum(self._hits(slot, missed, counts) for slot in self.registry.handlers)
         ends = [h.record.expires_at for h in self.registry.handlers.values() if h.record.expires_at is not None]
         return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, self.restoring,
-                      min(ends, default=None), hits,
+                      min(ends, default=None), len(self._scoped()), hits,
                       sum(missed) - sum(self.misses.baseline), list(self.registry.corrections))
 
     def close(self) -> None:

@@ -76,6 +76,9 @@ class SlotRecord(BaseModel):
     # attach; None: nothing).  Kept in the state file, so a deadline outlives a stop or a reboot.
     expires_at: datetime | None = None
     previous: SlotRecord | None = None
+    # attach --cgroup: the handler runs only for tasks in this cgroup v2 subtree (its path: a
+    # cgroup made again under the same path, a restarted service, is followed).
+    cgroup: str | None = None
 
 
 def record_build_key(record: SlotRecord) -> str | None:

@@ -36,6 +36,8 @@ class FakeKernel:
         self.names: dict[int, str] = {}
         self.misses = [0] * (2 * NR_SLOTS)  # enter slots, then exit slots (SyscallTable.key)
         self.calls = [0] * (2 * NR_SLOTS)
+        self.scope_misses = [0] * (2 * NR_SLOTS)
+        self.scopes: dict[int, str | None] = {}  # slot -> the cgroup it was filled for
         self.exit_attached = False  # the exit dispatcher: attached only while an exit slot is filled
         self.exit_watched = False
         self.loads = 0
@@ -53,7 +55,7 @@ class FakeKernel:
     def occupied(self) -> dict[int, int]:
         return dict(self.slots)
 
-    def set_slot(self, slot: int, prog: Program) -> None:
+    def set_slot(self, slot: int, prog: Program, cgroup: str | None = None) -> None:
         fd = prog.fd  # raises if the core hands over a program it already closed
         os.fstat(fd)
         if slot >= NR_SLOTS and not self.exit_attached:
@@ -62,12 +64,19 @@ class FakeKernel:
             self.fail_set = False
             raise KernelError(f"could not put the program in slot {slot}: Argument list too long")
         self.slots[slot] = prog.id
+        self.scopes[slot] = cgroup
 
     def clear_slot(self, slot: int) -> bool:
         if self.fail_clear:
             self.fail_clear = False
             raise KernelError(f"could not empty slot {slot}: Operation not permitted")
         return self.slots.pop(slot, None) is not None
+
+    def follow_cgroups(self, wanted: Mapping[int, str]) -> list[tuple[int, str]]:
+        return []
+
+    def scope_miss_totals(self) -> list[int]:
+        return list(self.scope_misses)
 
     async def prepare(self, slot: int) -> None:
         self.exit_attached |= slot >= NR_SLOTS

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGURATIONS = {"floor", "raw_tp", "miss", "hit", "other", "bpftrace", "tracepoint", "exit", "timed"}
+CONFIGURATIONS = {"floor", "raw_tp", "miss", "hit", "other", "bpftrace", "tracepoint", "exit", "timed", "scoped",
+                  "scoped_out"}
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 

@@ -62,7 +62,7 @@ def test_parse_errors_name_the_file_the_table_and_the_field() -> None:
     assert said == "slots.toml: [[slot]] 2: functon: unknown field (did you mean function?)"
     assert problem('[[slot]]\nslot = 1\nfile = "a.c"\nsets = { a = 1 }\n').endswith("sets: unknown field (did you mean set?)")
     assert problem('[[slot]]\nslot = 1\nfile = "a.c"\nxyz = 1\n').endswith(
-        "xyz: unknown field; the fields are slot, hook, file, function, dialect, journal, set, define")
+        "xyz: unknown field; the fields are slot, hook, file, function, dialect, journal, cgroup, set, define")
     assert "[[slot]] 1: file: Field required" in problem('[[slot]]\nslot = 1\n')
     assert "[[slot]] 1: hook: Input should be 'enter' or 'exit'" in problem('[[slot]]\nslot=1\nfile="a"\nhook="in"\n')
     assert "[[slot]] 1: function: String should match pattern" in problem('[[slot]]\nslot=1\nfile="a"\nfunction="a b"\n')
@@ -222,10 +222,10 @@ def test_a_kernel_failure_half_way_says_what_was_applied(tmp_path: Path) -> None
         old_kill = n.kernel.slots[KILL]
         real_set = n.kernel.set_slot
 
-        def set_slot(slot: int, prog: object) -> None:
+        def set_slot(slot: int, prog: object, cgroup: str | None = None) -> None:
             if slot == FCHMODAT:
                 n.kernel.fail_set = True
-            real_set(slot, prog)  # type: ignore[arg-type]
+            real_set(slot, prog, cgroup)  # type: ignore[arg-type]
         n.kernel.set_slot = set_slot  # type: ignore[method-assign]
         with pytest.raises(ApplyIncomplete) as info:
             await n.apply({"slot": "getppid", "file": 1}, {"slot": "fchmodat", "file": 1})

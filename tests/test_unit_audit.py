@@ -205,9 +205,9 @@ def test_the_slots_an_apply_could_not_change_are_audited(
         n.kernel.load = original  # type: ignore[method-assign]
         real_set = n.kernel.set_slot
 
-        def set_slot(slot: int, prog: object) -> None:
+        def set_slot(slot: int, prog: object, cgroup: str | None = None) -> None:
             n.kernel.fail_set = slot == FCHMODAT
-            real_set(slot, prog)  # type: ignore[arg-type]
+            real_set(slot, prog, cgroup)  # type: ignore[arg-type]
         n.kernel.set_slot = set_slot  # type: ignore[method-assign]
         with pytest.raises(ApplyIncomplete):
             await n.apply({"slot": "getppid", "file": 1}, {"slot": "fchmodat", "file": 1})
