@@ -39,6 +39,8 @@ BPF_PROG_ARRAY(handlers, 1024);
 BPF_PERCPU_ARRAY(misses, u64, 1024);
 BPF_PERCPU_ARRAY(calls, u64, 1024);
 BPF_PERCPU_ARRAY(cm, struct cm, 1024);
+BPF_PROG_ARRAY(staged, 1024);
+BPF_ARRAY(staging, u32, 1);
 BPF_ARRAY(compat_slots, u32, 512);
 BPF_PERCPU_ARRAY(compat_misses, u64, 512);
 static __always_inline u32 ia32(void) {
@@ -62,6 +64,11 @@ VARIANTS = {
         u64 *m = misses.lookup(&nr); if (m) *m += 1; return 0; }""",
     "one_map": """int d(struct bpf_raw_tracepoint_args *ctx) { u32 nr = ctx->args[1]; COMPAT
         struct cm *c = cm.lookup(&nr); if (!c) return 0; c->calls += 1; handlers.call(ctx, nr);
+        c->misses += 1; return 0; }""",
+    # one_map and the switch of atomic changes (issue 15): which array to tail-call through.
+    "staged": """int d(struct bpf_raw_tracepoint_args *ctx) { u32 nr = ctx->args[1]; COMPAT
+        struct cm *c = cm.lookup(&nr); if (!c) return 0; c->calls += 1; u32 z = 0; u32 *s = staging.lookup(&z);
+        if (s && *s) staged.call(ctx, nr); else handlers.call(ctx, nr);
         c->misses += 1; return 0; }""",
     "bare_tail": """int d(struct bpf_raw_tracepoint_args *ctx) { u32 nr = ctx->args[1];
         handlers.call(ctx, nr); return 0; }""",

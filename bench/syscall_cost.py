@@ -168,7 +168,7 @@ def _bench_cgroup(scope: str | None) -> Iterator[str | None]:
     """The cgroup a scoped configuration's guard checks: "all", the cgroup v2 root (every task
     is in its subtree: the guard lets every call through); "none", an empty cgroup of the
     benchmark's own (the guard lets none through)."""
-    mounts = cgroup2_mounts()
+    mounts = [m for m in cgroup2_mounts() if m.is_dir()]
     if scope is None or not mounts:
         yield None
         return
@@ -184,7 +184,7 @@ def _bench_cgroup(scope: str | None) -> Iterator[str | None]:
 
 
 def _no_cgroup2() -> str | None:
-    return None if cgroup2_mounts() else "no cgroup v2 hierarchy is mounted"
+    return None if any(m.is_dir() for m in cgroup2_mounts()) else "no cgroup v2 hierarchy is mounted"
 
 
 def tailcalld_dispatcher(fill: Callable[[Env], list[int]], exit_fill: Callable[[Env], list[int]] | None = None,

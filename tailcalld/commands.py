@@ -140,7 +140,7 @@ async def run_apply(ctx: CommandContext, request: ApplyRequest, peer: Peer) -> A
     await m.restored()  # planned against the slots as the start's restore leaves them, not half-way
     try:
         changes = await ctx.applier.apply(wanted_of(request, m, ctx.settings.current), peer, request.source,
-                                          request.dry_run)
+                                          request.dry_run, request.atomic)
     except TailcalldError as err:
         if not request.dry_run:  # the metrics count an apply's failure as one failed attach, as a client sees it
             ctx.recorder.attach_result(err.code)
@@ -272,7 +272,7 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         version=__version__, pid=status.pid, started_at=status.started_at, pin_dir=str(d.pin_dir),
         socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
         upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots, restoring=status.restoring,
-        next_expiry=status.next_expiry, scoped=status.scoped,
+        next_expiry=status.next_expiry, scoped=status.scoped, atomic_applies=status.atomic_applies,
         hits_total=status.hits_total, misses_total=status.misses_total, miss_log_interval=s.miss_log_interval,
         connections=ctx.connections(), timing_seconds_left=ctx.timing.seconds_left() if ctx.timing else 0.0,
         corrections=status.corrections)

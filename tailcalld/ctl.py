@@ -329,6 +329,9 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
     ]
     if r.upgraded_from:
         rows.append(("Upgraded", f"from dispatcher program {r.upgraded_from} at this start"))
+    if r.atomic_applies:
+        rows.append(("Atomic", f"{r.atomic_applies} apply --atomic change{'s' if r.atomic_applies != 1 else ''} "
+                               "since start"))
     if r.next_expiry is not None:
         rows.append(("Next end", f"of an attach --for/--until in {_left(r.next_expiry)} (list: LEFT)"))
     rows.append(("Timing", f"on for {r.timing_seconds_left:.0f} s more" if r.timing_seconds_left else "off"))

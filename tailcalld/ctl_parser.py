@@ -236,6 +236,8 @@ def _events(ev: argparse.ArgumentParser) -> None:
 def _apply(a: argparse.ArgumentParser) -> None:
     a.add_argument("file", metavar="FILE", help="the apply file; handler files are found relative to its folder")
     a.add_argument("--dry-run", action="store_true", help="print what would change, change nothing (compiles nothing)")
+    a.add_argument("--atomic", action="store_true",
+                   help="switch every slot at one instant, as every syscall sees it; on any failure change nothing")
     a.add_argument("-v", "--verbose", action="store_true", help="list the unchanged slots too")
 
 

@@ -3,6 +3,10 @@
 Layout of ``pin_dir`` (all created by tailcalld, all kept when the daemon stops):
 
     prog_array     BPF_MAP_TYPE_PROG_ARRAY, NR_SLOTS entries: the handler slots
+    staged_array   BPF_MAP_TYPE_PROG_ARRAY, NR_SLOTS entries: every slot as an atomic change
+                   leaves them, while it is made (empty at rest)
+    staging        u32 array, 1 entry: 1 while a change is staged: both dispatchers then
+                   dispatch through their staged_array
     counts         per-CPU array of {u64 calls, u64 misses}, NR_SLOTS entries: every call of
                    a slot's syscall, and those that fell through an empty slot (hits = calls - misses)
     timing         per-CPU {on, start, misses_before, slot}, 1 entry: handler timing (timing.py)
@@ -102,13 +106,16 @@ class _MapSpec:
 
 
 PROG_ARRAY = _MapSpec("prog_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
+# Atomic changes (see the class Dispatcher): the slots as a change stages them, and the switch.
+STAGED = _MapSpec("staged_array", bpfsys.BPF_MAP_TYPE_PROG_ARRAY, 4)
+STAGING = _MapSpec("staging", bpfsys.BPF_MAP_TYPE_ARRAY, 4, 1)
 COUNTS = _MapSpec("counts", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 16)
 COUNT_FIELDS = ("calls", "misses")  # struct slot_counts in dispatcher.bpf.c, u64 each
 TIMING = _MapSpec("timing", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 32, 1)
 CALL = _MapSpec("call", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 16, 1)
 COMPAT_SLOTS = _MapSpec("compat_slots", bpfsys.BPF_MAP_TYPE_ARRAY, 4, COMPAT_NR, prefix="tcd_")
 COMPAT_MISSES = _MapSpec("compat_misses", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 8, COMPAT_NR, prefix="tcd_")
-ALL_MAPS = (PROG_ARRAY, COUNTS, TIMING, CALL, COMPAT_SLOTS, COMPAT_MISSES)
+ALL_MAPS = (PROG_ARRAY, STAGED, COUNTS, TIMING, CALL, STAGING, COMPAT_SLOTS, COMPAT_MISSES)
 # Pins of older tailcalld layouts: an upgrade removes them once the old dispatcher is gone.
 LEGACY_PINS = ("misses", "calls")
 LINK_PIN = "link"
@@ -128,9 +135,22 @@ def _open_or_create_map(pin_dir: Path, spec: _MapSpec) -> int:
 
 def _map_specs(compat: dict[int, int] | None, hook: HookSpec) -> list[_MapSpec]:
     """The maps of the dispatcher's own folder."""
-    if hook is EXIT:  # no timing; the compat table and the call map are the enter dispatcher's
-        return [PROG_ARRAY, COUNTS]
-    return [PROG_ARRAY, COUNTS, TIMING, CALL] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None else [])
+    if hook is EXIT:  # no timing; the compat table, the call map and the switch are the enter dispatcher's
+        return [PROG_ARRAY, STAGED, COUNTS]
+    return [PROG_ARRAY, STAGED, COUNTS, TIMING, CALL, STAGING] + ([COMPAT_SLOTS, COMPAT_MISSES] if compat is not None
+                                                                   else [])
+
+
+def _end_unfinished_change(folder: Path, maps: Mapping[str, int], hook: HookSpec) -> None:
+    """An atomic change that a crash interrupted left its switch on, or staged slots: switch back
+    to prog_array and empty the staged slots.  prog_array may then hold part of the change (the
+    state file has all of it): the start's reconcile completes it slot by slot."""
+    if hook is ENTER and bpfsys.array_value(maps[STAGING.pin], 0, 4) != bytes(4):
+        logger.warning("an atomic change was interrupted (%s is set): dispatching through prog_array again; "
+                       "the start completes the change slot by slot", folder / STAGING.pin)
+        bpfsys.array_set_u32(maps[STAGING.pin], 0, 0)
+    for slot in range(NR_SLOTS):
+        bpfsys.map_delete(maps[STAGED.pin], slot)
 
 
 def _fill_compat_slots(fd: int, compat: dict[int, int]) -> None:
@@ -202,6 +222,7 @@ class Dispatcher:
                 maps[spec.pin] = _open_or_create_map(own_dir, spec)
             if compat is not None and hook is ENTER:
                 _fill_compat_slots(maps[COMPAT_SLOTS.pin], compat)
+            _end_unfinished_change(own_dir, maps, hook)
             attached, adopted, upgraded_from = await _attach(_Build(hook, pin_dir, maps, compat is not None), compiler)
             return cls(own_dir, lock, maps, attached, adopted, upgraded_from, hook, compat is not None)
         except BaseException:
@@ -232,6 +253,32 @@ class Dispatcher:
             bpfsys.prog_array_set(self._prog_array_fd, slot, prog_fd)
         except OSError as exc:
             raise KernelError(f"could not put the program in slot {slot}: {exc.strerror}") from None
+
+    # -- atomic changes: the slots staged, then one switch (BpfKernel.set_slots) ---------------------
+
+    def stage(self, slot: int, prog_fd: int) -> None:
+        """Put ``prog_fd`` in the staged slot: the dispatcher runs it while the switch is on."""
+        try:
+            bpfsys.prog_array_set(self._maps[STAGED.pin], slot, prog_fd)
+        except OSError as exc:
+            raise KernelError(f"could not stage slot {slot}: {exc.strerror}") from None
+
+    def unstage(self, slots: list[int]) -> None:
+        """Empty staged slots (only ever read while the switch is on): they hold no program loaded."""
+        for slot in slots:
+            try:
+                bpfsys.map_delete(self._maps[STAGED.pin], slot)
+            except OSError as exc:
+                logger.warning("staged slot %d could not be emptied: %s", slot, exc)
+
+    def switch(self, staged: bool) -> None:
+        """Dispatch through the staged slots (True) or prog_array (False), from the next call on,
+        on every CPU: one update of the u32 both dispatchers read.  The enter dispatcher's."""
+        try:
+            bpfsys.array_set_u32(self._maps[STAGING.pin], 0, int(staged))
+        except OSError as exc:
+            raise KernelError(f"could not switch to the {'staged' if staged else 'changed'} slots: "
+                              f"{exc.strerror}") from None
 
     def clear_slot(self, slot: int) -> bool:
         try:
@@ -412,7 +459,7 @@ def _load(data: bytes, build: _Build) -> int:
     """Load the dispatcher of the object ``data`` on its pinned maps (by fd); its program fd."""
     maps = dict(build.maps)
     # The exit dispatcher reads the enter one's compat table and writes its call map.
-    shared = [CALL] + ([COMPAT_SLOTS] if build.compat else [])
+    shared = [CALL, STAGING] + ([COMPAT_SLOTS] if build.compat else [])
     borrowed = {spec.pin: _open_or_create_map(build.pin_dir, spec) for spec in shared if spec.pin not in maps}
     maps |= borrowed
     obj = BpfObject(data)

@@ -22,7 +22,7 @@ from .dialects import Artifact
 from .dispatcher import COUNT_FIELDS, COUNTS, EXIT, LINK_PIN, Dispatcher, remove_pins
 from .pins import PinDirLock, handler_pin_dir, keep_program_pins, open_program_pin, remove_handler_pins
 from .errors import KernelError
-from .scope import SCOPE_DIR, Scopes
+from .scope import SCOPE_DIR, Guard, Scopes, synchronize_rcu
 from .timing import TimingTarget, target_of
 
 logger = logging.getLogger("tailcalld")
@@ -64,6 +64,11 @@ class Kernel(Protocol):
 
     def clear_slot(self, slot: int) -> bool:
         """Empty ``slot``; False if it was empty already.  Raises KernelError."""
+
+    def set_slots(self, changes: Mapping[int, tuple[Program, str | None] | None], holding: Mapping[int, Program]) -> None:
+        """Make every change of ``changes`` (slot -> (program, cgroup); None: empty it) at one
+        instant for every call.  ``holding``: our program of each other filled slot.  Raises
+        KernelError, with nothing changed."""
 
     async def prepare(self, slot: int) -> None:
         """Make ``slot`` ready to be filled: the exit dispatcher is attached before the first
@@ -179,10 +184,7 @@ class BpfKernel:
         return self._scopes.handler_id(key, prog_id) or prog_id
 
     def occupied(self) -> dict[int, int]:
-        found = self._dispatcher.occupied()
-        if self._exit is not None:
-            found |= {self._nr + nr: prog_id for nr, prog_id in self._exit.occupied().items()}
-        return {key: self._behind_guard(key, prog_id) or prog_id for key, prog_id in found.items()}
+        return {key: self._behind_guard(key, prog_id) or prog_id for key, prog_id in self._occupied_raw().items()}
 
     def set_slot(self, slot: int, prog: Program, cgroup: str | None = None) -> None:
         dispatcher, index = self._where(slot)
@@ -201,6 +203,80 @@ class BpfKernel:
             scopes.discard(guard)
             raise
         scopes.installed(slot, guard)
+
+    def set_slots(self, changes: Mapping[int, tuple[Program, str | None] | None], holding: Mapping[int, Program]) -> None:
+        """Stage every filled slot as the change leaves it, switch both dispatchers to the staged
+        slots (one u32: the instant of the change), bring prog_array to the same state behind
+        the switch, switch back, and empty the staged slots once no call reads them."""
+        for key in changes:
+            if self._where(key)[0] is None:
+                raise KernelError(f"exit slot {key - self._nr}: the exit dispatcher is not attached (prepare first)")
+        staged: dict[int, int] = {}  # slot key -> the fd staged there
+        guards: dict[int, Guard] = {}  # the new guards of scoped slots
+        try:
+            for key, prog_id in self._occupied_raw().items():
+                if key not in changes:
+                    staged[key] = self._fd_of(key, prog_id, holding)
+            for key, change in changes.items():
+                if change is not None:
+                    prog, cgroup = change
+                    if cgroup is not None:
+                        guards[key] = self._open_scopes().make_guard(key, prog.fd, cgroup)
+                    staged[key] = guards[key].fd if key in guards else prog.fd
+            for key, fd in staged.items():
+                dispatcher, index = self._where(key)
+                assert dispatcher is not None
+                dispatcher.stage(index, fd)
+            self._dispatcher.switch(True)
+        except BaseException:
+            self._unstage(staged)
+            for guard in guards.values():
+                self._open_scopes().discard(guard)
+            raise
+        try:
+            for key, change in changes.items():  # behind the switch: no call reads prog_array now
+                dispatcher, index = self._where(key)
+                assert dispatcher is not None
+                if change is None:
+                    dispatcher.clear_slot(index)
+                else:
+                    dispatcher.set_slot(index, staged[key])
+        except KernelError as err:  # the change is made, as the staged slots show it: they stay on
+            logger.error("an atomic change is in effect through the staged slots, but prog_array could not follow "
+                         "(%s); dispatching stays switched to %s", err.message, self.info.pin_dir / "staged_array")
+            return
+        self._dispatcher.switch(False)
+        synchronize_rcu()  # no call runs through the staged slots or an old guard any more
+        for key in changes:
+            if key in guards:
+                self._open_scopes().installed(key, guards[key], wait=False)
+            elif self._scopes is not None and self._scopes.scoped(key):
+                self._scopes.removed(key, wait=False)
+        self._unstage(staged)
+
+    def _occupied_raw(self) -> dict[int, int]:
+        """slot key -> the program in the kernel's slot (a scoped slot's guard, not its handler)."""
+        found = self._dispatcher.occupied()
+        if self._exit is not None:
+            found |= {self._nr + nr: prog_id for nr, prog_id in self._exit.occupied().items()}
+        return found
+
+    def _fd_of(self, key: int, prog_id: int, holding: Mapping[int, Program]) -> int:
+        """An fd of the program slot ``key`` holds, to stage it unchanged."""
+        guard = self._scopes.guard(key) if self._scopes is not None else None
+        if guard is not None and guard.id == prog_id:
+            return guard.fd
+        prog = holding.get(key)
+        if prog is not None and prog.id == prog_id:
+            return prog.fd
+        raise KernelError(f"slot key {key} holds program {prog_id}, of which tailcalld has no handle (adopted by its id "
+                          "alone, or put there by someone else); an atomic change stages every filled slot, so none "
+                          "was made: detach or attach that slot anew first", {"slot_key": key, "prog_id": prog_id})
+
+    def _unstage(self, staged: Mapping[int, int]) -> None:
+        for dispatcher, base in ((self._dispatcher, 0), (self._exit, self._nr)):
+            if dispatcher is not None:
+                dispatcher.unstage([key - base for key in staged if base <= key < base + self._nr])
 
     def _open_scopes(self) -> Scopes:
         if self._scopes is None:

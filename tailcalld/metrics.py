@@ -144,7 +144,9 @@ class DaemonCollector(Collector):
         corrections = CounterMetricFamily("tailcalld_reconcile_corrections", "Corrections made to bring the kernel's "
                                           "slots and the saved state together (see status)",
                                           value=m.registry.corrections_total)
-        return [hits, misses, info, ending, scope, restoring, total, used, corrections]
+        atomic = CounterMetricFamily("tailcalld_atomic_applies", "apply --atomic changes made since the daemon started "
+                                     "(every slot of each switched at one instant)", value=status.atomic_applies)
+        return [hits, misses, info, ending, scope, restoring, total, used, corrections, atomic]
 
     def _timing(self, views: list[SlotView]) -> Iterable[Metric]:
         timing = self._ctx.timing

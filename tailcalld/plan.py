@@ -137,7 +137,10 @@ class Applier:
         self.manager = manager
         self._one_at_a_time = asyncio.Lock()
 
-    async def apply(self, wanted: list[Wanted], peer: Peer, origin: str, dry_run: bool = False) -> list[Change]:
+    async def apply(self, wanted: list[Wanted], peer: Peer, origin: str, dry_run: bool = False,
+                    atomic: bool = False) -> list[Change]:
+        """Make the slots match ``wanted``; ``atomic``: every slot switches at one instant, as the
+        kernel sees it, and nothing changes if any step fails (``_switch_atomically``)."""
         m = self.manager
         check_unique(wanted, m.registry.label, origin)
         m.check_open()  # before the locks: unload-all holds every lock for good
@@ -152,6 +155,8 @@ class Applier:
             try:
                 with m.filling_exit_slots():
                     await self._build(steps, peer, origin)
+                    if atomic:
+                        return self._switch_atomically(steps, peer, origin)
                     return self._switch(steps, peer, origin)
             finally:
                 for s in steps:  # what was built and not put in a slot (a failure)
@@ -194,8 +199,46 @@ class Applier:
         _log_summary(result, origin)
         return result
 
-    def _put(self, s: Step, peer: Peer, origin: str) -> Change:
+    def _switch_atomically(self, steps: list[Step], peer: Peer, origin: str) -> list[Change]:
+        """Every slot at one instant (Registry.commit_many): all of it, or, on a failure, none."""
         m, reg = self.manager, self.manager.registry
+        changing = [s for s in steps if s.changes]
+        replaced = {s.key: m.kernel.slot(s.key) for s in changing}
+        handlers = {s.key: self._handler(s, peer) if s.action != "remove" else None for s in changing}
+        try:
+            olds = reg.commit_many(handlers) if handlers else {}
+        except (TailcalldError, OSError) as err:
+            told = err if isinstance(err, TailcalldError) else KernelError(f"the kernel refused the change: {err}")
+            for s in changing:
+                self._audit_failed(s, peer, told, origin)
+            raise type(told)(f"atomic apply {origin}: nothing was changed: {told.message}", told.details) from None
+        for s in changing:
+            s.prog = None  # the slots own them now
+        for old in olds.values():
+            if old is not None:
+                old.close()
+                reg.release_unused_pins(old.record.source_sha256)
+        if handlers:
+            m.transaction_done()
+        result = []
+        for s in steps:
+            new = handlers.get(s.key)
+            if new is not None:
+                self._audit_put(s, new.record, replaced[s.key], peer, f"{origin}, atomic")
+                result.append(Change(s, new.record.prog_id, new.record.function, new.prog.log if new.prog else "",
+                                     new.prog.warnings if new.prog else ()))
+            elif s.action == "remove":
+                self._audit_removed(s, replaced[s.key], peer, f"{origin}, atomic")
+                result.append(Change(s, None, s.current.function if s.current else None))
+            else:
+                result.append(Change(s, s.current.prog_id if s.current else None,
+                                     s.current.function if s.current else None))
+        _log_summary(result, origin)
+        return result
+
+    def _handler(self, s: Step, peer: Peer) -> Handler:
+        """What ``s`` puts in its slot, with the record the state file keeps."""
+        reg = self.manager.registry
         assert s.wanted is not None and s.prog is not None
         w, prog = s.wanted, s.prog
         record = SlotRecord(slot=s.key, function=prog.function, prog_id=prog.id, dialect=w.artifact.dialect,
@@ -204,15 +247,33 @@ class Applier:
                             attached_at=datetime.now(UTC), journal=w.journal,
                             variables=dict(w.artifact.variables), defines=dict(w.artifact.defines),
                             maps=map_records(prog.maps), cgroup=w.cgroup)
+        return Handler(record, prog, requested_function=w.function)
+
+    def _audit_put(self, s: Step, record: SlotRecord, replaced: int | None, peer: Peer, origin: str) -> None:
+        assert s.wanted is not None
+        self.manager.audit("replace" if replaced is not None else "attach", peer, s.key, record.prog_id,
+                           record.source_sha256,
+                           f"{record.function} ({s.wanted.artifact.dialect}) in slot "
+                           f"{self.manager.registry.label(s.key)}: program {record.prog_id}"
+                           + (f", was {replaced}" if replaced is not None else "") + f" (apply {origin})")
+
+    def _audit_removed(self, s: Step, prog_id: int | None, peer: Peer, origin: str) -> None:
+        gone = prog_id if prog_id is not None else (s.current.prog_id if s.current else 0)
+        self.manager.audit("detach", peer, s.key, gone, s.current.source_sha256 if s.current else None,
+                           f"program {gone} from slot {self.manager.registry.label(s.key)} (apply {origin})")
+
+    def _put(self, s: Step, peer: Peer, origin: str) -> Change:
+        m, reg = self.manager, self.manager.registry
+        new = self._handler(s, peer)
+        prog = s.prog
+        assert prog is not None
         replaced = m.kernel.slot(s.key)
-        old = reg.commit(s.key, Handler(record, prog, requested_function=w.function))
+        old = reg.commit(s.key, new)
         s.prog = None  # the slot owns it now
         if old is not None:
             old.close()
             reg.release_unused_pins(old.record.source_sha256)
-        m.audit("replace" if replaced is not None else "attach", peer, s.key, prog.id, record.source_sha256,
-                f"{prog.function} ({w.artifact.dialect}) in slot {reg.label(s.key)}: program {prog.id}"
-                + (f", was {replaced}" if replaced is not None else "") + f" (apply {origin})")
+        self._audit_put(s, new.record, replaced, peer, origin)
         return Change(s, prog.id, prog.function, prog.log, prog.warnings)
 
     def _remove(self, s: Step, peer: Peer, origin: str) -> Change:
@@ -222,9 +283,7 @@ class Applier:
         if old is not None:
             old.close()
             reg.release_unused_pins(old.record.source_sha256)
-        gone = prog_id if prog_id is not None else (s.current.prog_id if s.current else 0)
-        m.audit("detach", peer, s.key, gone, s.current.source_sha256 if s.current else None,
-                f"program {gone} from slot {reg.label(s.key)} (apply {origin})")
+        self._audit_removed(s, prog_id, peer, origin)
         return Change(s, None, s.current.function if s.current else None)
 
     def _audit_failed(self, s: Step, peer: Peer, err: TailcalldError, origin: str) -> None:

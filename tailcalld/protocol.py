@@ -211,6 +211,9 @@ class ApplyRequest(_Request):
     files: Annotated[list[HandlerFile], Field(max_length=MAX_APPLY_SLOTS)]
     slots: Annotated[list[DesiredSlot], Field(max_length=MAX_APPLY_SLOTS)]
     dry_run: StrictBool = Field(False, description="only say what would change (nothing is compiled)")
+    atomic: StrictBool = Field(False, description="every slot switches at one instant as every syscall sees it (no "
+                                                  "call sees some slots changed and others not), and nothing changes "
+                                                  "if any step fails, the kernel's included")
     source: Annotated[StrictStr, Field(max_length=4096)] = Field(
         "<apply>", description="where the slots were read from (the apply file's path), for messages and the journal")
 
@@ -399,6 +402,7 @@ class StatusResult(BaseModel):
     next_expiry: datetime | None = Field(None, description="the earliest end of an attach --for/--until (list: the "
                                                            "expires_at of each such slot); None: none")
     scoped: int = Field(0, description="slots whose handler runs for one cgroup only (attach --cgroup)")
+    atomic_applies: int = Field(0, description="apply --atomic changes made since the daemon started")
     hits_total: int = Field(0, description="handler runs on all slots since the daemon started")
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
     miss_log_interval: float

@@ -155,7 +155,7 @@ class Registry:
         """The state file's form: enter and exit slots apart, each under its syscall number."""
         enter: dict[int, SlotRecord] = {}
         exit_: dict[int, SlotRecord] = {}
-        for key, record in self.wanted().items():
+        for key, record in sorted(self.wanted().items()):  # in slot order: an undo writes the same bytes
             nr, hook = self.syscalls.split(key)
             if hook == "enter":
                 enter[nr] = record
@@ -208,6 +208,41 @@ class Registry:
         except BaseException:
             self._undo(slot, old, unrestored)
             self._save_undo(slot)
+            raise
+        self.keep_programs()
+        return old
+
+    def commit_many(self, changes: dict[int, Handler | None]) -> dict[int, Handler | None]:
+        """As ``commit``, for several slots at once: memory, one state file write, then the kernel
+        switches every slot at the same instant (Kernel.set_slots).  Nothing is changed when any
+        step fails.  Returns the handlers replaced (by slot), which the caller closes."""
+        assert all(new is None or new.prog is not None for new in changes.values()), "each needs its program"
+        for new in changes.values():
+            key = record_build_key(new.record) if new is not None else None
+            if new is not None and new.prog is not None and new.prog.btf and key:
+                self.store.put_btf(key, new.prog.btf)
+        old = {slot: self.handlers.get(slot) for slot in changes}
+        unrestored = {slot: self.unrestored.pop(slot) for slot in changes if slot in self.unrestored}
+        for slot, new in changes.items():
+            self._put(slot, new)
+        self.generation += 1
+
+        def undo() -> None:
+            for slot in changes:
+                self._undo(slot, old[slot], unrestored.get(slot))
+
+        try:
+            self.save()
+        except BaseException:
+            undo()
+            raise
+        holding = {slot: h.prog for slot, h in self.handlers.items() if slot not in changes and h.prog is not None}
+        try:
+            self.kernel.set_slots({slot: (new.prog, new.record.cgroup) if new is not None and new.prog is not None
+                                   else None for slot, new in changes.items()}, holding)
+        except BaseException:
+            undo()
+            self._save_undo(min(changes))
             raise
         self.keep_programs()
         return old

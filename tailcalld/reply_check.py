@@ -122,7 +122,7 @@ STATUS_RESULT: Spec = {
     "pin_dir": (_str, REQUIRED), "socket": (_str, REQUIRED), "dispatcher_prog_id": (_int, REQUIRED),
     "dispatcher_link_id": (_int, REQUIRED), "adopted": (_bool, REQUIRED), "upgraded_from": (_optional(_int), None),
     "slots_used": (_int, REQUIRED), "nr_slots": (_int, REQUIRED), "restoring": (_int, 0),
-    "next_expiry": (_optional(_datetime), None), "scoped": (_int, 0), "hits_total": (_int, 0),
+    "next_expiry": (_optional(_datetime), None), "scoped": (_int, 0), "atomic_applies": (_int, 0), "hits_total": (_int, 0),
     "misses_total": (_int, REQUIRED), "miss_log_interval": (_float, REQUIRED), "connections": (_int, 0),
     "timing_seconds_left": (_float, 0.0), "corrections": (_str_list, []), "events_emitted": (_int, 0),
     "events_lost": (_int, 0), "events_delivered": (_int, 0), "events_subscribers": (_int, 0),

@@ -174,20 +174,21 @@ def guard_name(key: int, half: int) -> str:
 BPF_MAP_TYPE_CGROUP_ARRAY = 8
 
 
-@dataclass(frozen=True)
-class _Guard:
-    fd: int
-    id: int
-    half: int
-
-
 @dataclass
 class _Followed:
     path: str
     cgroup_id: int | None  # what the entry holds now; None: nothing (the path named none)
 
 
-def _synchronize_rcu() -> None:
+@dataclass(frozen=True)
+class Guard:
+    fd: int
+    id: int
+    half: int
+    followed: _Followed | None = None  # the path it was made for, and the cgroup it holds (None: adopted)
+
+
+def synchronize_rcu() -> None:
     """Wait until every BPF program that started before now has returned: membarrier(2)'s
     MEMBARRIER_CMD_GLOBAL is synchronize_rcu(), and programs on tracepoints run inside RCU
     read-side sections.  Where it is refused (a seccomp filter), a short sleep does: a
@@ -220,9 +221,9 @@ class Scopes:
             raise
         self._followed: dict[int, _Followed] = {}
 
-    def _pinned_guards(self) -> dict[int, _Guard]:
+    def _pinned_guards(self) -> dict[int, Guard]:
         """The guards a previous run pinned, by slot key (their names say which half they read)."""
-        guards: dict[int, _Guard] = {}
+        guards: dict[int, Guard] = {}
         for name in os.listdir(self._folder / GUARDS):
             path = self._folder / GUARDS / name
             try:
@@ -238,7 +239,7 @@ class Scopes:
                 os.close(fd)
                 logger.warning("%s is not a guard of tailcalld's; it is left alone", path)
                 continue
-            guards[int(name)] = _Guard(fd, info.id, int(found[2]))
+            guards[int(name)] = Guard(fd, info.id, int(found[2]))
         return guards
 
     # -- what the kernel's slots hold ---------------------------------------------------------------
@@ -258,9 +259,13 @@ class Scopes:
     def scoped(self, key: int) -> bool:
         return key in self._guards
 
+    def guard(self, key: int) -> Guard | None:
+        """The guard slot ``key`` runs (borrowed: valid until it is replaced or this is closed)."""
+        return self._guards.get(key)
+
     # -- changes ------------------------------------------------------------------------------------
 
-    def make_guard(self, key: int, prog_fd: int, path: str) -> _Guard:
+    def make_guard(self, key: int, prog_fd: int, path: str) -> Guard:
         """Fill the half of slot ``key`` its running guard does not read with ``prog_fd`` and the
         cgroup at ``path`` (left empty when there is none yet), and load the guard that reads it.
         Nothing a running guard reads is touched.  Raises KernelError."""
@@ -282,17 +287,17 @@ class Scopes:
         finally:
             if cgroup is not None:
                 os.close(cgroup)
-        self._followed[key] = _Followed(path, cgroup_id(path) if cgroup is not None else None)
+        followed = _Followed(path, cgroup_id(path) if cgroup is not None else None)
         insns = guard_insns(key, entry, self._fds["cgroups"], self._fds["progs"], self._fds["misses"])
         fd, log = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, guard_name(key, half), b"GPL", insns,
                                    1 << 16)
         if fd < 0:
             raise KernelError(f"slot {key}: the cgroup guard was refused: {os.strerror(-fd)}\n{log}")
-        return _Guard(fd, bpfsys.prog_info(fd).id, half)
+        return Guard(fd, bpfsys.prog_info(fd).id, half, followed)
 
-    def installed(self, key: int, guard: _Guard) -> None:
+    def installed(self, key: int, guard: Guard, wait: bool = True) -> None:
         """``guard`` now runs in slot ``key``: pin it, and empty the half the old one read once
-        nothing runs the old one any more."""
+        nothing runs the old one any more (``wait``: the caller has waited for that already)."""
         old = self._guards.get(key)
         path = self._folder / GUARDS / str(key)
         with contextlib.suppress(FileNotFoundError):
@@ -303,12 +308,15 @@ class Scopes:
             logger.warning("the cgroup guard of slot %d could not be pinned (%s): a restart will not see it "
                            "as a scoped slot", key, exc)
         self._guards[key] = guard
+        if guard.followed is not None:
+            self._followed[key] = guard.followed
         if old is not None:
             os.close(old.fd)
-            _synchronize_rcu()
+            if wait:
+                synchronize_rcu()
             self._empty(2 * key + old.half)
 
-    def discard(self, guard: _Guard) -> None:
+    def discard(self, guard: Guard) -> None:
         """A guard that was made but never installed: its half is left for the next try."""
         os.close(guard.fd)
 
@@ -323,7 +331,7 @@ class Scopes:
         if guard is not None:
             os.close(guard.fd)
         if wait:
-            _synchronize_rcu()
+            synchronize_rcu()
         for entry in (2 * key, 2 * key + 1):
             self._empty(entry)
 

@@ -128,6 +128,7 @@ class Status:
     restoring: int
     next_expiry: datetime | None
     scoped: int  # slots whose handler runs for one cgroup only
+    atomic_applies: int  # apply --atomic changes since the start
     hits_total: int
     misses_total: int
     corrections: list[str]
@@ -150,6 +151,7 @@ class SlotManager:
         self._exit_fills = 0  # attaches and applies between preparing the exit dispatcher and filling its slot
         self._restored = asyncio.Event()  # cleared while the start rebuilds slots
         self._deadlines_changed = asyncio.Event()  # an attach --for came or went: expire_due looks again
+        self.atomic_applies = 0  # apply --atomic changes made since the start
         self._restored.set()
 
     # -- keeping kernel and desired state in step -----------------------------------------------
@@ -447,6 +449,10 @@ class SlotManager:
         """For apply (plan.py): a change to the journal, as attach and detach write theirs."""
         self._audit(action, peer, slot, prog_id, sha, what)
 
+    def transaction_done(self) -> None:
+        """For apply --atomic (plan.py): one more all-or-nothing change made."""
+        self.atomic_applies += 1
+
     def after_change(self, filled: list[int]) -> None:
         """For apply (plan.py), once its changes are made: the exit dispatcher let go if no exit
         slot is left, the miss counters told of the slots that hold a handler now, STATUS= redone."""
@@ -622,7 +628,7 @@ class SlotManager:
         hits = sum(self._hits(slot, missed, counts) for slot in self.registry.handlers)
         ends = [h.record.expires_at for h in self.registry.handlers.values() if h.record.expires_at is not None]
         return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, self.restoring,
-                      min(ends, default=None), len(self._scoped()), hits,
+                      min(ends, default=None), len(self._scoped()), self.atomic_applies, hits,
                       sum(missed) - sum(self.misses.baseline), list(self.registry.corrections))
 
     def close(self) -> None:

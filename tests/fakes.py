@@ -72,6 +72,17 @@ class FakeKernel:
             raise KernelError(f"could not empty slot {slot}: Operation not permitted")
         return self.slots.pop(slot, None) is not None
 
+    def set_slots(self, changes: Mapping[int, tuple[Program, str | None] | None], holding: Mapping[int, Program]) -> None:
+        if self.fail_set:
+            self.fail_set = False
+            raise KernelError("could not stage slot 1: Argument list too long")
+        for slot, change in changes.items():
+            if change is None:
+                self.slots.pop(slot, None)
+            else:
+                os.fstat(change[0].fd)
+                self.slots[slot], self.scopes[slot] = change[0].id, change[1]
+
     def follow_cgroups(self, wanted: Mapping[int, str]) -> list[tuple[int, str]]:
         return []
 

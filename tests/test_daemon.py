@@ -219,8 +219,8 @@ def test_sigterm_exits_0_removes_the_socket_and_keeps_the_pins(tmp_path: Path, p
     assert d.stop() == 0
     assert not d.socket.exists()
     compat = {"compat_slots", "compat_misses"} if platform.machine() == "x86_64" else set()
-    assert {p.name for p in d.pin_dir.iterdir()} == {"link", "prog", "prog_array", "counts", "timing", "call",
-                                                     "events", "event_counts", "handlers"} | compat
+    assert {p.name for p in d.pin_dir.iterdir()} == {"link", "prog", "prog_array", "staged_array", "staging", "counts",
+                                                     "timing", "call", "events", "event_counts", "handlers"} | compat
     fchmodat(11)  # still traced with no daemon running
     assert read_counter(counter) == 11
 

@@ -23,7 +23,8 @@ from tailcalld.config import LiveSettings, Settings
 from tailcalld.dialects import Artifact
 from tailcalld.desired import DesiredFileError, entry_text, parse, read_request
 from tailcalld.desired_slots import DesiredSlots, signature, trusted_read
-from tailcalld.errors import ApplyIncomplete, BadRequest, CompileError, UnknownSyscall, UnsafePath
+from tailcalld.errors import (ApplyIncomplete, BadRequest, CompileError, KernelError, StateUnwritable, UnknownSyscall,
+                              UnsafePath)
 from tailcalld.peers import Peer
 from tailcalld.protocol import ApplyRequest, ApplyResult, SavedFile, SavedSlot, SaveResult, SlotChange, encode_ok
 from tailcalld.slots import SlotManager
@@ -150,10 +151,10 @@ class Node:
         self.ctx = CommandContext(manager, LiveSettings(Settings()), lambda reason: None)
 
     async def apply(self, *slots: dict[str, object], files: list[dict[str, object]] | None = None,
-                    dry_run: bool = False) -> ApplyResult:
+                    dry_run: bool = False, atomic: bool = False) -> ApplyResult:
         files = files or [{"filename": "a.c", "source": BCC}, {"filename": "b.c", "source": BCC2}]
         request = ApplyRequest.model_validate({"command": "apply", "files": files, "slots": list(slots),
-                                               "dry_run": dry_run, "source": "slots.toml"})
+                                               "dry_run": dry_run, "atomic": atomic, "source": "slots.toml"})
         return await run_apply(self.ctx, request, ME)
 
 
@@ -193,6 +194,28 @@ def test_apply_adds_then_changes_nothing_then_replaces_and_removes(tmp_path: Pat
         assert n.kernel.slots == {GETPPID: before[GETPPID], FCHMODAT: before[GETPPID]}  # reused, not rebuilt
         assert n.kernel.loads == 2
         assert done.changes[2].replaced_prog_id == before[KILL] and done.changes[2].prog_id is None
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("step", ["state write", "kernel switch"])
+def test_an_atomic_apply_that_fails_changes_nothing(tmp_path: Path, step: str) -> None:
+    """apply --atomic: the state file and the kernel's slots change together or not at all; a
+    refused switch (the kernel's staging, a full disk) leaves every slot as it was, and says so."""
+    async def scenario(n: Node) -> None:
+        await n.apply({"slot": "fchmodat", "file": 0}, {"slot": "kill", "file": 0})
+        before, saved, fds = dict(n.kernel.slots), n.store.path.read_bytes(), open_fds()
+        if step == "state write":
+            n.store.fail_saves = [True]
+        else:
+            n.kernel.fail_set = True
+        with pytest.raises((KernelError, StateUnwritable)) as info:
+            await n.apply({"slot": "fchmodat", "file": 1}, {"slot": "getppid", "file": 1}, atomic=True)
+        assert "atomic apply slots.toml: nothing was changed" in info.value.message
+        assert n.kernel.slots == before and n.store.path.read_bytes() == saved and open_fds() == fds
+        assert {s: h.record.prog_id for s, h in n.manager.registry.handlers.items()} == before
+        done = await n.apply({"slot": "fchmodat", "file": 1}, {"slot": "getppid", "file": 1}, atomic=True)
+        assert actions(done) == [("add", GETPPID, "enter"), ("replace", FCHMODAT, "enter"), ("remove", KILL, "enter")]
+        assert set(n.kernel.slots) == {GETPPID, FCHMODAT} and n.manager.atomic_applies == 1
     run(tmp_path, scenario)
 
 

@@ -31,6 +31,26 @@ struct {
     __uint(value_size, sizeof(u32));  // a prog array has no BTF value type: sizes only
 } prog_array SEC(".maps");
 
+// The slots as an atomic change stages them (tailcalld/dispatcher.py: "Atomic changes"):
+// while `staging` holds 1, every call is dispatched through staged_array instead, which then
+// holds every slot as the change leaves them; prog_array is brought to the same state behind
+// it, and `staging` set back to 0.  Each call reads `staging` once, so it runs one side whole:
+// many slots switch at the one instant `staging` is set.
+struct {
+    __uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+    __uint(max_entries, TAILCALLD_SLOTS);
+    __uint(key_size, sizeof(u32));
+    __uint(value_size, sizeof(u32));
+} staged_array SEC(".maps");
+
+// One u32, shared by both dispatchers (pinned as pin_dir/staging): 1 while a change is staged.
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, u32);
+} staging SEC(".maps");
+
 #include "dispatcher_maps.h"  // counts, and (enter only) the timing switch
 
 // What the dispatcher leaves for the handler it jumps into, read by tailcalld.h's macros
@@ -164,7 +184,12 @@ int TAILCALLD_DISPATCH(struct bpf_raw_tracepoint_args *ctx)
         here->flags = flags;
     }
 
-    bpf_tail_call(ctx, &prog_array, nr);
+    // One array lookup the verifier inlines, and a branch: the price of atomic changes.
+    u32 *staged = bpf_map_lookup_elem(&staging, &zero_key);
+    if (staged && *staged)
+        bpf_tail_call(ctx, &staged_array, nr);
+    else
+        bpf_tail_call(ctx, &prog_array, nr);
 
     // Only reached when slot `nr` is empty.
     count->misses += 1;
