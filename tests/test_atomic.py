@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, kernel_slots, read_counter
+from harness import (NR_FCHMODAT, DaemonProcess, bpftool_fill, counting_handler, fchmodat, kernel_slots, read_counter,
+                     start_daemon)
 from test_core_kernel import ME, core
 from tailcalld.client import RemoteError
 from tailcalld.dialects import Artifact
@@ -252,3 +253,28 @@ def test_a_change_of_some_slots_keeps_the_others_running(tmp_path: Path, pin_roo
             assert kernel_slots(pin_dir / "staged_array") == {}
 
     asyncio.run(scenario())
+
+
+def test_a_change_a_crash_interrupted_is_ended_at_the_next_start(tmp_path: Path, pin_root: Path) -> None:
+    """A daemon killed between the switch and its end leaves `staging` set and slots staged: the
+    next start dispatches through prog_array again, empties the staged slots and says so."""
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        prog = d.call("attach", slot=X, source="int h(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n",
+                      filename="h.c")["prog_id"]
+    finally:
+        d.kill()
+    folder = pin_root / "daemon"
+    bpftool_fill(folder / "staged_array", Y, prog)
+    subprocess.run(["bpftool", "map", "update", "pinned", str(folder / "staging"), "key", "0", "0", "0", "0",
+                    "value", "1", "0", "0", "0"], check=True)
+    d = start_daemon(tmp_path, folder)
+    try:
+        assert kernel_slots(folder / "staged_array") == {}
+        staging = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", str(folder / "staging"), "key", "0", "0",
+                                  "0", "0"], capture_output=True, text=True, check=True).stdout
+        assert json.loads(staging)["value"] == ["0x00", "0x00", "0x00", "0x00"]
+        assert "an atomic change was interrupted" in d.output()
+        assert kernel_slots(folder / "prog_array") == {X: prog}
+    finally:
+        assert d.stop() == 0
