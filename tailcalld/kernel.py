@@ -200,7 +200,7 @@ class BpfKernel:
         try:
             dispatcher.set_slot(index, guard.fd)  # the one update that switches handler and cgroup
         except BaseException:
-            scopes.discard(guard)
+            scopes.discard(slot, guard)
             raise
         scopes.installed(slot, guard)
 
@@ -230,8 +230,8 @@ class BpfKernel:
             self._dispatcher.switch(True)
         except BaseException:
             self._unstage(staged)
-            for guard in guards.values():
-                self._open_scopes().discard(guard)
+            for key, guard in guards.items():
+                self._open_scopes().discard(key, guard)
             raise
         try:
             for key, change in changes.items():  # behind the switch: no call reads prog_array now

@@ -191,8 +191,8 @@ class Guard:
 def synchronize_rcu() -> None:
     """Wait until every BPF program that started before now has returned: membarrier(2)'s
     MEMBARRIER_CMD_GLOBAL is synchronize_rcu(), and programs on tracepoints run inside RCU
-    read-side sections.  Where it is refused (a seccomp filter), a short sleep does: a
-    program that ran that long would have been killed long ago."""
+    read-side sections.  Where it is refused (a seccomp filter), a sleep stands in: the
+    verifier bounds every program to microseconds, 50 ms is thousands of times that."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if libc.syscall(324 if os.uname().machine == "x86_64" else 283, 1, 0, 0) != 0:  # __NR_membarrier
         time.sleep(0.05)
@@ -208,6 +208,8 @@ class Scopes:
         folder.mkdir(mode=0o700, exist_ok=True)
         (folder / GUARDS).mkdir(mode=0o700, exist_ok=True)
         self._fds: dict[str, int] = {}
+        self._guards: dict[int, Guard] = {}
+        self._followed: dict[int, _Followed] = {}
         try:
             self._fds["cgroups"] = open_or_create_map(folder / "cgroups", BPF_MAP_TYPE_CGROUP_ARRAY,
                                                       "tailcalld_cgrp", 4, 4, 2 * nr_keys)
@@ -219,7 +221,6 @@ class Scopes:
         except BaseException:
             self.close()
             raise
-        self._followed: dict[int, _Followed] = {}
 
     def _pinned_guards(self) -> dict[int, Guard]:
         """The guards a previous run pinned, by slot key (their names say which half they read)."""
@@ -243,10 +244,6 @@ class Scopes:
         return guards
 
     # -- what the kernel's slots hold ---------------------------------------------------------------
-
-    def guard_ids(self) -> dict[int, int]:
-        """guard program id -> slot key."""
-        return {g.id: key for key, g in self._guards.items()}
 
     def handler_id(self, key: int, guard_id: int) -> int | None:
         """The id of the handler behind the guard ``guard_id`` found in slot ``key`` (None when
@@ -316,9 +313,11 @@ class Scopes:
                 synchronize_rcu()
             self._empty(2 * key + old.half)
 
-    def discard(self, guard: Guard) -> None:
-        """A guard that was made but never installed: its half is left for the next try."""
+    def discard(self, key: int, guard: Guard) -> None:
+        """A guard of slot ``key`` that was made but never installed: its half is emptied (the
+        running guard reads the other), so the handler put there is not kept loaded."""
         os.close(guard.fd)
+        self._empty(2 * key + guard.half)
 
     def removed(self, key: int, wait: bool) -> None:
         """Slot ``key`` holds no guard any more (emptied, or a plain handler in it): drop its pin and
@@ -386,7 +385,6 @@ class Scopes:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        for guard in getattr(self, "_guards", {}).values():
+        for guard in self._guards.values():
             os.close(guard.fd)
-        if hasattr(self, "_guards"):
-            self._guards.clear()
+        self._guards.clear()

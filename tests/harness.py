@@ -341,9 +341,11 @@ class Workload:
 
 
 def counting_handler(counter_pin: Path, function: str = "count_calls", dirfd: int = DIRFD_MAGIC,
-                     step: int = 1) -> str:
+                     step: int = 1, any_process: bool = False) -> str:
     """bcc C for a handler that counts this test process's fchmodat(dirfd, ...) calls into a
-    pinned u64 (the process filter keeps a concurrent test run from adding to the count)."""
+    pinned u64 (the process filter keeps a concurrent test run from adding to the count);
+    ``any_process``: every process's (a random ``dirfd`` keeps others out)."""
+    who = "" if any_process else f" || (bpf_get_current_pid_tgid() >> 32) != {os.getpid()}"
     return f"""
 #include <uapi/linux/ptrace.h>
 BPF_TABLE_PINNED("array", u32, u64, counter, 1, "{counter_pin}");
@@ -354,7 +356,7 @@ int {function}(struct bpf_raw_tracepoint_args *ctx)
     long dirfd = 0;
     u32 zero = 0;
     bpf_probe_read_kernel(&dirfd, sizeof(dirfd), &PT_REGS_PARM1(regs));
-    if ((int)dirfd != {dirfd} || (bpf_get_current_pid_tgid() >> 32) != {os.getpid()})
+    if ((int)dirfd != {dirfd}{who})
         return 0;
     u64 *n = counter.lookup(&zero);
     if (n)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (NR_FCHMODAT, DaemonProcess, bpftool_fill, counting_handler, fchmodat, kernel_slots, read_counter,
-                     start_daemon)
+from harness import (NR_FCHMODAT, DaemonProcess, bpftool_fill, counting_handler, fchmodat, journal, kernel_slots,
+                     read_counter, start_daemon, wait_journal)
 from test_core_kernel import ME, core
 from tailcalld.client import RemoteError
 from tailcalld.dialects import Artifact
@@ -36,13 +36,12 @@ X, Y = TABLE.resolve("fchmodat"), TABLE.resolve("faccessat")
 SAME, STRADDLE, MIX = 0, 1, 2  # keys of the pairs map
 
 
-def first_handler(pins: Path) -> str:
-    """fchmodat: note this handler's generation (-DGEN) for the next faccessat."""
+def _handler(name: str, maps: str, body: str) -> str:
+    """bcc C run for fchmodat or faccessat calls whose first argument is TC_MAGIC (-D) only."""
     return f"""
 #include <uapi/linux/ptrace.h>
-BPF_TABLE_PINNED("array", u32, u64, seen, 1, "{pins / 'seen'}");
-
-int x_gen(struct bpf_raw_tracepoint_args *ctx)
+{maps}
+int {name}(struct bpf_raw_tracepoint_args *ctx)
 {{
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long dirfd = 0;
@@ -51,38 +50,29 @@ int x_gen(struct bpf_raw_tracepoint_args *ctx)
     if ((int)dirfd != TC_MAGIC)
         return 0;
     u64 *s = seen.lookup(&zero);
-    if (s)
-        *s = TC_GEN;
+{body}
     return 0;
 }}
 """
+
+
+def _table(pins: Path, name: str, entries: int) -> str:
+    return f'BPF_TABLE_PINNED("array", u32, u64, {name}, {entries}, "{pins / name}");'
+
+
+def first_handler(pins: Path) -> str:
+    """fchmodat: note this handler's generation (-DTC_GEN) for the next faccessat."""
+    return _handler("x_gen", _table(pins, "seen", 1), "    if (s)\n        *s = TC_GEN;")
 
 
 def second_handler(pins: Path) -> str:
     """faccessat: compare this handler's generation with the one the fchmodat before it ran."""
-    return f"""
-#include <uapi/linux/ptrace.h>
-BPF_TABLE_PINNED("array", u32, u64, seen, 1, "{pins / 'seen'}");
-BPF_TABLE_PINNED("array", u32, u64, pairs, 3, "{pins / 'pairs'}");
-
-int y_gen(struct bpf_raw_tracepoint_args *ctx)
-{{
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    long dirfd = 0;
-    u32 zero = 0;
-    bpf_probe_read_kernel(&dirfd, sizeof(dirfd), &PT_REGS_PARM1(regs));
-    if ((int)dirfd != TC_MAGIC)
-        return 0;
-    u64 *s = seen.lookup(&zero);
-    if (!s)
+    return _handler("y_gen", _table(pins, "seen", 1) + "\n" + _table(pins, "pairs", 3), f"""    if (!s)
         return 0;
     u32 k = *s == TC_GEN ? {SAME} : *s < TC_GEN ? {STRADDLE} : {MIX};
     u64 *n = pairs.lookup(&k);
     if (n)
-        __sync_fetch_and_add(n, 1);
-    return 0;
-}}
-"""
+        __sync_fetch_and_add(n, 1);""")
 
 
 def pairs(pins: Path) -> list[int]:
@@ -255,7 +245,8 @@ def test_a_change_of_some_slots_keeps_the_others_running(tmp_path: Path, pin_roo
     asyncio.run(scenario())
 
 
-def test_a_change_a_crash_interrupted_is_ended_at_the_next_start(tmp_path: Path, pin_root: Path) -> None:
+def test_a_change_a_crash_interrupted_is_ended_at_the_next_start(journald: None, tmp_path: Path,
+                                                                 pin_root: Path) -> None:
     """A daemon killed between the switch and its end leaves `staging` set and slots staged: the
     next start dispatches through prog_array again, empties the staged slots and says so."""
     d = start_daemon(tmp_path, pin_root / "daemon")
@@ -274,7 +265,9 @@ def test_a_change_a_crash_interrupted_is_ended_at_the_next_start(tmp_path: Path,
         staging = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", str(folder / "staging"), "key", "0", "0",
                                   "0", "0"], capture_output=True, text=True, check=True).stdout
         assert json.loads(staging)["value"] == ["0x00", "0x00", "0x00", "0x00"]
-        assert "an atomic change was interrupted" in d.output()
+        said = wait_journal(lambda: [e for e in journal(_PID=str(d.pid))
+                                     if "an atomic change was interrupted" in str(e.get("MESSAGE"))])
+        assert said, d.output()
         assert kernel_slots(folder / "prog_array") == {X: prog}
     finally:
         assert d.stop() == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (NR_FCHMODAT, DaemonProcess, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
+from harness import (NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
                      start_daemon, wait_journal, wait_until)
 from test_core_kernel import ME, core
 from tailcalld.client import RemoteError
@@ -26,26 +26,9 @@ from tailcalld.scope import cgroup2_mounts
 from tailcalld.slots import SlotManager
 
 
-def any_pid_handler(counter_pin: Path, dirfd: int, name: str = "count_any") -> str:
+def any_pid_handler(counter_pin: Path, dirfd: int) -> str:
     """bcc C that counts every fchmodat(dirfd, ...) of any process: the scope decides whose."""
-    return f"""
-#include <uapi/linux/ptrace.h>
-BPF_TABLE_PINNED("array", u32, u64, counter, 1, "{counter_pin}");
-
-int {name}(struct bpf_raw_tracepoint_args *ctx)
-{{
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    long dirfd = 0;
-    u32 zero = 0;
-    bpf_probe_read_kernel(&dirfd, sizeof(dirfd), &PT_REGS_PARM1(regs));
-    if ((int)dirfd != {dirfd})
-        return 0;
-    u64 *n = counter.lookup(&zero);
-    if (n)
-        __sync_fetch_and_add(n, 1);
-    return 0;
-}}
-"""
+    return counting_handler(counter_pin, "count_any", dirfd, any_process=True)
 
 
 def new_cgroup() -> Path:
