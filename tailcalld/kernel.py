@@ -366,7 +366,8 @@ class BpfKernel:
         return remove_pins(self._dispatcher.pin_dir)
 
     def restore_pins(self) -> list[str]:
-        return self._dispatcher.restore_pins() + (self._exit.restore_pins() if self._exit else [])
+        return (self._dispatcher.restore_pins() + (self._exit.restore_pins() if self._exit else [])
+                + (self._scopes.restore_pins() if self._scopes is not None else []))
 
     def timing_target(self) -> TimingTarget:
         return target_of(self._dispatcher)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import bpfsys
 from .errors import BadCgroup, KernelError
-from .pins import _fs_type, open_or_create_map
+from .pins import _fs_type, open_or_create_map, pin_again
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 SCOPE_DIR = "scope"
@@ -377,6 +377,15 @@ class Scopes:
                 changes.append((key, f"cgroup {path} was made again (id {now}); the scope follows it"))
             self._followed[key] = _Followed(path, now)
         return changes
+
+    def restore_pins(self) -> list[str]:
+        """Pin again the scope's maps and guards if someone unpinned them (``rm -rf pin_dir``):
+        our fds keep them alive meanwhile, but a restart finds a scoped slot by its guard's pin.
+        Returns the pins made; raises as ``pins.pin_again`` does."""
+        self._folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self._folder / GUARDS).mkdir(mode=0o700, exist_ok=True)
+        return (pin_again(self._folder, self._fds)
+                + pin_again(self._folder / GUARDS, {str(key): g.fd for key, g in self._guards.items()}))
 
     def miss_totals(self) -> list[int]:
         return bpfsys.percpu_u64_sums(self._fds["misses"], self.nr_keys)

@@ -271,3 +271,29 @@ def test_misuse_changes_nothing(daemon: DaemonProcess, tmp_path: Path, cgroups: 
     with pytest.raises(BadCgroup):  # the core checks too (a request that skips the protocol's model)
         from tailcalld.scope import check_cgroup_path
         check_cgroup_path("relative/path")
+
+
+def test_scope_pins_removed_while_running_are_pinned_again(tmp_path: Path, pin_root: Path, cgroups: list[Path]) -> None:
+    """rm -rf pin_dir under a daemon with a scoped slot: the guard and the scope's maps are pinned
+    again, so the next start still knows the slot's handler behind its guard."""
+    counter = pin_root / "counter"
+    dirfd = 7000 + secrets.randbelow(1000)
+    scope = cgroups[0]
+    d = start_daemon(tmp_path, pin_root / "daemon", miss_log_interval=0.3)
+    try:
+        prog = d.call("attach", slot=NR_FCHMODAT, source=any_pid_handler(counter, dirfd), filename="any.c",
+                      cgroup=str(scope))["prog_id"]
+        subprocess.run(["rm", "-rf", str(d.pin_dir)], check=True)
+        guard = d.pin_dir / "scope" / "guards" / str(NR_FCHMODAT)
+        wait_until(lambda: guard.exists() and (d.pin_dir / "scope" / "progs").exists(), timeout=10)
+    finally:
+        assert d.stop() == 0
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        listed = slot_of(d)
+        assert (listed["state"], listed["prog_id"], listed["kernel_prog_id"]) == ("in-sync", prog, prog)
+        in_cgroup(scope, 4, dirfd)
+        fchmodat(3, dirfd)
+        assert read_counter(counter) == 4
+    finally:
+        assert d.stop() == 0
