@@ -269,7 +269,8 @@ class BpfKernel:
         prog = holding.get(key)
         if prog is not None and prog.id == prog_id:
             return prog.fd
-        raise KernelError(f"slot key {key} holds program {prog_id}, of which tailcalld has no handle (adopted by its id "
+        where = f"slot {key}" if key < self._nr else f"exit slot {key - self._nr}"
+        raise KernelError(f"{where} holds program {prog_id}, of which tailcalld has no handle (adopted by its id "
                           "alone, or put there by someone else); an atomic change stages every filled slot, so none "
                           "was made: detach or attach that slot anew first", {"slot_key": key, "prog_id": prog_id})
 
