@@ -271,3 +271,22 @@ def test_a_change_a_crash_interrupted_is_ended_at_the_next_start(journald: None,
         assert kernel_slots(folder / "prog_array") == {X: prog}
     finally:
         assert d.stop() == 0
+
+
+def test_a_slot_filled_behind_its_back_refuses_the_change(tmp_path: Path, pin_root: Path, gens: Generations) -> None:
+    """A program tailcalld holds no handle of (put in a slot with bpftool, before the drift
+    repair saw it) cannot be staged: the atomic apply is refused, naming it, and changes nothing."""
+    d = start_daemon(tmp_path, pin_root / "daemon", miss_log_interval=3600)  # no repair during the test
+    try:
+        r = apply(d, gens.file(1), "--atomic")
+        assert r.returncode == 0, r.stderr
+        before = kernel_slots(d.pin_dir / "prog_array")
+        foreign = TABLE.resolve("getppid")
+        bpftool_fill(d.pin_dir / "prog_array", foreign, before[X])  # tailcalld's program, in a slot it did not fill
+        r = apply(d, gens.file(2), "--atomic")
+        assert r.returncode == 1 and "nothing was changed" in r.stderr and f"slot {foreign} holds program" in r.stderr
+        assert kernel_slots(d.pin_dir / "prog_array") == before | {foreign: before[X]}
+        assert kernel_slots(d.pin_dir / "staged_array") == {}
+        assert {s["defines"]["TC_GEN"] for s in d.call("list")["slots"]} == {"1"}
+    finally:
+        assert d.stop() == 0
