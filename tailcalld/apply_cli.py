@@ -57,7 +57,7 @@ def _complain(message: str, printable: Printable) -> None:
 # apply -----------------------------------------------------------------------------------------
 
 def _apply(client: Client, args: argparse.Namespace, fields: dict[str, Any], printable: Printable, fail: Fail) -> int:
-    request = {**fields, "dry_run": args.dry_run or None, "atomic": args.atomic or None}
+    request = {**fields, "dry_run": args.dry_run or None, "atomic": (args.atomic or fields.get("atomic")) or None}
     try:
         raw = client.call("apply", **request)
     except RemoteError as err:

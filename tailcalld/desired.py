@@ -12,6 +12,9 @@ save` writes it and the daemon's ``desired_slots`` names it.
     set = { debug = "1" }        # optional: loader-set globals (attach --set)
     define = { VERBOSE = "1" }   # optional: -D macros
 
+and, before the first table, ``atomic = true``: every apply of the file switches its slots at one
+instant (apply --atomic), the daemon's own desired_slots applies too.
+
 Reading one gives an apply request's fields (protocol.ApplyRequest): each handler file read
 once, however many slots use it, with the local headers found beside it as attach finds them.
 Who reads decides how files are opened (``Reader``): tailcallctl opens them as its user does,
@@ -75,6 +78,9 @@ class SlotEntry(BaseModel):
 
 class DesiredFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Every apply of this file switches its slots at one instant (apply --atomic), the daemon's
+    # desired_slots included: the file says how it must be applied.
+    atomic: StrictBool = False
     slot: Annotated[list[SlotEntry], Field(max_length=MAX_APPLY_SLOTS)] = Field(default_factory=list)
 
 
@@ -95,7 +101,8 @@ def _problem(error: Any) -> str:
     loc = list(error["loc"])
     if loc[:1] != ["slot"]:
         where = ".".join(str(p) for p in loc) or "(top level)"
-        hint = "; an apply file holds [[slot]] tables only" if error["type"] == "extra_forbidden" else ""
+        hint = ("; an apply file holds `atomic = true|false` and [[slot]] tables only"
+                if error["type"] == "extra_forbidden" else "")
         return f"{where}: {error['msg']}{hint}"
     if len(loc) == 1:
         return f"slot: {error['msg']} (write each slot as a [[slot]] table)"
@@ -139,7 +146,7 @@ def read_request(path: Path, read: Reader = plain_read, origin: str | None = Non
                       "dialect": entry.dialect, "journal": entry.journal, "cgroup": entry.cgroup,
                       "variables": {k: _text_value(v) for k, v in entry.variables.items()},
                       "defines": {k: str(v) for k, v in entry.defines.items()}})
-    return {"files": files, "slots": slots, "source": origin}, read_files
+    return {"files": files, "slots": slots, "source": origin, "atomic": desired.atomic}, read_files
 
 
 def _text_value(value: str | bool | int) -> str:

@@ -306,6 +306,24 @@ def test_desired_slots_at_start_on_reload_and_when_the_file_changes(
         d.stop()
 
 
+def test_an_apply_file_that_says_atomic_is_applied_atomically(tmp_path: Path, pin_root: Path, handlers: Path) -> None:
+    """`atomic = true` in the file: the daemon's own desired_slots applies it all at one instant,
+    as `tailcallctl apply` does."""
+    os.chmod(handlers, 0o755)
+    desired = handlers / "slots.toml"
+    desired.write_text("atomic = true\n" + slot_toml('slot = "fchmodat"\nfile = "a.c"', 'slot = "fchmod"\nfile = "b.c"'))
+    d = start_daemon(tmp_path, pin_root / "daemon", desired_slots=desired)
+    try:
+        wait_until(lambda: d.call("status")["atomic_applies"] == 1, timeout=60)  # behind the socket, before READY=1
+        assert set(enter_slots(d)) == {FCHMODAT, FCHMOD}
+        desired.write_text("atomic = true\n" + slot_toml('slot = "fchmodat"\nfile = "b.c"'))
+        r = d.ctl("apply", str(desired))  # tailcallctl too, without --atomic: the file says so
+        assert r.returncode == 0, r.stderr
+        assert set(enter_slots(d)) == {FCHMODAT} and d.call("status")["atomic_applies"] == 2
+    finally:
+        d.stop()
+
+
 @pytest.mark.usefixtures("journald")
 def test_desired_slots_in_a_folder_others_can_change_is_not_read(tmp_path: Path, pin_root: Path,
                                                                  handlers: Path) -> None:

@@ -53,6 +53,17 @@ def test_parse_takes_every_field() -> None:
     assert (b.slot, b.hook, b.function, b.dialect, b.journal, b.variables) == (110, "enter", None, "auto", False, {})
 
 
+def test_a_file_can_say_it_is_applied_atomically(tmp_path: Path) -> None:
+    assert parse('atomic = true\n[[slot]]\nslot = 1\nfile = "a.c"\n', "slots.toml").atomic
+    assert not parse('[[slot]]\nslot = 1\nfile = "a.c"\n', "slots.toml").atomic
+    assert "an apply file holds `atomic = true|false` and [[slot]] tables only" in problem('atomc = true\n')
+    assert "atomic" in problem('atomic = "yes"\n')
+    (tmp_path / "a.c").write_text(BCC)
+    (tmp_path / "slots.toml").write_text('atomic = true\n[[slot]]\nslot = 1\nfile = "a.c"\n')
+    fields, _ = read_request(tmp_path / "slots.toml")
+    assert ApplyRequest.model_validate({"command": "apply", **fields}).atomic
+
+
 def test_an_empty_file_lists_no_slot() -> None:
     assert parse("# nothing\n", "slots.toml").slot == []
 
@@ -69,7 +80,7 @@ def test_parse_errors_name_the_file_the_table_and_the_field() -> None:
     assert "[[slot]] 1: function: String should match pattern" in problem('[[slot]]\nslot=1\nfile="a"\nfunction="a b"\n')
     assert "[[slot]] 1: journal: Input should be a valid boolean" in problem('[[slot]]\nslot=1\nfile="a"\njournal=1\n')
     assert "[[slot]] 1: set" in problem('[[slot]]\nslot=1\nfile="a"\nset = { "not id" = 1 }\n')
-    assert "an apply file holds [[slot]] tables only" in problem('slots = []\n')
+    assert "an apply file holds `atomic = true|false` and [[slot]] tables only" in problem('slots = []\n')
     assert "write each slot as a [[slot]] table" in problem('slot = 3\n')
 
 
