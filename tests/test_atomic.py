@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -290,3 +291,47 @@ def test_a_slot_filled_behind_its_back_refuses_the_change(tmp_path: Path, pin_ro
         assert {s["defines"]["TC_GEN"] for s in d.call("list")["slots"]} == {"1"}
     finally:
         assert d.stop() == 0
+
+
+def test_an_atomic_change_fills_enter_and_exit_slots_together(tmp_path: Path, pin_root: Path) -> None:
+    """The exit dispatcher reads the same switch: an enter and an exit slot in one change, both
+    filled through the staged slots, nothing left staged in either folder."""
+    pin_dir, counter = pin_root / "d", pin_root / "counter"
+    getppid = TABLE.resolve("getppid")
+    exit_counting = f"""
+BPF_TABLE_PINNED("array", u32, u64, counter, 1, "{counter}");
+int on_exit(struct bpf_raw_tracepoint_args *ctx)
+{{
+    u32 zero = 0;
+    if ((bpf_get_current_pid_tgid() >> 32) != {os.getpid()})
+        return 0;
+    u64 *n = counter.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    return 0;
+}}
+"""
+
+    async def scenario() -> None:
+        async with core(pin_dir, tmp_path / "state") as m:
+            exit_key = m.syscalls.key(getppid, "exit")
+            await m.kernel.prepare(exit_key)
+            enter = await m.kernel.load(Artifact("bcc", b"int h(struct bpf_raw_tracepoint_args *c) { return 0; }\n"),
+                                        None)
+            leave = await m.kernel.load(Artifact("bcc", exit_counting.encode()), None)
+            m.registry.commit_many({
+                getppid: Handler(SlotRecord(slot=getppid, function=enter.function, prog_id=enter.id, source_sha256=None,
+                                            filename=None, attached_by_uid=0, attached_at=None), enter),
+                exit_key: Handler(SlotRecord(slot=exit_key, function=leave.function, prog_id=leave.id,
+                                             source_sha256=None, filename=None, attached_by_uid=0, attached_at=None),
+                                  leave)})
+            assert kernel_slots(pin_dir / "prog_array")[getppid] == enter.id
+            assert kernel_slots(pin_dir / "exit" / "prog_array") == {getppid: leave.id}
+            assert kernel_slots(pin_dir / "staged_array") == kernel_slots(pin_dir / "exit" / "staged_array") == {}
+            for _ in range(5):
+                os.getppid()
+            assert read_counter(counter) == 5
+            m.registry.commit_many({getppid: None, exit_key: None})
+            assert kernel_slots(pin_dir / "exit" / "prog_array") == {}
+
+    asyncio.run(scenario())
