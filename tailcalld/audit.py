@@ -49,13 +49,17 @@ def requested_slot(spec: int | str) -> Fields:
     return {"SLOT_REQUESTED": printable(str(spec))}
 
 
-def attach_fields(filename: str, function: str | None, artifact: Artifact | None) -> Fields:
-    """What an attach that failed was asked to put in the slot (no artifact: it was not made)."""
+def attach_fields(filename: str, function: str | None, artifact: Artifact | None,
+                  cgroup: str | None = None) -> Fields:
+    """What an attach was asked to put in the slot (no artifact: it was not made, or its hash is
+    given apart), and for which cgroup (attach --cgroup)."""
     fields: Fields = {"FILENAME": filename}
     if function is not None:
         fields["FUNCTION"] = function
     if artifact is not None:
         fields["SOURCE_SHA256"] = artifact.sha256
+    if cgroup is not None:
+        fields["CGROUP"] = cgroup
     return fields
 
 

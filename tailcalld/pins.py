@@ -28,7 +28,7 @@ HANDLERS_PINS = "handlers"
 PROGRAM_PINS = "progs"
 
 
-def _fs_type(path: Path) -> int:
+def fs_type(path: Path) -> int:
     # os.statvfs has no f_type; struct statfs starts with it (a long) on Linux.
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     buf = ctypes.create_string_buffer(256)
@@ -42,7 +42,7 @@ def check_bpffs(pin_dir: Path) -> None:
     parent = pin_dir.parent
     while not parent.exists():
         parent = parent.parent
-    if _fs_type(parent) != BPF_FS_MAGIC:
+    if fs_type(parent) != BPF_FS_MAGIC:
         raise NoBpffs(
             f"{parent} is not on a BPF filesystem, so {pin_dir} cannot hold pins; "
             "mount it first: mount -t bpf bpf /sys/fs/bpf")

@@ -185,9 +185,7 @@ class Registry:
         ``already_in_kernel``: the kernel already holds it (adopting what runs); record only.
         Returns the handler it replaced, which the caller closes once it is done with it."""
         assert new is None or already_in_kernel or new.prog is not None, "a handler to apply needs its program"
-        key = record_build_key(new.record) if new is not None else None
-        if new is not None and new.prog is not None and new.prog.btf and key:
-            self.store.put_btf(key, new.prog.btf)  # before the state that needs it
+        self._keep_btf(new)
         old = self.handlers.get(slot)
         unrestored = self.unrestored.pop(slot, None)
         self._put(slot, new)
@@ -212,15 +210,20 @@ class Registry:
         self.keep_programs()
         return old
 
+    def _keep_btf(self, new: Handler | None) -> None:
+        """The BTF of a handler about to be recorded, saved before the state that needs it (its
+        events are decoded with it after a restart)."""
+        key = record_build_key(new.record) if new is not None else None
+        if new is not None and new.prog is not None and new.prog.btf and key:
+            self.store.put_btf(key, new.prog.btf)
+
     def commit_many(self, changes: dict[int, Handler | None]) -> dict[int, Handler | None]:
         """As ``commit``, for several slots at once: memory, one state file write, then the kernel
         switches every slot at the same instant (Kernel.set_slots).  Nothing is changed when any
         step fails.  Returns the handlers replaced (by slot), which the caller closes."""
         assert all(new is None or new.prog is not None for new in changes.values()), "each needs its program"
         for new in changes.values():
-            key = record_build_key(new.record) if new is not None else None
-            if new is not None and new.prog is not None and new.prog.btf and key:
-                self.store.put_btf(key, new.prog.btf)
+            self._keep_btf(new)
         old = {slot: self.handlers.get(slot) for slot in changes}
         unrestored = {slot: self.unrestored.pop(slot) for slot in changes if slot in self.unrestored}
         for slot, new in changes.items():

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import bpfsys
 from .errors import BadCgroup, KernelError
-from .pins import _fs_type, open_or_create_map, pin_again
+from .pins import fs_type, open_or_create_map, pin_again
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 SCOPE_DIR = "scope"
@@ -92,7 +92,7 @@ def open_cgroup(path: str) -> int:
     except OSError as exc:
         raise BadCgroup(f"cgroup {path} cannot be opened: {exc.strerror}", {"cgroup": path}) from None
     try:
-        kind = _fs_type(Path(f"/proc/self/fd/{fd}"))
+        kind = fs_type(Path(f"/proc/self/fd/{fd}"))
     except OSError as exc:
         os.close(fd)
         raise BadCgroup(f"cgroup {path} cannot be examined: {exc.strerror}", {"cgroup": path}) from None

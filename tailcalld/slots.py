@@ -356,7 +356,8 @@ class SlotManager:
             return await self._attach(slot_spec, artifact, function, filename, peer, fresh, hook, journal, expect,
                                       expires_at, cgroup)
         except Exception as err:
-            self.audit_failure("attach", peer, slot_spec, hook, err, audit.attach_fields(filename, function, artifact))
+            self.audit_failure("attach", peer, slot_spec, hook, err,
+                               audit.attach_fields(filename, function, artifact, cgroup))
             raise
 
     async def _attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
@@ -415,16 +416,9 @@ class SlotManager:
                     f"{prog.function} ({artifact.dialect}) in slot {reg.label(slot)}: program {prog.id}"
                     + (f", for cgroup {cgroup}" if cgroup is not None else "")
                     + (f", was {replaced}" if replaced is not None else ""),
-                    self._attach_fields(filename, prog.function, cgroup))
+                    audit.attach_fields(filename, prog.function, None, cgroup))
         return Attached(slot, self.syscalls.label(slot), prog.function, prog.id, prog.insns, replaced, prog.log,
                         prog.warnings)
-
-    @staticmethod
-    def _attach_fields(filename: str, function: str, cgroup: str | None) -> AuditFields:
-        fields: AuditFields = {"FILENAME": filename, "FUNCTION": function}
-        if cgroup is not None:
-            fields["CGROUP"] = cgroup
-        return fields
 
     def running_as_asked(self, slot: int, artifact: Artifact, function: str | None, journal: bool,
                          cgroup: str | None = None) -> Handler | None:
