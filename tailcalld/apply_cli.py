@@ -82,7 +82,8 @@ def _apply(client: Client, args: argparse.Namespace, fields: dict[str, Any], pri
 
 
 def _where(c: SlotChange) -> str:
-    return f"{c.syscall}{' exit' if c.hook == 'exit' else ''} ({c.slot})"
+    return (f"{c.syscall}{' exit' if c.hook == 'exit' else ''} ({c.slot})"
+            + (f" priority {c.priority}" if c.priority is not None else ""))
 
 
 def _note(c: SlotChange, dry_run: bool) -> str:
@@ -176,7 +177,7 @@ def apply_file_text(result: SaveResult, where: dict[int, str], prefix: str) -> s
             continue
         slot: str | int = s.slot if s.syscall.startswith("syscall_") else s.syscall
         lines.append(entry_text(slot, s.hook, prefix + where[s.file], s.function, s.dialect, s.journal,
-                                s.variables, s.defines, s.cgroup))
+                                s.variables, s.defines, s.cgroup, s.priority))
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 from dataclasses import dataclass
 from functools import cache
 
@@ -139,6 +140,7 @@ def _lib() -> ctypes.CDLL:
     lib.libbpf_num_possible_cpus.argtypes = []
     lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
                                   ctypes.c_void_p]
+    lib.bpf_btf_load.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     return lib
 
 
@@ -223,6 +225,52 @@ def prog_load(prog_type: int, name: str, license: bytes, insns: bytes, log_size:
     if fd >= 0:  # the verifier changed its mind: as good as the first try
         return fd, ""
     return -(ctypes.get_errno() or -fd), log.value.decode(errors="replace")
+
+
+def btf_load(data: bytes) -> int:
+    """Load a BTF blob (made by tailcalld: the chain runner's two functions); its fd."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    return _check(_lib().bpf_btf_load(buf, len(data), None), "load BTF")
+
+
+def prog_load_with_btf(prog_type: int, name: str, license: bytes, insns: bytes, btf_fd: int,
+                       funcs: list[tuple[int, int]], log_size: int) -> tuple[int, str]:
+    """As ``prog_load``, with the BTF of its functions: (instruction index, BTF type id) of each
+    (the kernel wants it for a subprogram that tail-calls)."""
+    info = b"".join(struct.pack("<II", at, type_id) for at, type_id in funcs)
+    info_buf = ctypes.create_string_buffer(info, len(info))
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    log = ctypes.create_string_buffer(log_size)
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), prog_btf_fd=btf_fd, func_info=ctypes.addressof(info_buf),
+                         func_info_cnt=len(funcs), func_info_rec_size=8, log_level=0, log_size=0, log_buf=None)
+    fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
+    if fd >= 0:
+        return fd, ""
+    opts.log_level, opts.log_size, opts.log_buf = 1, log_size, ctypes.addressof(log)
+    fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
+    if fd >= 0:
+        return fd, ""
+    return -(ctypes.get_errno() or -fd), log.value.decode(errors="replace")
+
+
+def array_values(map_fd: int, max_entries: int, value_size: int) -> list[bytes]:
+    """Every entry of an array map, as bytes: one batch lookup (key by key where the kernel has none)."""
+    keys = (ctypes.c_uint32 * max_entries)()
+    values = ctypes.create_string_buffer(max_entries * value_size)
+    count = ctypes.c_uint32(max_entries)
+    token = ctypes.c_uint32()
+    ret = _lib().bpf_map_lookup_batch(map_fd, None, ctypes.byref(token), keys, values, ctypes.byref(count), None)
+    if ret < 0:
+        err = ctypes.get_errno() or -ret
+        if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return [array_value(map_fd, key, value_size) for key in range(max_entries)]
+        if err != errno.ENOENT:
+            _check(ret, "read the map")
+    found = [bytes(value_size)] * max_entries
+    raw = values.raw
+    for i in range(count.value):
+        found[keys[i]] = raw[i * value_size:(i + 1) * value_size]
+    return found
 
 
 def array_value(map_fd: int, key: int, value_size: int) -> bytes:

@@ -124,8 +124,11 @@ def wanted_of(request: ApplyRequest, m: SlotManager, settings: Settings) -> list
     for i, s in enumerate(request.slots):
         file = request.files[s.file]
         try:
-            key = m.syscalls.key(m.syscalls.resolve(s.slot), s.hook)
+            key = m.syscalls.link_key(m.syscalls.key(m.syscalls.resolve(s.slot), s.hook), s.priority)
             artifact = artifact_from(file, s, settings)
+            if s.cgroup is not None and s.priority is not None:
+                raise BadRequest("a handler with a priority cannot be scoped to a cgroup (yet): give priority or "
+                                 "cgroup, not both", {"cgroup": s.cgroup, "priority": s.priority})
             if s.cgroup is not None:
                 check_cgroup_path(s.cgroup)
         except TailcalldError as err:
@@ -156,7 +159,8 @@ def slot_change(c: Change, m: SlotManager) -> SlotChange:
     s = c.step
     nr, hook = m.syscalls.split(s.key)
     before = s.current
-    return SlotChange(action=s.action, slot=nr, hook=hook, syscall=m.syscalls.label(s.key),
+    return SlotChange(action=s.action, slot=nr, hook=hook, priority=m.syscalls.priority(s.key),
+                      syscall=m.syscalls.label(s.key),
                       index=s.wanted.index if s.wanted else None, function=c.function,
                       filename=s.wanted.filename if s.wanted else (before.filename if before else None),
                       prog_id=c.prog_id, replaced_prog_id=before.prog_id if before and s.action != "unchanged" else None,
@@ -181,7 +185,8 @@ def save_result(m: SlotManager) -> SaveResult:
             file = index[found]
         slots.append(SavedSlot(slot=nr, hook=hook, syscall=m.syscalls.label(key), function=r.function,
                                dialect=r.dialect if r.source_sha256 else None, filename=r.filename,
-                               journal=r.journal, cgroup=r.cgroup, variables=r.variables, defines=r.defines,
+                               journal=r.journal, cgroup=r.cgroup, priority=r.priority, variables=r.variables,
+                               defines=r.defines,
                                prog_id=r.prog_id,
                                file=file))
     return SaveResult(slots=slots, files=files)
@@ -220,7 +225,7 @@ def slot_info(view: SlotView) -> SlotInfo:
         slot=view.nr, hook=view.hook, syscall=view.syscall, function=r.function, dialect=r.dialect if r.source_sha256 else None,
         prog_id=r.prog_id, filename=r.filename, source_sha256=r.source_sha256, attached_at=r.attached_at,
         attached_by_uid=r.attached_by_uid, journal=r.journal, variables=r.variables, defines=r.defines,
-        expires_at=r.expires_at, cgroup=r.cgroup, state=view.state,
+        expires_at=r.expires_at, cgroup=r.cgroup, priority=r.priority, state=view.state,
         kernel_prog_id=view.kernel_prog_id, hits=view.hits, misses=view.misses, scope_misses=view.scope_misses)
 
 
@@ -233,7 +238,7 @@ class ListCache:
              b'"timed_ns":null,"events_emitted":0,"events_lost":0,"events_delivered":0}')
 
     def __init__(self) -> None:
-        self._heads: dict[int, tuple[SlotRecord, bytes]] = {}
+        self._heads: dict[tuple[int, int | None], tuple[SlotRecord, bytes]] = {}
 
     def reply(self, views: list[SlotView], times: SlotTimes | None = None, events: EventStats | None = None) -> bytes:
         entries = [self._head(v) + self._tail(v, times, events) for v in views]
@@ -251,13 +256,13 @@ class ListCache:
             v.state.encode(), kernel, v.hits, v.misses, v.scope_misses, timed, emitted, lost, delivered)
 
     def _head(self, view: SlotView) -> bytes:
-        cached = self._heads.get(view.record.slot)
+        cached = self._heads.get((view.record.slot, view.record.priority))
         if cached is not None and cached[0] is view.record:
             return cached[1]
         text = slot_info(SlotView(view.record, view.syscall, view.nr, view.hook, None, 0, 0, 0)).model_dump_json().encode()
         assert text.endswith(self._TAIL), "state ... timed_ns must stay SlotInfo's last fields"
         head = text[:-len(self._TAIL)] + b',"state":'
-        self._heads[view.record.slot] = (view.record, head)
+        self._heads[(view.record.slot, view.record.priority)] = (view.record, head)
         return head
 
 
@@ -272,20 +277,21 @@ def status_result(status: Status, ctx: CommandContext) -> StatusResult:
         version=__version__, pid=status.pid, started_at=status.started_at, pin_dir=str(d.pin_dir),
         socket=ctx.socket_path, dispatcher_prog_id=d.prog_id, dispatcher_link_id=d.link_id, adopted=d.adopted,
         upgraded_from=d.upgraded_from, slots_used=status.slots_used, nr_slots=d.nr_slots, restoring=status.restoring,
-        next_expiry=status.next_expiry, scoped=status.scoped, atomic_applies=status.atomic_applies,
+        next_expiry=status.next_expiry, scoped=status.scoped, chained=status.chained,
+        atomic_applies=status.atomic_applies,
         hits_total=status.hits_total, misses_total=status.misses_total, miss_log_interval=s.miss_log_interval,
         connections=ctx.connections(), timing_seconds_left=ctx.timing.seconds_left() if ctx.timing else 0.0,
         corrections=status.corrections)
 
 
 def show_result(m: SlotManager, request: ShowRequest, ctx: CommandContext) -> ShowResult:
-    d = slot_details(m, request.slot, request.hook)
+    d = slot_details(m, request.slot, request.hook, request.priority)
     # The slot's entry as list writes it (counters, timing and events included): one source of truth.
     entry = ListCache().reply([d.view], ctx.timing.read() if ctx.timing else None,
                               ctx.events.stats() if ctx.events is not None else None)
     slot = ListResult.model_validate_json(entry).slots[0]
     return ShowResult(slot=slot, maps=[MapEntry(**vars(e)) for e in d.maps], maps_note=d.maps_note, source=d.source,
-                      object_bytes=d.object_bytes, headers=d.headers)
+                      object_bytes=d.object_bytes, headers=d.headers, priorities=d.priorities)
 
 
 def events_filter(request: EventsRequest, m: SlotManager) -> frozenset[int] | None:
@@ -306,8 +312,9 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             with ctx.recorder.attaching():
                 a = await m.attach(request.slot, attach_artifact(request, settings, m, peer), request.function,
                                    request.filename, peer, request.fresh, request.hook, request.journal,
-                                   request.expect, deadline(request), request.cgroup)
-            return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, syscall=a.syscall,
+                                   request.expect, deadline(request), request.cgroup, request.priority)
+            return AttachResult(slot=m.syscalls.split(a.slot)[0], hook=request.hook, priority=request.priority,
+                                syscall=a.syscall,
                                 function=a.function, prog_id=a.prog_id, insns=a.insns,
                                 replaced_prog_id=a.replaced_prog_id, log=a.log, warnings=list(a.warnings),
                                 unchanged=a.unchanged)
@@ -316,8 +323,9 @@ async def execute(ctx: CommandContext, request: Request, peer: Peer) -> BaseMode
             return CheckResult(function=c.function, dialect=c.dialect, prog_type="raw_tracepoint", insns=c.insns,
                                log=c.log, warnings=list(c.warnings))
         case DetachRequest():
-            d = await m.detach(request.slot, peer, request.hook, request.expect)
-            return DetachResult(slot=m.syscalls.split(d.slot)[0], hook=request.hook, syscall=d.syscall,
+            d = await m.detach(request.slot, peer, request.hook, request.expect, request.priority)
+            return DetachResult(slot=m.syscalls.split(d.slot)[0], hook=request.hook, priority=request.priority,
+                                syscall=d.syscall,
                                 prog_id=d.prog_id)
         case ListRequest():
             return ctx.list_cache.reply(m.list_slots(), ctx.timing.read() if ctx.timing else None,

@@ -210,7 +210,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def attach_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"slot": args.slot, "function": args.function, "fresh": args.fresh or None, "journal": args.journal or None,
             "hook": "exit" if args.exit else None, "expect": args.expect, "for_seconds": args.for_seconds,
-            "until": args.until, "cgroup": args.cgroup, **_settings(args),
+            "until": args.until, "cgroup": args.cgroup, "priority": args.priority, **_settings(args),
             **_read_handler(args.file, args.dialect)}
 
 
@@ -219,7 +219,8 @@ def check_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def detach_request(args: argparse.Namespace) -> dict[str, Any]:
-    return {"slot": args.slot, "hook": "exit" if args.exit else None, "expect": args.expect}
+    return {"slot": args.slot, "hook": "exit" if args.exit else None, "expect": args.expect,
+            "priority": args.priority}
 
 
 def no_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,7 +228,7 @@ def no_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show_request(args: argparse.Namespace) -> dict[str, Any]:
-    return {"slot": args.slot, "hook": "exit" if args.exit else None}
+    return {"slot": args.slot, "hook": "exit" if args.exit else None, "priority": args.priority}
 
 
 def syscalls_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -296,17 +297,24 @@ def _settings_shown(s: SlotInfo) -> str:
     return " ".join([f"{k}={v}" for k, v in s.variables.items()] + [f"-D{k}={v}" for k, v in s.defines.items()])
 
 
+def _or_dash(value: object) -> object:
+    return "-" if value is None else value
+
+
 def show_list(r: ListResult, args: argparse.Namespace) -> None:
     timed = any(s.timed_runs is not None for s in r.slots)  # the column only while timing is on
     settings = any(s.variables or s.defines for s in r.slots)  # the column only when some slot has any
     ending = any(s.expires_at is not None for s in r.slots)  # the column only when an attach --for runs
     scoped = any(s.cgroup is not None for s in r.slots)  # the columns only when an attach --cgroup runs
-    rows = [[s.slot, printable(s.syscall), s.hook, printable(s.function or "?"), s.dialect or "?", _prog(s),
+    chained = any(s.priority is not None for s in r.slots)  # the column only when an attach --priority runs
+    rows = [[s.slot, printable(s.syscall), s.hook] + ([_or_dash(s.priority)] if chained else [])
+            + [printable(s.function or "?"), s.dialect or "?", _prog(s),
              printable(s.filename or "-"), _since(s.attached_at), s.hits, s.misses] + ([_avg_ns(s)] if timed else [])
             + ([printable(_settings_shown(s)) or "-"] if settings else []) + ([_left(s.expires_at)] if ending else [])
             + ([printable(s.cgroup or "-"), s.scope_misses if s.cgroup else "-"] if scoped else [])
             for s in r.slots]
-    headers = ["SLOT", "SYSCALL", "HOOK", "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
+    headers = ["SLOT", "SYSCALL", "HOOK"] + (["PRIO"] if chained else []) + [
+        "FUNCTION", "DIALECT", "PROG", "SOURCE", "SINCE", "HITS", "MISSES"]
     headers += (["AVG NS"] if timed else []) + (["SETTINGS"] if settings else []) + (["LEFT"] if ending else [])
     headers += ["CGROUP", "OUTSIDE"] if scoped else []
     if rows:
@@ -324,7 +332,8 @@ def show_status(r: StatusResult, args: argparse.Namespace) -> None:
         ("Slots", f"{r.slots_used} in use of {r.nr_slots}"
                   + (f", {r.restoring} more being restored (list: restoring)" if r.restoring else "")),
         ("Hits", f"{r.hits_total} handler runs since start"
-                 + (f"; {r.scoped} slot{'s' if r.scoped != 1 else ''} scoped to a cgroup" if r.scoped else "")),
+                 + (f"; {r.scoped} slot{'s' if r.scoped != 1 else ''} scoped to a cgroup" if r.scoped else "")
+                 + (f"; {r.chained} slot{'s' if r.chained != 1 else ''} with handlers in order" if r.chained else "")),
         ("Misses", f"{r.misses_total} since start, logged every {r.miss_log_interval:g} s"),
     ]
     if r.upgraded_from:
@@ -378,6 +387,9 @@ def show_show(r: ShowResult, args: argparse.Namespace) -> None:
                            + (", to the journal too" if s.journal else "")))
     if s.variables or s.defines:
         rows.append(("Settings", _settings_shown(s)))
+    if s.priority is not None:
+        rows.append(("Priority", f"{s.priority} of {', '.join(map(str, r.priorities))} (lowest runs first; hits "
+                                 "are the slot's)"))
     if s.cgroup is not None:
         rows.append(("Cgroup", f"{s.cgroup}: runs for its tasks only; {s.scope_misses} calls of other tasks since "
                                "start"))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .control_socket import SOCKET_ENV, default_socket
+from .wire_limits import MAX_PRIORITY
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time (mypy knows the name)
 if TYPE_CHECKING:
@@ -63,6 +64,17 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
 def _cgroup_path(text: str) -> str:
     """--cgroup's value, made absolute here: the daemon does not share the caller's folder."""
     return os.path.abspath(text)
+
+
+def _priority(text: str) -> int:
+    """--priority's value: 0..999."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a priority (a number, 0..{MAX_PRIORITY})") from None
+    if not 0 <= value <= MAX_PRIORITY:
+        raise argparse.ArgumentTypeError(f"priority {value} is out of range: 0..{MAX_PRIORITY}")
+    return value
 
 
 def _expected(text: str) -> int | str:
@@ -184,6 +196,9 @@ def _attach(a: argparse.ArgumentParser) -> None:
     a.add_argument("--journal", action="store_true",
                    help="write the slot's events (TC_PRINTF, TC_EMIT) to the journal too (rate-limited)")
     a.add_argument("--expect", type=_expected, metavar="PROG_ID|empty", help=_EXPECT_HELP)
+    a.add_argument("--priority", type=_priority, metavar="N",
+                   help="one of several handlers of the slot, run in order, lowest first (0..999); a handler "
+                        "returning non-zero (TC_STOP) ends the chain")
     a.add_argument("--cgroup", type=_cgroup_path, metavar="PATH",
                    help="run the handler only for tasks in this cgroup v2 folder's subtree, e.g. "
                         "/sys/fs/cgroup/system.slice/nginx.service; other tasks' calls count as scope misses")
@@ -198,11 +213,15 @@ def _detach(d: argparse.ArgumentParser) -> None:
     d.add_argument("slot", metavar="SLOT", help="syscall number or name")
     d.add_argument("--exit", action="store_true", help="empty the syscall's exit slot")
     d.add_argument("--expect", type=_expected, metavar="PROG_ID|empty", help=_EXPECT_HELP)
+    d.add_argument("--priority", type=_priority, metavar="N",
+                   help="the handler of that priority, in a slot that runs several; the others stay")
 
 
 def _show(sh: argparse.ArgumentParser) -> None:
     sh.add_argument("slot", metavar="SLOT", help="syscall number or name")
     sh.add_argument("--exit", action="store_true", help="the syscall's exit slot")
+    sh.add_argument("--priority", type=_priority, metavar="N",
+                    help="the handler of that priority, in a slot that runs several (default: the first)")
     shown = sh.add_mutually_exclusive_group()
     shown.add_argument("--no-source", action="store_true", help="leave the source out")
     shown.add_argument("--source", action="store_true", help="print only the source, as it was saved")

@@ -9,6 +9,7 @@ save` writes it and the daemon's ``desired_slots`` names it.
     dialect = "auto"             # optional: auto | bcc | libbpf (C source only)
     journal = false              # optional: events to the journal too
     cgroup = "/sys/fs/cgroup/system.slice/nginx.service"  # optional: its tasks only
+    priority = 10                # optional: one of the slot's handlers, run in order, lowest first
     set = { debug = "1" }        # optional: loader-set globals (attach --set)
     define = { VERBOSE = "1" }   # optional: -D macros
 
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from .elfstrip import strip_debug
 from .local_headers import HeaderError, find_local_headers
-from .protocol import MAX_APPLY_SLOTS, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS
+from .protocol import MAX_APPLY_SLOTS, MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_PRIORITY, MAX_SOURCE_CHARS
 
 ELF_MAGIC = b"\x7fELF"
 MAX_APPLY_FILE_BYTES = 1 << 20  # the TOML itself: 2048 tables of a few lines fit many times over
@@ -71,6 +72,7 @@ class SlotEntry(BaseModel):
     dialect: Literal["auto", "bcc", "libbpf"] = "auto"
     journal: StrictBool = False
     cgroup: Annotated[StrictStr, Field(min_length=1, max_length=4096)] | None = None  # attach --cgroup
+    priority: Annotated[StrictInt, Field(ge=0, le=MAX_PRIORITY)] | None = None  # attach --priority
     # TOML numbers and booleans are taken as they are written (set = { pid = 42, on = true }).
     variables: dict[Identifier, StrictStr | StrictBool | StrictInt] = Field(default_factory=dict, alias="set")
     defines: dict[Identifier, StrictStr | StrictInt] = Field(default_factory=dict, alias="define")
@@ -144,6 +146,7 @@ def read_request(path: Path, read: Reader = plain_read, origin: str | None = Non
             read_files += used[1:]  # its local headers (the file itself is in already)
         slots.append({"slot": entry.slot, "hook": entry.hook, "file": index_of[name], "function": entry.function,
                       "dialect": entry.dialect, "journal": entry.journal, "cgroup": entry.cgroup,
+                      "priority": entry.priority,
                       "variables": {k: _text_value(v) for k, v in entry.variables.items()},
                       "defines": {k: str(v) for k, v in entry.defines.items()}})
     return {"files": files, "slots": slots, "source": origin, "atomic": desired.atomic}, read_files
@@ -206,7 +209,8 @@ def _table(values: dict[str, str]) -> str:
 
 
 def entry_text(slot: str | int, hook: str, file: str, function: str | None, dialect: str | None, journal: bool,
-               variables: dict[str, str], defines: dict[str, str], cgroup: str | None = None) -> str:
+               variables: dict[str, str], defines: dict[str, str], cgroup: str | None = None,
+               priority: int | None = None) -> str:
     """One [[slot]] table, with only the fields that differ from their defaults (dialect is
     always written for C: the file's detection could say otherwise if the handler was forced)."""
     lines = ["[[slot]]", f"slot = {_string(slot) if isinstance(slot, str) else slot}"]
@@ -221,6 +225,8 @@ def entry_text(slot: str | int, hook: str, file: str, function: str | None, dial
         lines.append("journal = true")
     if cgroup is not None:
         lines.append(f"cgroup = {_string(cgroup)}")
+    if priority is not None:
+        lines.append(f"priority = {priority}")
     if variables:
         lines.append(f"set = {_table(variables)}")
     if defines:

@@ -160,6 +160,14 @@ class BadCgroup(TailcalldError):
     code = "bad_cgroup"
 
 
+class PriorityClash(TailcalldError):
+    """attach --priority: the priority is taken by another handler, the slot holds a handler
+    attached without a priority (or, attaching without one, several with one), or the slot's
+    chain is full; detach without --priority of a slot that runs several.  details: slot,
+    hook, priority, priorities (those the slot's handlers have)."""
+    code = "priority_clash"
+
+
 class ConfigError(TailcalldError):
     code = "config_error"
 

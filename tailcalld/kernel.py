@@ -22,7 +22,9 @@ from .dialects import Artifact
 from .dispatcher import COUNT_FIELDS, COUNTS, EXIT, LINK_PIN, Dispatcher, remove_pins
 from .pins import PinDirLock, handler_pin_dir, keep_program_pins, open_program_pin, remove_handler_pins
 from .errors import KernelError
+from .chain import CHAIN_DIR, Chains
 from .scope import SCOPE_DIR, Guard, Scopes, synchronize_rcu
+from .syscalls import link_key, split_link_key
 from .timing import TimingTarget, target_of
 
 logger = logging.getLogger("tailcalld")
@@ -132,6 +134,14 @@ class BpfKernel:
         # Made at the first scoped attach (scope.py): a start that finds them adopts them.
         scope_dir = dispatcher.pin_dir / SCOPE_DIR
         self._scopes = Scopes(scope_dir, 2 * dispatcher.nr_slots) if scope_dir.exists() else None
+        # Made at the first attach with a priority (chain.py), as the scope's.
+        chain_dir = dispatcher.pin_dir / CHAIN_DIR
+        try:
+            self._chains = Chains(chain_dir, 2 * dispatcher.nr_slots) if chain_dir.exists() else None
+        except BaseException:
+            if self._scopes is not None:
+                self._scopes.close()
+            raise
         self._compiler = compiler
         self._compat = compat
         self._exit = exit_dispatcher
@@ -166,12 +176,19 @@ class BpfKernel:
                 exit_dispatcher.close()
             raise
 
+    def _link(self, key: int) -> tuple[int, int | None]:
+        """(slot key, priority) of a key: a handler's key in a chained slot has a priority."""
+        return split_link_key(2 * self._nr, key)
+
     def _where(self, key: int) -> tuple[Dispatcher | None, int]:
         if key < self._nr:
             return self._dispatcher, key
         return self._exit, key - self._nr
 
     def slot(self, slot: int) -> int | None:
+        base, priority = self._link(slot)
+        if priority is not None:
+            return self._chains.link(base, priority) if self._chains is not None else None
         dispatcher, index = self._where(slot)
         if dispatcher is None:
             return None
@@ -184,16 +201,37 @@ class BpfKernel:
         return self._scopes.handler_id(key, prog_id) or prog_id
 
     def occupied(self) -> dict[int, int]:
-        return {key: self._behind_guard(key, prog_id) or prog_id for key, prog_id in self._occupied_raw().items()}
+        found = {key: self._behind_guard(key, prog_id) or prog_id for key, prog_id in self._occupied_raw().items()}
+        if self._chains is None:
+            return found
+        nr_keys = 2 * self._nr
+        for key, links in self._chains.chained().items():
+            runner = self._chains.runner(key)
+            ours = {prog_id for prog_id in links.values() if prog_id is not None} if len(links) == 1 else set()
+            if runner is not None:
+                ours.add(runner.id)
+            if found.get(key) in ours:
+                del found[key]  # the slot runs its chain: its handlers are what it holds
+            for priority, prog_id in links.items():
+                if prog_id is not None:
+                    found[link_key(nr_keys, key, priority)] = prog_id
+        return found
 
     def set_slot(self, slot: int, prog: Program, cgroup: str | None = None) -> None:
-        dispatcher, index = self._where(slot)
+        base, priority = self._link(slot)
+        dispatcher, index = self._where(base)
         if dispatcher is None:
             raise KernelError(f"exit slot {index}: the exit dispatcher is not attached (prepare first)")
+        if priority is not None:
+            if cgroup is not None:
+                raise KernelError(f"slot {base}: a handler in a chain cannot be scoped to a cgroup")
+            self._set_link(dispatcher, index, base, priority, prog)
+            return
         if cgroup is None:
             dispatcher.set_slot(index, prog.fd)
             if self._scopes is not None and self._scopes.scoped(slot):
                 self._scopes.removed(slot, wait=True)  # a guard may still be running the old handler
+            self._forget_chain(slot)
             return
         scopes = self._open_scopes()
         guard = scopes.make_guard(slot, prog.fd, cgroup)
@@ -203,12 +241,68 @@ class BpfKernel:
             scopes.discard(slot, guard)
             raise
         scopes.installed(slot, guard)
+        self._forget_chain(slot)
+
+    def _set_link(self, dispatcher: Dispatcher, index: int, key: int, priority: int, prog: Program) -> None:
+        """The handler at ``priority`` of slot ``key``'s chain (chain.py): its entry filled, and the
+        slot given the runner of the new order in one update (or the handler, when it is alone)."""
+        chains = self._open_chains()
+        change = chains.put(key, priority, prog.fd)
+        if not change.keep_slot:
+            try:
+                assert change.slot_fd is not None
+                dispatcher.set_slot(index, change.slot_fd)
+            except BaseException:
+                chains.undo(change)
+                raise
+        chains.installed(change)
+        if self._scopes is not None and self._scopes.scoped(key):
+            self._scopes.removed(key, wait=True)
+
+    def _clear_link(self, dispatcher: Dispatcher | None, index: int, key: int, priority: int) -> bool:
+        """Take the handler at ``priority`` out of slot ``key``'s chain; False if it had none there."""
+        if self._chains is None:
+            return False
+        others = [p for p in self._chains.priorities(key) if p != priority]
+        lone = None
+        if len(others) == 1:  # the one left runs straight from the slot, if we hold it
+            lone_id = self._chains.link(key, others[0])
+            lone = self.program(lone_id) if lone_id is not None else None
+        try:
+            had = self._chains.link(key, priority) is not None
+            change = self._chains.remove(key, priority, lone.fd if lone is not None else None)
+            if change is None:
+                return False
+            if dispatcher is not None:
+                try:
+                    if change.slot_fd is None:
+                        dispatcher.clear_slot(index)
+                    else:
+                        dispatcher.set_slot(index, change.slot_fd)
+                except BaseException:
+                    self._chains.undo(change)
+                    raise
+            self._chains.installed(change)
+            return had
+        finally:
+            if lone is not None:
+                lone.close()
+
+    def _forget_chain(self, key: int) -> None:
+        """A handler without priority took slot ``key`` (or it was emptied): its chain goes."""
+        if self._chains is not None and self._chains.priorities(key):
+            self._chains.forget(key)
 
     def set_slots(self, changes: Mapping[int, tuple[Program, str | None] | None], holding: Mapping[int, Program]) -> None:
         """Stage every filled slot as the change leaves it, switch both dispatchers to the staged
         slots (one u32: the instant of the change), bring prog_array to the same state behind
         the switch, switch back, and empty the staged slots once no call reads them."""
         for key in changes:
+            if self._link(key)[1] is not None:
+                raise KernelError("an atomic change cannot include handlers with a priority (a chained slot's); "
+                                  "nothing was changed: apply that file without --atomic",
+                                  {"slot_key": self._link(key)[0]})
+
             if self._where(key)[0] is None:
                 raise KernelError(f"exit slot {key - self._nr}: the exit dispatcher is not attached (prepare first)")
         staged: dict[int, int] = {}  # slot key -> the fd staged there
@@ -266,9 +360,15 @@ class BpfKernel:
         guard = self._scopes.guard(key) if self._scopes is not None else None
         if guard is not None and guard.id == prog_id:
             return guard.fd
+        runner = self._chains.runner(key) if self._chains is not None else None
+        if runner is not None and runner.id == prog_id:
+            return runner.fd
         prog = holding.get(key)
         if prog is not None and prog.id == prog_id:
             return prog.fd
+        lone = next((p for k, p in holding.items() if self._link(k)[0] == key and p.id == prog_id), None)
+        if lone is not None:  # the one handler of a chain, held straight in the slot
+            return lone.fd
         where = f"slot {key}" if key < self._nr else f"exit slot {key - self._nr}"
         raise KernelError(f"{where} holds program {prog_id}, of which tailcalld has no handle (adopted by its id "
                           "alone, or put there by someone else); an atomic change stages every filled slot, so none "
@@ -279,6 +379,14 @@ class BpfKernel:
             if dispatcher is not None:
                 dispatcher.unstage([key - base for key in staged if base <= key < base + self._nr])
 
+    def _open_chains(self) -> Chains:
+        if self._chains is None:
+            try:
+                self._chains = Chains(self.info.pin_dir / CHAIN_DIR, 2 * self._nr)
+            except OSError as exc:
+                raise KernelError(f"the chain's maps could not be made: {exc}") from None
+        return self._chains
+
     def _open_scopes(self) -> Scopes:
         if self._scopes is None:
             try:
@@ -288,8 +396,12 @@ class BpfKernel:
         return self._scopes
 
     def clear_slot(self, slot: int) -> bool:
+        base, priority = self._link(slot)
+        if priority is not None:
+            return self._clear_link(*self._where(base), base, priority)
         dispatcher, index = self._where(slot)
         cleared = False if dispatcher is None else dispatcher.clear_slot(index)
+        self._forget_chain(slot)
         if self._scopes is not None and self._scopes.scoped(slot):
             self._scopes.removed(slot, wait=False)
         return cleared
@@ -301,6 +413,7 @@ class BpfKernel:
         return self._scopes.miss_totals() if self._scopes is not None else [0] * (2 * self._nr)
 
     async def prepare(self, slot: int) -> None:
+        slot = self._link(slot)[0]  # a chained slot's handler: its slot's dispatcher
         if slot < self._nr or self._exit is not None:
             return
         async with self._exit_loading:
@@ -368,7 +481,8 @@ class BpfKernel:
 
     def restore_pins(self) -> list[str]:
         return (self._dispatcher.restore_pins() + (self._exit.restore_pins() if self._exit else [])
-                + (self._scopes.restore_pins() if self._scopes is not None else []))
+                + (self._scopes.restore_pins() if self._scopes is not None else [])
+                + (self._chains.restore_pins() if self._chains is not None else []))
 
     def timing_target(self) -> TimingTarget:
         return target_of(self._dispatcher)
@@ -377,6 +491,8 @@ class BpfKernel:
         """Drop our handles; the pins keep the dispatchers attached and the slots filled."""
         if self._scopes is not None:
             self._scopes.close()
+        if self._chains is not None:
+            self._chains.close()
         if self._exit is not None:
             self._exit.close()
         self._dispatcher.close()

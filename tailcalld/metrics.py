@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # commands.py imports this module: the context is only a type
 
 SLOT_LABELS = ("slot", "syscall", "hook")
 TIMED_LABELS = ("slot", "syscall")  # handler timing covers enter slots only
-INFO_LABELS = ("slot", "syscall", "hook", "function", "dialect", "prog_id", "sha256")
+# priority: the handler's in a slot that runs several (attach --priority); empty for a slot's only one.
+INFO_LABELS = ("slot", "syscall", "hook", "priority", "function", "dialect", "prog_id", "sha256")
 # A bcc compile of a small handler takes ~0.5 s here, a libbpf one ~1 s, a prebuilt object's
 # load a few ms; compile_timeout is 60 s by default and at most 3600.
 COMPILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -118,15 +119,18 @@ class DaemonCollector(Collector):
             labels = self._labels(key)
             hits.add_metric(labels, hit)
             misses.add_metric(labels, missed)
-        info = GaugeMetricFamily("tailcalld_slot_info", "The handler a slot should run (1): function, dialect "
-                                 "(empty: source unknown), program id and source SHA-256", labels=INFO_LABELS)
+        info = GaugeMetricFamily("tailcalld_slot_info", "The handler a slot should run (1): its priority (when the "
+                                 "slot runs several), function, dialect (empty: source unknown), program id and "
+                                 "source SHA-256", labels=INFO_LABELS)
         for view in views:
             r = view.record
-            info.add_metric([str(view.nr), view.syscall, view.hook, r.function or "",
+            priority = "" if r.priority is None else str(r.priority)
+            info.add_metric([str(view.nr), view.syscall, view.hook, priority, r.function or "",
                              (r.dialect or "") if r.source_sha256 else "", str(r.prog_id), r.source_sha256 or ""], 1)
         ending = GaugeMetricFamily("tailcalld_slot_expiry_timestamp_seconds", "When an attach --for/--until ends "
-                                   "and the slot goes back to what it held before (Unix time); only such slots",
-                                   labels=SLOT_LABELS)
+                                   "and the slot goes back to what it held before (Unix time); only such slots "
+                                   "(priority: of the handler, in a slot that runs several)",
+                                   labels=[*SLOT_LABELS, "priority"])
         restoring = GaugeMetricFamily("tailcalld_slots_restoring", "Recorded slots the start is still rebuilding",
                                       value=m.restoring)
         scope = CounterMetricFamily("tailcalld_slot_scope_misses", "Calls of tasks outside the cgroup a slot's handler "
@@ -134,19 +138,24 @@ class DaemonCollector(Collector):
                                     labels=[*SLOT_LABELS, "cgroup"])
         for view in views:
             if view.record.expires_at is not None:
-                ending.add_metric([str(view.nr), view.syscall, view.hook], view.record.expires_at.timestamp())
+                ending.add_metric([str(view.nr), view.syscall, view.hook,
+                                   "" if view.record.priority is None else str(view.record.priority)],
+                                  view.record.expires_at.timestamp())
             if view.record.cgroup is not None:
                 scope.add_metric([str(view.nr), view.syscall, view.hook, view.record.cgroup], view.scope_misses)
         status = m.status()
         total = CounterMetricFamily("tailcalld_misses", "Tail-call misses of every slot, filled or not, since the "
                                     "daemon started", value=status.misses_total)
-        used = GaugeMetricFamily("tailcalld_slots_used", "Slots that hold a handler", value=status.slots_used)
+        used = GaugeMetricFamily("tailcalld_slots_used", "Handlers in slots (a slot that runs several in order counts "
+                                 "each)", value=status.slots_used)
+        chained = GaugeMetricFamily("tailcalld_slots_chained", "Slots that run several handlers in order of priority "
+                                    "(attach --priority)", value=status.chained)
         corrections = CounterMetricFamily("tailcalld_reconcile_corrections", "Corrections made to bring the kernel's "
                                           "slots and the saved state together (see status)",
                                           value=m.registry.corrections_total)
         atomic = CounterMetricFamily("tailcalld_atomic_applies", "apply --atomic changes made since the daemon started "
                                      "(every slot of each switched at one instant)", value=status.atomic_applies)
-        return [hits, misses, info, ending, scope, restoring, total, used, corrections, atomic]
+        return [hits, misses, info, ending, scope, restoring, total, used, chained, corrections, atomic]
 
     def _timing(self, views: list[SlotView]) -> Iterable[Metric]:
         timing = self._ctx.timing
@@ -160,9 +169,11 @@ class DaemonCollector(Collector):
                                       "timing was last switched on", labels=TIMED_LABELS)
         runs = CounterMetricFamily("tailcalld_slot_handler_timed_runs", "Handler runs timed since timing was last "
                                    "switched on", labels=TIMED_LABELS)
+        timed = set()
         for view in views:
-            key = view.record.slot
-            if view.hook == "enter" and key < len(times.hits):
+            key = view.record.slot  # a chained slot's handlers are timed together, as the slot
+            if view.hook == "enter" and key < len(times.hits) and key not in timed:
+                timed.add(key)
                 labels = [str(view.nr), view.syscall]
                 seconds.add_metric(labels, times.hit_ns[key] / 1e9)
                 runs.add_metric(labels, times.hits[key])

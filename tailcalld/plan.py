@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -35,11 +34,12 @@ from typing import Literal
 from . import audit
 from .compiler import Program
 from .dialects import Artifact
-from .errors import ApplyIncomplete, BadRequest, KernelError, TailcalldError
+from .errors import ApplyIncomplete, BadRequest, KernelError, PriorityClash, TailcalldError
 from .peers import Peer
 from .registry import Handler, differences
 from .slots import SlotManager
 from .state import SlotRecord, map_records
+from .syscalls import SyscallTable
 
 logger = logging.getLogger("tailcalld")
 
@@ -93,13 +93,27 @@ def at_entry(err: TailcalldError, origin: str, index: int, filename: str | None)
     return type(err)(f"{where}: {err.message}", {**details, "index": index, "file": filename, "origin": origin})
 
 
-def check_unique(wanted: list[Wanted], label: Callable[[int], str], origin: str) -> None:
+def check_unique(wanted: list[Wanted], syscalls: SyscallTable, origin: str) -> None:
+    """Each slot once, or each priority of a chained slot once; never a slot's handler without
+    priority beside handlers with one."""
     seen: dict[int, Wanted] = {}
+    kinds: dict[int, Wanted] = {}  # slot key -> an entry with (or without) a priority
     for w in wanted:
         first = seen.setdefault(w.key, w)
+        label = syscalls.slot_label(w.key)
+        if first is not w and syscalls.priority(w.key) is not None:
+            raise PriorityClash(f"{origin}: [[slot]] {first.index + 1} and {w.index + 1} both fill {label}; "
+                                "each handler of a slot needs a priority of its own",
+                                {"index": w.index, "first": first.index})
         if first is not w:
-            raise BadRequest(f"{origin}: [[slot]] {first.index + 1} and {w.index + 1} both fill {label(w.key)}; "
-                             "a slot holds one handler", {"index": w.index, "first": first.index})
+            raise BadRequest(f"{origin}: [[slot]] {first.index + 1} and {w.index + 1} both fill {label}; "
+                             "a slot holds one handler (or several, each with its priority)",
+                             {"index": w.index, "first": first.index})
+        other = kinds.setdefault(syscalls.base(w.key), w)
+        if (syscalls.priority(other.key) is None) != (syscalls.priority(w.key) is None):
+            raise PriorityClash(f"{origin}: [[slot]] {other.index + 1} and {w.index + 1} both fill "
+                                f"{syscalls.slot_label(syscalls.base(w.key))}, one without a priority: a slot runs "
+                                "several handlers only when each has one", {"index": w.index, "first": other.index})
 
 
 def plan(manager: SlotManager, wanted: list[Wanted]) -> list[Step]:
@@ -142,11 +156,13 @@ class Applier:
         """Make the slots match ``wanted``; ``atomic``: every slot switches at one instant, as the
         kernel sees it, and nothing changes if any step fails (``_switch_atomically``)."""
         m = self.manager
-        check_unique(wanted, m.registry.label, origin)
+        check_unique(wanted, m.syscalls, origin)
         m.check_open()  # before the locks: unload-all holds every lock for good
         async with self._one_at_a_time, contextlib.AsyncExitStack() as held:
             # Every slot the apply may change, locked in one order (attach and detach take one lock).
-            for key in sorted({w.key for w in wanted} | set(m.registry.wanted())):
+            keys = {w.key for w in wanted} | set(m.registry.wanted())
+            # A chained slot's key before its handlers', as attach locks them (SlotManager._locked).
+            for key in sorted(keys | {m.syscalls.base(key) for key in keys}):
                 await held.enter_async_context(m.registry.locks[key])
             m.check_open()
             steps = plan(m, wanted)
@@ -186,7 +202,13 @@ class Applier:
     def _switch(self, steps: list[Step], peer: Peer, origin: str) -> list[Change]:
         """Each slot in turn, as attach and detach change one."""
         done: list[Change] = []
-        for s in [s for s in steps if s.action in ("add", "replace")] + [s for s in steps if s.action == "remove"]:
+        base = self.manager.syscalls.base
+        filled = {base(s.key) for s in steps if s.action in ("add", "replace")}
+        # A handler leaving a slot that others fill (a chain where a handler without priority was,
+        # or the reverse) goes first: the two kinds are never in one slot together.
+        first = [s for s in steps if s.action == "remove" and base(s.key) in filled]
+        for s in first + [s for s in steps if s.action in ("add", "replace")] \
+                + [s for s in steps if s.action == "remove" and s not in first]:
             try:
                 done.append(self._remove(s, peer, origin) if s.action == "remove" else self._put(s, peer, origin))
             except TailcalldError as err:
@@ -241,7 +263,8 @@ class Applier:
         reg = self.manager.registry
         assert s.wanted is not None and s.prog is not None
         w, prog = s.wanted, s.prog
-        record = SlotRecord(slot=s.key, function=prog.function, prog_id=prog.id, dialect=w.artifact.dialect,
+        record = SlotRecord(slot=self.manager.syscalls.base(s.key), priority=self.manager.syscalls.priority(s.key),
+                            function=prog.function, prog_id=prog.id, dialect=w.artifact.dialect,
                             source_sha256=reg.store.put_artifact(w.artifact), filename=w.filename,
                             headers=w.artifact.header_sha256s, attached_by_uid=peer.uid,
                             attached_at=datetime.now(UTC), journal=w.journal,

@@ -21,7 +21,7 @@ from .dialects import MAX_HEADER_NAME, header_name_problem
 from .errors import BadRequest, RequestError, TailcalldError, UnknownCommand
 from .loader_settings import IDENTIFIER, MAX_SETTINGS, MAX_VALUE_CHARS, check_define
 # The bounds on a handler (their own module: tailcallctl reads them without pydantic).
-from .wire_limits import MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_SOURCE_CHARS  # noqa: F401
+from .wire_limits import MAX_HEADERS, MAX_HEADERS_BYTES, MAX_OBJECT_CHARS, MAX_PRIORITY, MAX_SOURCE_CHARS  # noqa: F401
 
 RequestId = StrictInt | StrictStr | None
 Slot = Annotated[StrictInt | StrictStr, Field(description="syscall number or name, e.g. 268 or 'fchmodat'")]
@@ -104,6 +104,9 @@ MAX_ATTACH_SECONDS = 366 * 86400  # attach --for: a year at most (a slip of unit
 Expect = Annotated[StrictInt, Field(ge=1)] | Literal["empty"]
 _EXPECT_HELP = ("change the slot only if it holds this program (id) or nothing ('empty'), checked under the "
                 "slot's lock; else error conflict with details.current")
+Priority = Annotated[StrictInt, Field(ge=0, le=MAX_PRIORITY)]
+_PRIORITY_HELP = ("one of several handlers of the slot, run in order of priority, lowest first (0..999); each "
+                  "can end the chain by returning non-zero (TC_STOP); None: the slot's only handler")
 _HOOK_HELP = ("enter: on sys_enter, the handler sees the arguments; exit: on sys_exit, it sees the return "
               "value (ctx->args[1])")
 
@@ -124,6 +127,7 @@ class AttachRequest(_HandlerSpec):
     cgroup: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
         None, description="run the handler only for tasks in this cgroup v2 folder's subtree (an absolute path, "
                           "e.g. /sys/fs/cgroup/system.slice/nginx.service); other tasks' calls count as scope_misses")
+    priority: Priority | None = Field(None, description=_PRIORITY_HELP)
 
     @model_validator(mode="after")
     def _one_deadline(self) -> Self:
@@ -142,6 +146,8 @@ class DetachRequest(_Request):
     slot: Slot
     hook: HookField = "enter"
     expect: Expect | None = Field(None, description=_EXPECT_HELP)
+    priority: Priority | None = Field(None, description="the handler of that priority in a slot that runs several; "
+                                                        "the others stay")
 
 
 class ListRequest(_Request):
@@ -153,6 +159,8 @@ class ShowRequest(_Request):
     command: Literal["show"]
     slot: Slot
     hook: HookField = "enter"
+    priority: Priority | None = Field(None, description="the handler of that priority, in a slot that runs several; "
+                                                        "None: its only handler, or its first")
 
 
 class StatusRequest(_Request):
@@ -202,6 +210,8 @@ class DesiredSlot(HandlerOptions):
     journal: StrictBool = Field(False, description="write the slot's events to the journal too")
     cgroup: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
         None, description="as attach's cgroup: the handler runs for this cgroup v2 subtree's tasks only")
+    priority: Priority | None = Field(None, description="as attach's priority: one of the slot's handlers, run in "
+                                                        "order, lowest first")
 
 
 class ApplyRequest(_Request):
@@ -264,6 +274,8 @@ class SlotInfo(BaseModel):
                                                           "what it held before; None: it stays")
     cgroup: str | None = Field(None, description="attach --cgroup: the handler runs only for tasks in this cgroup "
                                                  "v2 subtree; None: for every task")
+    priority: int | None = Field(None, description="attach --priority: its place among the slot's handlers, which "
+                                                   "run lowest first (hits are the slot's); None: the slot's only one")
     # Keep these last, in this order: commands.ListCache serialises the rest once per record
     # and writes only these per request.
     state: Literal["in-sync", "kernel-empty", "kernel-other", "not-restored", "restoring"] = Field(
@@ -335,6 +347,7 @@ class AttachResult(BaseModel):
     insns: int
     replaced_prog_id: int | None
     hook: HookField = "enter"
+    priority: int | None = None
     log: str = Field("", description="the compiler's warnings and the loader's messages, if any")
     warnings: list[str] = Field(default_factory=list, description="tailcalld's own warnings about the handler "
                                                                   "(kernel headers that do not match the kernel)")
@@ -356,6 +369,7 @@ class DetachResult(BaseModel):
     syscall: str
     prog_id: int
     hook: HookField = "enter"
+    priority: int | None = None
 
 
 class ListResult(BaseModel):
@@ -383,6 +397,8 @@ class ShowResult(BaseModel):
     object_bytes: int | None = Field(None, description="the saved object's size, when the handler is a .o")
     headers: dict[str, str] = Field(default_factory=dict, description="its local headers, by the name the "
                                                                       "source includes them by")
+    priorities: list[int] = Field(default_factory=list, description="the priorities of the slot's handlers, when "
+                                                                    "it runs them in order (attach --priority)")
 
 
 class StatusResult(BaseModel):
@@ -402,6 +418,7 @@ class StatusResult(BaseModel):
     next_expiry: datetime | None = Field(None, description="the earliest end of an attach --for/--until (list: the "
                                                            "expires_at of each such slot); None: none")
     scoped: int = Field(0, description="slots whose handler runs for one cgroup only (attach --cgroup)")
+    chained: int = Field(0, description="slots whose handlers run in order of priority (attach --priority)")
     atomic_applies: int = Field(0, description="apply --atomic changes made since the daemon started")
     hits_total: int = Field(0, description="handler runs on all slots since the daemon started")
     misses_total: int = Field(description="tail-call misses on all slots since the daemon started")
@@ -451,6 +468,7 @@ class SlotChange(BaseModel):
     slot: int
     syscall: str
     hook: HookField = "enter"
+    priority: int | None = Field(None, description="the handler's priority, in a slot that runs several")
     index: int | None = Field(description="the slot's entry in the request (the apply file's [[slot]] table, "
                                            "from 0); None for a removal")
     function: str | None = Field(description="the handler the slot runs after the apply (for a removal: ran); "
@@ -494,6 +512,7 @@ class SavedSlot(BaseModel):
     filename: str | None
     journal: bool = False
     cgroup: str | None = None
+    priority: int | None = None
     variables: dict[str, str] = Field(default_factory=dict)
     defines: dict[str, str] = Field(default_factory=dict)
     prog_id: int

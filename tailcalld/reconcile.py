@@ -36,6 +36,7 @@ from .errors import StateUnwritable, TailcalldError
 from .loader_settings import settings
 from .registry import Handler, Registry
 from .state import SlotRecord, StateFile, map_records
+from .wire_limits import MAX_PRIORITY
 
 # What makes two records one program: the same handler (source, dialect, function) that ran
 # as the same program before.  Slots attached with --fresh ran separate programs: they stay apart.
@@ -44,8 +45,9 @@ ShareKey = tuple[str | None, str | None, str | None, int]
 
 def unknown_record(registry: Registry, slot: int, prog_id: int) -> SlotRecord:
     """The record of a program found in the kernel with no source we know."""
-    return SlotRecord(slot=slot, function=registry.kernel.prog_name(prog_id), prog_id=prog_id,
-                      source_sha256=None, filename=None, attached_by_uid=None, attached_at=None)
+    return SlotRecord(slot=registry.syscalls.base(slot), function=registry.kernel.prog_name(prog_id), prog_id=prog_id,
+                      source_sha256=None, filename=None, attached_by_uid=None, attached_at=None,
+                      priority=registry.syscalls.priority(slot))
 
 
 def adopted(registry: Registry, record: SlotRecord) -> Handler:
@@ -148,6 +150,16 @@ def _usable_records(registry: Registry, state: StateFile) -> dict[int, SlotRecor
                 continue
             key = registry.syscalls.key(nr, "enter" if hook == "enter" else "exit")
             usable[key] = r.model_copy(update={"slot": key}) if key != nr else r
+    for hook, links in (("enter", state.links), ("exit", state.exit_links)):
+        for r in links:
+            base = registry.syscalls.key(r.slot, "enter" if hook == "enter" else "exit") \
+                if 0 <= r.slot < nr_slots else None
+            link = registry.syscalls.link_key(base, r.priority) if base is not None and r.priority is not None \
+                and 0 <= r.priority <= MAX_PRIORITY else None
+            if base is None or link is None or link in usable or base in usable:
+                bad.append((hook, r.slot, r))  # no such slot or priority, twice, or beside a handler without one
+                continue
+            usable[link] = r.model_copy(update={"slot": base}) if base != r.slot else r
     if bad:
         try:
             kept = f"a copy of the file is kept as {registry.store.keep_aside('set-aside')}"
@@ -155,6 +167,11 @@ def _usable_records(registry: Registry, state: StateFile) -> dict[int, SlotRecor
             kept = f"no copy of the file could be kept ({exc})"
         for hook, nr, r in bad:
             where = "exit " if hook == "exit" else ""
+            if r.priority is not None:
+                registry.correct(f"state file {where}link (slot {r.slot}, priority {r.priority}, {r.function} from "
+                                 f"{r.filename}) names no slot of 0..{nr_slots - 1} or priority of 0..{MAX_PRIORITY}, "
+                                 f"or one taken; it is set aside ({kept})", error=True)
+                continue
             registry.correct(f"state file {where}entry {nr} (slot {r.slot}, {r.function} from {r.filename}) names "
                              f"no slot of 0..{nr_slots - 1}; it is set aside ({kept})", error=True)
     return usable

@@ -142,7 +142,7 @@ class Registry:
 
     def journaled(self) -> set[int]:
         """Slot keys whose events go to the journal (attach --journal)."""
-        return {slot for slot, h in self.handlers.items() if h.record.journal}
+        return {self.syscalls.base(slot) for slot, h in self.handlers.items() if h.record.journal}
 
     # -- persistence ----------------------------------------------------------------------------
 
@@ -155,13 +155,18 @@ class Registry:
         """The state file's form: enter and exit slots apart, each under its syscall number."""
         enter: dict[int, SlotRecord] = {}
         exit_: dict[int, SlotRecord] = {}
+        links: list[SlotRecord] = []
+        exit_links: list[SlotRecord] = []
         for key, record in sorted(self.wanted().items()):  # in slot order: an undo writes the same bytes
             nr, hook = self.syscalls.split(key)
-            if hook == "enter":
+            record = record.model_copy(update={"slot": nr}) if record.slot != nr else record
+            if self.syscalls.priority(key) is not None:
+                (links if hook == "enter" else exit_links).append(record)
+            elif hook == "enter":
                 enter[nr] = record
             else:
-                exit_[nr] = record.model_copy(update={"slot": nr})
-        return StateFile(slots=enter, exit_slots=exit_)
+                exit_[nr] = record
+        return StateFile(slots=enter, exit_slots=exit_, links=links, exit_links=exit_links)
 
     def save(self) -> None:
         """Write the desired state.  Raises StateUnwritable (the file on disk is then the previous one)."""

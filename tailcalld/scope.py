@@ -121,13 +121,13 @@ _HELPER_TAIL_CALL = 12
 _HELPER_UNDER_CGROUP = 37  # bpf_current_task_under_cgroup: 1 in the subtree, 0 outside, <0 no cgroup there
 
 
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
     return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
 
 
-def _ld_map(dst: int, map_fd: int) -> bytes:
+def ld_map(dst: int, map_fd: int) -> bytes:
     """ld_imm64 of a map by fd (BPF_PSEUDO_MAP_FD): two instruction slots."""
-    return _insn(0x18, dst, 1, 0, map_fd) + _insn(0)
+    return insn(0x18, dst, 1, 0, map_fd) + insn(0)
 
 
 def guard_insns(key: int, entry: int, cgroups_fd: int, progs_fd: int, misses_fd: int) -> bytes:
@@ -135,33 +135,33 @@ def guard_insns(key: int, entry: int, cgroups_fd: int, progs_fd: int, misses_fd:
     mov64_reg, mov64_imm, add64_imm, call, exit_ = 0xBF, 0xB7, 0x07, 0x85, 0x95
     jeq_imm, st_w, ldx_dw, stx_dw = 0x15, 0x62, 0x79, 0x7B
     under = [
-        _insn(mov64_reg, 6, 1),                 # r6 = ctx
-        _ld_map(1, cgroups_fd),                 # r1 = &cgroups
-        _insn(mov64_imm, 2, imm=entry),         # r2 = entry
-        _insn(call, imm=_HELPER_UNDER_CGROUP),
+        insn(mov64_reg, 6, 1),                 # r6 = ctx
+        ld_map(1, cgroups_fd),                 # r1 = &cgroups
+        insn(mov64_imm, 2, imm=entry),         # r2 = entry
+        insn(call, imm=_HELPER_UNDER_CGROUP),
     ]
     miss = [
-        _insn(st_w, 10, off=-4, imm=key),       # *(u32 *)(fp - 4) = key
-        _insn(mov64_reg, 2, 10),
-        _insn(add64_imm, 2, imm=-4),            # r2 = fp - 4
-        _ld_map(1, misses_fd),                  # r1 = &misses
-        _insn(call, imm=_HELPER_MAP_LOOKUP),
-        _insn(jeq_imm, 0, off=3, imm=0),        # no entry: done
-        _insn(ldx_dw, 1, 0),
-        _insn(add64_imm, 1, imm=1),
-        _insn(stx_dw, 0, 1),                    # (*r0)++ (per CPU: no atomics needed)
-        _insn(mov64_imm, 0, imm=0),
-        _insn(exit_),
+        insn(st_w, 10, off=-4, imm=key),       # *(u32 *)(fp - 4) = key
+        insn(mov64_reg, 2, 10),
+        insn(add64_imm, 2, imm=-4),            # r2 = fp - 4
+        ld_map(1, misses_fd),                  # r1 = &misses
+        insn(call, imm=_HELPER_MAP_LOOKUP),
+        insn(jeq_imm, 0, off=3, imm=0),        # no entry: done
+        insn(ldx_dw, 1, 0),
+        insn(add64_imm, 1, imm=1),
+        insn(stx_dw, 0, 1),                    # (*r0)++ (per CPU: no atomics needed)
+        insn(mov64_imm, 0, imm=0),
+        insn(exit_),
     ]
     run = [
-        _insn(mov64_reg, 1, 6),                 # r1 = ctx
-        _ld_map(2, progs_fd),                   # r2 = &progs
-        _insn(mov64_imm, 3, imm=entry),
-        _insn(call, imm=_HELPER_TAIL_CALL),     # into the handler; only an empty entry returns
-        _insn(mov64_imm, 0, imm=0),
-        _insn(exit_),
+        insn(mov64_reg, 1, 6),                 # r1 = ctx
+        ld_map(2, progs_fd),                   # r2 = &progs
+        insn(mov64_imm, 3, imm=entry),
+        insn(call, imm=_HELPER_TAIL_CALL),     # into the handler; only an empty entry returns
+        insn(mov64_imm, 0, imm=0),
+        insn(exit_),
     ]
-    jump = _insn(jeq_imm, 0, off=sum(len(i) for i in miss) // 8, imm=1)  # in the subtree: run it
+    jump = insn(jeq_imm, 0, off=sum(len(i) for i in miss) // 8, imm=1)  # in the subtree: run it
     return b"".join(under) + jump + b"".join(miss) + b"".join(run)
 
 

@@ -42,19 +42,25 @@ class SlotDetails:
     source: str | None  # the C source as saved (None: an object, or a program of unknown source)
     object_bytes: int | None = None  # the size of the saved object (.o), when the handler is one
     headers: dict[str, str] = field(default_factory=dict)  # its local headers, by the name it includes them
+    priorities: list[int] = field(default_factory=list)  # those of the slot's handlers, when they have any
 
 
-def slot_details(manager: SlotManager, slot_spec: int | str, hook: Hook) -> SlotDetails:
-    """Raises SlotEmpty when tailcalld keeps no handler in the slot."""
+def slot_details(manager: SlotManager, slot_spec: int | str, hook: Hook, priority: int | None = None) -> SlotDetails:
+    """Raises SlotEmpty when tailcalld keeps no handler in the slot (at ``priority``; None: the
+    slot's handler without one, else its first in order)."""
     syscalls = manager.syscalls
-    key = syscalls.key(syscalls.resolve(slot_spec), hook)
-    view = next((v for v in manager.list_slots() if v.record.slot == key), None)
+    base = syscalls.key(syscalls.resolve(slot_spec), hook)
+    priorities = sorted(manager.links_of(base))
+    if priority is None and base not in manager.registry.wanted() and priorities:
+        priority = priorities[0]
+    key = syscalls.link_key(base, priority)
+    view = next((v for v in manager.list_slots() if v.record.slot == base and v.record.priority == priority), None)
     if view is None:
         raise SlotEmpty(f"slot {syscalls.slot_label(key)} holds no handler", {"slot": syscalls.split(key)[0],
-                                                                               "hook": hook})
+                                                                               "hook": hook, "priority": priority})
     maps, note = _maps(view.record, manager.registry.handlers.get(key))
     source, size, headers = _source(manager, view.record)
-    return SlotDetails(view, maps, note, source, size, headers)
+    return SlotDetails(view, maps, note, source, size, headers, priorities=priorities)
 
 
 def _detail(record: MapRecord | bpfsys.MapInfo) -> MapDetail:

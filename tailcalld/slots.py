@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -21,7 +21,7 @@ from . import audit, reconcile
 from .audit import Fields as AuditFields
 from .compiler import Program
 from .dialects import Artifact, Dialect
-from .errors import Conflict, SlotEmpty, StateUnwritable, TailcalldError, Unloading
+from .errors import BadRequest, Conflict, PriorityClash, SlotEmpty, StateUnwritable, TailcalldError, Unloading
 from .kernel import DispatcherInfo, Kernel
 from .loader_settings import settings
 from .misses import Counters, MissMonitor
@@ -30,6 +30,7 @@ from .registry import Handler, Registry, differences
 from .scope import check_cgroup_path
 from .state import SlotRecord, StateFile, StateStore, map_records
 from .syscalls import Hook, SyscallTable
+from .wire_limits import MAX_LINKS, MAX_PRIORITY
 
 logger = logging.getLogger("tailcalld")
 
@@ -128,6 +129,7 @@ class Status:
     restoring: int
     next_expiry: datetime | None
     scoped: int  # slots whose handler runs for one cgroup only
+    chained: int  # slots whose handlers were given priorities (attach --priority)
     atomic_applies: int  # apply --atomic changes since the start
     hits_total: int
     misses_total: int
@@ -192,7 +194,7 @@ class SlotManager:
 
     def _held_handlers(self) -> None:
         for slot in self.registry.handlers:
-            self.misses.held_handler(slot)
+            self.misses.held_handler(self.syscalls.base(slot))
 
     async def repair_drift(self) -> None:
         """Undo changes made to our slots behind our back (see ``reconcile.repair_drift``).
@@ -244,6 +246,55 @@ class SlotManager:
         finally:
             self._exit_fills -= 1
 
+    @contextlib.asynccontextmanager
+    async def _locked(self, slot: int) -> AsyncIterator[None]:
+        """The lock of ``slot``; for a handler of a chained slot the slot's lock first: changes
+        of one slot's chain (and of the slot without priority) are serialised, as their rules
+        (``_check_chain``) look at the whole slot."""
+        base = self.syscalls.base(slot)
+        async with contextlib.AsyncExitStack() as held:
+            if base != slot:
+                await held.enter_async_context(self.registry.locks[base])
+            await held.enter_async_context(self.registry.locks[slot])
+            yield
+
+    def links_of(self, base: int) -> dict[int, int]:
+        """priority -> key of every handler tailcalld wants in slot ``base``'s chain."""
+        return {priority: key for key in self.registry.wanted()
+                if self.syscalls.base(key) == base and (priority := self.syscalls.priority(key)) is not None}
+
+    def _check_chain(self, slot: int, filename: str, expect: Expect | None) -> None:
+        """Raise PriorityClash unless handler key ``slot`` may be filled: a handler without a
+        priority does not go beside handlers with one, nor the reverse; a priority taken by
+        another file is replaced only when --expect names what it holds; a chain has at most
+        MAX_LINKS handlers.  Called with the slot's lock held, before the commit."""
+        base, priority = self.syscalls.base(slot), self.syscalls.priority(slot)
+        reg = self.registry
+        links = self.links_of(base)
+        nr, hook = self.syscalls.split(base)
+        details = {"slot": nr, "hook": hook, "priority": priority, "priorities": sorted(links)}
+        label = reg.label(base)
+        if priority is None:
+            if links:
+                raise PriorityClash(f"slot {label} runs {len(links)} handler{'s' if len(links) > 1 else ''} in order "
+                                    f"(priorities {', '.join(map(str, sorted(links)))}): attach with --priority, "
+                                    "or detach them first", details)
+            return
+        plain = reg.wanted().get(base)
+        if plain is not None:
+            raise PriorityClash(f"slot {label} holds {plain.function} (program {plain.prog_id}), attached without "
+                                "--priority: a slot runs several handlers only when each has a priority; attach it "
+                                "again with --priority, or detach it first", details)
+        held = reg.wanted().get(slot)
+        if held is not None and expect is None and held.filename != filename:
+            raise PriorityClash(f"priority {priority} of slot {label} is taken by {held.function} from "
+                                f"{held.filename} (program {held.prog_id}, attached by uid {held.attached_by_uid}): "
+                                f"choose another priority, or replace it with --expect {held.prog_id}",
+                                details | {"prog_id": held.prog_id, "filename": held.filename})
+        if held is None and len(links) >= MAX_LINKS:
+            raise PriorityClash(f"slot {label} runs {MAX_LINKS} handlers in order already, as many as one slot "
+                                "can: detach one first", details)
+
     def _check_open(self) -> None:
         if self._unloading:
             raise Unloading("tailcalld is unloading everything; no more changes")
@@ -286,7 +337,7 @@ class SlotManager:
 
     async def _expire(self, slot: int, peer: Peer) -> None:
         reg = self.registry
-        async with reg.locks[slot]:
+        async with self._locked(slot):
             handler = reg.handlers.get(slot)
             record = handler.record if handler is not None else None
             if record is None or record.expires_at is None or record.expires_at > datetime.now(UTC):
@@ -345,32 +396,37 @@ class SlotManager:
     async def attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
                      peer: Peer, fresh: bool = False, hook: Hook = "enter", journal: bool = False,
                      expect: Expect | None = None, expires_at: datetime | None = None,
-                     cgroup: str | None = None) -> Attached:
+                     cgroup: str | None = None, priority: int | None = None) -> Attached:
         """Put the handler in the slot (its exit slot for ``hook="exit"``).  Unless ``fresh``, a
         program already loaded from the same artifact and function is reused (no compile): it then
         shares its maps with its other slots.  ``expect``: only if the slot holds that program
         (or is "empty"), else Conflict.  ``expires_at``: then the slot goes back to what it holds
         now (``expire_due``).  ``cgroup``: it runs only for tasks in that cgroup v2 subtree
-        (scope.py).  A failure is audited, then raised."""
+        (scope.py).  ``priority``: one of the slot's handlers, run in order, lowest first
+        (chain.py).  A failure is audited, then raised."""
         try:
             return await self._attach(slot_spec, artifact, function, filename, peer, fresh, hook, journal, expect,
-                                      expires_at, cgroup)
+                                      expires_at, cgroup, priority)
         except Exception as err:
             self.audit_failure("attach", peer, slot_spec, hook, err,
-                               audit.attach_fields(filename, function, artifact, cgroup))
+                               audit.attach_fields(filename, function, artifact, cgroup), priority)
             raise
 
     async def _attach(self, slot_spec: int | str, artifact: Artifact, function: str | None, filename: str,
                       peer: Peer, fresh: bool, hook: Hook, journal: bool, expect: Expect | None,
-                      expires_at: datetime | None, cgroup: str | None) -> Attached:
-        slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
+                      expires_at: datetime | None, cgroup: str | None, priority: int | None) -> Attached:
+        slot = self._key(slot_spec, hook, priority)
+        if cgroup is not None and priority is not None:
+            raise BadRequest("a handler with a priority cannot be scoped to a cgroup (yet): give --priority or "
+                             "--cgroup, not both", {"cgroup": cgroup, "priority": priority})
         if cgroup is not None:
             check_cgroup_path(cgroup)  # before any compile: a misspelt path costs nothing
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
-        async with reg.locks[slot]:
+        async with self._locked(slot):
             self._check_open()
             self._check_expected(slot, expect)  # under the lock, so until the commit below
+            self._check_chain(slot, filename, expect)
             # An attach with a deadline always replaces: what it replaces is what comes back.
             same = None if fresh or expires_at else self.running_as_asked(slot, artifact, function, journal, cgroup)
             if same is not None:  # not touched, not audited: nothing changes
@@ -391,7 +447,7 @@ class SlotManager:
                     # From here to the kernel update nothing awaits: no other change interleaves.
                     try:
                         replaced = self.kernel.slot(slot)
-                        record = SlotRecord(slot=slot, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
+                        record = SlotRecord(slot=self.syscalls.base(slot), priority=priority, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
                                             source_sha256=reg.store.put_artifact(artifact), filename=filename,
                                             headers=artifact.header_sha256s, attached_by_uid=peer.uid,
                                             attached_at=datetime.now(UTC), journal=journal,
@@ -409,7 +465,7 @@ class SlotManager:
             if old is not None:
                 old.close()
                 reg.release_unused_pins(old.record.source_sha256)
-            self.misses.held_handler(slot)
+            self.misses.held_handler(self.syscalls.base(slot))
         self._on_change()
         self._deadlines_changed.set()
         self._audit("replace" if replaced is not None else "attach", peer, slot, prog.id, record.source_sha256,
@@ -452,7 +508,7 @@ class SlotManager:
         slot is left, the miss counters told of the slots that hold a handler now, STATUS= redone."""
         self._release_idle_exit()
         for slot in filled:
-            self.misses.held_handler(slot)
+            self.misses.held_handler(self.syscalls.base(slot))
         self._on_change()
 
     def _already_loaded(self, artifact: Artifact, function: str | None) -> Program | None:
@@ -474,20 +530,35 @@ class SlotManager:
         self.registry.release_unused_pins(artifact.sha256)
         return Checked(prog.function, artifact.dialect, prog.insns, prog.log, prog.warnings)
 
-    async def detach(self, slot_spec: int | str, peer: Peer, hook: Hook = "enter", expect: Expect | None = None) -> Detached:
-        """Empty the slot.  A failure (an empty slot among them) is audited, then raised."""
+    async def detach(self, slot_spec: int | str, peer: Peer, hook: Hook = "enter", expect: Expect | None = None,
+                     priority: int | None = None) -> Detached:
+        """Empty the slot (``priority``: take that handler out of its chain, the others stay).  A
+        failure (an empty slot among them) is audited, then raised."""
         try:
-            return await self._detach(slot_spec, peer, hook, expect)
+            return await self._detach(slot_spec, peer, hook, expect, priority)
         except Exception as err:
-            self.audit_failure("detach", peer, slot_spec, hook, err, {})
+            self.audit_failure("detach", peer, slot_spec, hook, err, {}, priority)
             raise
 
-    async def _detach(self, slot_spec: int | str, peer: Peer, hook: Hook, expect: Expect | None) -> Detached:
-        slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
+    def _key(self, slot_spec: int | str, hook: Hook, priority: int | None) -> int:
+        if priority is not None and not 0 <= priority <= MAX_PRIORITY:
+            raise BadRequest(f"priority {priority} is out of range: priorities are 0..{MAX_PRIORITY}",
+                             {"priority": priority, "max": MAX_PRIORITY})
+        return self.syscalls.link_key(self.syscalls.key(self.syscalls.resolve(slot_spec), hook), priority)
+
+    async def _detach(self, slot_spec: int | str, peer: Peer, hook: Hook, expect: Expect | None,
+                      priority: int | None) -> Detached:
+        slot = self._key(slot_spec, hook, priority)
         reg = self.registry
         self._check_open()  # before the lock: unload-all holds every lock for good
-        async with reg.locks[slot]:
+        async with self._locked(slot):
             self._check_open()
+            links = self.links_of(slot) if priority is None else {}
+            if links:
+                nr, hook = self.syscalls.split(slot)
+                raise PriorityClash(f"slot {reg.label(slot)} runs handlers in order (priorities "
+                                    f"{', '.join(map(str, sorted(links)))}): say which to detach with --priority",
+                                    {"slot": nr, "hook": hook, "priority": None, "priorities": sorted(links)})
             self._check_expected(slot, expect)
             prog_id = self.kernel.slot(slot)
             known = slot in reg.handlers or slot in reg.unrestored
@@ -536,11 +607,11 @@ class SlotManager:
         audit.changed(action, peer, what, fields)
 
     def audit_failure(self, action: str, peer: Peer, slot_spec: int | str, hook: Hook, err: BaseException,
-                      fields: AuditFields) -> None:
+                      fields: AuditFields, priority: int | None = None) -> None:
         """An attach or detach that failed, with the slot as resolved (as requested when it
         names no slot) and the error the client got."""
         try:
-            slot = self.syscalls.key(self.syscalls.resolve(slot_spec), hook)
+            slot = self._key(slot_spec, hook, priority)
         except TailcalldError:
             where, fields = f"slot {str(slot_spec)[:audit.MAX_SLOT_CHARS]!r}", fields | audit.requested_slot(slot_spec)
             filename = fields.get("FILENAME")
@@ -556,7 +627,11 @@ class SlotManager:
 
     def _slot_fields(self, slot: int) -> AuditFields:
         nr, hook = self.syscalls.split(slot)
-        return {"SLOT": nr, "SLOT_HOOK": hook, "SYSCALL_NAME": self.syscalls.label(slot)}
+        fields: AuditFields = {"SLOT": nr, "SLOT_HOOK": hook, "SYSCALL_NAME": self.syscalls.label(slot)}
+        priority = self.syscalls.priority(slot)
+        if priority is not None:
+            fields["SLOT_PRIORITY"] = priority
+        return fields
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -572,9 +647,10 @@ class SlotManager:
         missed, counts = self._recent_counts()
         label = self.syscalls.label
         reg = self.registry
+        base = self.syscalls.base
         return [SlotView(record, label(slot), *self.syscalls.split(slot), self.kernel.slot(slot),
-                         self._hits(slot, missed, counts), self.misses.since_start(slot, missed),
-                         self._scope_missed(slot, counts), slot not in reg.unrestored, slot in reg.restoring)
+                         self._hits(base(slot), missed, counts), self.misses.since_start(base(slot), missed),
+                         self._scope_missed(base(slot), counts), slot not in reg.unrestored, slot in reg.restoring)
                 for slot, record in sorted(reg.wanted().items())]
 
     def _recent_counts(self) -> tuple[list[int], Counts]:
@@ -593,6 +669,10 @@ class SlotManager:
         """Slot key -> cgroup path of every scoped slot tailcalld runs."""
         return {slot: h.record.cgroup for slot, h in self.registry.handlers.items() if h.record.cgroup is not None}
 
+    def _chained(self) -> set[int]:
+        """Slot keys whose handlers have priorities."""
+        return {self.syscalls.base(key) for key in self.registry.handlers if self.syscalls.priority(key) is not None}
+
     def _scope_missed(self, slot: int, counts: Counts) -> int:
         return max(0, self.scope_misses.since_start(slot, counts.scope_misses))
 
@@ -608,7 +688,7 @@ class SlotManager:
         moved = (key for key in range(len(counts.calls))
                  if self.calls.since_start(key, counts.calls) and self.misses.watched(key))
         return [(key, self._hits(key, missed, counts), self.misses.since_start(key, missed))
-                for key in sorted(set(self.registry.wanted()).union(moved))]
+                for key in sorted({self.syscalls.base(k) for k in self.registry.wanted()}.union(moved))]
 
     def syscall_table(self, pattern: str | None) -> list[SyscallView]:
         handlers = self.registry.handlers
@@ -619,10 +699,10 @@ class SlotManager:
         missed, counts = self._recent_counts()
         # Hits of the slots tailcalld fills: elsewhere calls and misses are equal, and summing
         # two racing totals over every syscall of the machine would only add noise.
-        hits = sum(self._hits(slot, missed, counts) for slot in self.registry.handlers)
+        hits = sum(self._hits(slot, missed, counts) for slot in {self.syscalls.base(k) for k in self.registry.handlers})
         ends = [h.record.expires_at for h in self.registry.handlers.values() if h.record.expires_at is not None]
         return Status(self.started_at, os.getpid(), self.kernel.info, self.slots_in_use, self.restoring,
-                      min(ends, default=None), len(self._scoped()), self.atomic_applies, hits,
+                      min(ends, default=None), len(self._scoped()), len(self._chained()), self.atomic_applies, hits,
                       sum(missed) - sum(self.misses.baseline), list(self.registry.corrections))
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """Persisted desired state: which handler should sit in which slot, and where it came from.
 
-    state_dir/state.json            {"version": 1, "slots": {"268": SlotRecord, ...}, "exit_slots": {...}}
+    state_dir/state.json            {"version": 1, "slots": {"268": SlotRecord, ...}, "exit_slots": {...},
+                                     "links": [SlotRecord with its priority, ...], "exit_links": [...]}
     state_dir/sources/<sha256>.c|.o each handler's source (or ELF object), by the handler's identity
                                     (Artifact.sha256: the source's hash when it has no local headers)
     state_dir/sources/<sha256>.h    each local header, content-addressed, named in SlotRecord.headers
@@ -79,6 +80,8 @@ class SlotRecord(BaseModel):
     # attach --cgroup: the handler runs only for tasks in this cgroup v2 subtree (its path: a
     # cgroup made again under the same path, a restarted service, is followed).
     cgroup: str | None = None
+    # attach --priority: one of several handlers of the slot, run in order, lowest first (chain.py).
+    priority: int | None = None
 
 
 def record_build_key(record: SlotRecord) -> str | None:
@@ -92,12 +95,16 @@ class StateFile(BaseModel):
     version: int = STATE_VERSION
     slots: dict[int, SlotRecord] = {}  # enter slots (raw_tracepoint/sys_enter), by syscall number
     exit_slots: dict[int, SlotRecord] = {}  # exit slots (raw_tracepoint/sys_exit), by syscall number
+    # The handlers of chained slots (attach --priority), each with its slot (the syscall
+    # number) and priority, in slot and priority order.
+    links: list[SlotRecord] = []
+    exit_links: list[SlotRecord] = []
 
     def records(self) -> list[SlotRecord]:
         """Every record, enter and exit slots alike, and those the slots go back to when an
         attach --for ends (their sources are kept too)."""
         found = []
-        for top in [*self.slots.values(), *self.exit_slots.values()]:
+        for top in [*self.slots.values(), *self.exit_slots.values(), *self.links, *self.exit_links]:
             record: SlotRecord | None = top
             while record is not None:
                 found.append(record)

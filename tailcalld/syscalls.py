@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import SlotOutOfRange, UnknownSyscall
+from .wire_limits import MAX_PRIORITY
 
 _NR_DEFINE = re.compile(r"^#define __NR_(\w+) (\d+)$", re.MULTILINE)
 # ia32 numbers on x86_64 stay below this (462 in 6.18); the dispatcher's compat maps have this many entries.
@@ -58,6 +59,20 @@ def _from_bcc() -> dict[str, int]:
 # Where in a syscall a slot's handler runs: on entry (raw_tracepoint/sys_enter, arguments) or
 # on exit (raw_tracepoint/sys_exit, return value).
 Hook = Literal["enter", "exit"]
+
+
+def link_key(nr_keys: int, key: int, priority: int) -> int:
+    """The key of slot ``key``'s handler at ``priority`` (attach --priority): one int, as slot
+    keys are, above the ``nr_keys`` slot keys."""
+    return nr_keys + key * (MAX_PRIORITY + 1) + priority
+
+
+def split_link_key(nr_keys: int, key: int) -> tuple[int, int | None]:
+    """(slot key, priority) of a key; priority None for a slot key (a handler without priority)."""
+    if key < nr_keys:
+        return key, None
+    base, priority = divmod(key - nr_keys, MAX_PRIORITY + 1)
+    return base, priority
 
 
 @dataclass
@@ -110,13 +125,27 @@ class SyscallTable:
         return nr if hook == "enter" else self.nr_slots + nr
 
     def split(self, key: int) -> tuple[int, Hook]:
-        """(syscall number, hook) of a slot key."""
+        """(syscall number, hook) of a slot key (or of a handler's key in a chained slot)."""
+        key = self.base(key)
         return (key, "enter") if key < self.nr_slots else (key - self.nr_slots, "exit")
 
+    def link_key(self, key: int, priority: int | None) -> int:
+        """The key of the handler at ``priority`` in slot ``key`` (the slot key itself for None)."""
+        return key if priority is None else link_key(2 * self.nr_slots, key, priority)
+
+    def base(self, key: int) -> int:
+        """The slot key of a key: itself, or the slot a chained handler's key is in."""
+        return split_link_key(2 * self.nr_slots, key)[0]
+
+    def priority(self, key: int) -> int | None:
+        return split_link_key(2 * self.nr_slots, key)[1]
+
     def slot_label(self, key: int) -> str:
-        """How messages name a slot: 'openat (257)', 'openat exit (257)'."""
+        """How messages name a slot: 'openat (257)', 'openat exit (257)', 'openat (257) priority 10'."""
         nr, hook = self.split(key)
-        return f"{self.label(nr)}{' exit' if hook == 'exit' else ''} ({nr})"
+        priority = self.priority(key)
+        return (f"{self.label(nr)}{' exit' if hook == 'exit' else ''} ({nr})"
+                + (f" priority {priority}" if priority is not None else ""))
 
     def ia32_label(self, nr: int) -> str:
         return self.ia32_by_nr.get(nr) or f"syscall_{nr}"

@@ -10,3 +10,5 @@ MAX_OBJECT_CHARS = 2 * MAX_SOURCE_CHARS  # base64: 1.5 MiB of object
 # max_headers_bytes are within them.
 MAX_HEADERS = 256
 MAX_HEADERS_BYTES = 8 << 20
+MAX_PRIORITY = 999  # a chained slot's handlers have priorities 0..999, lowest first (chain.py)
+MAX_LINKS = 16  # handlers per chained slot: each takes one of the kernel's 33 tail calls per syscall

@@ -47,7 +47,7 @@ def test_the_slot_goes_back_to_what_it_held(journald: None, daemon: DaemonProces
     assert "Next end" in daemon.ctl("status").stdout
     assert "the slot goes back to what it held before" in daemon.ctl("show", str(SLOT), "--no-source").stdout
     metrics = fetch(daemon.socket.parent / "metrics.sock").decode()
-    assert f'tailcalld_slot_expiry_timestamp_seconds{{hook="enter",slot="{SLOT}",syscall=' in metrics
+    assert f'tailcalld_slot_expiry_timestamp_seconds{{hook="enter",priority="",slot="{SLOT}",syscall=' in metrics
     wait_until(lambda: (slot_of(daemon) or {}).get("function") == "h_base", timeout=30, period=0.2)
     back = slot_of(daemon)
     assert back is not None and back["expires_at"] is None and back["state"] == "in-sync"

@@ -74,7 +74,7 @@ def test_parse_errors_name_the_file_the_table_and_the_field() -> None:
     assert said == "slots.toml: [[slot]] 2: functon: unknown field (did you mean function?)"
     assert problem('[[slot]]\nslot = 1\nfile = "a.c"\nsets = { a = 1 }\n').endswith("sets: unknown field (did you mean set?)")
     assert problem('[[slot]]\nslot = 1\nfile = "a.c"\nxyz = 1\n').endswith(
-        "xyz: unknown field; the fields are slot, hook, file, function, dialect, journal, cgroup, set, define")
+        "xyz: unknown field; the fields are slot, hook, file, function, dialect, journal, cgroup, priority, set, define")
     assert "[[slot]] 1: file: Field required" in problem('[[slot]]\nslot = 1\n')
     assert "[[slot]] 1: hook: Input should be 'enter' or 'exit'" in problem('[[slot]]\nslot=1\nfile="a"\nhook="in"\n')
     assert "[[slot]] 1: function: String should match pattern" in problem('[[slot]]\nslot=1\nfile="a"\nfunction="a b"\n')

@@ -15,6 +15,15 @@
 //   TC_PID() TC_TID() TC_UID() TC_GID() TC_CGROUP_ID()   of the calling task
 //   TC_COMM(buf)      its command name into char buf[16]
 //
+// Several handlers in one slot (attach --priority N) run one after the other, lowest priority
+// first; a handler's return value says whether the next one runs:
+//
+//   return TC_CONTINUE;   (0) the next handler of the slot runs
+//   return TC_STOP;       (1, or any value but 0) the slot's later handlers do not run for this call
+//
+// A slot's only handler may return either. A handler that does not include this file (a
+// libbpf object from elsewhere) runs in a chain as it is: returning 0 lets the chain go on.
+//
 // Events, read with `tailcallctl events` (and written to the journal for slots attached with
 // --journal): one ring buffer shared by all handlers, pinned as pin_dir/events. tailcalld
 // stamps every event with the slot, the time, pid, tid, uid and comm.
@@ -72,6 +81,8 @@ struct tc_event_counts {
     unsigned long long lost;     // of them, found the ring buffer full
 };
 
+#define TC_CONTINUE 0
+#define TC_STOP 1
 #define TC_CALL_COMPAT 1
 #define TC_CALL_EXIT 2
 #define TC_KIND_TEXT 1

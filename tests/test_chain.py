@@ -1,0 +1,254 @@
+"""Several handlers per syscall, in order (issue 15, item 4: attach --priority).  On the real
+kernel: each handler counts into pinned maps read with bpftool, and marks a shared value, so the
+later handler can tell whether the earlier one ran before it in the same call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from harness import (NR_FCHMODAT, DaemonProcess, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
+                     start_daemon, wait_journal)
+from test_core_kernel import ME, core
+from tailcalld.dialects import Artifact
+from tailcalld.errors import BadRequest, PriorityClash, SlotEmpty
+from tailcalld.metrics_http import fetch
+from tailcalld.slots import SlotManager
+
+
+def ordered_handler(runs: Path, seq: Path, function: str, dirfd: int, after: int, mark: int, ret: int = 0) -> str:
+    """bcc C: for this process's fchmodat(dirfd, ...), count the run in ``runs`` entry 0, and in
+    entry 1 when the shared ``seq`` holds ``after`` (the mark of the handler meant to run just
+    before it, in this very call); then mark ``seq`` and return ``ret``."""
+    return f"""
+#include <uapi/linux/ptrace.h>
+#include "tailcalld.h"
+BPF_TABLE_PINNED("array", u32, u64, runs, 2, "{runs}");
+BPF_TABLE_PINNED("array", u32, u64, seq, 1, "{seq}");
+
+int {function}(struct bpf_raw_tracepoint_args *ctx)
+{{
+    if ((int)TC_ARG(ctx, 0) != {dirfd} || (bpf_get_current_pid_tgid() >> 32) != {os.getpid()})
+        return TC_CONTINUE;
+    u32 zero = 0, one = 1;
+    u64 *n = runs.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    u64 *s = seq.lookup(&zero);
+    if (s) {{
+        if (*s == {after}) {{
+            u64 *m = runs.lookup(&one);
+            if (m)
+                __sync_fetch_and_add(m, 1);
+        }}
+        *s = {mark};
+    }}
+    return {ret};
+}}
+"""
+
+
+def counts(runs: Path) -> tuple[int, int]:
+    """(runs, runs right after the handler before it) of a handler's pinned counts."""
+    from harness import _bpftool_map_dump, _le
+    entries = {_le(e["key"]): _le(e["value"]) for e in _bpftool_map_dump(runs)}
+    return entries.get(0, 0), entries.get(1, 0)
+
+
+def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with core(pin_dir, state_dir) as manager:
+            await scenario(manager)
+    asyncio.run(main())
+
+
+def test_handlers_run_in_order_of_priority(tmp_path: Path, pin_root: Path) -> None:
+    pin_dir = pin_root / "d"
+    dirfd = 7000 + secrets.randbelow(1000)
+    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
+    # The first (priority 10) marks 1; the second (50) counts the calls in which it saw that mark.
+    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
+    stopping = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1, ret=1).encode())
+    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+
+    async def scenario(m: SlotManager) -> None:
+        b = await m.attach(NR_FCHMODAT, second, None, "second.c", ME, priority=50)
+        # Alone in its slot it sits there itself: the one-handler case costs what it always did.
+        assert kernel_slots(pin_dir / "prog_array")[NR_FCHMODAT] == b.prog_id
+        a = await m.attach(NR_FCHMODAT, first, None, "first.c", ME, priority=10)
+        runner = kernel_slots(pin_dir / "prog_array")[NR_FCHMODAT]
+        assert runner not in (a.prog_id, b.prog_id)  # the slot holds the chain's runner now
+        fchmodat(300, dirfd)
+        assert counts(first_runs)[0] == 300
+        assert counts(second_runs) == (300, 300)  # every call: after the first, in the same call
+
+        views = m.list_slots()
+        assert [(v.record.priority, v.record.prog_id, v.state) for v in views] == [
+            (10, a.prog_id, "in-sync"), (50, b.prog_id, "in-sync")]
+        assert all(v.hits >= 300 for v in views)
+        assert m.status().chained == 1 and m.status().slots_used == 2
+
+        # The first one replaced by one that stops the chain: the second no longer runs.
+        c = await m.attach(NR_FCHMODAT, stopping, None, "first.c", ME, priority=10)
+        assert c.replaced_prog_id == a.prog_id
+        assert kernel_slots(pin_dir / "prog_array")[NR_FCHMODAT] == runner  # one entry changed, not the runner
+        fchmodat(200, dirfd)
+        assert counts(first_runs)[0] == 500 and counts(second_runs) == (300, 300)
+
+        # Detaching one leaves the other, which sits in the slot itself again.
+        with pytest.raises(PriorityClash, match="priorities 10, 50"):
+            await m.detach(NR_FCHMODAT, ME)
+        d = await m.detach(NR_FCHMODAT, ME, priority=10)
+        assert d.prog_id == c.prog_id
+        assert kernel_slots(pin_dir / "prog_array")[NR_FCHMODAT] == b.prog_id
+        fchmodat(100, dirfd)
+        assert counts(first_runs)[0] == 500 and counts(second_runs)[0] == 400
+        assert not list((pin_dir / "chain" / "runners").iterdir())
+        assert m.status().chained == 1  # one handler with a priority still
+        await m.detach(NR_FCHMODAT, ME, priority=50)
+        assert NR_FCHMODAT not in kernel_slots(pin_dir / "prog_array")
+        assert kernel_slots(pin_dir / "chain" / "links") == {}
+        with pytest.raises(SlotEmpty):
+            await m.detach(NR_FCHMODAT, ME, priority=50)
+
+    run(pin_dir, tmp_path / "state", scenario)
+
+
+def test_priority_misuse_is_refused_and_changes_nothing(tmp_path: Path, pin_root: Path) -> None:
+    pin_dir = pin_root / "d"
+    dirfd = 7000 + secrets.randbelow(1000)
+    runs, other_runs, seq = pin_root / "runs", pin_root / "other", pin_root / "seq"
+    one = Artifact("bcc", ordered_handler(runs, seq, "one", dirfd, after=-1, mark=1).encode())
+    other = Artifact("bcc", ordered_handler(other_runs, seq, "other", dirfd, after=-1, mark=2).encode())
+
+    async def scenario(m: SlotManager) -> None:
+        a = await m.attach(NR_FCHMODAT, one, None, "one.c", ME, priority=10)
+        with pytest.raises(PriorityClash, match=r"priority 10 of slot fchmodat \(268\) is taken by one from one.c"):
+            await m.attach(NR_FCHMODAT, other, None, "other.c", ME, priority=10)
+        with pytest.raises(PriorityClash, match="attach with --priority"):
+            await m.attach(NR_FCHMODAT, other, None, "other.c", ME)
+        with pytest.raises(BadRequest, match="out of range"):
+            await m.attach(NR_FCHMODAT, other, None, "other.c", ME, priority=1000)
+        with pytest.raises(BadRequest, match="--priority or --cgroup"):
+            await m.attach(NR_FCHMODAT, other, None, "other.c", ME, priority=20, cgroup="/sys/fs/cgroup")
+        assert [(v.record.priority, v.record.prog_id) for v in m.list_slots()] == [(10, a.prog_id)]
+        # --expect names what it replaces: then another file may take the priority.
+        b = await m.attach(NR_FCHMODAT, other, None, "other.c", ME, priority=10, expect=a.prog_id)
+        assert b.replaced_prog_id == a.prog_id
+        await m.detach(NR_FCHMODAT, ME, priority=10)
+        # A handler without priority refuses handlers with one beside it.
+        await m.attach(NR_FCHMODAT, one, None, "one.c", ME)
+        with pytest.raises(PriorityClash, match="attached without --priority"):
+            await m.attach(NR_FCHMODAT, other, None, "other.c", ME, priority=20)
+        fchmodat(10, dirfd)
+        assert read_counter(other_runs) == 0 and read_counter(runs) == 10
+        await m.detach(NR_FCHMODAT, ME)
+
+    run(pin_dir, tmp_path / "state", scenario)
+
+
+def test_a_chain_survives_a_restart(tmp_path: Path, pin_root: Path) -> None:
+    pin_dir, state = pin_root / "d", tmp_path / "state"
+    dirfd = 7000 + secrets.randbelow(1000)
+    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
+    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
+    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+    ids: dict[int, int] = {}
+
+    async def attach(m: SlotManager) -> None:
+        ids[50] = (await m.attach(NR_FCHMODAT, second, None, "second.c", ME, priority=50)).prog_id
+        ids[10] = (await m.attach(NR_FCHMODAT, first, None, "first.c", ME, priority=10)).prog_id
+
+    async def adopted(m: SlotManager) -> None:
+        assert [(v.record.priority, v.record.prog_id, v.state) for v in m.list_slots()] == [
+            (10, ids[10], "in-sync"), (50, ids[50], "in-sync")]
+        fchmodat(100, dirfd)
+        assert counts(second_runs) == (110, 110)
+        # Changes after the restart: the runner and the handlers are found again.
+        await m.detach(NR_FCHMODAT, ME, priority=10)
+        assert kernel_slots(pin_dir / "prog_array")[NR_FCHMODAT] == ids[50]
+        fchmodat(50, dirfd)
+        assert counts(second_runs)[0] == 160 and counts(first_runs)[0] == 110
+
+    run(pin_dir, state, attach)
+    fchmodat(10, dirfd)  # no daemon: the pins keep the chain running
+    assert counts(second_runs) == (10, 10)
+    run(pin_dir, state, adopted)
+
+
+def listed(d: DaemonProcess) -> dict[int | None, dict[str, object]]:
+    """The daemon's list entries by priority."""
+    return {s["priority"]: s for s in d.call("list")["slots"]}
+
+
+@pytest.mark.parametrize("reboot", [False, True], ids=["restart", "reboot"])
+def test_a_chain_over_the_socket_through_a_restart(journald: None, tmp_path: Path, pin_root: Path,
+                                                   reboot: bool) -> None:
+    """tailcallctl attach --priority, list, show, status, metrics, the audit, save; a restart (or
+    a reboot: pins gone, rebuilt from the state file); detach --priority, then apply of what
+    save wrote brings the chain back."""
+    dirfd = 7000 + secrets.randbelow(1000)
+    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
+    first, second = tmp_path / "audit.c", tmp_path / "debug.c"
+    first.write_text(ordered_handler(first_runs, seq, "audit", dirfd, after=-1, mark=1))
+    second.write_text(ordered_handler(second_runs, seq, "debug", dirfd, after=1, mark=2))
+    saved = tmp_path / "saved" / "apply.toml"
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        for path, priority in ((second, "50"), (first, "10")):
+            r = d.ctl("attach", str(NR_FCHMODAT), str(path), "--priority", priority)
+            assert r.returncode == 0, r.stderr
+        fchmodat(30, dirfd)
+        assert counts(first_runs)[0] == 30 and counts(second_runs) == (30, 30)
+        slots = listed(d)
+        assert [(p, s["function"], s["state"]) for p, s in sorted(slots.items())] == [
+            (10, "audit", "in-sync"), (50, "debug", "in-sync")]
+        table = d.ctl("list").stdout
+        assert "PRIO" in table and "audit" in table and "debug" in table
+        assert d.call("status")["chained"] == 1 and "with handlers in order" in d.ctl("status").stdout
+        shown = d.ctl("show", str(NR_FCHMODAT), "--priority", "50", "--no-source").stdout
+        assert "debug" in shown and "Priority  50 of 10, 50" in shown
+        assert "audit" in d.ctl("show", str(NR_FCHMODAT), "--no-source").stdout  # the first, by default
+        metrics = fetch(d.socket.parent / "metrics.sock").decode()
+        for priority, function in ((10, "audit"), (50, "debug")):
+            assert f'function="{function}",hook="enter",priority="{priority}",' in metrics
+        assert "tailcalld_slots_chained 1.0" in metrics
+        entries = wait_journal(lambda: journal(_PID=str(d.pid), TAILCALLD_ACTION="attach"), minimum=2)
+        assert sorted(e["SLOT_PRIORITY"] for e in entries) == ["10", "50"]
+        assert any("fchmodat (268) priority 10" in e["MESSAGE"] for e in entries)
+        r = d.ctl("detach", str(NR_FCHMODAT))
+        assert r.returncode == 1 and "priority_clash" in r.stderr and "--priority" in r.stderr
+        saved.parent.mkdir()
+        r = d.ctl("save", "-o", str(saved))
+        assert r.returncode == 0, r.stderr
+        assert "priority = 10" in saved.read_text() and "priority = 50" in saved.read_text()
+    finally:
+        assert d.stop() == 0
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert [(r["slot"], r["priority"]) for r in state["links"]] == [(NR_FCHMODAT, 10), (NR_FCHMODAT, 50)]
+    assert state["slots"] == {}
+    if reboot:
+        remove_pin_tree(pin_root / "daemon")
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    try:
+        assert sorted((p, s["state"]) for p, s in listed(d).items()) == [(10, "in-sync"), (50, "in-sync")]
+        fchmodat(20, dirfd)
+        assert counts(first_runs)[0] == 50 and counts(second_runs) == (50, 50)
+        r = d.ctl("detach", str(NR_FCHMODAT), "--priority", "10")
+        assert r.returncode == 0, r.stderr
+        assert list(listed(d)) == [50]
+        fchmodat(10, dirfd)
+        assert counts(first_runs)[0] == 50 and counts(second_runs)[0] == 60
+        r = d.ctl("apply", str(saved))
+        assert r.returncode == 0, r.stderr
+        assert "priority 10" in r.stdout
+        fchmodat(10, dirfd)
+        assert counts(first_runs)[0] == 60 and counts(second_runs) == (70, 60)  # the 10 calls it ran alone were after nothing
+    finally:
+        assert d.stop() == 0
