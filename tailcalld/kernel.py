@@ -188,7 +188,11 @@ class BpfKernel:
     def slot(self, slot: int) -> int | None:
         base, priority = self._link(slot)
         if priority is not None:
-            return self._chains.link(base, priority) if self._chains is not None else None
+            if self._chains is None:
+                return None
+            dispatcher, index = self._where(base)
+            running = dispatcher.slot_prog_id(index) if dispatcher is not None else None
+            return self._chains.link(base, priority) if self._runs_chain(base, running) else None
         dispatcher, index = self._where(slot)
         if dispatcher is None:
             return None
@@ -206,17 +210,25 @@ class BpfKernel:
             return found
         nr_keys = 2 * self._nr
         for key, links in self._chains.chained().items():
-            runner = self._chains.runner(key)
-            ours = {prog_id for prog_id in links.values() if prog_id is not None} if len(links) == 1 else set()
-            if runner is not None:
-                ours.add(runner.id)
-            if found.get(key) in ours:
-                del found[key]  # the slot runs its chain: its handlers are what it holds
+            if not self._runs_chain(key, found.get(key), links):
+                continue  # emptied or refilled behind our back: none of its handlers runs
+            del found[key]  # the slot runs its chain: its handlers are what it holds
             for priority, prog_id in links.items():
                 if prog_id is not None:
                     found[link_key(nr_keys, key, priority)] = prog_id
         return found
 
+    def _runs_chain(self, key: int, running: int | None, links: Mapping[int, int | None] | None = None) -> bool:
+        """Whether slot ``key``, which holds program ``running``, runs its chain: its runner, or
+        its only handler (held straight in the slot)."""
+        if running is None or self._chains is None:
+            return False
+        runner = self._chains.runner(key)
+        if runner is not None and runner.id == running:
+            return True
+        if links is None:
+            links = {p: self._chains.link(key, p) for p in self._chains.priorities(key)}
+        return len(links) == 1 and running in links.values()
     def set_slot(self, slot: int, prog: Program, cgroup: str | None = None) -> None:
         base, priority = self._link(slot)
         dispatcher, index = self._where(base)
@@ -247,7 +259,12 @@ class BpfKernel:
         """The handler at ``priority`` of slot ``key``'s chain (chain.py): its entry filled, and the
         slot given the runner of the new order in one update (or the handler, when it is alone)."""
         chains = self._open_chains()
+        runner = chains.runner(key)
+        intact = runner is not None and dispatcher.slot_prog_id(index) == runner.id
         change = chains.put(key, priority, prog.fd)
+        if change.keep_slot and not intact:  # the slot lost its runner behind our back: put it back
+            assert runner is not None
+            change.keep_slot, change.runner, change.slot_fd = False, runner, runner.fd
         if not change.keep_slot:
             try:
                 assert change.slot_fd is not None

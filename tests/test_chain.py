@@ -8,24 +8,29 @@ import asyncio
 import json
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from harness import (NR_FCHMODAT, DaemonProcess, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
+from harness import (DIRFD_MAGIC, NR_FCHMODAT, DaemonProcess, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
                      start_daemon, wait_journal)
 from test_core_kernel import ME, core
+from test_libbpf import ProgMap, build_object, libbpf_counter
 from tailcalld.dialects import Artifact
 from tailcalld.errors import BadRequest, PriorityClash, SlotEmpty
 from tailcalld.metrics_http import fetch
 from tailcalld.slots import SlotManager
 
 
-def ordered_handler(runs: Path, seq: Path, function: str, dirfd: int, after: int, mark: int, ret: int = 0) -> str:
-    """bcc C: for this process's fchmodat(dirfd, ...), count the run in ``runs`` entry 0, and in
-    entry 1 when the shared ``seq`` holds ``after`` (the mark of the handler meant to run just
-    before it, in this very call); then mark ``seq`` and return ``ret``."""
+def ordered_handler(runs: Path, seq: Path, function: str, dirfd: int, after: int, mark: int, ret: int = 0,
+                    any_process: bool = False) -> str:
+    """bcc C: for this process's fchmodat(dirfd, ...) (``any_process``: anyone's), count the run
+    in ``runs`` entry 0, and in entry 1 when the shared ``seq`` holds ``after`` (the mark of the
+    handler meant to run just before it, in this very call); then mark ``seq`` and return ``ret``."""
+    who = "" if any_process else f" || (bpf_get_current_pid_tgid() >> 32) != {os.getpid()}"
     return f"""
 #include <uapi/linux/ptrace.h>
 #include "tailcalld.h"
@@ -34,7 +39,7 @@ BPF_TABLE_PINNED("array", u32, u64, seq, 1, "{seq}");
 
 int {function}(struct bpf_raw_tracepoint_args *ctx)
 {{
-    if ((int)TC_ARG(ctx, 0) != {dirfd} || (bpf_get_current_pid_tgid() >> 32) != {os.getpid()})
+    if ((int)TC_ARG(ctx, 0) != {dirfd}{who})
         return TC_CONTINUE;
     u32 zero = 0, one = 1;
     u64 *n = runs.lookup(&zero);
@@ -182,6 +187,92 @@ def test_a_chain_survives_a_restart(tmp_path: Path, pin_root: Path) -> None:
     run(pin_dir, state, adopted)
 
 
+def test_changes_around_a_handler_lose_none_of_its_calls(tmp_path: Path, pin_root: Path) -> None:
+    """A child calls without pause while handlers come and go around one that stays (priority 50):
+    alone in the slot, behind a runner when one joins, a runner swapped for another at each
+    change, alone again.  It runs for every call the child made, exactly."""
+    pin_dir = pin_root / "d"
+    dirfd = 7000 + secrets.randbelow(1000)
+    steady_runs, other_runs, seq = pin_root / "steady", pin_root / "other", pin_root / "seq"
+    steady = Artifact("bcc", ordered_handler(steady_runs, seq, "steady", dirfd, -1, 2, any_process=True).encode())
+
+    def other(n: int) -> Artifact:  # another program each time
+        return Artifact("bcc", ordered_handler(other_runs, seq, f"other{n}", dirfd, -1, 1, any_process=True).encode())
+
+    stop = tmp_path / "stop"
+    code = (f"import ctypes, os\n"
+            f"print('go', flush=True)\n"
+            f"libc = ctypes.CDLL(None, use_errno=True)\n"
+            f"n = 0\n"
+            f"while not os.path.exists({str(stop)!r}):\n"
+            f"    for _ in range(10000): libc.syscall({NR_FCHMODAT}, {dirfd}, b'/nonexistent-tailcalld-test', 0o644)\n"
+            f"    n += 10000\n"
+            f"print(n, flush=True)\n")
+
+    async def scenario(m: SlotManager) -> None:
+        await m.attach(NR_FCHMODAT, steady, None, "steady.c", ME, priority=50)
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "go\n"
+            for priority, n in ((10, 0), (10, 1), (90, 2), (10, 3)):  # join, replace, join after, replace
+                await m.attach(NR_FCHMODAT, other(n), None, f"other{priority}.c", ME, priority=priority)
+                await asyncio.sleep(0.05)
+            for priority in (10, 90):  # leave: a runner of one fewer, then the steady one alone
+                await m.detach(NR_FCHMODAT, ME, priority=priority)
+                await asyncio.sleep(0.05)
+        finally:
+            stop.touch()
+            out, _ = child.communicate(timeout=60)
+        made = int(out)
+        assert made >= 10000
+        assert counts(steady_runs)[0] == made
+        assert counts(other_runs)[0] > 0  # the others ran too (two at a time, for a while)
+        assert kernel_slots(pin_dir / "prog_array")[NR_FCHMODAT] == m.list_slots()[0].record.prog_id
+
+    run(pin_dir, tmp_path / "state", scenario)
+
+
+def test_a_chain_changed_behind_our_back_is_put_right(tmp_path: Path, pin_root: Path) -> None:
+    """bpftool empties the slot of a chain, then a handler's entry: the drift repair puts the
+    runner and the handler back; a program put in the slot by someone else is removed."""
+    pin_dir = pin_root / "d"
+    dirfd = 7000 + secrets.randbelow(1000)
+    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
+    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
+    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+
+    async def scenario(m: SlotManager) -> None:
+        await m.attach(NR_FCHMODAT, first, None, "first.c", ME, priority=10)
+        await m.attach(NR_FCHMODAT, second, None, "second.c", ME, priority=50)
+        key = str(NR_FCHMODAT)
+        subprocess.run(["bpftool", "map", "delete", "pinned", str(pin_dir / "prog_array"), "key",
+                        *key_bytes(NR_FCHMODAT)], check=True)
+        assert {v.state for v in m.list_slots()} == {"kernel-empty"}
+        await m.repair_drift()
+        assert {v.state for v in m.list_slots()} == {"in-sync"}
+        assert any(f"fchmodat ({key}) priority 10 was emptied" in c for c in m.registry.corrections)
+        fchmodat(20, dirfd)
+        assert counts(second_runs) == (20, 20)
+        entry = 16 * NR_FCHMODAT + 0  # the first handler's entry (chain.py: MAX_LINKS per slot)
+        subprocess.run(["bpftool", "map", "delete", "pinned", str(pin_dir / "chain" / "links"), "key",
+                        *key_bytes(entry)], check=True)
+        await m.repair_drift()
+        assert {v.state for v in m.list_slots()} == {"in-sync"}
+        fchmodat(10, dirfd)
+        assert counts(first_runs)[0] == 30 and counts(second_runs) == (30, 30)
+        # rm -rf pin_dir while we run: the chain's maps and runner are pinned again with the rest.
+        subprocess.run(["rm", "-rf", str(pin_dir)], check=True)
+        m.restore_pins()
+        assert (pin_dir / "chain" / "runners" / key).exists() and (pin_dir / "chain" / "order").exists()
+        assert set(kernel_slots(pin_dir / "chain" / "links").values()) == {v.record.prog_id for v in m.list_slots()}
+
+    run(pin_dir, tmp_path / "state", scenario)
+
+
+def key_bytes(key: int) -> list[str]:
+    return [str(b) for b in key.to_bytes(4, "little")]
+
+
 def listed(d: DaemonProcess) -> dict[int | None, dict[str, object]]:
     """The daemon's list entries by priority."""
     return {s["priority"]: s for s in d.call("list")["slots"]}
@@ -252,3 +343,25 @@ def test_a_chain_over_the_socket_through_a_restart(journald: None, tmp_path: Pat
         assert counts(first_runs)[0] == 60 and counts(second_runs) == (70, 60)  # the 10 calls it ran alone were after nothing
     finally:
         assert d.stop() == 0
+
+
+def test_a_libbpf_object_from_elsewhere_runs_in_a_chain(daemon: DaemonProcess, tmp_path: Path, pin_root: Path) -> None:
+    """A prebuilt .bpf.o that knows nothing of tailcalld (no tailcalld.h) takes its place in a
+    chain as it is: it returns 0, so the handler after it runs too."""
+    source = libbpf_counter("from_object", "object_hits")
+    assert daemon.ctl("check", "-", input=source).returncode == 0  # fills the vmlinux.h cache
+    obj = build_object(source, tmp_path, daemon)
+    after_runs, seq = pin_root / "after", pin_root / "seq"
+    after = tmp_path / "after.c"
+    after.write_text(ordered_handler(after_runs, seq, "after", DIRFD_MAGIC, after=-1, mark=1))
+    for path, priority in ((obj, "10"), (after, "20")):
+        r = daemon.ctl("attach", "fchmodat", str(path), "--priority", priority)
+        assert r.returncode == 0, r.stderr
+    first = listed(daemon)[10]
+    assert first["dialect"] == "object"
+    hits = ProgMap(int(str(first["prog_id"])), "object_hits")
+    try:
+        fchmodat(21)
+        assert hits.value() == 21 and counts(after_runs)[0] == 21
+    finally:
+        hits.close()
