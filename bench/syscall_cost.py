@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tailcalld.chain import CHAIN_DIR, Chains
 from tailcalld.compiler import Compiler, Program
 from tailcalld.config import LiveSettings, Settings
 from tailcalld.dispatcher import EXIT, NR_SLOTS, Dispatcher
@@ -188,11 +189,12 @@ def _no_cgroup2() -> str | None:
 
 
 def tailcalld_dispatcher(fill: Callable[[Env], list[int]], exit_fill: Callable[[Env], list[int]] | None = None,
-                         timed: bool = False, scope: str | None = None) -> Attacher:
+                         timed: bool = False, scope: str | None = None, chain: int = 0) -> Attacher:
     """tailcalld's own dispatcher, loaded and pinned by tailcalld's code in a fresh pin folder,
     with the empty handler in the slots ``fill`` names; with ``exit_fill``, the exit dispatcher
     too, the empty handler in those exit slots; ``timed``: handler timing switched on;
-    ``scope``: the handler behind a cgroup guard (``_bench_cgroup``), as attach --cgroup puts it."""
+    ``scope``: the handler behind a cgroup guard (``_bench_cgroup``), as attach --cgroup puts it;
+    ``chain``: that many copies of the handler in order behind a chain's runner (attach --priority)."""
 
     @contextlib.contextmanager
     def attach(env: Env) -> Iterator[Attached]:
@@ -200,12 +202,21 @@ def tailcalld_dispatcher(fill: Callable[[Env], list[int]], exit_fill: Callable[[
         dispatchers: list[Dispatcher] = []
         timer: HandlerTimer | None = None
         scopes: Scopes | None = None
+        chains: Chains | None = None
         ids: set[int] = set()
         try:
             with _bench_cgroup(scope) as cgroup:
                 enter = env.loop.run_until_complete(Dispatcher.open_or_load(pin_dir, env.compiler, env.compat))
                 dispatchers.append(enter)
                 for slot in fill(env):
+                    if chain:
+                        chains = chains or Chains(pin_dir / CHAIN_DIR, 2 * NR_SLOTS)
+                        for priority in range(chain):
+                            change = chains.put(slot, priority, env.handler().fd)
+                            if not change.keep_slot and change.slot_fd is not None:
+                                enter.set_slot(slot, change.slot_fd)
+                            chains.installed(change)
+                        continue
                     if cgroup is None:
                         enter.set_slot(slot, env.handler().fd)
                         continue
@@ -233,6 +244,8 @@ def tailcalld_dispatcher(fill: Callable[[Env], list[int]], exit_fill: Callable[[
             remove_pin_tree(pin_dir)  # the link pins first: that detaches the dispatchers
             if scopes is not None:
                 scopes.close()
+            if chains is not None:
+                chains.close()
             for d in dispatchers:
                 d.close()  # our fds were the last references
             wait_progs_gone(ids)
@@ -313,6 +326,10 @@ def configurations() -> list[Configuration]:
                       tailcalld_dispatcher(getppid, scope="all"), "hit", unavailable=_no_cgroup2),
         Configuration("scoped_out", "tailcalld, cgroup guard, caller outside (a scope miss)",
                       tailcalld_dispatcher(getppid, scope="none"), "hit", unavailable=_no_cgroup2),
+        Configuration("chained", "tailcalld, 2 empty handlers in order (attach --priority)",
+                      tailcalld_dispatcher(getppid, chain=2), "hit"),
+        Configuration("chained4", "tailcalld, 4 empty handlers in order (attach --priority)",
+                      tailcalld_dispatcher(getppid, chain=4), "hit"),
         Configuration("bpftrace", "bpftrace raw_syscalls:sys_enter count by id", bpftrace_counting,
                       unavailable=_bpftrace_missing),
         Configuration("tracepoint", "tracepoint syscalls:sys_enter_getppid (bcc)", tracepoint_getppid),

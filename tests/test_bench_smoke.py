@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGURATIONS = {"floor", "raw_tp", "miss", "hit", "other", "bpftrace", "tracepoint", "exit", "timed", "scoped",
-                  "scoped_out"}
+                  "scoped_out", "chained", "chained4"}
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 

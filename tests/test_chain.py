@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,40 @@ def test_a_libbpf_object_from_elsewhere_runs_in_a_chain(daemon: DaemonProcess, t
         assert hits.value() == 21 and counts(after_runs)[0] == 21
     finally:
         hits.close()
+
+
+def test_exit_slots_chain_and_a_handler_with_a_deadline_leaves_its_chain(tmp_path: Path, pin_root: Path) -> None:
+    """Handlers in order on an exit slot too; an attach --for at a priority ends by taking that
+    handler out again (it replaced nothing), the others stay."""
+    pin_dir = pin_root / "d"
+    dirfd = 7000 + secrets.randbelow(1000)
+    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
+    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
+    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+
+    async def scenario(m: SlotManager) -> None:
+        await m.attach(NR_FCHMODAT, second, None, "second.c", ME, hook="exit", priority=50)
+        until = datetime.now(UTC) + timedelta(seconds=1)
+        await m.attach(NR_FCHMODAT, first, None, "first.c", ME, hook="exit", priority=10, expires_at=until)
+        assert [(v.hook, v.record.priority, v.state) for v in m.list_slots()] == [
+            ("exit", 10, "in-sync"), ("exit", 50, "in-sync")]
+        fchmodat(40, dirfd)
+        assert counts(first_runs)[0] == 40 and counts(second_runs) == (40, 40)
+        assert m.status().next_expiry == until
+        expiring = asyncio.create_task(m.expire_due(ME))
+        try:
+            for _ in range(100):
+                if len(m.list_slots()) == 1:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            expiring.cancel()
+        [left] = m.list_slots()
+        assert (left.record.priority, left.state) == (50, "in-sync")
+        fchmodat(10, dirfd)
+        assert counts(first_runs)[0] == 40 and counts(second_runs)[0] == 50
+        exit_slot = kernel_slots(pin_dir / "exit" / "prog_array")[NR_FCHMODAT]
+        assert exit_slot == left.record.prog_id  # alone again: in the slot itself
+        await m.detach(NR_FCHMODAT, ME, hook="exit", priority=50)
+
+    run(pin_dir, tmp_path / "state", scenario)
