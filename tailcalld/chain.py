@@ -52,44 +52,46 @@ logger = logging.getLogger("tailcalld")
 
 _HELPER_TAIL_CALL = 12
 _BTF_KIND_INT, _BTF_KIND_PTR, _BTF_KIND_FUNC, _BTF_KIND_FUNC_PROTO = 1, 2, 12, 13
+RUNNER_FUNC, LINK_FUNC = 4, 5  # the BTF type ids of runner_btf's two functions
 
 
 def runner_insns(entries: list[int], links_fd: int) -> bytes:
     """A runner that runs the handlers in ``entries`` (of the links array) in that order, until
-    one returns non-zero.  The subprogram at the end does the tail call: the kernel refuses
-    tail calls in subprograms without BTF, hence ``runner_btf``."""
+    one returns non-zero.  Each handler has a subprogram of its own at the end, whose tail call
+    has a constant key: the JIT makes it a direct jump, patched when the entry changes, where a
+    key in a register costs an indirect (retpolined) one.  The kernel refuses tail calls in
+    subprograms without BTF, hence ``runner_btf``."""
     mov64_reg, mov64_imm, call, exit_, jne_imm = 0xBF, 0xB7, 0x85, 0x95, 0x55
     insns = [insn(mov64_reg, 6, 1)]  # r6 = ctx, kept across the calls
-    out = 1 + 4 * len(entries)  # the instruction after the links
-    sub = out + 2
-    for i, entry in enumerate(entries):
-        at = 1 + 4 * i
+    out = 1 + 3 * len(entries)  # the instruction after the links
+    for i in range(len(entries)):
+        at = 1 + 3 * i
         insns += [
             insn(mov64_reg, 1, 6),                              # r1 = ctx
-            insn(mov64_imm, 2, imm=entry),                      # r2 = the link's entry
-            insn(call, 0, 1, 0, sub - (at + 2) - 1),            # r0 = link(ctx, entry)  (BPF_PSEUDO_CALL)
-            insn(jne_imm, 0, off=out - (at + 3) - 1, imm=0),    # non-zero: the chain stops
+            insn(call, 0, 1, 0, runner_subprog_offset(len(entries), i) - (at + 1) - 1),  # r0 = link_i(ctx)
+            insn(jne_imm, 0, off=out - (at + 2) - 1, imm=0),    # non-zero: the chain stops
         ]
     insns += [insn(mov64_imm, 0, imm=0), insn(exit_)]
-    insns += [                                                   # link(ctx, entry):
-        insn(mov64_reg, 3, 2),
-        ld_map(2, links_fd),
-        insn(call, imm=_HELPER_TAIL_CALL),                      # the handler returns to our caller
-        insn(mov64_imm, 0, imm=0),                              # an empty entry: go on
-        insn(exit_),
-    ]
+    for entry in entries:                                       # link_i(ctx):
+        insns += [
+            ld_map(2, links_fd),
+            insn(mov64_imm, 3, imm=entry),
+            insn(call, imm=_HELPER_TAIL_CALL),                  # the handler returns to our caller
+            insn(mov64_imm, 0, imm=0),                          # an empty entry: go on
+            insn(exit_),
+        ]
     return b"".join(insns)
 
 
-def runner_subprog_offset(nr_links: int) -> int:
-    """Instruction index of the runner's subprogram (its func_info)."""
-    return 1 + 4 * nr_links + 2
+def runner_subprog_offset(nr_links: int, link: int) -> int:
+    """Instruction index of the subprogram of the runner's ``link``-th handler (its func_info)."""
+    return 1 + 3 * nr_links + 2 + 6 * link
 
 
 def runner_btf() -> bytes:
-    """The least BTF a runner needs: its two functions, ``int runner(void *ctx)`` (type 5) and
-    ``static int link(void *ctx, int entry)`` (type 6)."""
-    names = ["int", "ctx", "entry", "runner", "link"]
+    """The least BTF a runner needs: its functions, ``int runner(void *ctx)`` (type RUNNER_FUNC)
+    and, for each handler's subprogram, ``static int link(void *ctx)`` (type LINK_FUNC)."""
+    names = ["int", "ctx", "runner", "link"]
     strings = b"\0" + b"".join(n.encode() + b"\0" for n in names)
     at = {n: strings.index(b"\0" + n.encode() + b"\0") + 1 for n in names}
 
@@ -97,12 +99,11 @@ def runner_btf() -> bytes:
         return (k << 24) | vlen
 
     types = b"".join([
-        struct.pack("<IIII", at["int"], kind(_BTF_KIND_INT), 4, (1 << 24) | 32),           # 1: int
-        struct.pack("<III", 0, kind(_BTF_KIND_PTR), 0),                                    # 2: void *
-        struct.pack("<IIIII", 0, kind(_BTF_KIND_FUNC_PROTO, 1), 1, at["ctx"], 2),          # 3: int (void *)
-        struct.pack("<IIIIIII", 0, kind(_BTF_KIND_FUNC_PROTO, 2), 1, at["ctx"], 2, at["entry"], 1),  # 4
-        struct.pack("<III", at["runner"], kind(_BTF_KIND_FUNC, 1), 3),                     # 5: global
-        struct.pack("<III", at["link"], kind(_BTF_KIND_FUNC, 0), 4),                       # 6: static
+        struct.pack("<IIII", at["int"], kind(_BTF_KIND_INT), 4, (1 << 24) | 32),   # 1: int
+        struct.pack("<III", 0, kind(_BTF_KIND_PTR), 0),                            # 2: void *
+        struct.pack("<IIIII", 0, kind(_BTF_KIND_FUNC_PROTO, 1), 1, at["ctx"], 2),  # 3: int (void *ctx)
+        struct.pack("<III", at["runner"], kind(_BTF_KIND_FUNC, 1), 3),             # 4: global
+        struct.pack("<III", at["link"], kind(_BTF_KIND_FUNC, 0), 3),               # 5: static
     ])
     header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
     return header + types + strings
@@ -278,6 +279,17 @@ class Chains:
             self._orders.pop(key, None)
         return change
 
+    def renew(self, key: int) -> Change | None:
+        """A runner for slot ``key``'s order as ``order`` says it, to be put in the slot: a start
+        makes one for each chained slot, so a runner that a crash left one change behind its
+        order (the order is written just before the slot's update) runs what the order says.
+        None when the slot has no runner."""
+        order = self._orders.get(key)
+        if key not in self._runners or not order:
+            return None
+        runner = self._load_runner(key, order)
+        return Change(key, dict(order), None, False, runner, runner.fd)
+
     def installed(self, change: Change) -> None:
         """The slot holds what ``change`` made for it: pin its runner (or drop the old one),
         and empty the entries no runner reads any more."""
@@ -336,7 +348,7 @@ class Chains:
     def _load_runner(self, key: int, order: dict[int, int]) -> Runner:
         entries = [MAX_LINKS * key + pos for pos, _ in sorted(order.items(), key=lambda item: item[1])]
         insns = runner_insns(entries, self._fds["links"])
-        funcs = [(0, 5), (runner_subprog_offset(len(entries)), 6)]
+        funcs = [(0, RUNNER_FUNC)] + [(runner_subprog_offset(len(entries), i), LINK_FUNC) for i in range(len(entries))]
         fd, log = bpfsys.prog_load_with_btf(bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, runner_name(key), b"GPL", insns,
                                             self._btf_fd, funcs, 1 << 16)
         if fd < 0:

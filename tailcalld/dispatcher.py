@@ -48,6 +48,7 @@ from .bpf_object import BpfObject
 from .compiler import Compiler, bpf_source
 from .errors import KernelError, ObjectError, PinConflict
 from .events import PINS as EVENT_PINS
+from .chain import CHAIN_DIR
 from .scope import SCOPE_DIR
 from .pins import HANDLERS_PINS, PinDirLock, open_or_create_map, pin_again, remove_handler_pins
 from .syscalls import COMPAT_NR, Hook
@@ -526,6 +527,7 @@ def remove_pins(pin_dir: Path) -> list[str]:
     removed += _remove_dispatcher_pins(pin_dir)
     removed += remove_handler_pins(pin_dir / HANDLERS_PINS)
     removed += remove_handler_pins(pin_dir / SCOPE_DIR)  # the cgroup guards and their maps
+    removed += remove_handler_pins(pin_dir / CHAIN_DIR)  # the chains' runners and their maps
     with contextlib.suppress(OSError):
         pin_dir.rmdir()
     return removed

@@ -136,18 +136,22 @@ class BpfKernel:
         self._scopes = Scopes(scope_dir, 2 * dispatcher.nr_slots) if scope_dir.exists() else None
         # Made at the first attach with a priority (chain.py), as the scope's.
         chain_dir = dispatcher.pin_dir / CHAIN_DIR
+        self._exit = exit_dispatcher
+        self._nr = dispatcher.nr_slots
+        self._chains: Chains | None = None
         try:
             self._chains = Chains(chain_dir, 2 * dispatcher.nr_slots) if chain_dir.exists() else None
+            self._renew_runners()
         except BaseException:
             if self._scopes is not None:
                 self._scopes.close()
+            if self._chains is not None:
+                self._chains.close()
             raise
         self._compiler = compiler
         self._compat = compat
-        self._exit = exit_dispatcher
         self._exit_loading = asyncio.Lock()  # two first exit attaches at once load it once
         self._exit_watched = False  # watch_misses names an exit slot: keep it attached
-        self._nr = dispatcher.nr_slots
         # The exit counters while no exit dispatcher is attached (they stay pinned, and go on
         # from these values when it is attached again).
         self._exit_totals = _pinned_counts(dispatcher.pin_dir / EXIT.subdir, self._nr)
@@ -175,6 +179,26 @@ class BpfKernel:
             if exit_dispatcher is not None:
                 exit_dispatcher.close()
             raise
+
+    def _renew_runners(self) -> None:
+        """Each chained slot that runs its runner gets one made anew from its order (Chains.renew):
+        a crash between writing a change's order and updating the slot leaves none behind."""
+        if self._chains is None:
+            return
+        for key in list(self._chains.chained()):
+            dispatcher, index = self._where(key)
+            runner = self._chains.runner(key)
+            if dispatcher is None or runner is None or dispatcher.slot_prog_id(index) != runner.id:
+                continue
+            change = self._chains.renew(key)
+            if change is None:
+                continue
+            try:
+                dispatcher.set_slot(index, change.runner.fd if change.runner is not None else runner.fd)
+            except KernelError:
+                self._chains.undo(change)
+                raise
+            self._chains.installed(change)
 
     def _link(self, key: int) -> tuple[int, int | None]:
         """(slot key, priority) of a key: a handler's key in a chained slot has a priority."""

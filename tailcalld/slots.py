@@ -447,7 +447,8 @@ class SlotManager:
                     # From here to the kernel update nothing awaits: no other change interleaves.
                     try:
                         replaced = self.kernel.slot(slot)
-                        record = SlotRecord(slot=self.syscalls.base(slot), priority=priority, function=prog.function, prog_id=prog.id, dialect=artifact.dialect,
+                        record = SlotRecord(slot=self.syscalls.base(slot), priority=priority, function=prog.function,
+                                            prog_id=prog.id, dialect=artifact.dialect,
                                             source_sha256=reg.store.put_artifact(artifact), filename=filename,
                                             headers=artifact.header_sha256s, attached_by_uid=peer.uid,
                                             attached_at=datetime.now(UTC), journal=journal,
@@ -595,7 +596,7 @@ class SlotManager:
         self._on_change()
         self._audit("unload", peer, None, self.kernel.info.prog_id, None,
                     f"everything: {len(slots)} slots emptied, dispatcher and pins removed")
-        return Unloaded(slots, pins)
+        return Unloaded(sorted({self.syscalls.base(slot) for slot in slots}), pins)
 
     def _audit(self, action: str, peer: Peer, slot: int | None, prog_id: int, sha: str | None, what: str,
                more: AuditFields | None = None) -> None:

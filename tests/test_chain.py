@@ -20,7 +20,10 @@ from harness import (DIRFD_MAGIC, NR_FCHMODAT, DaemonProcess, fchmodat, journal,
                      start_daemon, wait_journal)
 from test_core_kernel import ME, core
 from test_libbpf import ProgMap, build_object, libbpf_counter
+from tailcalld import bpfsys
+from tailcalld.chain import Change, Chains
 from tailcalld.dialects import Artifact
+from tailcalld.dispatcher import NR_SLOTS
 from tailcalld.errors import BadRequest, PriorityClash, SlotEmpty
 from tailcalld.metrics_http import fetch
 from tailcalld.slots import SlotManager
@@ -403,3 +406,53 @@ def test_exit_slots_chain_and_a_handler_with_a_deadline_leaves_its_chain(tmp_pat
         await m.detach(NR_FCHMODAT, ME, hook="exit", priority=50)
 
     run(pin_dir, tmp_path / "state", scenario)
+
+
+def test_unload_all_takes_the_chains_too(tmp_path: Path, pin_root: Path) -> None:
+    d = start_daemon(tmp_path, pin_root / "daemon")
+    source = "int h(struct bpf_raw_tracepoint_args *ctx) { return 0; }\n"
+    for priority in (10, 20):
+        d.call("attach", slot=NR_FCHMODAT, source=source, filename=f"h{priority}.c", priority=priority)
+    assert (d.pin_dir / "chain" / "runners" / str(NR_FCHMODAT)).exists()
+    with d.client() as c:
+        assert c.call("unload-all")["slots_emptied"] == [NR_FCHMODAT]
+    d.proc.wait(30)
+    assert not d.pin_dir.exists()
+
+
+def test_a_start_renews_a_runner_a_crash_left_behind_its_order(tmp_path: Path, pin_root: Path) -> None:
+    """A change writes the chain's order just before it swaps the new runner into the slot: a
+    crash in between leaves the slot running the runner of the order before.  Made by hand here
+    (a runner of the first handler alone, pinned as the slot's); the next start makes the runner
+    anew from the order, and both handlers run again."""
+    pin_dir, state = pin_root / "d", tmp_path / "state"
+    dirfd = 7000 + secrets.randbelow(1000)
+    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
+    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
+    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+
+    async def attach(m: SlotManager) -> None:
+        await m.attach(NR_FCHMODAT, first, None, "first.c", ME, priority=10)
+        await m.attach(NR_FCHMODAT, second, None, "second.c", ME, priority=50)
+
+    run(pin_dir, state, attach)
+    chains = Chains(pin_dir / "chain", 2 * NR_SLOTS)
+    prog_array = bpfsys.obj_get(str(pin_dir / "prog_array"))
+    try:
+        order = chains._orders[NR_FCHMODAT]
+        stale = chains._load_runner(NR_FCHMODAT, {pos: p for pos, p in order.items() if p == 10})
+        bpfsys.prog_array_set(prog_array, NR_FCHMODAT, stale.fd)
+        chains.installed(Change(NR_FCHMODAT, dict(order), None, False, stale, stale.fd))
+    finally:
+        os.close(prog_array)
+        chains.close()
+    fchmodat(10, dirfd)
+    assert counts(first_runs)[0] == 10 and counts(second_runs)[0] == 0  # the stale runner
+
+    async def renewed(m: SlotManager) -> None:
+        assert {v.state for v in m.list_slots()} == {"in-sync"}
+        fchmodat(10, dirfd)
+        assert counts(first_runs)[0] == 20 and counts(second_runs) == (10, 10)
+        assert kernel_slots(pin_dir / "prog_array")[NR_FCHMODAT] != stale.id
+
+    run(pin_dir, state, renewed)

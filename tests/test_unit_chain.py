@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tailcalld.chain import pack_order, runner_btf, runner_insns, runner_subprog_offset, unpack_order
+from tailcalld.chain import (LINK_FUNC, RUNNER_FUNC, pack_order, runner_btf, runner_insns, runner_subprog_offset,
+                             unpack_order)
 from tailcalld.desired import DesiredFileError, entry_text, parse
 from tailcalld.dialects import Artifact
 from tailcalld.errors import BadRequest, PriorityClash
@@ -31,20 +32,22 @@ def decode(insns: bytes) -> list[tuple[int, int, int, int, int]]:
 def test_the_runner_calls_each_link_in_order_and_stops_on_a_non_zero_return() -> None:
     entries, links_fd = [4288, 4290, 4289], 77
     insns = decode(runner_insns(entries, links_fd))
-    sub = runner_subprog_offset(len(entries))
-    out = 1 + 4 * len(entries)
+    out = 1 + 3 * len(entries)
     calls = [(i, ins) for i, ins in enumerate(insns) if ins[0] == 0x85 and ins[2] == 1]  # BPF_PSEUDO_CALL
-    assert [i + 1 + ins[4] for i, ins in calls] == [sub] * 3  # each calls the subprogram
-    assert [insns[i - 1][4] for i, _ in calls] == entries  # with the entries in the order given
+    subs = [runner_subprog_offset(len(entries), n) for n in range(len(entries))]
+    assert [i + 1 + ins[4] for i, ins in calls] == subs  # one subprogram per handler, in order
     for i, _ in calls:
         code, dst, _, off, imm = insns[i + 1]
         assert (code, dst, imm, i + 1 + off + 1) == (0x55, 0, 0, out)  # r0 != 0: to the end
     assert insns[out:out + 2] == [(0xB7, 0, 0, 0, 0), (0x95, 0, 0, 0, 0)]  # return 0
-    # The subprogram: r3 = entry, r2 = the links map (ld_imm64 by fd), bpf_tail_call, return 0.
-    assert insns[sub][:3] == (0xBF, 3, 2)
-    assert insns[sub + 1][:3] == (0x18, 2, 1) and insns[sub + 1][4] == links_fd
-    assert insns[sub + 3] == (0x85, 0, 0, 0, 12)
-    assert insns[-1] == (0x95, 0, 0, 0, 0)
+    for sub, entry in zip(subs, entries, strict=True):
+        # r2 = the links map (ld_imm64 by fd), r3 = the entry as a constant (a direct jump once
+        # JITed), bpf_tail_call, return 0 when the entry is empty.
+        assert insns[sub][:3] == (0x18, 2, 1) and insns[sub][4] == links_fd
+        assert insns[sub + 2] == (0xB7, 3, 0, 0, entry)
+        assert insns[sub + 3] == (0x85, 0, 0, 0, 12)
+        assert insns[sub + 4:sub + 6] == [(0xB7, 0, 0, 0, 0), (0x95, 0, 0, 0, 0)]
+    assert len(insns) == subs[-1] + 6
 
 
 def test_the_runner_btf_names_its_two_functions() -> None:
@@ -54,11 +57,12 @@ def test_the_runner_btf_names_its_two_functions() -> None:
     assert hdr_len + str_off + str_len == len(blob) and str_off == type_len
     strings = blob[hdr_len + str_off:]
     assert b"\0runner\0" in strings and b"\0link\0" in strings
-    # The last two types are FUNCs: runner global (linkage 1), link static (0).
+    # The last two types are FUNCs (RUNNER_FUNC, LINK_FUNC): runner global (linkage 1), link static (0).
     types = blob[hdr_len:hdr_len + type_len]
-    link_info, runner_info = struct.unpack_from("<I", types, len(types) - 8)[0], struct.unpack_from("<I", types, len(types) - 20)[0]
+    runner_info, link_info = (struct.unpack_from("<I", types, len(types) - at)[0] for at in (20, 8))
     assert (runner_info >> 24, runner_info & 0xFFFF) == (12, 1)
     assert (link_info >> 24, link_info & 0xFFFF) == (12, 0)
+    assert (RUNNER_FUNC, LINK_FUNC) == (4, 5)
 
 
 def test_an_order_entry_round_trips() -> None:
