@@ -692,8 +692,10 @@ class SlotManager:
                 for key in sorted({self.syscalls.base(k) for k in self.registry.wanted()}.union(moved))]
 
     def syscall_table(self, pattern: str | None) -> list[SyscallView]:
-        handlers = self.registry.handlers
-        return [SyscallView(abi, nr, name, slot, handlers[slot].record if slot in handlers else None)
+        held: dict[int, SlotRecord] = {}  # slot key -> its handler (the first, when it runs several)
+        for key, h in sorted(self.registry.handlers.items(), reverse=True):
+            held[self.syscalls.base(key)] = h.record
+        return [SyscallView(abi, nr, name, slot, held.get(slot) if slot is not None else None)
                 for abi, nr, name, slot in self.syscalls.matching(pattern)]
 
     def status(self) -> Status:

@@ -46,9 +46,14 @@ def lease_for(interval: float) -> float:
 def rates(before: ListResult, after: ListResult, seconds: float, cpus: int | None = None) -> list[SlotRate]:
     """Per-slot rates between two samples; a slot new in ``after`` counts from zero, and a counter
     that went down (the daemon restarted between samples) counts from its new value."""
-    old = {s.slot: s for s in before.slots}
-    return sorted((_rate(old.get(s.slot), s, seconds, cpus or os.cpu_count() or 1) for s in after.slots),
+    old = {_key(s): s for s in before.slots}
+    return sorted((_rate(old.get(_key(s)), s, seconds, cpus or os.cpu_count() or 1) for s in after.slots),
                   key=lambda r: (-(r.hits_per_s + r.misses_per_s), r.slot))
+
+
+def _key(s: SlotInfo) -> tuple[int, str, int | None]:
+    """A row: a slot, or one of the handlers of a slot that runs several."""
+    return s.slot, s.hook, s.priority
 
 
 def _delta(now: int, then: int) -> int:
@@ -66,7 +71,8 @@ def _rate(old: SlotInfo | None, new: SlotInfo, seconds: float, cpus: int) -> Slo
         ns = _delta(new.timed_ns, old.timed_ns or 0 if old else 0)
         avg_ns = ns / runs if runs else None
         cpu = 100.0 * ns / (seconds * 1e9 * cpus) if seconds > 0 else None
-    return SlotRate(new.slot, new.syscall, new.function, per_s(new.hits, old.hits if old else 0),
+    function = new.function if new.priority is None else f"{new.function or '?'} (priority {new.priority})"
+    return SlotRate(new.slot, new.syscall, function, per_s(new.hits, old.hits if old else 0),
                     per_s(new.misses, old.misses if old else 0), avg_ns, cpu,
                     per_s(new.events_emitted, old.events_emitted if old else 0),
                     per_s(new.events_lost, old.events_lost if old else 0))
