@@ -67,6 +67,18 @@ def test_the_busiest_slot_comes_first() -> None:
     assert [r.slot for r in rates(before, after, 1.0)] == [2, 1]
 
 
+def test_each_handler_of_a_chained_slot_and_each_hook_has_its_row() -> None:
+    def rows(hits: int) -> ListResult:
+        [slot] = sample(hits, 0).slots
+        return ListResult(slots=[slot.model_copy(update={"priority": 10, "function": "audit"}),
+                                 slot.model_copy(update={"priority": 50, "function": "debug"}),
+                                 slot.model_copy(update={"hook": "exit", "hits": 2 * hits})])
+
+    found = rates(rows(100), rows(300), 2.0)
+    assert sorted((r.function, r.hits_per_s) for r in found) == [
+        ("audit (priority 10)", 100.0), ("debug (priority 50)", 100.0), ("h", 200.0)]
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "x"])
 def test_interval_must_be_positive(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
     # the parser raises instead of exiting since #13 item 6 (so that main can say it as JSON); main exits 2
