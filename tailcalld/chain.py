@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import bpfsys
 from .errors import KernelError
-from .pins import open_or_create_map, pin_again
+from .pins import open_or_create_map, pin_again, pinned_programs
 from .scope import insn, ld_map
 from .wire_limits import MAX_LINKS
 
@@ -182,24 +182,9 @@ class Chains:
         return orders
 
     def _pinned_runners(self) -> dict[int, Runner]:
-        runners: dict[int, Runner] = {}
-        for name in os.listdir(self._folder / RUNNERS):
-            path = self._folder / RUNNERS / name
-            try:
-                fd = bpfsys.obj_get(str(path))
-            except OSError:
-                continue
-            try:
-                info = bpfsys.prog_info(fd) if bpfsys.fd_kind(fd) == "prog" else None
-            except OSError:
-                info = None
-            found = _RUNNER_NAME.fullmatch(info.name) if info is not None else None
-            if info is None or found is None or found[1] != name:
-                os.close(fd)
-                logger.warning("%s is not a chain runner of tailcalld's; it is left alone", path)
-                continue
-            runners[int(name)] = Runner(fd, info.id)
-        return runners
+        """The runners a previous run pinned, by slot key."""
+        found = pinned_programs(self._folder / RUNNERS, _RUNNER_NAME, "a chain runner of tailcalld's")
+        return {key: Runner(fd, prog_id) for key, (fd, prog_id, _) in found.items()}
 
     # -- what the kernel holds ----------------------------------------------------------------------
 

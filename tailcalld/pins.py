@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from . import bpfsys
 from .errors import KernelError, NoBpffs, PinConflict
 from .paths import open_trusted_dir
+
+logger = logging.getLogger("tailcalld")
 
 BPF_FS_MAGIC = 0xCAFE4A11
 # Maps a libbpf handler pins by name (LIBBPF_PIN_BY_NAME) go to pin_dir/handlers/<sha256>/,
@@ -209,3 +213,28 @@ def remove_handler_pins(folder: Path) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         folder.rmdir()
     return sorted(removed)
+
+
+def pinned_programs(folder: Path, name: re.Pattern[str], what: str) -> dict[int, tuple[int, int, re.Match[str]]]:
+    """The programs a previous run pinned in ``folder`` as ``<slot key>``, whose kernel name
+    matches ``name`` with the same key as its first group: slot key -> (our fd, program id,
+    the match).  Anything else there is logged as not ``what`` and left alone."""
+    found: dict[int, tuple[int, int, re.Match[str]]] = {}
+    for pin in os.listdir(folder):
+        path = folder / pin
+        try:
+            fd = bpfsys.obj_get(str(path))
+        except OSError:
+            continue
+        try:
+            info = bpfsys.prog_info(fd) if bpfsys.fd_kind(fd) == "prog" else None
+        except OSError:
+            info = None
+        match = name.fullmatch(info.name) if info is not None else None
+        if info is None or match is None or match[1] != pin:
+            os.close(fd)
+            logger.warning("%s is not %s; it is left alone", path, what)
+            continue
+        found[int(pin)] = (fd, info.id, match)
+    return found
+

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import bpfsys
 from .errors import BadCgroup, KernelError
-from .pins import fs_type, open_or_create_map, pin_again
+from .pins import fs_type, open_or_create_map, pin_again, pinned_programs
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 SCOPE_DIR = "scope"
@@ -224,24 +224,8 @@ class Scopes:
 
     def _pinned_guards(self) -> dict[int, Guard]:
         """The guards a previous run pinned, by slot key (their names say which half they read)."""
-        guards: dict[int, Guard] = {}
-        for name in os.listdir(self._folder / GUARDS):
-            path = self._folder / GUARDS / name
-            try:
-                fd = bpfsys.obj_get(str(path))
-            except OSError:
-                continue
-            try:
-                info = bpfsys.prog_info(fd) if bpfsys.fd_kind(fd) == "prog" else None
-            except OSError:
-                info = None
-            found = _GUARD_NAME.fullmatch(info.name) if info is not None else None
-            if info is None or found is None or found[1] != name:
-                os.close(fd)
-                logger.warning("%s is not a guard of tailcalld's; it is left alone", path)
-                continue
-            guards[int(name)] = Guard(fd, info.id, int(found[2]))
-        return guards
+        found = pinned_programs(self._folder / GUARDS, _GUARD_NAME, "a guard of tailcalld's")
+        return {key: Guard(fd, prog_id, int(match[2])) for key, (fd, prog_id, match) in found.items()}
 
     # -- what the kernel's slots hold ---------------------------------------------------------------
 

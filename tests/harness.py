@@ -318,6 +318,38 @@ def fchmodat(n: int, dirfd: int = DIRFD_MAGIC) -> None:
         _libc.syscall(NR_FCHMODAT, dirfd, path, 0o644)
 
 
+class CallingChild:
+    """A child that calls fchmodat(dirfd, ...) without pause (in ``cgroup``, when one is given)
+    from the ``with`` until its end; ``made`` is then how many calls it made."""
+
+    def __init__(self, tmp: Path, dirfd: int, cgroup: Path | None = None) -> None:
+        self._stop = tmp / f"stop-{secrets.token_hex(4)}"
+        join = f"open({str(cgroup / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n" if cgroup else ""
+        self._code = (f"import ctypes, os\n"
+                      f"{join}"
+                      f"print('in', flush=True)\n"
+                      f"libc = ctypes.CDLL(None, use_errno=True)\n"
+                      f"n = 0\n"
+                      f"while not os.path.exists({str(self._stop)!r}):\n"
+                      f"    for _ in range(10000): libc.syscall({NR_FCHMODAT}, {dirfd}, "
+                      f"b'/nonexistent-tailcalld-test', 0o644)\n"
+                      f"    n += 10000\n"
+                      f"print(n, flush=True)\n")
+        self.made = 0
+
+    def __enter__(self) -> CallingChild:
+        self._child = subprocess.Popen([sys.executable, "-c", self._code], stdout=subprocess.PIPE, text=True)
+        assert self._child.stdout is not None and self._child.stdout.readline() == "in\n"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.touch()
+        out, _ = self._child.communicate(timeout=60)
+        if exc[0] is None:
+            self.made = int(out)
+            assert self.made >= 10000
+
+
 class Workload:
     """fchmodat(7771, ...) in a loop on a thread; ``made`` counts every call issued."""
 

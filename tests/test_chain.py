@@ -9,14 +9,13 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from harness import (DIRFD_MAGIC, NR_FCHMODAT, DaemonProcess, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
+from harness import (DIRFD_MAGIC, NR_FCHMODAT, CallingChild, DaemonProcess, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
                      start_daemon, wait_journal)
 from test_core_kernel import ME, core
 from test_libbpf import ProgMap, build_object, libbpf_counter
@@ -63,6 +62,15 @@ int {function}(struct bpf_raw_tracepoint_args *ctx)
 """
 
 
+def pair(pin_root: Path, dirfd: int) -> tuple[Path, Path, Artifact, Artifact]:
+    """Two handlers of this process's fchmodat(dirfd, ...): the first marks each call, the second
+    counts the calls in which it ran after the first (``counts``).  Their counts' pins, then they."""
+    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
+    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
+    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+    return first_runs, second_runs, first, second
+
+
 def counts(runs: Path) -> tuple[int, int]:
     """(runs, runs right after the handler before it) of a handler's pinned counts."""
     from harness import _bpftool_map_dump, _le
@@ -80,11 +88,10 @@ def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaita
 def test_handlers_run_in_order_of_priority(tmp_path: Path, pin_root: Path) -> None:
     pin_dir = pin_root / "d"
     dirfd = 7000 + secrets.randbelow(1000)
-    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
     # The first (priority 10) marks 1; the second (50) counts the calls in which it saw that mark.
-    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
-    stopping = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1, ret=1).encode())
-    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+    first_runs, second_runs, first, second = pair(pin_root, dirfd)
+    stopping = Artifact("bcc", ordered_handler(first_runs, pin_root / "seq", "first", dirfd, after=-1, mark=1,
+                                               ret=1).encode())
 
     async def scenario(m: SlotManager) -> None:
         b = await m.attach(NR_FCHMODAT, second, None, "second.c", ME, priority=50)
@@ -165,9 +172,7 @@ def test_priority_misuse_is_refused_and_changes_nothing(tmp_path: Path, pin_root
 def test_a_chain_survives_a_restart(tmp_path: Path, pin_root: Path) -> None:
     pin_dir, state = pin_root / "d", tmp_path / "state"
     dirfd = 7000 + secrets.randbelow(1000)
-    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
-    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
-    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+    first_runs, second_runs, first, second = pair(pin_root, dirfd)
     ids: dict[int, int] = {}
 
     async def attach(m: SlotManager) -> None:
@@ -203,33 +208,17 @@ def test_changes_around_a_handler_lose_none_of_its_calls(tmp_path: Path, pin_roo
     def other(n: int) -> Artifact:  # another program each time
         return Artifact("bcc", ordered_handler(other_runs, seq, f"other{n}", dirfd, -1, 1, any_process=True).encode())
 
-    stop = tmp_path / "stop"
-    code = (f"import ctypes, os\n"
-            f"print('go', flush=True)\n"
-            f"libc = ctypes.CDLL(None, use_errno=True)\n"
-            f"n = 0\n"
-            f"while not os.path.exists({str(stop)!r}):\n"
-            f"    for _ in range(10000): libc.syscall({NR_FCHMODAT}, {dirfd}, b'/nonexistent-tailcalld-test', 0o644)\n"
-            f"    n += 10000\n"
-            f"print(n, flush=True)\n")
 
     async def scenario(m: SlotManager) -> None:
         await m.attach(NR_FCHMODAT, steady, None, "steady.c", ME, priority=50)
-        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        try:
-            assert child.stdout is not None and child.stdout.readline() == "go\n"
+        with CallingChild(tmp_path, dirfd) as child:
             for priority, n in ((10, 0), (10, 1), (90, 2), (10, 3)):  # join, replace, join after, replace
                 await m.attach(NR_FCHMODAT, other(n), None, f"other{priority}.c", ME, priority=priority)
                 await asyncio.sleep(0.05)
             for priority in (10, 90):  # leave: a runner of one fewer, then the steady one alone
                 await m.detach(NR_FCHMODAT, ME, priority=priority)
                 await asyncio.sleep(0.05)
-        finally:
-            stop.touch()
-            out, _ = child.communicate(timeout=60)
-        made = int(out)
-        assert made >= 10000
-        assert counts(steady_runs)[0] == made
+        assert counts(steady_runs)[0] == child.made
         assert counts(other_runs)[0] > 0  # the others ran too (two at a time, for a while)
         assert kernel_slots(pin_dir / "prog_array")[NR_FCHMODAT] == m.list_slots()[0].record.prog_id
 
@@ -241,9 +230,7 @@ def test_a_chain_changed_behind_our_back_is_put_right(tmp_path: Path, pin_root: 
     runner and the handler back; a program put in the slot by someone else is removed."""
     pin_dir = pin_root / "d"
     dirfd = 7000 + secrets.randbelow(1000)
-    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
-    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
-    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+    first_runs, second_runs, first, second = pair(pin_root, dirfd)
 
     async def scenario(m: SlotManager) -> None:
         await m.attach(NR_FCHMODAT, first, None, "first.c", ME, priority=10)
@@ -376,9 +363,7 @@ def test_exit_slots_chain_and_a_handler_with_a_deadline_leaves_its_chain(tmp_pat
     handler out again (it replaced nothing), the others stay."""
     pin_dir = pin_root / "d"
     dirfd = 7000 + secrets.randbelow(1000)
-    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
-    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
-    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+    first_runs, second_runs, first, second = pair(pin_root, dirfd)
 
     async def scenario(m: SlotManager) -> None:
         await m.attach(NR_FCHMODAT, second, None, "second.c", ME, hook="exit", priority=50)
@@ -427,9 +412,7 @@ def test_a_start_renews_a_runner_a_crash_left_behind_its_order(tmp_path: Path, p
     anew from the order, and both handlers run again."""
     pin_dir, state = pin_root / "d", tmp_path / "state"
     dirfd = 7000 + secrets.randbelow(1000)
-    first_runs, second_runs, seq = pin_root / "first", pin_root / "second", pin_root / "seq"
-    first = Artifact("bcc", ordered_handler(first_runs, seq, "first", dirfd, after=-1, mark=1).encode())
-    second = Artifact("bcc", ordered_handler(second_runs, seq, "second", dirfd, after=1, mark=2).encode())
+    first_runs, second_runs, first, second = pair(pin_root, dirfd)
 
     async def attach(m: SlotManager) -> None:
         await m.attach(NR_FCHMODAT, first, None, "first.c", ME, priority=10)

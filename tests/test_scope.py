@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (NR_FCHMODAT, DaemonProcess, counting_handler, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
+from harness import (NR_FCHMODAT, CallingChild, DaemonProcess, counting_handler, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
                      start_daemon, wait_journal, wait_until)
 from test_core_kernel import ME, core
 from tailcalld.client import RemoteError
@@ -131,34 +131,17 @@ def test_a_scoped_swap_loses_no_call(tmp_path: Path, pin_root: Path, cgroups: li
     artifact = Artifact("bcc", any_pid_handler(counter, dirfd).encode())
     outer = cgroups[0]
     inner = outer / "inner"
-    stop = tmp_path / "stop"
-    code = (f"import ctypes, os\n"
-            f"open({str(inner / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
-            f"print('in', flush=True)\n"
-            f"libc = ctypes.CDLL(None, use_errno=True)\n"
-            f"n = 0\n"
-            f"while not os.path.exists({str(stop)!r}):\n"
-            f"    for _ in range(10000): libc.syscall({NR_FCHMODAT}, {dirfd}, b'/nonexistent-tailcalld-test', 0o644)\n"
-            f"    n += 10000\n"
-            f"print(n, flush=True)\n")
 
     async def scenario(m: SlotManager) -> None:
         inner.mkdir()
         try:
             await m.attach(NR_FCHMODAT, artifact, None, "any.c", ME, cgroup=str(inner))
-            child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-            try:
-                assert child.stdout is not None and child.stdout.readline() == "in\n"
+            with CallingChild(tmp_path, dirfd, inner) as child:
                 for n in range(5):  # a new program each time, for the subtree or for the folder itself
                     await m.attach(NR_FCHMODAT, artifact, None, "any.c", ME, fresh=True,
                                    cgroup=str(outer if n % 2 == 0 else inner))
                     await asyncio.sleep(0.05)
-            finally:
-                stop.touch()
-                out, _ = child.communicate(timeout=60)
-            made = int(out)
-            assert made >= 10000
-            assert read_counter(counter) == made
+            assert read_counter(counter) == child.made
         finally:
             remove_cgroup(inner)
 
