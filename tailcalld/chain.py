@@ -238,8 +238,7 @@ class Chains:
                 self._undo_fill(change)
                 raise
             change.slot_fd = change.runner.fd
-        self._write_order(key, new_order)
-        self._orders[key] = new_order
+        self._commit_order(change, new_order)
         return change
 
     def remove(self, key: int, priority: int, lone_fd: int | None) -> Change | None:
@@ -257,12 +256,21 @@ class Chains:
             change.slot_fd = change.runner.fd
         elif new_order:
             change.slot_fd = lone_fd
-        self._write_order(key, new_order)
-        if new_order:
-            self._orders[key] = new_order
-        else:
-            self._orders.pop(key, None)
+        self._commit_order(change, new_order)
         return change
+
+    def _commit_order(self, change: Change, order: dict[int, int]) -> None:
+        """Write slot ``change.key``'s new order (pinned, and ours); on a failure the change is
+        undone and KernelError raised."""
+        try:
+            self._write_order(change.key, order)
+        except KernelError:
+            self.undo(change)
+            raise
+        if order:
+            self._orders[change.key] = order
+        else:
+            self._orders.pop(change.key, None)
 
     def renew(self, key: int) -> Change | None:
         """A runner for slot ``key``'s order as ``order`` says it, to be put in the slot: a start
@@ -303,10 +311,10 @@ class Chains:
     def undo(self, change: Change) -> None:
         """A change the slot could not take: the order as it was, its runner dropped, the entry
         it filled emptied (a replaced handler's entry keeps the new one: it cannot be put back)."""
-        if change.runner is not None:
-            os.close(change.runner.fd)
+        if change.runner is not None and change.runner is not self._runners.get(change.key):
+            os.close(change.runner.fd)  # made for the change (not the running one it kept)
         self._undo_fill(change)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(KernelError):
             self._write_order(change.key, change.order)
         if change.order:
             self._orders[change.key] = change.order
