@@ -236,7 +236,8 @@ class Daemon:
                 manager.restore_pins()
             except TailcalldError as err:
                 logger.error("could not restore the dispatcher's pins: %s", err.message)
-            self._restore_event_pins()
+            if not manager.unloading:  # unload-all removes every pin: none is put back meanwhile
+                self._restore_event_pins()
             try:
                 await manager.repair_drift()
             except (OSError, TailcalldError):

@@ -188,6 +188,11 @@ class SlotManager:
         await self._restored.wait()
 
     @property
+    def unloading(self) -> bool:
+        """unload-all began: the pins go, and nothing is changed or put back any more."""
+        return self._unloading
+
+    @property
     def restoring(self) -> int:
         """Slots the start is still rebuilding."""
         return len(self.registry.restoring)
