@@ -209,18 +209,26 @@ class _ProgLoadOpts(ctypes.Structure):
                 ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", ctypes.c_void_p)]
 
 
-def prog_load(prog_type: int, name: str, license: bytes, insns: bytes, log_size: int) -> tuple[int, str]:
+def prog_load(prog_type: int, name: str, license: bytes, insns: bytes, log_size: int, btf_fd: int = 0,
+              funcs: list[tuple[int, int]] | None = None) -> tuple[int, str]:
     """Load raw instructions; (fd, "") or (-errno, the verifier's log).  The first try asks for
-    no log, as bcc and libbpf do: a log slows the verifier, and most loads succeed."""
+    no log, as bcc and libbpf do: a log slows the verifier, and most loads succeed.  ``funcs``:
+    (instruction index, type id in the BTF ``btf_fd``) of each function, which the kernel wants
+    for a subprogram that tail-calls (the chain's runner)."""
     buf = ctypes.create_string_buffer(insns, len(insns))
-    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts))
+    info = b"".join(struct.pack("<II", at, type_id) for at, type_id in funcs or [])
+    info_buf = ctypes.create_string_buffer(info, len(info))
+    btf = {"prog_btf_fd": btf_fd, "func_info": ctypes.addressof(info_buf), "func_info_cnt": len(funcs),
+           "func_info_rec_size": 8} if funcs else {}
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), **btf)
     fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
     if fd >= 0:
         return fd, ""
     # Only now the log's buffer: a megabyte per load, kept by malloc once freed, adds up over
     # hundreds of loads (a restore).
     log = ctypes.create_string_buffer(log_size)
-    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=1, log_size=log_size, log_buf=ctypes.addressof(log))
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=1, log_size=log_size, log_buf=ctypes.addressof(log),
+                         **btf)
     fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
     if fd >= 0:  # the verifier changed its mind: as good as the first try
         return fd, ""
@@ -228,29 +236,9 @@ def prog_load(prog_type: int, name: str, license: bytes, insns: bytes, log_size:
 
 
 def btf_load(data: bytes) -> int:
-    """Load a BTF blob (made by tailcalld: the chain runner's two functions); its fd."""
+    """Load a BTF blob (made by tailcalld: the chain runner's functions); its fd."""
     buf = ctypes.create_string_buffer(data, len(data))
     return _check(_lib().bpf_btf_load(buf, len(data), None), "load BTF")
-
-
-def prog_load_with_btf(prog_type: int, name: str, license: bytes, insns: bytes, btf_fd: int,
-                       funcs: list[tuple[int, int]], log_size: int) -> tuple[int, str]:
-    """As ``prog_load``, with the BTF of its functions: (instruction index, BTF type id) of each
-    (the kernel wants it for a subprogram that tail-calls)."""
-    info = b"".join(struct.pack("<II", at, type_id) for at, type_id in funcs)
-    info_buf = ctypes.create_string_buffer(info, len(info))
-    buf = ctypes.create_string_buffer(insns, len(insns))
-    log = ctypes.create_string_buffer(log_size)
-    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), prog_btf_fd=btf_fd, func_info=ctypes.addressof(info_buf),
-                         func_info_cnt=len(funcs), func_info_rec_size=8, log_level=0, log_size=0, log_buf=None)
-    fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
-    if fd >= 0:
-        return fd, ""
-    opts.log_level, opts.log_size, opts.log_buf = 1, log_size, ctypes.addressof(log)
-    fd = _lib().bpf_prog_load(prog_type, name.encode()[:15], license, buf, len(insns) // 8, ctypes.byref(opts))
-    if fd >= 0:
-        return fd, ""
-    return -(ctypes.get_errno() or -fd), log.value.decode(errors="replace")
 
 
 def array_values(map_fd: int, max_entries: int, value_size: int) -> list[bytes]:

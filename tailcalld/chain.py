@@ -195,6 +195,10 @@ class Chains:
                       for pos, priority in sorted(order.items(), key=lambda item: item[1])}
                 for key, order in self._orders.items()}
 
+    def slots(self) -> list[int]:
+        """The keys of the slots with a handler given a priority (no map read)."""
+        return list(self._orders)
+
     def link(self, key: int, priority: int) -> int | None:
         pos = self._position(key, priority)
         return None if pos is None else bpfsys.prog_array_get(self._fds["links"], MAX_LINKS * key + pos)
@@ -342,8 +346,8 @@ class Chains:
         entries = [MAX_LINKS * key + pos for pos, _ in sorted(order.items(), key=lambda item: item[1])]
         insns = runner_insns(entries, self._fds["links"])
         funcs = [(0, RUNNER_FUNC)] + [(runner_subprog_offset(len(entries), i), LINK_FUNC) for i in range(len(entries))]
-        fd, log = bpfsys.prog_load_with_btf(bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, runner_name(key), b"GPL", insns,
-                                            self._btf_fd, funcs, 1 << 16)
+        fd, log = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, runner_name(key), b"GPL", insns, 1 << 16,
+                                   self._btf_fd, funcs)
         if fd < 0:
             raise KernelError(f"slot {key}: the chain runner was refused: {os.strerror(-fd)}\n{log}")
         return Runner(fd, bpfsys.prog_info(fd).id)

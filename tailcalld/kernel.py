@@ -185,16 +185,16 @@ class BpfKernel:
         a crash between writing a change's order and updating the slot leaves none behind."""
         if self._chains is None:
             return
-        for key in list(self._chains.chained()):
+        for key in self._chains.slots():
             dispatcher, index = self._where(key)
             runner = self._chains.runner(key)
             if dispatcher is None or runner is None or dispatcher.slot_prog_id(index) != runner.id:
                 continue
             change = self._chains.renew(key)
-            if change is None:
+            if change is None or change.slot_fd is None:
                 continue
             try:
-                dispatcher.set_slot(index, change.runner.fd if change.runner is not None else runner.fd)
+                dispatcher.set_slot(index, change.slot_fd)
             except KernelError:
                 self._chains.undo(change)
                 raise

@@ -435,9 +435,14 @@ def read_counter(pin: Path) -> int:
     return _le(_bpftool_map_dump(pin)[0]["value"])
 
 
+def pinned_entries(pin: Path) -> dict[int, int]:
+    """key -> value of every entry of a pinned map of ints, as bpftool sees it."""
+    return {_le(e["key"]): _le(e["value"]) for e in _bpftool_map_dump(pin)}
+
+
 def kernel_slots(prog_array: Path) -> dict[int, int]:
     """slot -> program id of a pinned prog array, as bpftool sees it."""
-    return {_le(e["key"]): _le(e["value"]) for e in _bpftool_map_dump(prog_array)}
+    return pinned_entries(prog_array)
 
 
 def _key(slot: int) -> list[str]:

@@ -9,15 +9,14 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from harness import (DIRFD_MAGIC, NR_FCHMODAT, CallingChild, DaemonProcess, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
+from harness import (DIRFD_MAGIC, NR_FCHMODAT, CallingChild, DaemonProcess, pinned_entries, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
                      start_daemon, wait_journal)
-from test_core_kernel import ME, core
+from test_core_kernel import ME, run
 from test_libbpf import ProgMap, build_object, libbpf_counter
 from tailcalld import bpfsys
 from tailcalld.chain import Change, Chains
@@ -73,16 +72,9 @@ def pair(pin_root: Path, dirfd: int) -> tuple[Path, Path, Artifact, Artifact]:
 
 def counts(runs: Path) -> tuple[int, int]:
     """(runs, runs right after the handler before it) of a handler's pinned counts."""
-    from harness import _bpftool_map_dump, _le
-    entries = {_le(e["key"]): _le(e["value"]) for e in _bpftool_map_dump(runs)}
+    entries = pinned_entries(runs)
     return entries.get(0, 0), entries.get(1, 0)
 
-
-def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with core(pin_dir, state_dir) as manager:
-            await scenario(manager)
-    asyncio.run(main())
 
 
 def test_handlers_run_in_order_of_priority(tmp_path: Path, pin_root: Path) -> None:

@@ -10,14 +10,14 @@ import asyncio
 import secrets
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from harness import (NR_FCHMODAT, CallingChild, DaemonProcess, counting_handler, fchmodat, journal, kernel_slots, read_counter, remove_pin_tree,
                      start_daemon, wait_journal, wait_until)
-from test_core_kernel import ME, core
+from test_core_kernel import ME, run
 from tailcalld.client import RemoteError
 from tailcalld.dialects import Artifact
 from tailcalld.errors import BadCgroup
@@ -73,12 +73,6 @@ def in_cgroup(cgroup: Path, calls: int, dirfd: int) -> None:
     """``calls`` fchmodat(dirfd, ...) made by a child that joined ``cgroup`` first."""
     subprocess.run([sys.executable, "-c", child_code(cgroup, calls, dirfd)], check=True, capture_output=True)
 
-
-def run(pin_dir: Path, state_dir: Path, scenario: Callable[[SlotManager], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with core(pin_dir, state_dir) as manager:
-            await scenario(manager)
-    asyncio.run(main())
 
 
 def test_a_scoped_handler_runs_for_its_cgroup_only(tmp_path: Path, pin_root: Path, cgroups: list[Path]) -> None:
